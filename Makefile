@@ -1,0 +1,41 @@
+# Every target bootstraps .venv from the hashed lock file, so a machine with only
+# Python 3.11+ and make can run them. The stamp file reinstalls when the lock changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: dev test lint typecheck check bench lock clean
+
+$(STAMP): requirements-dev.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+dev: $(STAMP)  ## run API, worker, Redis and an SMTP capture server on this machine
+	$(BIN)/emailq dev
+
+test: $(STAMP) lint typecheck  ## the whole suite, plus ruff and mypy
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+# Re-resolve the pins (needs network). The project itself is installed editable by the
+# bootstrap, so its own `file://` line is dropped from the lock.
+lock:
+	$(BIN)/python -m pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test -o requirements-dev.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements.lock pyproject.toml
+	sed -i '/^emailq @ file:/d' requirements-dev.lock requirements.lock
+
+clean:
+	rm -rf $(VENV) .emailq-dev .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,96 @@
+"""Turn a send request into a ``Job``: validate addresses, render placeholders, refuse
+anything that could inject headers or blow past the size limit.
+
+This is the one place user text becomes mail content, so every check lives here and runs
+before anything is stored: a request either becomes a complete, safe ``Job`` or an error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from emailq.errors import InvalidMessage, MessageTooLarge
+from emailq.models import Job
+from emailq.templating import check_header, render
+
+MAX_RECIPIENTS = 50
+MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit; longer subjects are folded, not cut
+
+
+def normalize_address(value: str) -> str:
+    """A single addr-spec, validated and normalized by email-validator (no DNS lookup)."""
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+Address = Annotated[str, AfterValidator(normalize_address)]
+VariableName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+class EmailRequest(BaseModel):
+    """The send request: the original's four fields, plus optional extras."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "to": "user@example.com",
+                    "subject": "Hello",
+                    "body": "{username}님 안녕하세요!",
+                    "username": "홍길동",
+                }
+            ]
+        },
+    )
+
+    to: Address
+    subject: str = Field(max_length=MAX_SUBJECT_CHARS)
+    body: str
+    username: str | None = Field(default=None, max_length=256)
+    html: str | None = None
+    reply_to: Address | None = None
+    cc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    variables: dict[VariableName, str] = Field(default_factory=dict, max_length=100)
+
+    def placeholder_values(self) -> dict[str, str]:
+        """The ``{name}`` map: ``variables``, with ``username`` taking its own name."""
+        values = dict(self.variables)
+        if self.username is not None:
+            values["username"] = self.username
+        return values
+
+
+def compose(request: EmailRequest, *, max_body_bytes: int) -> Job:
+    """Render and check ``request``; raise ``InvalidMessage`` or ``MessageTooLarge``."""
+    if 1 + len(request.cc) + len(request.bcc) > MAX_RECIPIENTS:
+        raise InvalidMessage(f"at most {MAX_RECIPIENTS} recipients in to, cc and bcc together")
+    values = request.placeholder_values()
+    check_header(request.subject, "subject")
+    subject = check_header(render(request.subject, values, limit=MAX_SUBJECT_CHARS * 4), "subject")
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise InvalidMessage(
+            f"subject is over {MAX_SUBJECT_CHARS} characters after substitution", field="subject"
+        )
+    text = render(request.body, values, limit=max_body_bytes)
+    html = render(request.html, values, limit=max_body_bytes) if request.html else None
+    size = len(text.encode()) + (len(html.encode()) if html else 0)
+    if size > max_body_bytes:
+        raise MessageTooLarge(f"body is {size} bytes; the limit is {max_body_bytes} bytes")
+    if "\0" in text or (html and "\0" in html):
+        raise InvalidMessage("body must not contain NUL characters", field="body")
+    return Job(
+        to=request.to,
+        subject=subject,
+        text=text,
+        html=html,
+        cc=request.cc,
+        bcc=request.bcc,
+        reply_to=request.reply_to,
+    )

@@ -1,0 +1,81 @@
+"""Configuration, read once by each entry point and passed down.
+
+Nothing else in the project reads ``os.environ``: the API, the worker and the CLI each
+build one ``Settings`` and hand it to the parts they compose. Tests build ``Settings(...)``
+directly. Names match the original service's ``.env`` (``SMTP_HOST`` ...).
+"""
+
+from __future__ import annotations
+
+from email.utils import parseaddr
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SmtpSecurity(StrEnum):
+    """How the worker protects its SMTP connection."""
+
+    STARTTLS = "starttls"  # plain connect, then upgrade (port 587)
+    TLS = "tls"  # implicit TLS from the first byte (port 465)
+    NONE = "none"  # no encryption: local relays and capture servers only
+
+
+class Settings(BaseSettings):
+    """Every setting of the API and the worker, with its default."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    redis_url: str = "redis://localhost:6379/0"
+    redis_key_prefix: str = Field(default="emailq", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    redis_timeout_seconds: float = Field(default=1.0, gt=0)
+
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_user: str | None = None
+    smtp_pass: SecretStr | None = None
+    smtp_security: SmtpSecurity = SmtpSecurity.STARTTLS
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0)
+    smtp_validate_certs: bool = True
+    smtp_ca_file: Path | None = None
+    smtp_idle_seconds: float = Field(default=30.0, gt=0)
+
+    mail_from: str = "emailq@localhost"
+    max_attempts: int = Field(default=3, ge=1, le=25)
+    retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=300.0, ge=0)
+    worker_concurrency: int = Field(default=8, ge=1, le=512)
+    job_lease_seconds: float = Field(default=10.0, ge=1)
+    worker_shutdown_grace_seconds: float = Field(default=25.0, ge=0)
+    result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    log_level: str = "INFO"
+
+    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
+        return None if value == "" else value
+
+    @field_validator("mail_from")
+    @classmethod
+    def _plain_sender(cls, value: str) -> str:
+        # The sender lands in the From header and the SMTP envelope of every mail.
+        _, addr = parseaddr(value)
+        if "@" not in addr or any(c in value for c in "\r\n\0"):
+            raise ValueError("MAIL_FROM must be an address such as 'App <noreply@example.com>'")
+        return value
+
+    @property
+    def mail_from_address(self) -> str:
+        """The bare address of ``MAIL_FROM``, used as the SMTP envelope sender."""
+        return parseaddr(self.mail_from)[1]
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest HTTP request body: text and html may each reach ``max_body_bytes``,
+        and JSON escaping (``\\uXXXX``) can double non-ASCII text, so leave room for it."""
+        return 2 * self.max_body_bytes + 64 * 1024

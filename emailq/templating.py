@@ -1,0 +1,40 @@
+"""Placeholder substitution for subject and body.
+
+Placeholders are plain ``{name}`` lookups in a string map and nothing more: no attribute
+access, no indexing, no format specs, and ``str.format`` is never called on user text
+(``"{username.__class__}".format(...)`` would evaluate attribute lookups). Anything that is
+not ``{identifier}`` with a known name is left exactly as written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from emailq.errors import HeaderInjection, MessageTooLarge
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+# Reject all C0 line breaks and NUL: CR/LF start a new header, NUL truncates in many MTAs.
+_HEADER_FORBIDDEN = re.compile(r"[\r\n\0]")
+
+
+def render(template: str, values: Mapping[str, str], *, limit: int) -> str:
+    """Replace each ``{name}`` found in ``values``; refuse results over ``limit`` characters.
+
+    The size is computed before the string is built, so a small request cannot make the
+    API allocate a huge one (``{a}`` x 10,000 with a 10 kB ``a``).
+    """
+    matches = [m for m in _PLACEHOLDER.finditer(template) if m.group(1) in values]
+    growth = sum(len(values[m.group(1)]) - len(m.group(0)) for m in matches)
+    if len(template) + growth > limit:
+        raise MessageTooLarge(f"message is over the limit of {limit} bytes after substitution")
+    if not matches:
+        return template
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def check_header(value: str, field: str) -> str:
+    """Return ``value`` if it is safe as a header value, else raise ``HeaderInjection``."""
+    if _HEADER_FORBIDDEN.search(value):
+        raise HeaderInjection(f"{field} must not contain CR, LF or NUL characters", field=field)
+    return value

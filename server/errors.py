@@ -1,0 +1,89 @@
+"""Every error leaves the API in one JSON shape::
+
+    {"error": "<code>", "detail": "<what went wrong>", "request_id": "<id>", "fields": [...]}
+
+``fields`` appears on validation errors only. Nothing else (no stack trace, no input echo)
+reaches the client; unexpected errors are logged with the request id and answered 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from emailq.errors import InvalidMessage, MessageTooLarge, StoreUnavailable
+
+log = logging.getLogger("emailq.api")
+
+
+def error_response(
+    request: Request, status: int, code: str, detail: str, **extra: Any
+) -> JSONResponse:
+    """The one error shape, with the request id of ``request``."""
+    body = {"error": code, "detail": detail, "request_id": request.state.request_id, **extra}
+    return JSONResponse(body, status_code=status)
+
+
+def _fields(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Keep location, message and type; drop "input" and "ctx", which echo user data.
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    fields = _fields(exc)
+    first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    detail = f"{where}: {first['msg']}" if where else str(first["msg"])
+    return error_response(request, 422, "validation_error", detail, fields=fields)
+
+
+async def _invalid_message(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidMessage)
+    fields = [{"loc": ["body", exc.field], "msg": str(exc)}] if exc.field else []
+    return error_response(request, 422, "invalid_message", str(exc), fields=fields)
+
+
+async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(request, 413, "payload_too_large", str(exc))
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("store unavailable: %s", exc, extra={"request_id": request.state.request_id})
+    response = error_response(
+        request, 503, "service_unavailable", "the queue store is unavailable; retry shortly"
+    )
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    response = error_response(request, exc.status_code, code, str(exc.detail))
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", extra={"request_id": request.state.request_id})
+    return error_response(request, 500, "internal_error", "internal error; see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that give every error the shape above."""
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(InvalidMessage, _invalid_message)
+    app.add_exception_handler(MessageTooLarge, _too_large)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

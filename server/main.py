@@ -1,0 +1,67 @@
+"""The API application. Run it with ``uvicorn server.main:app``."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from emailq import __version__
+from emailq.logs import configure_logging, redact_url
+from emailq.queue import Queue
+from emailq.settings import Settings
+from server.errors import install_error_handlers
+from server.middleware import RequestContextMiddleware
+from server.routes import email, health
+
+log = logging.getLogger("emailq.api")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app for ``settings``; the Redis client opens in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.queue = Queue.from_url(
+            settings.redis_url,
+            timeout=settings.redis_timeout_seconds,
+            prefix=settings.redis_key_prefix,
+            max_attempts=settings.max_attempts,
+            result_ttl_seconds=settings.result_ttl_seconds,
+        )
+        log.info("API ready; Redis at %s", redact_url(settings.redis_url))
+        try:
+            yield
+        finally:
+            await app.state.queue.close()
+
+    app = FastAPI(
+        title="emailq",
+        version=__version__,
+        description="Queue an email, get a task_id at once, poll for the result.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes)
+    install_error_handlers(app)
+    app.include_router(email.router, prefix="/api/v1")
+    app.include_router(health.router)
+    return app
+
+
+@functools.cache
+def _app_from_environment() -> FastAPI:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn server.main:app` looks `app` up here. Building it on first access rather than
+    # at import keeps the environment from being read by anything that merely imports us.
+    if name == "app":
+        return _app_from_environment()
+    raise AttributeError(name)

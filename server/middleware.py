@@ -1,0 +1,79 @@
+"""Request context: request id, process time, and the request-size limit.
+
+Written as plain ASGI rather than ``BaseHTTPMiddleware``: it wraps every request, so it
+should not add a task and a body copy per call.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from emailq.errors import MessageTooLarge
+
+# A client may choose its request id, but it is echoed in headers and logs: keep it short
+# and free of anything that could split a header or a log line.
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _SAFE_REQUEST_ID.match(text) else None
+    return None
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+class RequestContextMiddleware:
+    """Sets ``X-Request-ID`` and ``X-Process-Time`` on every response; caps body size."""
+
+    def __init__(self, app: ASGIApp, *, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                headers["X-Process-Time"] = f"{time.perf_counter() - started:.6f}"
+            await send(message)
+
+        await self.app(scope, self._limited(scope, receive), send_with_headers)
+
+    def _limited(self, scope: Scope, receive: Receive) -> Receive:
+        limit = self.max_request_bytes
+        declared = _declared_length(scope)
+        seen = 0
+
+        async def receive_limited() -> Message:
+            # Checked when the route reads the body, so the error reaches the app's
+            # exception handlers and gets the usual JSON shape and headers.
+            nonlocal seen
+            if declared is not None and declared > limit:
+                raise MessageTooLarge(f"request body is over the limit of {limit} bytes")
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # chunked bodies declare no length
+                raise MessageTooLarge(f"request body is over the limit of {limit} bytes")
+            return message
+
+        return receive_limited

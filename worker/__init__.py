@@ -1,0 +1,1 @@
+"""The worker process: claims jobs from Redis and sends them over SMTP."""

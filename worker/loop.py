@@ -1,0 +1,240 @@
+"""The worker: claim -> send -> finish, with leases renewed while sends are in flight.
+
+One task claims (blocking on Redis when there is nothing to do), one renews leases, and
+each claimed job runs as its own task, at most WORKER_CONCURRENCY at once. Every outcome is
+written to Redis before the job leaves the in-flight set, so a crash at any point leaves
+the job either finished or under a lease that will lapse and put it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import tenacity
+
+from emailq.errors import SendError, StoreUnavailable
+from emailq.message import build_message
+from emailq.models import Attempt, ClaimedJob
+from emailq.queue import Outcome, Queue
+from emailq.settings import Settings
+from worker.retry import RetryPolicy
+from worker.sender import Delivery, Sender
+
+log = logging.getLogger("emailq.worker")
+
+MAX_BLOCK_SECONDS = 5.0  # longest BLPOP; wake tokens make it end early when work arrives
+
+
+def new_worker_id() -> str:
+    """host:pid:random, unique per process, readable in lease tokens and logs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _until_redis_answers(what: str) -> tenacity.AsyncRetrying:
+    """Retry forever on StoreUnavailable, backing off to 5 s, logging each wait."""
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        wait = state.next_action.sleep if state.next_action else 0
+        log.warning("Redis unavailable during %s; retrying in %.1fs", what, wait)
+
+    return tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(StoreUnavailable),
+        wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+class Worker:
+    """Runs until ``stop()``; then stops claiming, drains within the grace period, returns."""
+
+    def __init__(self, queue: Queue, sender: Sender, settings: Settings) -> None:
+        self.queue = queue
+        self.sender = sender
+        self.settings = settings
+        self.worker_id = new_worker_id()
+        self.concurrency = settings.worker_concurrency
+        self.lease_ms = int(settings.job_lease_seconds * 1000)
+        self.policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            backoff_seconds=settings.retry_backoff_seconds,
+            max_backoff=settings.retry_backoff_max_seconds,
+        )
+        self._inflight: dict[str, ClaimedJob] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._started: set[str] = set()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the worker to stop claiming and drain (safe from a signal handler)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Claim and send until stopped, then drain."""
+        log.info("worker %s started, concurrency %d", self.worker_id, self.concurrency)
+        claimer = asyncio.create_task(self._claim_loop())
+        renewer = asyncio.create_task(self._renew_loop())
+        stopped = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({claimer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        claimer.cancel()
+        await asyncio.gather(claimer, return_exceptions=True)
+        await self._drain()
+        renewer.cancel()
+        await asyncio.gather(renewer, return_exceptions=True)
+        stopped.cancel()
+        await self.sender.close()
+        log.info("worker %s stopped", self.worker_id)
+
+    # -- claiming ---------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        async for attempt in _until_redis_answers("claim"):
+            with attempt:
+                # After an outage, renew what we hold before any claim can see those
+                # leases as lapsed and hand our in-flight jobs to someone else.
+                await self._renew_once()
+                await self._claim_forever()
+
+    async def _claim_forever(self) -> None:
+        while True:
+            free = await self._free_slots()
+            claim = await self.queue.claim(self.worker_id, free, self.lease_ms)
+            for claimed in claim.jobs:
+                self._start(claimed)
+            if not claim.jobs:
+                await self.queue.wait_for_work(self._block_seconds(claim.next_deadline_ms))
+
+    async def _free_slots(self) -> int:
+        while len(self._inflight) >= self.concurrency:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        return self.concurrency - len(self._inflight)
+
+    @staticmethod
+    def _block_seconds(next_deadline_ms: int | None) -> float:
+        # Wake for the next retry or lease deadline; Redis pushes no event for those.
+        if next_deadline_ms is None:
+            return MAX_BLOCK_SECONDS
+        return min(MAX_BLOCK_SECONDS, max(0.01, next_deadline_ms / 1000 + 0.005))
+
+    def _start(self, claimed: ClaimedJob) -> None:
+        self._inflight[claimed.task_id] = claimed
+        task = asyncio.create_task(self._process(claimed))
+        self._tasks[claimed.task_id] = task
+        task.add_done_callback(lambda _: self._forget(claimed.task_id))
+
+    def _forget(self, task_id: str) -> None:
+        self._inflight.pop(task_id, None)
+        self._tasks.pop(task_id, None)
+        self._started.discard(task_id)
+        self._slot_freed.set()
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def _process(self, claimed: ClaimedJob) -> None:
+        ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
+        msg = build_message(claimed.task_id, claimed.job, self.settings.mail_from)
+        started = time.perf_counter()
+        try:
+            async with self.sender.session() as conn:
+                self._started.add(claimed.task_id)
+                delivery = await conn.send(
+                    msg, self.settings.mail_from_address, claimed.job.recipients
+                )
+        except SendError as exc:
+            await self._failed(claimed, exc, started, ctx)
+        else:
+            await self._sent(claimed, delivery, started, ctx)
+
+    async def _sent(
+        self, claimed: ClaimedJob, delivery: Delivery, started: float, ctx: dict[str, Any]
+    ) -> None:
+        ms = (time.perf_counter() - started) * 1000
+        log.info("sent on attempt %d in %.1f ms: %d %s", claimed.attempt, ms, delivery.code,
+                 delivery.reply, extra=ctx)  # fmt: skip
+        entry = Attempt(attempt=claimed.attempt, outcome="success", code=delivery.code,
+                        reply=delivery.reply, duration_ms=round(ms, 2))  # fmt: skip
+        await self._record(claimed, "success", entry)
+
+    async def _failed(
+        self, claimed: ClaimedJob, exc: SendError, started: float, ctx: dict[str, Any]
+    ) -> None:
+        ms = (time.perf_counter() - started) * 1000
+        delay = self.policy.retry_delay(claimed.attempt, exc)
+        entry = Attempt(attempt=claimed.attempt, outcome="retry" if delay is not None else "failed",
+                        code=exc.code, reply=str(exc), duration_ms=round(ms, 2))  # fmt: skip
+        if delay is None:
+            kind = "permanent error" if exc.permanent else "out of attempts"
+            reason = f"{kind} after {claimed.attempt} attempt(s): {exc}"
+            log.warning("failed: %s", reason, extra=ctx)
+            await self._record(claimed, "failed", entry, reason=reason)
+        else:
+            log.info("attempt %d of %d failed (%s); retry in %.1fs", claimed.attempt,
+                     self.policy.max_attempts, exc, delay, extra=ctx)  # fmt: skip
+            await self._record(claimed, "retry", entry, retry_in_ms=int(delay * 1000))
+
+    async def _record(
+        self, claimed: ClaimedJob, outcome: Outcome, entry: Attempt, **kwargs: Any
+    ) -> None:
+        # The send already happened: keep trying to record it through a Redis outage.
+        async for attempt in _until_redis_answers("finish"):
+            with attempt:
+                applied = await self.queue.finish(claimed, outcome, entry, **kwargs)
+        if applied in ("stale", "ignored"):
+            log.warning("outcome %s not applied (%s): lease was lost", outcome, applied,
+                        extra={"task_id": claimed.task_id})  # fmt: skip
+
+    # -- leases -----------------------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        interval = self.settings.job_lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew_once()
+            except StoreUnavailable as exc:
+                log.warning("could not renew leases: %s", exc)
+
+    async def _renew_once(self) -> None:
+        lost = await self.queue.renew(list(self._inflight.values()), self.lease_ms)
+        for task_id in lost:
+            log.warning("lease lost while sending", extra={"task_id": task_id})
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        unstarted = [c for tid, c in self._inflight.items() if tid not in self._started]
+        await _cancel_all([self._tasks[c.task_id] for c in unstarted if c.task_id in self._tasks])
+        if unstarted:
+            await _best_effort(lambda: self.queue.release(unstarted), "release")
+            log.info("returned %d unstarted job(s) to the queue", len(unstarted))
+        running = list(self._tasks.values())
+        if running:
+            grace = self.settings.worker_shutdown_grace_seconds
+            log.info("waiting up to %.0fs for %d send(s) in flight", grace, len(running))
+            _, late = await asyncio.wait(running, timeout=grace)
+            if late:
+                log.warning("%d send(s) outlived the grace period; their leases will lapse "
+                            "and another worker will retry them", len(late))  # fmt: skip
+                await _cancel_all(list(late))
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _best_effort(call: Callable[[], Awaitable[object]], what: str) -> None:
+    try:
+        await call()
+    except StoreUnavailable as exc:
+        log.warning("%s skipped, Redis unavailable (%s); leases will lapse instead", what, exc)
