@@ -26,7 +26,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP)
+# The arq peer needs redis<6, so it gets its own venv from its own lock.
+ARQ_STAMP := .venv-arq/.installed
+$(ARQ_STAMP): bench/requirements-arq.lock
+	test -x .venv-arq/bin/python || $(PYTHON) -m venv .venv-arq
+	.venv-arq/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r bench/requirements-arq.lock
+	touch $(ARQ_STAMP)
+
+bench: $(STAMP) $(ARQ_STAMP)  ## figures as ratios to references measured in the same run
 	$(BIN)/python -m bench
 
 # Re-resolve the pins (needs network). The project itself is installed editable by the
@@ -35,7 +42,9 @@ lock:
 	$(BIN)/python -m pip install --quiet pip-tools
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test -o requirements-dev.lock pyproject.toml
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements.lock pyproject.toml
-	sed -i '/^emailq @ file:/d' requirements-dev.lock requirements.lock
+	sed -i -e '/^emailq @ file:/d' -e '/^# WARNING: pip install will require/d' \
+	    -e '/^# Consider using a hashable URL/d' requirements-dev.lock requirements.lock
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe -o bench/requirements-arq.lock bench/requirements-arq.in
 
 clean:
-	rm -rf $(VENV) .emailq-dev .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-arq .emailq-dev .pytest_cache .mypy_cache .ruff_cache

@@ -45,7 +45,7 @@ class CaptureHandler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{self.count:06d}.eml"
         path.write_bytes(raw)
-        print(describe(raw, list(envelope.rcpt_tos)), f"\nsaved to {path}\n", flush=True)
+        print(describe(raw, list(envelope.rcpt_tos)), f"\nsaved to {path}\n", flush=True)  # noqa: T201  # the console is dev mode's output
         return "250 Message accepted for delivery"
 
 
@@ -53,7 +53,7 @@ def serve(host: str, port: int, out_dir: Path) -> None:
     """Run the capture server until interrupted."""
     controller = Controller(CaptureHandler(out_dir), hostname=host, port=port)
     controller.start()
-    print(f"SMTP capture server on {host}:{port}; mail saved to {out_dir}", flush=True)
+    print(f"SMTP capture server on {host}:{port}; mail saved to {out_dir}", flush=True)  # noqa: T201  # the console is dev mode's output
     try:
         asyncio.run(asyncio.Event().wait())
     except KeyboardInterrupt:

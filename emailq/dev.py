@@ -114,12 +114,12 @@ def run(cfg: DevConfig) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(_banner(cfg, redis, smtp_port), flush=True)
+    print(_banner(cfg, redis, smtp_port), flush=True)  # noqa: T201  # the console is dev mode's output
     try:
         while not stopping and all(c.poll() is None for c in children):
             time.sleep(0.2)
     finally:
-        print("\nstopping: API, worker, capture server, Redis ...", flush=True)
+        print("\nstopping: API, worker, capture server, Redis ...", flush=True)  # noqa: T201  # the console is dev mode's output
         for child in (children[1], children[2], children[0]):
             _stop(child)
         redis.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from email.header import Header
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
@@ -13,8 +14,8 @@ from emailq.models import Job
 def message_id(task_id: str, mail_from: str) -> str:
     """A Message-ID derived from the task id: every attempt of a task carries the same one,
     so a receiving system can recognise a repeat."""
-    domain = parseaddr(mail_from)[1].rpartition("@")[2] or "emailq.invalid"
-    return f"<{task_id}@{domain}>"
+    _, at, domain = parseaddr(mail_from)[1].rpartition("@")
+    return f"<{task_id}@{domain if at and domain else 'emailq.invalid'}>"
 
 
 def build_message(task_id: str, job: Job, mail_from: str) -> EmailMessage:
@@ -27,7 +28,13 @@ def build_message(task_id: str, job: Job, mail_from: str) -> EmailMessage:
         msg["Cc"] = ", ".join(job.cc)
     if job.reply_to:
         msg["Reply-To"] = job.reply_to
-    msg["Subject"] = job.subject
+    if job.subject.isascii():
+        msg["Subject"] = job.subject
+    else:
+        # CPython's folder (before gh-144156) can leave the space between two encoded
+        # words outside them, where decoders drop it: "발송 확인" arrives as "발송확인".
+        # The legacy encoder keeps every space inside the words; set_raw stops a refold.
+        msg.set_raw("Subject", Header(job.subject, "utf-8", header_name="Subject").encode())
     msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = message_id(task_id, mail_from)
     msg.set_content(job.text, charset="utf-8")

@@ -106,27 +106,38 @@ class Queue:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout: float, read_timeout: float | None = None, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        timeout: float,
+        read_timeout: float | None = None,
+        max_connections: int = 64,
+        **kwargs: Any,
     ) -> Queue:
         """Shortcut: a client for ``url`` with bounded connect and read times, then ``Queue``.
 
         One immediate retry replaces a pooled connection that died with a Redis restart;
         more retries (redis-py's default) would stretch the API's 503 past its bound.
-        ``read_timeout`` must exceed any blocking wait the caller makes.
+        ``read_timeout`` must exceed any blocking wait the caller makes. The pool blocks
+        (up to ``timeout``) when all connections are busy: redis-py's plain pool raises
+        MaxConnectionsError at once instead, which would turn a burst into 503s.
         """
-        client = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout,
             decode_responses=True,
             socket_connect_timeout=timeout,
             socket_timeout=read_timeout or timeout,
             retry=Retry(NoBackoff(), 1),
             health_check_interval=30,
         )
-        return cls(client, **kwargs)
+        return cls(aioredis.Redis(connection_pool=pool), **kwargs)
 
     async def close(self) -> None:
         """Close the client and its pool."""
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless Redis answers."""
@@ -211,7 +222,8 @@ class Queue:
         retry_in_ms: int = 0,
     ) -> str:
         """Record one attempt's outcome. Returns the outcome applied, 'stale' or 'ignored'."""
-        keys = [self.keys.task(claimed.task_id), self.keys.leases, self.keys.scheduled]
+        keys = [self.keys.task(claimed.task_id), self.keys.leases, self.keys.scheduled,
+                self.keys.wake]  # fmt: skip
         entry = attempt.model_dump_json(exclude_none=True)
         args: list[str | int] = [
             claimed.task_id, claimed.token, outcome, entry, reason, retry_in_ms,

@@ -11,9 +11,8 @@ import time
 import uuid
 
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from emailq.errors import MessageTooLarge
 
 # A client may choose its request id, but it is echoed in headers and logs: keep it short
 # and free of anything that could split a header or a log line.
@@ -26,6 +25,12 @@ def _client_request_id(scope: Scope) -> str | None:
             text = value.decode("latin-1")
             return text if _SAFE_REQUEST_ID.match(text) else None
     return None
+
+
+def _too_large(limit: int) -> HTTPException:
+    # An HTTPException, not MessageTooLarge: FastAPI re-raises only HTTPException from a
+    # body read and answers anything else with a 400 "error parsing the body".
+    return HTTPException(413, f"request body is over the limit of {limit} bytes")
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -69,11 +74,11 @@ class RequestContextMiddleware:
             # exception handlers and gets the usual JSON shape and headers.
             nonlocal seen
             if declared is not None and declared > limit:
-                raise MessageTooLarge(f"request body is over the limit of {limit} bytes")
+                raise _too_large(limit)
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:  # chunked bodies declare no length
-                raise MessageTooLarge(f"request body is over the limit of {limit} bytes")
+                raise _too_large(limit)
             return message
 
         return receive_limited

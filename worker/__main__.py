@@ -19,6 +19,8 @@ async def serve(settings: Settings) -> None:
         timeout=settings.redis_timeout_seconds,
         # Blocking waits read nothing until they end, so reads may take that long.
         read_timeout=MAX_BLOCK_SECONDS + settings.redis_timeout_seconds + 1,
+        # One blocking wait, one renewal, one finish per send in flight, and spare.
+        max_connections=settings.worker_concurrency + 4,
         prefix=settings.redis_key_prefix,
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,

@@ -9,6 +9,7 @@ the job either finished or under a lease that will lapse and put it back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -37,7 +38,9 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def _until_redis_answers(what: str) -> tenacity.AsyncRetrying:
+def _until_redis_answers(
+    what: str, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+) -> tenacity.AsyncRetrying:
     """Retry forever on StoreUnavailable, backing off to 5 s, logging each wait."""
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -46,8 +49,9 @@ def _until_redis_answers(what: str) -> tenacity.AsyncRetrying:
 
     return tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(StoreUnavailable),
-        wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
         before_sleep=before_sleep,
+        sleep=sleep,
         reraise=True,
     )
 
@@ -70,50 +74,85 @@ class Worker:
         self._inflight: dict[str, ClaimedJob] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._started: set[str] = set()
+        self._recording: set[str] = set()  # outcome being written; its lease goes with it
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._renewed_at = 0.0  # monotonic time the last successful renewal was sent
+        self._abandoned: set[asyncio.Task[bool]] = set()  # cancelled BLPOPs still unwinding
 
     def stop(self) -> None:
         """Ask the worker to stop claiming and drain (safe from a signal handler)."""
         self._stopping.set()
+        self._slot_freed.set()  # a claimer waiting for a free slot must see the stop
 
     async def run(self) -> None:
         """Claim and send until stopped, then drain."""
         log.info("worker %s started, concurrency %d", self.worker_id, self.concurrency)
         claimer = asyncio.create_task(self._claim_loop())
         renewer = asyncio.create_task(self._renew_loop())
-        stopped = asyncio.create_task(self._stopping.wait())
-        await asyncio.wait({claimer, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        claimer.cancel()
+        # Not cancelled: the claimer returns by itself at its next wait once stopping. A
+        # cancel landing mid-claim loses the reply to a claim Redis already ran (those jobs
+        # stay leased to nobody until the lease lapses), and on Python 3.11 a cancel that
+        # races redis-py's write (asyncio.wait_for) can be swallowed, leaving it claiming.
         await asyncio.gather(claimer, return_exceptions=True)
         await self._drain()
         renewer.cancel()
         await asyncio.gather(renewer, return_exceptions=True)
-        stopped.cancel()
         await self.sender.close()
         log.info("worker %s stopped", self.worker_id)
 
     # -- claiming ---------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        async for attempt in _until_redis_answers("claim"):
+        async for attempt in _until_redis_answers("claim", sleep=self._nap):
             with attempt:
-                # After an outage, renew what we hold before any claim can see those
-                # leases as lapsed and hand our in-flight jobs to someone else.
-                await self._renew_once()
                 await self._claim_forever()
 
     async def _claim_forever(self) -> None:
         while True:
             free = await self._free_slots()
+            if self._stopping.is_set():
+                return
+            # Our leases may have lapsed if renewals failed (a Redis outage) or stalled: renew
+            # before claiming, or this very claim would put our in-flight jobs back and send
+            # them again. The outage may end unseen by this loop (waiting for a free slot
+            # while finished sends retry their outcome), so go by the last renewal's age.
+            if time.monotonic() - self._renewed_at > self.settings.job_lease_seconds / 2:
+                await self._renew_once()
             claim = await self.queue.claim(self.worker_id, free, self.lease_ms)
             for claimed in claim.jobs:
                 self._start(claimed)
             if not claim.jobs:
-                await self.queue.wait_for_work(self._block_seconds(claim.next_deadline_ms))
+                await self._wait_for_work(self._block_seconds(claim.next_deadline_ms))
+
+    async def _wait_for_work(self, seconds: float) -> None:
+        # Ended early by stop(). Cancelling a BLPOP costs at most one wake token, which only
+        # delays another idle worker until its next deadline; no job is at risk.
+        blpop = asyncio.create_task(self.queue.wait_for_work(seconds))
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({blpop, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        blpop.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
+        if blpop.done() and not blpop.cancelled():
+            blpop.result()  # StoreUnavailable goes to the retry loop
+            return
+        # On Python 3.11 redis-py's read (asyncio.wait_for) can swallow the cancel, and the
+        # BLPOP then runs to its own timeout. Shutdown must not wait for that: give it a
+        # moment, then leave it; closing the pool at exit ends it. Keep a reference so the
+        # loop does not collect a pending task.
+        await asyncio.wait({blpop}, timeout=0.5)
+        if not blpop.done():
+            self._abandoned.add(blpop)
+            blpop.add_done_callback(self._abandoned.discard)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep between claim retries, ended early by stop()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _free_slots(self) -> int:
-        while len(self._inflight) >= self.concurrency:
+        while len(self._inflight) >= self.concurrency and not self._stopping.is_set():
             self._slot_freed.clear()
             await self._slot_freed.wait()
         return self.concurrency - len(self._inflight)
@@ -135,6 +174,7 @@ class Worker:
         self._inflight.pop(task_id, None)
         self._tasks.pop(task_id, None)
         self._started.discard(task_id)
+        self._recording.discard(task_id)
         self._slot_freed.set()
 
     # -- sending ----------------------------------------------------------------------
@@ -185,12 +225,14 @@ class Worker:
         self, claimed: ClaimedJob, outcome: Outcome, entry: Attempt, **kwargs: Any
     ) -> None:
         # The send already happened: keep trying to record it through a Redis outage.
+        self._recording.add(claimed.task_id)
         async for attempt in _until_redis_answers("finish"):
             with attempt:
                 applied = await self.queue.finish(claimed, outcome, entry, **kwargs)
         if applied in ("stale", "ignored"):
             log.warning("outcome %s not applied (%s): lease was lost", outcome, applied,
-                        extra={"task_id": claimed.task_id})  # fmt: skip
+                        extra={"task_id": claimed.task_id,
+                               "request_id": claimed.request_id or "-"})  # fmt: skip
 
     # -- leases -----------------------------------------------------------------------
 
@@ -204,9 +246,15 @@ class Worker:
                 log.warning("could not renew leases: %s", exc)
 
     async def _renew_once(self) -> None:
+        sent = time.monotonic()
         lost = await self.queue.renew(list(self._inflight.values()), self.lease_ms)
-        for task_id in lost:
-            log.warning("lease lost while sending", extra={"task_id": task_id})
+        self._renewed_at = sent
+        # A job whose outcome is being written loses its lease by design; a real loss there
+        # is reported by _record as "not applied" (a late success still counts).
+        held = [self._inflight[t] for t in lost if t in self._inflight]
+        for claimed in [c for c in held if c.task_id not in self._recording]:
+            log.warning("lease lost while sending", extra={"task_id": claimed.task_id,
+                        "request_id": claimed.request_id or "-"})  # fmt: skip
 
     # -- shutdown ---------------------------------------------------------------------
 

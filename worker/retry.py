@@ -20,7 +20,7 @@ class RetryPolicy:
         self.max_attempts = max_attempts
         self._stop = tenacity.stop_after_attempt(max_attempts)
         self._wait = tenacity.wait_exponential_jitter(
-            initial=backoff_seconds, max=max_backoff, jitter=backoff_seconds
+            multiplier=backoff_seconds, max=max_backoff, jitter=backoff_seconds
         )
         self._retryable = tenacity.retry_if_exception(
             lambda exc: isinstance(exc, SendError) and not exc.permanent

@@ -1,0 +1,106 @@
+"""Drain rate: N queued mails sent into a fast sink, against the plain aiosmtplib loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import redis
+
+from bench.common import (
+    MAIL_FROM,
+    ROOT,
+    RedisStats,
+    exe,
+    job,
+    new_task_id,
+    rss_mb,
+    settings_env,
+    spawn,
+    stop,
+    wait_until,
+)  # fmt: skip
+from emailq.message import build_message
+from emailq.queue import Keys, Queue
+
+
+async def plain_loop(port: int, n: int, connections: int) -> float:
+    """The reference: ``connections`` reused aiosmtplib connections, same message build."""
+    share = [n // connections + (1 if i < n % connections else 0) for i in range(connections)]
+
+    async def one(count: int, offset: int) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await smtp.connect()
+        for i in range(count):
+            j = job(offset + i)
+            msg = build_message(new_task_id(), j, MAIL_FROM)
+            await smtp.send_message(msg, sender="noreply@example.com", recipients=j.recipients)
+        await smtp.quit()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(c, sum(share[:i])) for i, c in enumerate(share)))
+    return n / (time.perf_counter() - started)
+
+
+async def preload(redis_url: str, n: int) -> None:
+    """Queue ``n`` mails through the same enqueue script the API uses."""
+    queue = Queue.from_url(redis_url, timeout=5)
+    try:
+        for start in range(0, n, 200):
+            await asyncio.gather(*(queue.enqueue(new_task_id(), job(i), request_id="bench")
+                                   for i in range(start, min(n, start + 200))))  # fmt: skip
+    finally:
+        await queue.close()
+
+
+def _drained(client: redis.Redis) -> bool:
+    keys = Keys()
+    return client.llen(keys.lane("default")) == 0 and client.zcard(keys.leases) == 0
+
+
+def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: int,
+                 tmp: Path) -> dict[str, Any]:  # fmt: skip
+    """Preload ``n`` mails, start ``workers`` processes, time until the queue is empty."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    stats = RedisStats(client)
+    before = stats.snapshot()
+    asyncio.run(preload(redis_url, n))
+    loaded = stats.snapshot()
+    env = settings_env(redis_url, port, concurrency, LOG_LEVEL="WARNING")
+    procs = [spawn([exe(), "-m", "worker"], env, tmp / f"worker-{i}.log") for i in range(workers)]
+    started = time.perf_counter()
+    done = wait_until(lambda: _drained(client))
+    after = stats.snapshot()
+    rss = max(rss_mb(p.pid) for p in procs)
+    for p in procs:
+        stop(p)
+    enqueue_cost, drain_cost = RedisStats.delta(before, loaded), RedisStats.delta(loaded, after)
+    client.close()
+    return {
+        "rate": n / (done - started), "rss_mb": rss,
+        "enqueue_calls": enqueue_cost["calls"], "drain_calls": drain_cost["calls"],
+        "memory_per_queued": enqueue_cost["memory"] / n,
+        "memory_per_finished": (enqueue_cost["memory"] + drain_cost["memory"]) / n,
+    }  # fmt: skip
+
+
+def arq_drain(redis_url: str, port: int, n: int, concurrency: int, tmp: Path) -> float | None:
+    """arq on the identical job, in its own venv (.venv-arq); None if that venv is missing."""
+    python = ROOT / ".venv-arq" / "bin" / "python"
+    if not python.exists():
+        return None
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    client.close()
+    env = settings_env(redis_url, port, concurrency)
+    peer = [str(python), "-m", "bench.arq_peer", redis_url, str(port), str(n), str(concurrency)]
+    proc = spawn(peer, env, tmp / "arq.log")
+    proc.wait(timeout=600)
+    lines = (tmp / "arq.log").read_text().strip().splitlines()
+    result = json.loads(lines[-1])
+    return float(result["rate"])

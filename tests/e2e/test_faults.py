@@ -1,0 +1,370 @@
+"""Fault injection across real processes: kill -9, SIGTERM (once, and repeatedly under fast
+sends), a Redis outage, a crash during backoff and an SMTP outage.
+
+Every test enqueues through the API process, causes the fault, waits until every task is
+terminal, then counts from the recording SMTP server: *lost* are accepted task ids never
+received, *duplicated* are task ids received more than once. The counts are printed
+(``pytest -s``) so they can be quoted. Waits are bounded; no duration is asserted except
+the API's 503 bound during the Redis outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from emailq.redis_server import RedisServer, free_port
+from emailq.settings import Settings
+from tests.conftest import Procs, read_log, wait_for_log, wait_until
+from tests.smtpd import Received, RecordingHandler, SmtpServer
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = {"success", "failed"}
+SETTLE_TIMEOUT = 30.0  # bounds a failing test only
+
+
+class Api:
+    """The API process seen through HTTP: enqueue and read results."""
+
+    def __init__(self, base: str) -> None:
+        self.client = httpx.Client(base_url=base, timeout=5.0)
+
+    def post(self, n: int = 0) -> httpx.Response:
+        body = {"to": f"user{n}@example.com", "subject": f"fault {n}", "body": "hello"}
+        return self.client.post("/api/v1/email/received", json=body)
+
+    def enqueue(self, count: int) -> list[str]:
+        """POST ``count`` mails; every one must be accepted (202)."""
+        ids = []
+        for n in range(count):
+            response = self.post(n)
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["task_id"])
+        return ids
+
+    def result(self, task_id: str) -> dict[str, Any]:
+        response = self.client.get("/api/v1/email/result", params={"task_id": task_id})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def results(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return {task_id: self.result(task_id) for task_id in ids}
+
+    def wait_terminal(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Poll until every task is success or failed; returns the final results."""
+        done: dict[str, dict[str, Any]] = {}
+
+        def settled() -> bool:
+            for task_id in ids:
+                if task_id not in done:
+                    result = self.result(task_id)
+                    if result["status"] not in TERMINAL:
+                        return False
+                    done[task_id] = result
+            return True
+
+        wait_until(settled, what=f"{len(ids)} tasks terminal", timeout=SETTLE_TIMEOUT)
+        return done
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What the SMTP server received, against what the API accepted."""
+
+    accepted: int
+    delivered: int  # distinct accepted task ids received
+    lost: int
+    duplicated: int  # task ids received more than once
+
+    @classmethod
+    def of(cls, accepted: list[str], handler: RecordingHandler) -> Counts:
+        received = Counter(handler.task_ids())
+        assert set(received) <= set(accepted), "received a mail nobody enqueued"
+        return cls(
+            accepted=len(accepted),
+            delivered=len(received),
+            lost=len(set(accepted) - set(received)),
+            duplicated=sum(1 for n in received.values() if n > 1),
+        )
+
+    def report(self, label: str) -> Counts:
+        print(f"{label}: accepted={self.accepted} delivered={self.delivered} "
+              f"lost={self.lost} duplicated={self.duplicated}")  # fmt: skip
+        return self
+
+
+@dataclass
+class CommitFirstHandler(RecordingHandler):
+    """Records a message as soon as its data has arrived, then is slow to answer: an MTA that
+    has committed the mail. A client killed in that window never learns it was accepted, the
+    case at-least-once delivery repeats. (RecordingHandler records after its delay, and
+    aiosmtpd cancels the handler when the connection drops, so it never sees that case.)"""
+
+    answered: int = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        with self.lock:
+            self.data_calls += 1
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          envelope.original_content or envelope.content,
+                                          session.peer))  # fmt: skip
+        await asyncio.sleep(self.delay)
+        with self.lock:
+            self.answered += 1
+        return "250 2.0.0 OK queued"
+
+    def unanswered(self) -> int:
+        with self.lock:
+            return self.data_calls - self.answered
+
+
+def in_flight(handler: RecordingHandler) -> int:
+    """DATA commands the server has begun but not yet answered."""
+    with handler.lock:
+        return handler.data_calls - len(handler.received)
+
+
+def wait_received(handler: RecordingHandler, count: int, proc: subprocess.Popen[bytes]) -> None:
+    wait_until(lambda: len(handler.received) >= count, what=f"{count} mails received", proc=proc)
+
+
+def outcomes(result: dict[str, Any]) -> list[str]:
+    return [entry["outcome"] for entry in result["attempt_log"]]
+
+
+def all_succeeded(results: dict[str, dict[str, Any]]) -> None:
+    failed = {tid: r for tid, r in results.items() if r["status"] != "success"}
+    assert not failed, failed
+
+
+def delayed_smtp(smtp_factory: Callable[..., SmtpServer], delay: float) -> SmtpServer:
+    return smtp_factory(handler=RecordingHandler(delay=delay))
+
+
+def sigkill(proc: subprocess.Popen[bytes]) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# -- 1. kill -9 while sends are in flight --------------------------------------------------
+
+
+def test_kill_9_mid_send_loses_nothing_and_repeats_only_in_flight(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    handler = CommitFirstHandler(delay=0.5)
+    smtp = smtp_factory(handler=handler)
+    concurrency = 4
+    settings = make_settings(smtp_port=smtp.port, worker_concurrency=concurrency,
+                             job_lease_seconds=1)  # fmt: skip
+    api = Api(procs.api(settings))
+    ids = api.enqueue(20)
+    worker_a = procs.worker(settings)
+
+    wait_until(lambda: handler.answered >= concurrency and handler.unanswered() > 0,
+               what="some mails delivered and more in flight", proc=worker_a)  # fmt: skip
+    sigkill(worker_a)
+    # Claimed by A and never finished: what the kill interrupted (B is not running yet).
+    interrupted = {t for t, r in api.results(ids).items()
+                   if r["status"] == "pending" and r["attempts"] >= 1}  # fmt: skip
+    procs.worker(settings)
+
+    results = api.wait_terminal(ids)
+    counts = Counts.of(ids, smtp.handler).report("kill -9")
+    all_succeeded(results)
+    assert counts.lost == 0
+    assert counts.duplicated <= concurrency
+    assert 0 < len(interrupted) <= concurrency
+    for task_id in interrupted:
+        assert results[task_id]["attempts"] >= 2, results[task_id]
+        assert "lease_expired" in outcomes(results[task_id]), results[task_id]
+    expired = {t for t, r in results.items() if "lease_expired" in outcomes(r)}
+    assert expired == interrupted
+    repeated = {t for t, n in Counter(smtp.handler.task_ids()).items() if n > 1}
+    assert repeated <= interrupted
+
+
+# -- 2. SIGTERM drains: in-flight sends finish, unstarted jobs go back -------------------------
+
+
+def test_sigterm_drains_without_loss_or_duplicates(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    smtp = delayed_smtp(smtp_factory, 0.5)
+    settings = make_settings(smtp_port=smtp.port, worker_concurrency=4, job_lease_seconds=2,
+                             worker_shutdown_grace_seconds=10)  # fmt: skip
+    api = Api(procs.api(settings))
+    ids = api.enqueue(20)
+    worker_a = procs.worker(settings)
+
+    wait_until(lambda: len(smtp.handler.received) >= 1 and in_flight(smtp.handler) > 0,
+               what="sends in flight", proc=worker_a)  # fmt: skip
+    worker_a.send_signal(signal.SIGTERM)
+    assert worker_a.wait(timeout=20) == 0, read_log(worker_a)[-3000:]
+
+    # Every DATA the worker began was answered before it exited, and recorded.
+    assert in_flight(smtp.handler) == 0
+    after_a = api.results(ids)
+    sent_by_a = {t for t, r in after_a.items() if r["status"] == "success"}
+    assert sent_by_a == set(smtp.handler.task_ids())
+    # Unstarted jobs went back uncounted.
+    for task_id in set(ids) - sent_by_a:
+        assert (after_a[task_id]["status"], after_a[task_id]["attempts"]) == ("pending", 0)
+
+    procs.worker(settings)
+    results = delivered_once_cleanly(api, ids, smtp.handler, "SIGTERM")
+    assert all(r["attempts"] == 1 for r in results.values()), results
+
+
+def test_repeated_sigterm_under_fast_sends_exits_and_leaks_no_lease(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    # Fast sends keep the claimer busy talking to Redis, so a stop often lands mid-claim:
+    # the case where cancelling it lost claimed jobs or was swallowed (the worker hung).
+    smtp = delayed_smtp(smtp_factory, 0.01)
+    settings = make_settings(smtp_port=smtp.port, worker_concurrency=4, job_lease_seconds=1)
+    api = Api(procs.api(settings))
+    ids = api.enqueue(80)
+    for _ in range(5):
+        worker = procs.worker(settings)
+        wait_received(smtp.handler, len(smtp.handler.received) + 5, worker)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=20) == 0, read_log(worker)[-3000:]
+    procs.worker(settings)
+    delivered_once_cleanly(api, ids, smtp.handler, "5x SIGTERM, fast sends")
+
+
+def delivered_once_cleanly(
+    api: Api, ids: list[str], handler: RecordingHandler, label: str
+) -> dict[str, dict[str, Any]]:
+    """Wait for every task; all succeeded, none lost or sent twice, no lease lapsed."""
+    results = api.wait_terminal(ids)
+    counts = Counts.of(ids, handler).report(label)
+    all_succeeded(results)
+    assert counts.lost == 0
+    assert counts.duplicated == 0
+    assert not [t for t, r in results.items() if "lease_expired" in outcomes(r)]
+    return results
+
+
+# -- 3. Redis stops and comes back on the same port and data dir ----------------------------
+
+
+def assert_503_quickly(api: Api) -> None:
+    unknown = {"task_id": str(uuid.uuid4())}
+    for call in (api.post, lambda: api.client.get("/api/v1/email/result", params=unknown)):
+        started = time.monotonic()
+        response = call()
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "service_unavailable"
+        assert elapsed < 2.0, f"503 took {elapsed:.2f}s"
+
+
+def test_redis_outage_recovers_without_restarts(
+    procs: Procs,
+    make_settings: Callable[..., Settings],
+    smtp_factory: Callable[..., SmtpServer],
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    redis = redis_factory()
+    smtp = delayed_smtp(smtp_factory, 0.5)
+    lease = 1.0
+    settings = make_settings(redis_url=redis.url, smtp_port=smtp.port, worker_concurrency=4,
+                             job_lease_seconds=lease)  # fmt: skip
+    api = Api(procs.api(settings))
+    worker = procs.worker(settings)
+    ids = api.enqueue(10)
+    wait_until(lambda: in_flight(smtp.handler) > 0, what="sends in flight", proc=worker)
+
+    redis.stop()
+    assert_503_quickly(api)
+    wait_for_log(worker, "Redis unavailable")
+    # The sends in flight complete during the outage; their outcome waits for Redis.
+    wait_until(lambda: in_flight(smtp.handler) == 0, what="in-flight sends answered",
+               proc=worker)  # fmt: skip
+    # Outlast the leases, so recovery must renew before any claim sees them as lapsed.
+    time.sleep(lease * 1.5)
+    assert worker.poll() is None
+
+    redis_factory(port=redis.port, data_dir=redis.data_dir)
+    ids += api.enqueue(10)  # the first POST after the restart must already be a 202
+
+    results = api.wait_terminal(ids)
+    counts = Counts.of(ids, smtp.handler).report("Redis outage")
+    all_succeeded(results)
+    assert counts.lost == 0
+    assert counts.duplicated == 0
+    assert worker.poll() is None, "the worker must ride out the outage in the same process"
+    assert not [t for t, r in results.items() if "lease_expired" in outcomes(r)]
+
+
+# -- 4. kill -9 while a retry waits for its backoff ---------------------------------------
+
+
+def test_crash_during_backoff_keeps_the_retry_and_its_count(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    smtp = smtp_factory(handler=RecordingHandler(replies=["451 4.3.0 later"]))
+    settings = make_settings(smtp_port=smtp.port, retry_backoff_seconds=2,
+                             retry_backoff_max_seconds=2)  # fmt: skip
+    api = Api(procs.api(settings))
+    worker_a = procs.worker(settings)
+    [task_id] = api.enqueue(1)
+
+    def waiting_for_retry() -> bool:
+        r = api.result(task_id)
+        return r["status"] == "pending" and r["attempts"] == 1 and bool(r.get("next_attempt_at"))
+
+    wait_until(waiting_for_retry, what="first attempt failed, retry scheduled", proc=worker_a)
+    sigkill(worker_a)
+    procs.worker(settings)
+
+    results = api.wait_terminal([task_id])
+    counts = Counts.of([task_id], smtp.handler).report("crash during backoff")
+    assert results[task_id]["status"] == "success"
+    assert results[task_id]["attempts"] == 2
+    assert outcomes(results[task_id]) == ["retry", "success"]
+    assert counts.lost == 0
+    assert counts.duplicated == 0
+
+
+# -- 5. SMTP server down, then up -----------------------------------------------------------
+
+
+def test_smtp_outage_retries_until_the_server_returns(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    port = free_port()  # nothing listens here yet: connections are refused
+    # Backoff long enough that five attempts outlast the moment the server comes up.
+    settings = make_settings(smtp_port=port, max_attempts=5, retry_backoff_seconds=0.3,
+                             retry_backoff_max_seconds=1.0)  # fmt: skip
+    api = Api(procs.api(settings))
+    worker = procs.worker(settings)
+    ids = api.enqueue(5)
+
+    def all_retrying() -> bool:
+        return all("retry" in outcomes(r) for r in api.results(ids).values())
+
+    wait_until(all_retrying, what="every task failed an attempt", proc=worker)
+    smtp = smtp_factory(port=port)
+
+    results = api.wait_terminal(ids)
+    counts = Counts.of(ids, smtp.handler).report("SMTP outage")
+    all_succeeded(results)
+    assert all(r["attempts"] > 1 for r in results.values()), results
+    assert counts.lost == 0
+    assert counts.duplicated == 0

@@ -1,0 +1,147 @@
+"""compose(): a request becomes a complete, safe ``Job`` or an error, never half of one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from emailq.compose import MAX_RECIPIENTS, EmailRequest, compose
+from emailq.errors import HeaderInjection, InvalidMessage, MessageTooLarge
+from emailq.models import Job
+
+LIMIT = 4096
+
+
+def request(**fields: Any) -> EmailRequest:
+    """A valid request with ``fields`` changed."""
+    base: dict[str, Any] = {"to": "user@example.com", "subject": "Hello", "body": "Hi"}
+    return EmailRequest.model_validate({**base, **fields})
+
+
+def build(**fields: Any) -> Job:
+    return compose(request(**fields), max_body_bytes=LIMIT)
+
+
+def addresses(n: int) -> list[str]:
+    return [f"r{i}@example.com" for i in range(n)]
+
+
+def test_korean_subject_and_body_pass_through_intact() -> None:
+    job = build(
+        subject="{username}님 환영합니다", body="{username}님 안녕하세요!", username="홍길동"
+    )
+    assert job.subject == "홍길동님 환영합니다"
+    assert job.text == "홍길동님 안녕하세요!"
+    assert job.to == "user@example.com"
+
+
+def test_variables_and_html_are_rendered() -> None:
+    job = build(body="code {code}", html="<b>{code}</b>", variables={"code": "42"})
+    assert (job.text, job.html) == ("code 42", "<b>42</b>")
+
+
+def test_addresses_are_normalized() -> None:
+    job = build(
+        to="User@EXAMPLE.COM",
+        cc=["Cc@Example.Org"],
+        bcc=["hidden@EXAMPLE.net"],
+        reply_to="Reply@Example.COM",
+    )
+    assert job.to == "User@example.com"
+    assert job.cc == ["Cc@example.org"]
+    assert job.bcc == ["hidden@example.net"]
+    assert job.reply_to == "Reply@example.com"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("to", "not-an-address"),
+        ("to", "user@"),
+        ("to", "a@example.com, b@example.com"),
+        ("to", "user@example.com\r\nBcc: evil@example.com"),
+        ("reply_to", "nobody"),
+        ("cc", ["ok@example.com", "bad@@example.com"]),
+        ("bcc", ["x y@example.com"]),
+    ],
+)
+def test_invalid_addresses_are_rejected(field: str, value: object) -> None:
+    with pytest.raises(ValidationError):
+        request(**{field: value})
+
+
+def test_unknown_request_field_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        request(from_="boss@example.com")
+
+
+def test_bad_variable_name_is_rejected() -> None:
+    with pytest.raises(ValidationError):
+        request(variables={"a.b": "x"})
+
+
+@pytest.mark.parametrize("subject", ["a\rb", "a\nb", "Hi\r\nBcc: evil@example.com", "a\0b"])
+def test_line_breaks_and_nul_in_the_raw_subject_are_rejected(subject: str) -> None:
+    with pytest.raises(HeaderInjection):
+        build(subject=subject)
+
+
+@pytest.mark.parametrize("username", ["x\r\nBcc: evil@example.com", "x\nBcc: e@example.com"])
+def test_line_breaks_from_substitution_are_rejected(username: str) -> None:
+    with pytest.raises(HeaderInjection):
+        build(subject="Hi {username}", username=username)
+
+
+def test_line_breaks_from_substitution_are_fine_in_the_body() -> None:
+    job = build(body="Dear {username}", username="a\r\nb")
+    assert job.text == "Dear a\r\nb"
+
+
+def test_subject_over_the_line_limit_after_substitution_is_rejected() -> None:
+    with pytest.raises(InvalidMessage):
+        build(subject="{username}" * 5, username="x" * 200)
+
+
+def test_more_than_fifty_recipients_in_total_are_rejected() -> None:
+    half = MAX_RECIPIENTS // 2
+    ok = build(cc=addresses(half), bcc=addresses(MAX_RECIPIENTS - half - 1))
+    assert len(ok.recipients) == MAX_RECIPIENTS
+    with pytest.raises(InvalidMessage):
+        build(cc=addresses(half), bcc=addresses(MAX_RECIPIENTS - half))
+
+
+def test_more_than_fifty_cc_are_rejected_by_validation() -> None:
+    with pytest.raises(ValidationError):
+        request(cc=addresses(MAX_RECIPIENTS + 1))
+
+
+def test_body_size_counts_utf8_bytes() -> None:
+    fits = "가" * (LIMIT // 3)  # 3 bytes per character in UTF-8
+    assert build(body=fits).text == fits
+    with pytest.raises(MessageTooLarge):
+        build(body=fits + "가")
+
+
+def test_text_and_html_together_must_fit() -> None:
+    half = "x" * (LIMIT // 2)
+    assert build(body=half, html=half).html == half
+    with pytest.raises(MessageTooLarge):
+        build(body=half, html=half + "x")
+
+
+def test_body_growing_past_the_limit_by_substitution_is_rejected() -> None:
+    with pytest.raises(MessageTooLarge):
+        build(body="{username}" * 100, username="y" * 100)
+
+
+@pytest.mark.parametrize("fields", [{"body": "a\0b"}, {"html": "<p>\0</p>"}])
+def test_nul_in_the_body_is_rejected(fields: dict[str, str]) -> None:
+    with pytest.raises(InvalidMessage):
+        build(**fields)
+
+
+def test_nul_from_substitution_into_the_body_is_rejected() -> None:
+    with pytest.raises(InvalidMessage):
+        build(body="{username}", username="\0")

@@ -1,0 +1,464 @@
+"""emailq.queue.Queue against a real redis-server: every key, every Lua script."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+
+from emailq.errors import StoreUnavailable
+from emailq.models import Attempt, ClaimedJob, Job, Status
+from emailq.queue import Outcome, Queue
+from emailq.redis_server import free_port
+
+TTL = 3600  # result_ttl_seconds
+LONG = 60_000  # a lease that never lapses during a test (ms)
+SHORT = 50  # a lease the test waits out (ms)
+
+
+@pytest.fixture
+async def queue(redis_url: str) -> AsyncIterator[Queue]:
+    q = Queue.from_url(redis_url, timeout=2, max_attempts=3, result_ttl_seconds=TTL)
+    yield q
+    await q.close()
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def job(task_id: str) -> Job:
+    return Job(to=f"{task_id}@example.com", subject=f"subject {task_id}", text="안녕하세요")
+
+
+async def enqueue(queue: Queue, count: int = 1, prefix: str = "t") -> list[str]:
+    ids = [f"{prefix}{i}" for i in range(count)]
+    for task_id in ids:
+        await queue.enqueue(task_id, job(task_id), request_id=f"req-{task_id}")
+    return ids
+
+
+async def claim(
+    queue: Queue, worker: str = "w1", count: int = 5, lease_ms: int = LONG
+) -> list[ClaimedJob]:
+    return (await queue.claim(worker, count, lease_ms)).jobs
+
+
+async def claim_one(queue: Queue, worker: str = "w1", lease_ms: int = LONG) -> ClaimedJob:
+    jobs = await claim(queue, worker, 1, lease_ms)
+    assert len(jobs) == 1
+    return jobs[0]
+
+
+async def eventually_claim(queue: Queue, worker: str, lease_ms: int = LONG) -> ClaimedJob:
+    """Poll until a claim returns a job (a retry coming due); the deadline only bounds a
+    failing test."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        jobs = await claim(queue, worker, 1, lease_ms)
+        if jobs:
+            return jobs[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError("nothing became claimable")
+
+
+async def redis_now_ms(queue: Queue) -> int:
+    seconds, micros = await queue.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def wait_lapsed(queue: Queue, task_id: str) -> None:
+    """Wait until the lease on ``task_id`` is past its deadline by Redis's own clock."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        score = await queue.redis.zscore(queue.keys.leases, task_id)
+        if score is None or await redis_now_ms(queue) > score:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"lease on {task_id} never lapsed")
+
+
+async def finish(
+    queue: Queue, claimed: ClaimedJob, outcome: Outcome, reason: str = "", retry_in_ms: int = 0
+) -> str:
+    entry = Attempt(attempt=claimed.attempt, outcome=outcome, code=250, reply="ok")
+    return await queue.finish(claimed, outcome, entry, reason=reason, retry_in_ms=retry_in_ms)
+
+
+async def task_hash(queue: Queue, task_id: str) -> dict[str, str]:
+    stored = await queue.redis.hgetall(queue.keys.task(task_id))
+    return {str(k): str(v) for k, v in stored.items()}
+
+
+async def lane(queue: Queue) -> list[str]:
+    return [str(v) for v in await queue.redis.lrange(queue.keys.lane("default"), 0, -1)]
+
+
+async def all_keys(queue: Queue) -> list[str]:
+    return [str(key) for key in await queue.redis.keys("*")]
+
+
+async def lease_deadline(queue: Queue, task_id: str) -> float:
+    score = await queue.redis.zscore(queue.keys.leases, task_id)
+    assert score is not None
+    return float(score)
+
+
+async def ttl(queue: Queue, task_id: str) -> int:
+    return int(await queue.redis.ttl(queue.keys.task(task_id)))
+
+
+async def snapshot(queue: Queue, task_id: str) -> tuple[object, ...]:
+    """Everything the queue stores about one task, to compare before and after."""
+    r, k = queue.redis, queue.keys
+    return (
+        await task_hash(queue, task_id),
+        await r.zscore(k.leases, task_id),
+        await r.zscore(k.scheduled, task_id),
+        await lane(queue),
+    )
+
+
+async def outcomes(queue: Queue, task_id: str) -> list[str]:
+    record = await queue.get(task_id)
+    assert record is not None
+    return [entry.outcome for entry in record.log]
+
+
+# -- enqueue and get ---------------------------------------------------------------------
+
+
+async def test_enqueue_stores_the_task_and_makes_it_ready(queue: Queue) -> None:
+    created = await queue.enqueue("t1", job("t1"), request_id="req-1")
+    stored = await task_hash(queue, "t1")
+    assert stored["status"] == "pending"
+    assert stored["attempts"] == "0"
+    assert stored["to"] == "t1@example.com"
+    assert stored["created_at"] == str(created)
+    assert Job.model_validate_json(stored["job"]) == job("t1")
+    assert await lane(queue) == ["t1"]
+    assert await ttl(queue, "t1") == -1  # pending tasks never expire
+    record = await queue.get("t1")
+    assert record is not None
+    assert (record.status, record.attempts, record.request_id) == (Status.PENDING, 0, "req-1")
+    assert record.log == []
+
+
+async def test_enqueue_is_atomic_to_an_observer(queue: Queue) -> None:
+    """A reader never sees a stored task that is not in its lane, or the other way round."""
+    done = asyncio.Event()
+    seen = 0
+
+    async def observe() -> None:
+        nonlocal seen
+        while not done.is_set():
+            async with queue.redis.pipeline(transaction=True) as pipe:
+                pipe.keys(queue.keys.task_prefix + "*")
+                pipe.lrange(queue.keys.lane("default"), 0, -1)
+                keys, ready = await pipe.execute()
+            assert {key.removeprefix(queue.keys.task_prefix) for key in keys} == set(ready)
+            seen += 1
+            await asyncio.sleep(0)
+
+    async def produce() -> None:
+        await asyncio.gather(*(enqueue(queue, 25, prefix=f"p{n}-") for n in range(4)))
+        done.set()
+
+    await asyncio.gather(observe(), produce())
+    assert seen > 0
+    assert len(await lane(queue)) == 100
+
+
+async def test_get_of_an_unknown_task_is_none(queue: Queue) -> None:
+    assert await queue.get("no-such-task") is None
+
+
+async def test_unreachable_redis_is_store_unavailable() -> None:
+    q = Queue.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await q.ping()
+        with pytest.raises(StoreUnavailable):
+            await q.enqueue("t1", job("t1"), request_id="")
+    finally:
+        await q.close()
+
+
+# -- claim -------------------------------------------------------------------------------
+
+
+async def test_claim_leases_the_job(queue: Queue) -> None:
+    await enqueue(queue)
+    claimed = await queue.claim("w1", 5, 1000)
+    [one] = claimed.jobs
+    assert (one.task_id, one.attempt, one.request_id) == ("t0", 1, "req-t0")
+    assert one.token
+    assert one.job == job("t0")
+    assert await queue.redis.zscore(queue.keys.leases, "t0") is not None
+    assert claimed.next_deadline_ms is not None
+    assert 0 <= claimed.next_deadline_ms <= 1000
+    stored = await task_hash(queue, "t0")
+    assert (stored["status"], stored["attempts"], stored["lease"]) == ("pending", "1", one.token)
+    assert await ttl(queue, "t0") == -1
+    assert await lane(queue) == []
+
+
+async def test_claim_of_an_empty_queue_returns_nothing(queue: Queue) -> None:
+    claimed = await queue.claim("w1", 5, LONG)
+    assert (claimed.jobs, claimed.next_deadline_ms) == ([], None)
+
+
+async def test_claim_takes_oldest_first_up_to_count(queue: Queue) -> None:
+    await enqueue(queue, 3)
+    assert [c.task_id for c in await claim(queue, count=2)] == ["t0", "t1"]
+    assert await lane(queue) == ["t2"]
+
+
+async def test_every_task_is_claimed_exactly_once(queue: Queue) -> None:
+    ids = await enqueue(queue, 200)
+
+    async def claim_until_empty(worker: str) -> list[ClaimedJob]:
+        got: list[ClaimedJob] = []
+        while batch := await claim(queue, worker, count=5):
+            got += batch
+        return got
+
+    results = await asyncio.gather(*(claim_until_empty(f"w{n}") for n in range(8)))
+    everything = [c for batch in results for c in batch]
+    counts = Counter(c.task_id for c in everything)
+    assert set(counts) == set(ids)
+    assert set(counts.values()) == {1}
+    assert {c.attempt for c in everything} == {1}
+    assert all(
+        [await queue.redis.hget(queue.keys.task(c.task_id), "lease") == c.token for c in everything]
+    )
+    assert await queue.redis.zcard(queue.keys.leases) == 200
+    assert await queue.redis.llen(queue.keys.wake) == 0  # one wake token per ready task
+
+
+async def test_wait_for_work_wakes_for_an_enqueued_task(queue: Queue) -> None:
+    await enqueue(queue)
+    assert await queue.wait_for_work(1.0) is True
+
+
+# -- finish ------------------------------------------------------------------------------
+
+
+async def test_finish_success_records_and_expires(queue: Queue) -> None:
+    await enqueue(queue)
+    claimed = await claim_one(queue)
+    assert await finish(queue, claimed, "success") == "success"
+    stored = await task_hash(queue, "t0")
+    assert stored["status"] == "success"
+    assert "sent_at" in stored
+    assert "job" not in stored  # delivered content is not kept
+    assert "lease" not in stored
+    assert 0 < await ttl(queue, "t0") <= TTL
+    assert await queue.redis.zscore(queue.keys.leases, "t0") is None
+    record = await queue.get("t0")
+    assert record is not None
+    assert record.sent_at is not None
+    assert record.sent_at >= record.created_at
+    [entry] = record.log
+    assert (entry.attempt, entry.outcome, entry.code) == (1, "success", 250)
+    assert entry.at >= record.created_at  # stamped by Redis, not the caller's 0
+
+
+async def test_finish_failed_records_the_reason_and_expires(queue: Queue) -> None:
+    await enqueue(queue)
+    claimed = await claim_one(queue)
+    assert await finish(queue, claimed, "failed", reason="550 no such user") == "failed"
+    record = await queue.get("t0")
+    assert record is not None
+    assert (record.status, record.reason) == (Status.FAILED, "550 no such user")
+    assert 0 < await ttl(queue, "t0") <= TTL
+    assert await queue.redis.zscore(queue.keys.leases, "t0") is None
+
+
+async def test_retry_is_not_claimable_until_due(queue: Queue) -> None:
+    await enqueue(queue, 2)
+    late, soon = await claim(queue, count=2)
+    assert await finish(queue, late, "retry", retry_in_ms=LONG) == "retry"
+    assert await finish(queue, soon, "retry", retry_in_ms=20) == "retry"
+
+    record = await queue.get(late.task_id)
+    assert record is not None
+    assert record.status is Status.PENDING
+    assert record.next_attempt_at == await queue.redis.zscore(queue.keys.scheduled, "t0")
+    assert await ttl(queue, late.task_id) == -1
+    assert await queue.redis.zscore(queue.keys.leases, late.task_id) is None
+
+    again = await eventually_claim(queue, "w2")
+    assert (again.task_id, again.attempt) == (soon.task_id, 2)
+    assert "next_attempt_at" not in await task_hash(queue, soon.task_id)
+    # The late one is still waiting, and claim says how long until it is due.
+    claimed = await queue.claim("w2", 5, LONG)
+    assert claimed.jobs == []
+    assert claimed.next_deadline_ms is not None
+    assert 0 < claimed.next_deadline_ms <= LONG
+    assert await queue.redis.zscore(queue.keys.scheduled, late.task_id) is not None
+
+
+async def test_attempt_log_keeps_the_newest_fifty(queue: Queue) -> None:
+    await enqueue(queue)
+    claimed = await claim_one(queue)
+    for _ in range(54):
+        assert await finish(queue, claimed, "retry", retry_in_ms=0) == "retry"
+        claimed = await eventually_claim(queue, "w1")
+    await finish(queue, claimed, "success")
+    record = await queue.get("t0")
+    assert record is not None
+    assert [entry.attempt for entry in record.log] == list(range(6, 56))
+    assert record.log[-1].outcome == "success"
+
+
+# -- leases ------------------------------------------------------------------------------
+
+
+async def lapse_and_reclaim(queue: Queue, held: ClaimedJob, worker: str) -> ClaimedJob:
+    await wait_lapsed(queue, held.task_id)
+    return await claim_one(queue, worker, lease_ms=SHORT)
+
+
+async def test_lapsed_lease_is_recovered_by_another_worker(queue: Queue) -> None:
+    await enqueue(queue)
+    first = await claim_one(queue, "w1", lease_ms=SHORT)
+    second = await lapse_and_reclaim(queue, first, "w2")
+    assert (second.task_id, second.attempt) == ("t0", 2)
+    assert second.token != first.token
+    assert (await task_hash(queue, "t0"))["lease"] == second.token
+    record = await queue.get("t0")
+    assert record is not None
+    [entry] = record.log
+    assert (entry.outcome, entry.attempt) == ("lease_expired", 1)
+
+
+async def test_lapsed_lease_on_the_last_attempt_fails_the_task(queue: Queue) -> None:
+    await enqueue(queue)
+    held = await claim_one(queue, "w0", lease_ms=SHORT)
+    for n in (1, 2):
+        held = await lapse_and_reclaim(queue, held, f"w{n}")
+    assert held.attempt == 3
+    await wait_lapsed(queue, "t0")
+    assert await claim(queue, "w3") == []
+    record = await queue.get("t0")
+    assert record is not None
+    assert record.status is Status.FAILED
+    assert record.reason is not None
+    assert "lease" in record.reason
+    assert await outcomes(queue, "t0") == ["lease_expired"] * 3
+    assert 0 < await ttl(queue, "t0") <= TTL
+    assert await lane(queue) == []
+
+
+@pytest.mark.parametrize("outcome", ["retry", "failed"])
+async def test_stale_finish_changes_nothing(queue: Queue, outcome: Outcome) -> None:
+    await enqueue(queue)
+    old = await claim_one(queue, "w1", lease_ms=SHORT)
+    await lapse_and_reclaim(queue, old, "w2")
+    before = await snapshot(queue, "t0")
+    assert await finish(queue, old, outcome, reason="late", retry_in_ms=0) == "stale"
+    assert await snapshot(queue, "t0") == before
+
+
+async def test_late_success_from_an_old_lease_wins(queue: Queue) -> None:
+    await enqueue(queue)
+    old = await claim_one(queue, "w1", lease_ms=SHORT)
+    new = await lapse_and_reclaim(queue, old, "w2")
+    assert await finish(queue, old, "success") == "success"
+    assert await queue.renew([new], LONG) == ["t0"]
+    assert await finish(queue, new, "failed", reason="x") == "ignored"
+    record = await queue.get("t0")
+    assert record is not None
+    assert record.status is Status.SUCCESS
+
+
+async def test_late_success_while_requeued_is_never_claimed_again(queue: Queue) -> None:
+    await enqueue(queue)
+    old = await claim_one(queue, "w1", lease_ms=SHORT)
+    await wait_lapsed(queue, "t0")
+    assert await claim(queue, "w2", count=0) == []  # recovers the lapsed lease only
+    assert await lane(queue) == ["t0"]
+    assert await finish(queue, old, "success") == "success"
+    assert await claim(queue, "w2") == []
+    assert await lane(queue) == []
+    record = await queue.get("t0")
+    assert record is not None
+    assert (record.status, record.attempts) == (Status.SUCCESS, 1)
+
+
+@pytest.mark.parametrize("outcome", ["success", "failed"])
+async def test_done_task_pushed_into_the_lane_again_is_skipped(
+    queue: Queue, outcome: Outcome
+) -> None:
+    await enqueue(queue)
+    await finish(queue, await claim_one(queue), outcome)
+    before = await task_hash(queue, "t0")
+    await queue.redis.rpush(queue.keys.lane("default"), "t0")
+    assert await claim(queue) == []
+    assert await task_hash(queue, "t0") == before
+    assert await lane(queue) == []
+
+
+async def test_renew_extends_held_leases_and_reports_lost_ones(queue: Queue) -> None:
+    await enqueue(queue, 2)
+    mine, other = await claim(queue, count=2, lease_ms=1000)
+    before = await lease_deadline(queue, "t1")
+    forged = other.model_copy(update={"token": "w9:1"})
+    assert await queue.renew([mine, forged], LONG) == ["t1"]
+    assert await lease_deadline(queue, "t0") > before + LONG / 2
+    assert await lease_deadline(queue, "t1") == before
+    assert await queue.renew([], LONG) == []
+
+
+async def test_release_returns_unstarted_jobs_uncounted(queue: Queue) -> None:
+    await enqueue(queue, 3)
+    first, second, third = await claim(queue, count=3)
+    forged = third.model_copy(update={"token": "w9:1"})
+    assert await queue.release([first, second, forged]) == 2
+    assert sorted(await lane(queue)) == ["t0", "t1"]
+    stored = await task_hash(queue, "t0")
+    assert stored["attempts"] == "0"
+    assert "lease" not in stored
+    assert await queue.redis.zscore(queue.keys.leases, "t0") is None
+    assert await queue.redis.zscore(queue.keys.leases, "t2") is not None
+    assert {(c.task_id, c.attempt) for c in await claim(queue)} == {("t0", 1), ("t1", 1)}
+    assert await queue.release([]) == 0
+
+
+# -- keys --------------------------------------------------------------------------------
+
+
+async def test_every_key_shares_the_hash_tag(queue: Queue) -> None:
+    await enqueue(queue, 4)
+    ok, retried, failed, lapsed = await claim(queue, count=3) + await claim(queue, lease_ms=SHORT)
+    await finish(queue, ok, "success")
+    await finish(queue, retried, "retry", retry_in_ms=LONG)
+    await finish(queue, failed, "failed", reason="550")
+    await wait_lapsed(queue, lapsed.task_id)
+    await enqueue(queue, 1, prefix="extra")
+    released = await claim(queue, "w2", count=1)
+    await queue.release(released)
+    await queue.renew(released, LONG)
+    keys = await all_keys(queue)
+    assert len(keys) >= 6  # tasks, lane, scheduled, wake at least
+    assert all(key.startswith("{emailq}:") for key in keys), keys
+
+
+async def test_a_custom_prefix_is_its_own_hash_tag(queue: Queue) -> None:
+    other = Queue(queue.redis, prefix="other")
+    await enqueue(other)
+    await claim(other)
+    keys = await all_keys(queue)
+    assert keys
+    assert all(key.startswith("{other}:") for key in keys), keys
+
+
+async def test_log_is_json_in_the_task_hash(queue: Queue) -> None:
+    await enqueue(queue)
+    await finish(queue, await claim_one(queue), "failed", reason="550")
+    log = json.loads((await task_hash(queue, "t0"))["log"])
+    assert [entry["outcome"] for entry in log] == ["failed"]

@@ -1,0 +1,389 @@
+"""The worker in-process against a real Redis and real aiosmtpd servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from emailq.models import TERMINAL, Job, Status, TaskRecord
+from emailq.queue import Keys, Queue
+from emailq.redis_server import free_port
+from emailq.settings import Settings
+from tests.smtpd import Authenticator, RecordingHandler, SmtpServer
+from worker.loop import Worker
+from worker.sender import Sender, SmtpPool
+
+Factory = Callable[..., SmtpServer]
+
+
+@dataclass
+class TrackingHandler(RecordingHandler):
+    """Also records every connection that reached DATA (accepted or not) and the most
+    DATA commands in progress at once."""
+
+    peers: set[tuple[str, int]] = field(default_factory=set)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        with self.lock:
+            self.peers.add(session.peer)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await super().handle_DATA(server, session, envelope)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+@dataclass
+class Running:
+    """A worker task and the queue it serves."""
+
+    queue: Queue
+    worker: Worker
+    task: asyncio.Task[None]
+
+    async def submit(self, count: int = 1, **job: Any) -> list[str]:
+        ids = [str(uuid.uuid4()) for _ in range(count)]
+        for task_id in ids:
+            fields = {"to": "user@example.com", "subject": "Hi", "text": "Hello", **job}
+            await self.queue.enqueue(task_id, Job(**fields), request_id=f"req-{task_id[:8]}")
+        return ids
+
+    async def settled(self, task_id: str, within: float = 20) -> TaskRecord:
+        """Poll until the task is terminal; the timeout only bounds a failing test."""
+        deadline = time.monotonic() + within
+        while True:
+            record = await self.queue.get(task_id)
+            if record is not None and record.status in TERMINAL:
+                return record
+            assert time.monotonic() < deadline, f"task {task_id} still {record}"
+            await asyncio.sleep(0.02)
+
+    async def state(self, task_id: str) -> tuple[Status, int] | None:
+        record = await self.queue.get(task_id)
+        return (record.status, record.attempts) if record else None
+
+    async def send(self, count: int = 1, **job: Any) -> list[TaskRecord]:
+        return [await self.settled(task_id) for task_id in await self.submit(count, **job)]
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        await asyncio.wait_for(self.task, 30)
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    """A worker composed as ``python -m worker`` does, run as a task, stopped at the end."""
+    queue = Queue.from_url(settings.redis_url, timeout=2, read_timeout=10,
+                           max_attempts=settings.max_attempts,
+                           result_ttl_seconds=settings.result_ttl_seconds)  # fmt: skip
+    worker = Worker(queue, Sender(SmtpPool(settings, size=settings.worker_concurrency)), settings)
+    run = Running(queue, worker, asyncio.create_task(worker.run()))
+    try:
+        yield run
+    finally:
+        if not run.task.done():
+            await run.stop()
+        await queue.close()
+
+
+async def deliver(settings: Settings, count: int = 1, **job: Any) -> list[TaskRecord]:
+    """Send ``count`` jobs through a fresh worker and return their final records."""
+    async with running(settings) as run:
+        return await run.send(count, **job)
+
+
+LogCapture = pytest.LogCaptureFixture
+
+
+@pytest.fixture
+def worker_log(caplog: LogCapture) -> LogCapture:
+    caplog.set_level(logging.INFO, logger="emailq.worker")
+    return caplog
+
+
+def scripted(factory: Factory, replies: Iterable[str] = (), delay: float = 0.0) -> SmtpServer:
+    return factory(handler=TrackingHandler(replies=list(replies), delay=delay))
+
+
+def codes(record: TaskRecord) -> list[int | None]:
+    return [entry.code for entry in record.log]
+
+
+async def wait_for(check: Callable[[], bool], what: str, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+# -- delivery ----------------------------------------------------------------------------
+
+
+async def test_plain_smtp_delivers(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    [record] = await deliver(make_settings(), to="user@example.com", cc=["cc@example.com"],
+                             bcc=["hidden@example.com"], subject="안녕 {0}")  # fmt: skip
+
+    assert (record.status, record.attempts, codes(record)) == (Status.SUCCESS, 1, [250])
+    assert record.sent_at is not None
+    [mail] = smtp.handler.received
+    assert mail.mail_from == "noreply@example.com"
+    assert mail.rcpt_tos == ["user@example.com", "cc@example.com", "hidden@example.com"]
+    assert mail.message["Subject"] == "안녕 {0}"
+    assert "Bcc" not in mail.message
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+async def test_tls_modes_deliver(
+    make_settings: Callable[..., Settings], smtp_factory: Factory,
+    server_tls: ssl.SSLContext, ca_file: Path, security: str,
+) -> None:  # fmt: skip
+    mode = "starttls" if security == "starttls" else "implicit_tls"
+    server = smtp_factory(**{mode: server_tls})
+    settings = make_settings(smtp_port=server.port, smtp_security=security, smtp_ca_file=ca_file)
+
+    [record] = await deliver(settings)
+
+    assert record.status is Status.SUCCESS
+    assert len(server.handler.received) == 1
+
+
+async def test_tls_with_an_untrusted_certificate_does_not_deliver(
+    make_settings: Callable[..., Settings], smtp_factory: Factory, server_tls: ssl.SSLContext
+) -> None:
+    server = smtp_factory(implicit_tls=server_tls)
+    settings = make_settings(smtp_port=server.port, smtp_security="tls", max_attempts=2)
+
+    [record] = await deliver(settings)
+
+    assert (record.status, record.attempts) == (Status.FAILED, 2)
+    assert server.handler.received == []
+
+
+@pytest.mark.parametrize(("password", "status"), [("s3cret", "success"), ("wrong", "failed")])
+async def test_auth(
+    make_settings: Callable[..., Settings], smtp_factory: Factory, password: str, status: str
+) -> None:
+    server = smtp_factory(auth=Authenticator("mailer", "s3cret"))
+    settings = make_settings(smtp_port=server.port, smtp_user="mailer", smtp_pass=password)
+
+    [record] = await deliver(settings)
+
+    assert record.status == status
+    if status == "failed":
+        assert record.attempts == 1  # a 5xx refusal is permanent
+        assert "535" in (record.reason or "")
+        assert codes(record) == [535]
+    assert len(server.handler.received) == (status == "success")
+
+
+# -- retries -----------------------------------------------------------------------------
+
+
+async def test_4xx_is_retried_until_it_succeeds(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    server = scripted(smtp_factory, ["451 4.3.0 later", "451 4.3.0 later"])
+
+    [record] = await deliver(make_settings(smtp_port=server.port, max_attempts=3))
+
+    assert (record.status, record.attempts, codes(record)) == (Status.SUCCESS, 3, [451, 451, 250])
+    assert [e.outcome for e in record.log] == ["retry", "retry", "success"]
+    assert len(server.handler.received) == 1
+
+
+async def test_4xx_until_out_of_attempts_fails(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    server = scripted(smtp_factory, ["451 4.3.0 later"] * 3)
+
+    [record] = await deliver(make_settings(smtp_port=server.port, max_attempts=2))
+
+    assert (record.status, record.attempts, codes(record)) == (Status.FAILED, 2, [451, 451])
+    assert "451" in (record.reason or "")
+    assert server.handler.data_calls == 2
+
+
+async def test_5xx_fails_at_once(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    server = scripted(smtp_factory, ["550 5.1.1 no such user"])
+
+    [record] = await deliver(make_settings(smtp_port=server.port))
+
+    assert (record.status, record.attempts, codes(record)) == (Status.FAILED, 1, [550])
+    assert "550" in (record.reason or "")
+    assert server.handler.data_calls == 1
+
+
+async def test_refused_connection_is_retried_then_fails(
+    make_settings: Callable[..., Settings],
+) -> None:
+    [record] = await deliver(make_settings(smtp_port=free_port(), max_attempts=3))
+
+    assert (record.status, record.attempts) == (Status.FAILED, 3)
+    assert [e.outcome for e in record.log] == ["retry", "retry", "failed"]
+    assert "out of attempts" in (record.reason or "")
+
+
+# -- connections and concurrency ---------------------------------------------------------
+
+
+async def test_connections_are_reused(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    server = scripted(smtp_factory)
+
+    records = await deliver(make_settings(smtp_port=server.port, worker_concurrency=2), 20)
+
+    assert {r.status for r in records} == {Status.SUCCESS}
+    assert len(server.handler.received) == 20
+    assert server.handler.connections() <= 2
+
+
+async def test_a_connection_survives_a_4xx_reply(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    server = scripted(smtp_factory, ["451 4.3.0 later"])
+    handler = server.handler
+    assert isinstance(handler, TrackingHandler)
+
+    records = await deliver(make_settings(smtp_port=server.port, worker_concurrency=1), 5)
+
+    assert {r.status for r in records} == {Status.SUCCESS}
+    assert handler.data_calls == 6
+    assert len(handler.peers) == 1  # the refused transaction's connection, RSET and reused
+
+
+async def test_sends_run_concurrently_up_to_the_limit(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    server = scripted(smtp_factory, delay=0.3)
+    handler = server.handler
+    assert isinstance(handler, TrackingHandler)
+
+    records = await deliver(make_settings(smtp_port=server.port, worker_concurrency=4), 10)
+
+    assert {r.status for r in records} == {Status.SUCCESS}
+    assert handler.max_in_flight == 4
+
+
+def eval_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
+
+
+async def test_an_idle_worker_blocks_instead_of_polling(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    settings = make_settings()
+    client = redis.Redis.from_url(settings.redis_url)
+    before = eval_calls(client)
+    async with running(settings) as run:
+        await asyncio.sleep(1.5)
+        idle_calls = eval_calls(client) - before
+
+        [record] = await run.send()
+    client.close()
+
+    assert idle_calls <= 4
+    assert record.status is Status.SUCCESS
+    assert len(smtp.handler.received) == 1
+
+
+# -- identity, duplicates, logs ----------------------------------------------------------
+
+
+async def test_message_id_is_the_task_id_and_done_tasks_are_not_resent(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    settings = make_settings()
+    keys = Keys(settings.redis_key_prefix)
+    client = redis.Redis.from_url(settings.redis_url)
+    async with running(settings) as run:
+        [first] = await run.submit()
+        await run.settled(first)
+        client.rpush(keys.lane("default"), first)  # a stale duplicate of a sent task
+        client.lpush(keys.wake, "1")
+        [second] = await run.send()
+        state = await run.state(first)
+    client.close()
+
+    assert second.status is Status.SUCCESS
+    assert smtp.handler.task_ids() == [first, second.task_id]
+    assert smtp.handler.received[0].message_id == f"<{first}@example.com>"
+    assert state == (Status.SUCCESS, 1)
+
+
+async def test_log_lines_of_a_task_carry_its_request_id(
+    make_settings: Callable[..., Settings], smtp_factory: Factory, worker_log: LogCapture
+) -> None:
+    server = scripted(smtp_factory, ["451 4.3.0 later"])
+
+    [record] = await deliver(make_settings(smtp_port=server.port))
+
+    lines = [r for r in worker_log.records if getattr(r, "task_id", None) == record.task_id]
+    assert len(lines) >= 2  # the retry and the success
+    assert {getattr(r, "request_id", None) for r in lines} == {record.request_id}
+    assert record.request_id == f"req-{record.task_id[:8]}"
+
+
+# -- shutdown ----------------------------------------------------------------------------
+
+
+async def test_stop_lets_sends_in_flight_finish(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    server = scripted(smtp_factory, delay=0.5)
+    handler = server.handler
+    async with running(make_settings(smtp_port=server.port, worker_concurrency=4)) as run:
+        in_flight = await run.submit(4)
+        waiting = await run.submit(2)
+        await wait_for(lambda: handler.data_calls == 4, "4 sends in flight")
+
+        await run.stop()  # what SIGTERM does
+
+        assert run.task.done()
+        assert sorted(handler.task_ids()) == sorted(in_flight)
+        assert [await run.state(t) for t in in_flight] == [(Status.SUCCESS, 1)] * 4
+        assert [await run.state(t) for t in waiting] == [(Status.PENDING, 0)] * 2  # never claimed
+
+
+async def test_a_lease_lost_mid_send_is_logged_and_the_late_success_counts(
+    make_settings: Callable[..., Settings], smtp_factory: Factory, worker_log: LogCapture
+) -> None:
+    server = scripted(smtp_factory, delay=1.0)
+    settings = make_settings(smtp_port=server.port, job_lease_seconds=1)
+    keys = Keys(settings.redis_key_prefix)
+    client = redis.Redis.from_url(settings.redis_url)
+    async with running(settings) as run:
+        [task_id] = await run.submit()
+        await wait_for(lambda: server.handler.data_calls == 1, "the send to start")
+        # Another worker took the task over, with a lease of its own.
+        client.hset(keys.task(task_id), "lease", "other-worker:2")
+        client.zadd(keys.leases, {task_id: int(time.time() * 1000) + 60_000})
+        record = await run.settled(task_id)
+    client.close()
+
+    assert record.status is Status.SUCCESS
+    lost = [r for r in worker_log.records if r.getMessage() == "lease lost while sending"]
+    assert lost
+    assert {(getattr(r, "task_id", None), getattr(r, "request_id", None)) for r in lost} == {
+        (task_id, record.request_id)
+    }
