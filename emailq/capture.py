@@ -36,7 +36,8 @@ class CaptureHandler:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        self.count = 0
+        # Carry on numbering after an earlier session's mail rather than overwrite it.
+        self.count = len(list(out_dir.glob("*.eml"))) if out_dir.is_dir() else 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802  # aiosmtpd's hook name
         """Called by aiosmtpd once per message."""

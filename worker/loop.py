@@ -94,12 +94,17 @@ class Worker:
         # cancel landing mid-claim loses the reply to a claim Redis already ran (those jobs
         # stay leased to nobody until the lease lapses), and on Python 3.11 a cancel that
         # races redis-py's write (asyncio.wait_for) can be swallowed, leaving it claiming.
-        await asyncio.gather(claimer, return_exceptions=True)
+        (outcome,) = await asyncio.gather(claimer, return_exceptions=True)
+        if isinstance(outcome, Exception):
+            log.error("claim loop crashed (%r); draining, then exiting", outcome)
+            self.stop()
         await self._drain()
         renewer.cancel()
         await asyncio.gather(renewer, return_exceptions=True)
         await self.sender.close()
         log.info("worker %s stopped", self.worker_id)
+        if isinstance(outcome, Exception):
+            raise outcome  # a non-zero exit, so the supervisor restarts us
 
     # -- claiming ---------------------------------------------------------------------
 
@@ -181,18 +186,28 @@ class Worker:
 
     async def _process(self, claimed: ClaimedJob) -> None:
         ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
-        msg = build_message(claimed.task_id, claimed.job, self.settings.mail_from)
         started = time.perf_counter()
         try:
-            async with self.sender.session() as conn:
-                self._started.add(claimed.task_id)
-                delivery = await conn.send(
-                    msg, self.settings.mail_from_address, claimed.job.recipients
-                )
+            delivery = await self._attempt(claimed, ctx)
         except SendError as exc:
             await self._failed(claimed, exc, started, ctx)
         else:
             await self._sent(claimed, delivery, started, ctx)
+
+    async def _attempt(self, claimed: ClaimedJob, ctx: dict[str, Any]) -> Delivery:
+        try:
+            msg = build_message(claimed.task_id, claimed.job, self.settings.mail_from)
+            async with self.sender.session() as conn:
+                self._started.add(claimed.task_id)
+                return await conn.send(msg, self.settings.mail_from_address,
+                                       claimed.job.recipients)  # fmt: skip
+        except SendError:
+            raise
+        except Exception as exc:
+            # A bug or a message that cannot be built: every retry would repeat it, and an
+            # unrecorded crash would send the task round the lease-expiry loop instead.
+            log.exception("unexpected error while sending", extra=ctx)
+            raise SendError(f"internal error: {type(exc).__name__}", permanent=True) from exc
 
     async def _sent(
         self, claimed: ClaimedJob, delivery: Delivery, started: float, ctx: dict[str, Any]

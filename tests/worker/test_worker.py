@@ -387,3 +387,47 @@ async def test_a_lease_lost_mid_send_is_logged_and_the_late_success_counts(
     assert {(getattr(r, "task_id", None), getattr(r, "request_id", None)) for r in lost} == {
         (task_id, record.request_id)
     }
+
+
+# -- robustness --------------------------------------------------------------------------
+
+
+async def test_an_unexpected_error_fails_the_task_at_once_and_the_worker_goes_on(
+    make_settings: Callable[..., Settings], smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.loop
+
+    real_build = worker.loop.build_message
+
+    def build(task_id: str, job: Any, mail_from: str) -> Any:
+        if job.subject == "boom":
+            raise RuntimeError("cannot build")
+        return real_build(task_id, job, mail_from)
+
+    monkeypatch.setattr(worker.loop, "build_message", build)
+    async with running(make_settings()) as run:
+        [broken] = await run.send(subject="boom")
+        [fine] = await run.send(subject="fine")
+
+    assert (broken.status, broken.attempts) == (Status.FAILED, 1)
+    assert "internal error: RuntimeError" in (broken.reason or "")
+    assert fine.status == Status.SUCCESS
+    assert [m.message["Subject"] for m in smtp.handler.received] == ["fine"]
+
+
+async def test_a_crashed_claim_loop_ends_run_with_the_error(
+    make_settings: Callable[..., Settings], smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_claim(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("bug in claim")
+
+    settings = make_settings()
+    queue = Queue.from_url(settings.redis_url, timeout=2, read_timeout=10)
+    monkeypatch.setattr(queue, "claim", broken_claim)
+    worker = Worker(queue, Sender(SmtpPool(settings, size=1)), settings)
+    try:
+        # run() drains and re-raises, so `python -m worker` exits non-zero and is restarted.
+        with pytest.raises(RuntimeError, match="bug in claim"):
+            await asyncio.wait_for(worker.run(), 30)
+    finally:
+        await queue.close()
