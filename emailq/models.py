@@ -18,6 +18,17 @@ class Status(StrEnum):
 TERMINAL = frozenset({Status.SUCCESS, Status.FAILED})
 
 
+class Priority(StrEnum):
+    """Which lane a task waits in; workers claim from the highest non-empty lane first."""
+
+    HIGH = "high"  # one-time codes, password resets: ahead of any backlog
+    DEFAULT = "default"  # everything else
+    LOW = "low"  # newsletters and bulk mail: sent when the others leave room
+
+
+LANES: tuple[Priority, ...] = (Priority.HIGH, Priority.DEFAULT, Priority.LOW)
+
+
 class Job(BaseModel):
     """A rendered, validated message: everything the worker needs and nothing to evaluate."""
 
@@ -59,7 +70,32 @@ class TaskRecord(BaseModel):
     updated_at: int
     sent_at: int | None = None
     next_attempt_at: int | None = None
+    priority: Priority = Priority.DEFAULT
+    scheduled_at: int | None = None
+    expires_at: int | None = None
     log: list[Attempt] = Field(default_factory=list)
+
+
+class LaneStats(BaseModel):
+    """One priority lane in the queue statistics."""
+
+    priority: Priority
+    depth: int
+    oldest_age_seconds: float | None
+
+
+class QueueStats(BaseModel):
+    """A snapshot of the queue for operators."""
+
+    lanes: list[LaneStats]
+    scheduled: int  # waiting for send_at or for a retry's backoff
+    in_flight: int  # claimed by a worker, under a lease
+    live_workers: int  # heartbeats within the last three lease periods
+    failed: int  # dead letters still kept (RESULT_TTL_SECONDS)
+    sent_last_minute: int
+    sent_last_hour: int
+    failed_last_minute: int
+    failed_last_hour: int
 
 
 class ClaimedJob(BaseModel):

@@ -3,13 +3,18 @@
 Every key shares one hash tag, ``{<prefix>}``, so a Redis Cluster keeps them in one slot
 and the Lua scripts below may touch several of them atomically::
 
-    {emailq}:task:<id>      hash  status, to, attempts, reason, timestamps, attempt log,
-                                  lane, request id, lease token, and the job until sent
-    {emailq}:queue:<lane>   list  ready task ids, oldest first ("default"; priority lanes
-                                  are more lists, claimed highest first)
-    {emailq}:scheduled      zset  task id -> due time (ms): retries waiting for backoff
-    {emailq}:leases         zset  task id -> lease deadline (ms): tasks being sent
-    {emailq}:wake           list  one token per ready task; idle workers BLPOP it
+    {emailq}:task:<id>         hash  status, to, attempts, reason, timestamps, attempt log,
+                                     lane, request id, schedule/expiry, lease token, and
+                                     the job until it is sent
+    {emailq}:queue:<lane>      list  ready task ids, oldest first; lanes high/default/low
+    {emailq}:scheduled         zset  task id -> due time (ms): send_at, and retries' backoff
+    {emailq}:leases            zset  task id -> lease deadline (ms): tasks being sent
+    {emailq}:wake              list  one token per ready task; idle workers BLPOP it
+    {emailq}:failed            zset  task id -> failed at (ms): dead letters, newest last
+    {emailq}:workers           zset  worker id -> last heartbeat (ms)
+    {emailq}:fairness          str   claim counter that gives lower lanes their share
+    {emailq}:stats:<s>:<min>   str   tasks finished with status s in that minute (2 h)
+    {emailq}:done              pub/sub channel: a task id each time one finishes
 
 A job moves lane -> leases -> (done | scheduled -> lane). Scripts take their time from the
 Redis server. Redis errors are converted to ``StoreUnavailable`` here, where they enter.
@@ -25,6 +30,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -32,15 +38,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from emailq.errors import StoreUnavailable
-from emailq.models import Attempt, ClaimedJob, Job, TaskRecord
+from emailq.models import (
+    LANES,
+    Attempt,
+    ClaimedJob,
+    Job,
+    LaneStats,
+    Priority,
+    QueueStats,
+    TaskRecord,
+)  # fmt: skip
 
-LANES: tuple[str, ...] = ("default",)
 Outcome = Literal["success", "retry", "failed"]
+FAIR_EVERY = 10  # every 10th claim reads the lanes lowest first (see claim.lua)
 
 _STATUS_FIELDS = (
-    "status", "to", "attempts", "reason", "request_id",
-    "created_at", "updated_at", "sent_at", "next_attempt_at", "log",
+    "status", "to", "attempts", "reason", "request_id", "created_at", "updated_at",
+    "sent_at", "next_attempt_at", "lane", "scheduled_at", "expires_at", "log",
 )  # fmt: skip
+_SCRIPTS = ("enqueue", "claim", "finish", "renew", "release", "cancel", "requeue", "stats")
 
 
 class Keys:
@@ -50,9 +66,14 @@ class Keys:
         self.base = "{" + prefix + "}"
         self.task_prefix = f"{self.base}:task:"
         self.lane_prefix = f"{self.base}:queue:"
+        self.stats_prefix = f"{self.base}:stats:"
         self.scheduled = f"{self.base}:scheduled"
         self.leases = f"{self.base}:leases"
         self.wake = f"{self.base}:wake"
+        self.failed = f"{self.base}:failed"
+        self.workers = f"{self.base}:workers"
+        self.fairness = f"{self.base}:fairness"
+        self.done_channel = f"{self.base}:done"
 
     def task(self, task_id: str) -> str:
         """The status hash of one task."""
@@ -62,13 +83,21 @@ class Keys:
         """The ready list of one priority lane."""
         return self.lane_prefix + name
 
+    def shared_keys(self) -> list[str]:
+        """KEYS every script receives, in the order _prelude.lua reads them."""
+        return [self.scheduled, self.leases, self.wake, self.failed, self.workers, self.fairness]
+
+    def shared_args(self) -> list[str | int]:
+        """The first ARGV of every script: prefixes and the done channel."""
+        return [self.task_prefix, self.lane_prefix, self.stats_prefix, self.done_channel]
+
 
 @dataclass(frozen=True)
 class Claim:
     """What one claim call returned."""
 
     jobs: list[ClaimedJob]
-    next_deadline_ms: int | None  # ms until the next retry or lease deadline, if any
+    next_deadline_ms: int | None  # ms until the next scheduled or lease deadline, if any
 
 
 def _load_script(name: str) -> str:
@@ -84,8 +113,21 @@ def _store_errors() -> Iterator[None]:
         raise StoreUnavailable(f"Redis is unavailable: {exc.__class__.__name__}") from exc
 
 
+def _lane_stats(name: str, depth: int, oldest_ms: int, now_ms: int) -> LaneStats:
+    age = None if oldest_ms < 0 else (now_ms - oldest_ms) / 1000
+    return LaneStats(priority=Priority(name), depth=depth, oldest_age_seconds=age)
+
+
+def _record(task_id: str, raw: dict[str, Any]) -> TaskRecord:
+    values = {k: v for k, v in raw.items() if v is not None}
+    values["log"] = json.loads(values.get("log") or "[]")
+    if "lane" in values:
+        values["priority"] = values.pop("lane")
+    return TaskRecord.model_validate({"task_id": task_id, **values})
+
+
 class Queue:
-    """Enqueue, claim, renew, finish and read tasks. Takes a ready client; opens nothing."""
+    """Enqueue, claim, renew, finish, read and manage tasks. Takes a ready client."""
 
     def __init__(
         self,
@@ -100,8 +142,7 @@ class Queue:
         self.max_attempts = max_attempts
         self.result_ttl_seconds = result_ttl_seconds
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(_load_script(name))
-            for name in ("enqueue", "claim", "finish", "renew", "release")
+            name: redis.register_script(_load_script(name)) for name in _SCRIPTS
         }
 
     @classmethod
@@ -144,47 +185,108 @@ class Queue:
         with _store_errors():
             await self.redis.ping()
 
-    async def enqueue(
-        self, task_id: str, job: Job, *, request_id: str, lane: str = "default"
-    ) -> int:
-        """Store the task and its job and make it ready; returns the creation time (ms)."""
-        keys = [self.keys.task(task_id), self.keys.lane(lane), self.keys.wake]
-        args = [task_id, lane, job.to, job.model_dump_json(), request_id]
+    async def _run(self, script: str, *args: str | int | float) -> Any:
         with _store_errors():
-            return int(await self._scripts["enqueue"](keys, args))
+            return await self._scripts[script](
+                self.keys.shared_keys(), [*self.keys.shared_args(), *args]
+            )
+
+    # -- producing ----------------------------------------------------------------------
+
+    def _enqueue_args(
+        self, task_id: str, job: Job, request_id: str, lane: str, send_at_ms: int,
+        expires_at_ms: int,
+    ) -> list[str | int]:  # fmt: skip
+        return [task_id, lane, job.to, job.model_dump_json(), request_id, send_at_ms,
+                expires_at_ms]  # fmt: skip
+
+    async def enqueue(
+        self,
+        task_id: str,
+        job: Job,
+        *,
+        request_id: str,
+        lane: str = Priority.DEFAULT,
+        send_at_ms: int = 0,
+        expires_at_ms: int = 0,
+    ) -> int:
+        """Store the task and make it ready (or schedule it); returns its creation time."""
+        args = self._enqueue_args(task_id, job, request_id, lane, send_at_ms, expires_at_ms)
+        return int(await self._run("enqueue", *args))
+
+    async def enqueue_many(self, items: Sequence[EnqueueItem]) -> None:
+        """Enqueue several tasks in one round trip; each is stored atomically on its own."""
+        pipe = self.redis.pipeline(transaction=False)
+        script = self._scripts["enqueue"]
+        for item in items:
+            args = self._enqueue_args(item.task_id, item.job, item.request_id, item.lane,
+                                      item.send_at_ms, item.expires_at_ms)  # fmt: skip
+            await script(self.keys.shared_keys(), [*self.keys.shared_args(), *args], client=pipe)
+        with _store_errors():
+            await pipe.execute()
+
+    # -- reading ------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The status of one task, or None if it is unknown or expired."""
         with _store_errors():
             values = await self.redis.hmget(self.keys.task(task_id), list(_STATUS_FIELDS))
         raw = dict(zip(_STATUS_FIELDS, values, strict=True))
-        if raw["status"] is None:
-            return None
-        raw["log"] = json.loads(raw["log"] or "[]")
-        return TaskRecord.model_validate(
-            {"task_id": task_id, **{k: v for k, v in raw.items() if v is not None}}
+        return None if raw["status"] is None else _record(task_id, raw)
+
+    async def failed(self, *, offset: int = 0, limit: int = 50) -> list[TaskRecord]:
+        """Dead letters, newest first."""
+        with _store_errors():
+            found = await self.redis.zrevrange(self.keys.failed, offset, offset + limit - 1)
+            ids = [str(task_id) for task_id in found]
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hmget(self.keys.task(task_id), list(_STATUS_FIELDS))
+            rows = await pipe.execute()
+        pairs = zip(ids, rows, strict=True)
+        return [
+            _record(t, dict(zip(_STATUS_FIELDS, row, strict=True))) for t, row in pairs if row[0]
+        ]
+
+    async def failed_ids(self) -> list[str]:
+        """Every dead letter's id, oldest first (for bulk requeue)."""
+        with _store_errors():
+            found = await self.redis.zrange(self.keys.failed, 0, -1)
+        return [str(task_id) for task_id in found]
+
+    async def stats(self, *, live_window_ms: int) -> QueueStats:
+        """Depths, ages, workers and recent throughput, in one round trip."""
+        reply = await self._run("stats", live_window_ms, *LANES)
+        lanes, scheduled, in_flight, workers, failed, now, sent, failures = reply
+        return QueueStats(
+            lanes=[_lane_stats(name, depth, oldest, now) for name, depth, oldest in lanes],
+            scheduled=scheduled,
+            in_flight=in_flight,
+            live_workers=workers,
+            failed=failed,
+            sent_last_minute=sent[0],
+            sent_last_hour=sum(sent),
+            failed_last_minute=failures[0],
+            failed_last_hour=sum(failures),
         )
+
+    def done_listener(self) -> PubSub:
+        """A pub/sub connection for the channel that names each task as it finishes."""
+        return self.redis.pubsub(ignore_subscribe_messages=True)
+
+    # -- working ------------------------------------------------------------------------
 
     async def claim(self, worker_id: str, count: int, lease_ms: int) -> Claim:
         """Claim up to ``count`` ready tasks under a lease, after moving due and lapsed work."""
-        keys = [self.keys.scheduled, self.keys.leases, self.keys.wake]
-        keys += [self.keys.lane(name) for name in LANES]
-        args: list[str | int] = [
-            self.keys.task_prefix, self.keys.lane_prefix, count, lease_ms, worker_id,
-            self.max_attempts, self.result_ttl_seconds,
-        ]  # fmt: skip
-        with _store_errors():
-            rows, next_ms = await self._scripts["claim"](keys, args)
+        rows, next_ms = await self._run(
+            "claim", count, lease_ms, worker_id, self.max_attempts, self.result_ttl_seconds,
+            FAIR_EVERY, *LANES,
+        )  # fmt: skip
         jobs = [
-            ClaimedJob(
-                task_id=task_id,
-                token=token,
-                attempt=int(attempt),
-                request_id=request_id or None,
-                job=Job.model_validate_json(payload),
-            )
+            ClaimedJob(task_id=task_id, token=token, attempt=int(attempt),
+                       request_id=request_id or None, job=Job.model_validate_json(payload))
             for task_id, token, attempt, payload, request_id in rows
-        ]
+        ]  # fmt: skip
         return Claim(jobs, None if int(next_ms) < 0 else int(next_ms))
 
     async def wait_for_work(self, block_seconds: float) -> bool:
@@ -192,25 +294,17 @@ class Queue:
         with _store_errors():
             return await self.redis.blpop([self.keys.wake], timeout=block_seconds) is not None
 
-    async def renew(self, held: Sequence[ClaimedJob], lease_ms: int) -> list[str]:
-        """Extend the leases on ``held``; returns the ids whose lease was lost."""
-        if not held:
-            return []
-        args: list[str | int] = [self.keys.task_prefix, lease_ms]
-        for claimed in held:
-            args += [claimed.task_id, claimed.token]
-        with _store_errors():
-            return list(await self._scripts["renew"]([self.keys.leases], args))
+    async def renew(
+        self, held: Sequence[ClaimedJob], lease_ms: int, *, worker_id: str
+    ) -> list[str]:
+        """Heartbeat, and extend the leases on ``held``; returns the ids whose lease was lost."""
+        pairs = [value for c in held for value in (c.task_id, c.token)]
+        return list(await self._run("renew", worker_id, lease_ms, *pairs))
 
-    async def release(self, unstarted: Sequence[ClaimedJob]) -> int:
-        """Return claimed-but-unstarted tasks to the front of their lane, uncounted."""
-        if not unstarted:
-            return 0
-        args: list[str | int] = [self.keys.task_prefix, self.keys.lane_prefix]
-        for claimed in unstarted:
-            args += [claimed.task_id, claimed.token]
-        with _store_errors():
-            return int(await self._scripts["release"]([self.keys.leases, self.keys.wake], args))
+    async def release(self, unstarted: Sequence[ClaimedJob], *, worker_id: str) -> int:
+        """Leave the live-worker list; return unstarted tasks to their lane, uncounted."""
+        pairs = [value for c in unstarted for value in (c.task_id, c.token)]
+        return int(await self._run("release", worker_id, *pairs))
 
     async def finish(
         self,
@@ -222,12 +316,33 @@ class Queue:
         retry_in_ms: int = 0,
     ) -> str:
         """Record one attempt's outcome. Returns the outcome applied, 'stale' or 'ignored'."""
-        keys = [self.keys.task(claimed.task_id), self.keys.leases, self.keys.scheduled,
-                self.keys.wake]  # fmt: skip
         entry = attempt.model_dump_json(exclude_none=True)
-        args: list[str | int] = [
-            claimed.task_id, claimed.token, outcome, entry, reason, retry_in_ms,
+        applied = await self._run(
+            "finish", claimed.task_id, claimed.token, outcome, entry, reason, retry_in_ms,
             self.result_ttl_seconds,
-        ]  # fmt: skip
-        with _store_errors():
-            return str(await self._scripts["finish"](keys, args))
+        )  # fmt: skip
+        return str(applied)
+
+    # -- managing -----------------------------------------------------------------------
+
+    async def cancel(self, task_id: str) -> str:
+        """Cancel a pending task: 'cancelled', 'sending', 'success', 'failed' or 'missing'."""
+        return str(await self._run("cancel", task_id, self.result_ttl_seconds))
+
+    async def requeue(self, task_ids: Sequence[str]) -> list[str]:
+        """Send failed tasks again with fresh attempts; returns the ids requeued."""
+        if not task_ids:
+            return []
+        return list(await self._run("requeue", *task_ids))
+
+
+@dataclass(frozen=True)
+class EnqueueItem:
+    """One task for ``Queue.enqueue_many``."""
+
+    task_id: str
+    job: Job
+    request_id: str
+    lane: str = Priority.DEFAULT
+    send_at_ms: int = 0
+    expires_at_ms: int = 0

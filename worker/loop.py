@@ -101,6 +101,8 @@ class Worker:
         await self._drain()
         renewer.cancel()
         await asyncio.gather(renewer, return_exceptions=True)
+        # Off the live-worker list now that no heartbeat can put us back on it.
+        await _best_effort(lambda: self.queue.release([], worker_id=self.worker_id), "retire")
         await self.sender.close()
         log.info("worker %s stopped", self.worker_id)
         if isinstance(outcome, Exception):
@@ -262,7 +264,9 @@ class Worker:
 
     async def _renew_once(self) -> None:
         sent = time.monotonic()
-        lost = await self.queue.renew(list(self._inflight.values()), self.lease_ms)
+        lost = await self.queue.renew(
+            list(self._inflight.values()), self.lease_ms, worker_id=self.worker_id
+        )
         self._renewed_at = sent
         # A job whose outcome is being written loses its lease by design; a real loss there
         # is reported by _record as "not applied" (a late success still counts).
@@ -277,7 +281,9 @@ class Worker:
         unstarted = [c for tid, c in self._inflight.items() if tid not in self._started]
         await _cancel_all([self._tasks[c.task_id] for c in unstarted if c.task_id in self._tasks])
         if unstarted:
-            await _best_effort(lambda: self.queue.release(unstarted), "release")
+            await _best_effort(
+                lambda: self.queue.release(unstarted, worker_id=self.worker_id), "release"
+            )
             log.info("returned %d unstarted job(s) to the queue", len(unstarted))
         running = list(self._tasks.values())
         if running:

@@ -1,29 +1,27 @@
 -- Move due scheduled work into its lane, put back work whose lease lapsed, then claim up
 -- to COUNT ready tasks under a lease. Returns {claimed, ms until the next deadline or -1}.
--- KEYS: scheduled zset, leases zset, wake list, lanes (highest priority first)
--- ARGV: task key prefix, lane key prefix, count, lease ms, worker id, max attempts, ttl
-local task_prefix, lane_prefix = ARGV[1], ARGV[2]
-local count, lease_ms, worker = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local max_attempts, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
-local scheduled, leases, wake = KEYS[1], KEYS[2], KEYS[3]
+-- ARGV[5..]: count, lease ms, worker id, max attempts, ttl s, fair every, lanes (high first)
+local count, lease_ms, worker = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local max_attempts, ttl, fair_every = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local lanes = {}
+for i = 11, #ARGV do lanes[#lanes + 1] = ARGV[i] end
 local now = now_ms()
 
--- Due retries (and later scheduled sends) join the back of their lane.
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', scheduled, id)
-  local task = task_prefix .. id
+-- Due retries and scheduled sends join the back of their lane.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', K_SCHEDULED, id)
+  local task = TASK .. id
   local lane = redis.call('HGET', task, 'lane')
   if lane and redis.call('HGET', task, 'status') == 'pending' then
     redis.call('HDEL', task, 'next_attempt_at')
-    redis.call('RPUSH', lane_prefix .. lane, id)
-    redis.call('LPUSH', wake, '1')
+    make_ready(lane, id, false)
   end
 end
 
 -- A lapsed lease means its worker died or lost Redis. The interrupted attempt counts.
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', leases, id)
-  local task = task_prefix .. id
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', K_LEASES, id)
+  local task = TASK .. id
   local lane = redis.call('HGET', task, 'lane')
   if lane and redis.call('HGET', task, 'status') == 'pending' then
     local attempts = tonumber(redis.call('HGET', task, 'attempts') or '0')
@@ -31,38 +29,64 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0,
     append_log(task, {at = now, attempt = attempts, outcome = 'lease_expired',
                       reply = 'worker stopped renewing its lease'})
     if attempts >= max_attempts then
-      finish_task(task, 'failed', now, ttl,
+      finish_task(id, 'failed', now, ttl,
         'lease expired on attempt ' .. attempts .. ' of ' .. max_attempts .. ' (worker lost)')
     else
-      -- Front of the lane: it has waited longest.
-      redis.call('LPUSH', lane_prefix .. lane, id)
-      redis.call('LPUSH', wake, '1')
+      make_ready(lane, id, true)  -- front of the lane: it has waited longest
     end
   end
 end
 
-local claimed = {}
-for i = 4, #KEYS do
-  while #claimed < count do
-    local id = redis.call('LPOP', KEYS[i])
-    if not id then break end
-    local task = task_prefix .. id
-    -- Anything not pending (done, or gone) is a stale entry: never send it again.
-    if redis.call('HGET', task, 'status') == 'pending' then
-      local attempt = redis.call('HINCRBY', task, 'attempts', 1)
-      local token = worker .. ':' .. attempt
-      redis.call('HSET', task, 'lease', token, 'updated_at', now)
-      redis.call('ZADD', leases, now + lease_ms, id)
-      local f = redis.call('HMGET', task, 'job', 'request_id')
-      claimed[#claimed + 1] = {id, token, attempt, f[1], f[2] or ''}
-    end
+-- Lanes are read highest first, except that every FAIR_EVERY-th claim reads them lowest
+-- first: under a backlog of high mail, default and low still get a share and never starve.
+local function lane_order()
+  if redis.call('INCR', K_FAIRNESS) % fair_every ~= 0 then return lanes end
+  local reversed = {}
+  for i = #lanes, 1, -1 do reversed[#reversed + 1] = lanes[i] end
+  return reversed
+end
+
+local function pop_ready()
+  for _, lane in ipairs(lane_order()) do
+    local id = redis.call('LPOP', LANE .. lane)
+    if id then return id end
   end
+  return nil
+end
+
+-- Anything not pending (done, cancelled, or gone) is a stale entry: never send it again.
+-- A task past its expires_at is failed as 'expired' instead of sent.
+local function take(id)
+  local task = TASK .. id
+  if redis.call('HGET', task, 'status') ~= 'pending' then return nil end
+  local expires_at = tonumber(redis.call('HGET', task, 'expires_at') or '0')
+  if expires_at > 0 and now >= expires_at then
+    local attempts = tonumber(redis.call('HGET', task, 'attempts') or '0')
+    append_log(task, {at = now, attempt = attempts, outcome = 'expired'})
+    finish_task(id, 'failed', now, ttl, 'expired')
+    return nil
+  end
+  local attempt = redis.call('HINCRBY', task, 'attempts', 1)
+  local token = worker .. ':' .. attempt
+  redis.call('HSET', task, 'lease', token, 'updated_at', now)
+  redis.call('ZADD', K_LEASES, now + lease_ms, id)
+  local f = redis.call('HMGET', task, 'job', 'request_id')
+  return {id, token, attempt, f[1], f[2] or ''}
+end
+
+local claimed, popped = {}, 0
+while #claimed < count do
+  local id = pop_ready()
+  if not id then break end
+  popped = popped + 1
+  local row = take(id)
+  if row then claimed[#claimed + 1] = row end
 end
 -- One wake token stands for one ready task; drop the ones this claim used up.
-if #claimed > 0 then redis.call('LPOP', wake, #claimed) end
+if popped > 0 then redis.call('LPOP', K_WAKE, popped) end
 
 local next_at = -1
-for _, key in ipairs({scheduled, leases}) do
+for _, key in ipairs({K_SCHEDULED, K_LEASES}) do
   local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if first[2] then
     local at = tonumber(first[2])

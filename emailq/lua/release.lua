@@ -1,17 +1,16 @@
 -- Give back claimed tasks that were never started (worker shutting down). The attempt
--- did not happen, so it is not counted.
--- KEYS: leases zset, wake list
--- ARGV: task key prefix, lane key prefix, then (task id, token) pairs
+-- did not happen, so it is not counted. Also takes the worker off the live list.
+-- ARGV[5..]: worker id, then (task id, token) pairs
+redis.call('ZREM', K_WORKERS, ARGV[5])
 local released = 0
-for i = 3, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  local task = ARGV[1] .. id
+  local task = TASK .. id
   if redis.call('HGET', task, 'lease') == token then
     redis.call('HINCRBY', task, 'attempts', -1)
     redis.call('HDEL', task, 'lease')
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('LPUSH', ARGV[2] .. redis.call('HGET', task, 'lane'), id)
-    redis.call('LPUSH', KEYS[2], '1')
+    redis.call('ZREM', K_LEASES, id)
+    make_ready(redis.call('HGET', task, 'lane'), id, true)
     released = released + 1
   end
 end

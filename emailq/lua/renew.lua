@@ -1,14 +1,16 @@
--- Extend the leases a worker still holds. Returns the ids whose lease it has lost.
--- KEYS: leases zset
--- ARGV: task key prefix, lease ms, then (task id, token) pairs
+-- A worker's heartbeat: record it as alive and extend the leases it still holds.
+-- Returns the ids whose lease it has lost.
+-- ARGV[5..]: worker id, lease ms, then (task id, token) pairs
 local now = now_ms()
+redis.call('ZADD', K_WORKERS, now, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - 3600 * 1000)
 local lost = {}
-for i = 3, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   -- ZADD even when the entry is gone: after a Redis outage longer than the lease the
   -- owner renews before any claim runs, and keeps the task it is still sending.
-  if redis.call('HGET', ARGV[1] .. id, 'lease') == token then
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+  if redis.call('HGET', TASK .. id, 'lease') == token then
+    redis.call('ZADD', K_LEASES, now + tonumber(ARGV[6]), id)
   else
     lost[#lost + 1] = id
   end

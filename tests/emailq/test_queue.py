@@ -369,7 +369,7 @@ async def test_late_success_from_an_old_lease_wins(queue: Queue) -> None:
     old = await claim_one(queue, "w1", lease_ms=SHORT)
     new = await lapse_and_reclaim(queue, old, "w2")
     assert await finish(queue, old, "success") == "success"
-    assert await queue.renew([new], LONG) == ["t0"]
+    assert await queue.renew([new], LONG, worker_id="w") == ["t0"]
     assert await finish(queue, new, "failed", reason="x") == "ignored"
     record = await queue.get("t0")
     assert record is not None
@@ -408,17 +408,17 @@ async def test_renew_extends_held_leases_and_reports_lost_ones(queue: Queue) -> 
     mine, other = await claim(queue, count=2, lease_ms=1000)
     before = await lease_deadline(queue, "t1")
     forged = other.model_copy(update={"token": "w9:1"})
-    assert await queue.renew([mine, forged], LONG) == ["t1"]
+    assert await queue.renew([mine, forged], LONG, worker_id="w") == ["t1"]
     assert await lease_deadline(queue, "t0") > before + LONG / 2
     assert await lease_deadline(queue, "t1") == before
-    assert await queue.renew([], LONG) == []
+    assert await queue.renew([], LONG, worker_id="w") == []
 
 
 async def test_release_returns_unstarted_jobs_uncounted(queue: Queue) -> None:
     await enqueue(queue, 3)
     first, second, third = await claim(queue, count=3)
     forged = third.model_copy(update={"token": "w9:1"})
-    assert await queue.release([first, second, forged]) == 2
+    assert await queue.release([first, second, forged], worker_id="w") == 2
     assert sorted(await lane(queue)) == ["t0", "t1"]
     stored = await task_hash(queue, "t0")
     assert stored["attempts"] == "0"
@@ -426,7 +426,7 @@ async def test_release_returns_unstarted_jobs_uncounted(queue: Queue) -> None:
     assert await queue.redis.zscore(queue.keys.leases, "t0") is None
     assert await queue.redis.zscore(queue.keys.leases, "t2") is not None
     assert {(c.task_id, c.attempt) for c in await claim(queue)} == {("t0", 1), ("t1", 1)}
-    assert await queue.release([]) == 0
+    assert await queue.release([], worker_id="w") == 0
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -441,8 +441,8 @@ async def test_every_key_shares_the_hash_tag(queue: Queue) -> None:
     await wait_lapsed(queue, lapsed.task_id)
     await enqueue(queue, 1, prefix="extra")
     released = await claim(queue, "w2", count=1)
-    await queue.release(released)
-    await queue.renew(released, LONG)
+    await queue.release(released, worker_id="w")
+    await queue.renew(released, LONG, worker_id="w")
     keys = await all_keys(queue)
     assert len(keys) >= 6  # tasks, lane, scheduled, wake at least
     assert all(key.startswith("{emailq}:") for key in keys), keys

@@ -1,0 +1,23 @@
+-- Queue statistics in one round trip.
+-- ARGV[5..]: live-worker window ms, lanes
+-- Returns {{lane, depth, oldest created_at or -1}...}, scheduled, in flight, live workers,
+-- failed (indexed), now ms, {sent, failed} per minute for the last 60 minutes (newest first).
+local window = tonumber(ARGV[5])
+local now = now_ms()
+local lanes = {}
+for i = 6, #ARGV do
+  local key = LANE .. ARGV[i]
+  local head = redis.call('LINDEX', key, 0)
+  local oldest = -1
+  if head then oldest = tonumber(redis.call('HGET', TASK .. head, 'created_at') or '-1') end
+  lanes[#lanes + 1] = {ARGV[i], redis.call('LLEN', key), oldest}
+end
+local minute = math.floor(now / 60000)
+local sent, failed = {}, {}
+for m = 0, 59 do
+  sent[#sent + 1] = tonumber(redis.call('GET', STATS .. 'success:' .. (minute - m)) or '0')
+  failed[#failed + 1] = tonumber(redis.call('GET', STATS .. 'failed:' .. (minute - m)) or '0')
+end
+return {lanes, redis.call('ZCARD', K_SCHEDULED), redis.call('ZCARD', K_LEASES),
+        redis.call('ZCOUNT', K_WORKERS, now - window, '+inf'), redis.call('ZCARD', K_FAILED),
+        now, sent, failed}
