@@ -7,17 +7,20 @@ before anything is stored: a request either becomes a complete, safe ``Job`` or 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from emailq.errors import InvalidMessage, MessageTooLarge
-from emailq.models import Job
+from emailq.models import Job, Priority
 from emailq.templating import check_header, render
 
 MAX_RECIPIENTS = 50
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit; longer subjects are folded, not cut
+MAX_AHEAD = timedelta(days=30)  # the furthest send_at, and the longest ttl_seconds
 
 
 def normalize_address(value: str) -> str:
@@ -58,6 +61,15 @@ class EmailRequest(BaseModel):
     cc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     bcc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     variables: dict[VariableName, str] = Field(default_factory=dict, max_length=100)
+    priority: Priority = Priority.DEFAULT
+    send_at: AwareDatetime | None = Field(default=None, description="RFC 3339; up to 30 days")
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="not sent after this: it fails as 'expired'"
+    )
+    ttl_seconds: int | None = Field(
+        default=None, ge=1, le=int(MAX_AHEAD.total_seconds()),
+        description="like expires_at, counted from send_at if given, else from now",
+    )  # fmt: skip
 
     def placeholder_values(self) -> dict[str, str]:
         """The ``{name}`` map: ``variables``, with ``username`` taking its own name."""
@@ -93,4 +105,38 @@ def compose(request: EmailRequest, *, max_body_bytes: int) -> Job:
         cc=request.cc,
         bcc=request.bcc,
         reply_to=request.reply_to,
+    )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When and in which lane a task waits: times in epoch ms, 0 meaning now / never."""
+
+    lane: Priority
+    send_at_ms: int
+    expires_at_ms: int
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def schedule(request: EmailRequest, now: datetime) -> Schedule:
+    """Check priority, send_at and expiry against ``now``; raise ``InvalidMessage``."""
+    if request.expires_at is not None and request.ttl_seconds is not None:
+        raise InvalidMessage("give expires_at or ttl_seconds, not both", field="ttl_seconds")
+    send_at = request.send_at
+    if send_at is not None and send_at > now + MAX_AHEAD:
+        raise InvalidMessage("send_at must be at most 30 days ahead", field="send_at")
+    start = max(send_at, now) if send_at is not None else now
+    expires = request.expires_at
+    if request.ttl_seconds is not None:
+        expires = start + timedelta(seconds=request.ttl_seconds)
+    if expires is not None and expires <= start:
+        raise InvalidMessage("expires_at must be after send_at and in the future",
+                             field="expires_at")  # fmt: skip
+    return Schedule(
+        lane=request.priority,
+        send_at_ms=_ms(send_at) if send_at is not None and send_at > now else 0,
+        expires_at_ms=_ms(expires) if expires is not None else 0,
     )
