@@ -3,7 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from emailq.commands import Context
+    from emailq.output import Output
+    from emailq.settings import Settings
+
+# Only what parsing needs is imported at the top: each command pulls in what it runs, so
+# `emailq dev` and `emailq capture` stay light.
+Command = Callable[["Context"], Awaitable[int]]
+
+
+def _variable(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    return name, value
+
+
+def _add_send(sub: Any, common: argparse.ArgumentParser) -> None:
+    send = sub.add_parser("send", parents=[common], help="queue a message, or a file of them")
+    send.add_argument("--file", metavar="PATH", help="one send request JSON per line ('-': stdin)")
+    send.add_argument("--to")
+    send.add_argument("--subject")
+    send.add_argument("--body")
+    send.add_argument("--username", help="fills {username} in subject and body")
+    send.add_argument("--html", help="an HTML alternative to --body")
+    send.add_argument("--cc", action="append", metavar="ADDR", help="repeatable")
+    send.add_argument("--bcc", action="append", metavar="ADDR", help="repeatable")
+    send.add_argument("--reply-to", metavar="ADDR")
+    send.add_argument("--var", action="append", type=_variable, metavar="NAME=VALUE",
+                      help="fills {NAME}; repeatable")  # fmt: skip
+    send.add_argument("--priority", choices=["high", "default", "low"])
+    send.add_argument("--send-at", metavar="RFC3339", help="e.g. 2030-01-01T09:00:00+09:00")
+    send.add_argument("--ttl", type=int, metavar="SECONDS", help="not sent after this long")
+    send.add_argument("--expires-at", metavar="RFC3339", help="not sent after this time")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,22 +60,155 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument("--host", default="127.0.0.1")
     capture.add_argument("--port", type=int, default=1025)
     capture.add_argument("--out", type=Path, default=Path(".emailq-dev/mail"))
+
+    # The queue commands talk to Redis directly (REDIS_URL ...), so they work without the API.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_send(sub, common)
+    status = sub.add_parser("status", parents=[common], help="show a task (exit code: status)")
+    status.add_argument("task_id")
+    status.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="return as soon as the task is final, or after SECONDS")  # fmt: skip
+    sub.add_parser("stats", parents=[common], help="queue depths, workers, throughput")
+    failed = sub.add_parser("failed", parents=[common], help="list dead letters, newest first")
+    failed.add_argument("--limit", type=int, default=50)
+    failed.add_argument("--offset", type=int, default=0)
+    requeue = sub.add_parser("requeue", parents=[common], help="send failed tasks again")
+    requeue.add_argument("task_ids", nargs="*", metavar="TASK_ID")
+    requeue.add_argument("--all", action="store_true", help="every dead letter")
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a pending or scheduled task")
+    cancel.add_argument("task_id")
     return parser
+
+
+def _send_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields = {
+        "to": args.to, "subject": args.subject, "body": args.body, "username": args.username,
+        "html": args.html, "cc": args.cc, "bcc": args.bcc, "reply_to": args.reply_to,
+        "variables": dict(args.var) if args.var else None, "priority": args.priority,
+        "send_at": args.send_at, "ttl_seconds": args.ttl, "expires_at": args.expires_at,
+    }  # fmt: skip
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _send_command(args: argparse.Namespace, files: ExitStack) -> Command:
+    from emailq import commands
+
+    if args.file is None:
+        return lambda ctx: commands.send(ctx, _send_fields(args))
+    source: TextIO
+    if args.file == "-":
+        source, total = sys.stdin, None
+    else:
+        total = _count_lines(args.file)
+        source = files.enter_context(open(args.file, encoding="utf-8"))  # noqa: SIM115  # closed by the ExitStack
+    return lambda ctx: commands.send_file(ctx, source, total)
+
+
+def _command(args: argparse.Namespace, files: ExitStack) -> Command:
+    """The chosen queue command, with its arguments bound."""
+    from emailq import commands
+
+    if args.command == "send":
+        return _send_command(args, files)
+    if args.command == "status":
+        return lambda ctx: commands.status(ctx, args.task_id, wait=args.wait)
+    if args.command == "stats":
+        return commands.stats
+    if args.command == "failed":
+        return lambda ctx: commands.failed(ctx, offset=args.offset, limit=args.limit)
+    if args.command == "requeue":
+        return lambda ctx: commands.requeue(ctx, args.task_ids, every_failed=args.all)
+    return lambda ctx: commands.cancel(ctx, args.task_id)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "send":
+        flags = any(getattr(args, name) is not None for name in ("to", "subject", "body"))
+        if args.file is not None and flags:
+            parser.error("send: give --file, or --to/--subject/--body, not both")
+        if args.file is None and None in (args.to, args.subject, args.body):
+            parser.error("send: --to, --subject and --body are required (or --file)")
+    if args.command == "requeue" and bool(args.task_ids) == bool(args.all):
+        parser.error("requeue: give TASK_ID ... or --all")
+    if args.command == "failed" and (args.limit < 1 or args.offset < 0):
+        parser.error("failed: --limit must be at least 1 and --offset at least 0")
+
+
+def _run_queue_command(args: argparse.Namespace) -> int:
+    """Compose settings, queue and output for one queue command, and run it."""
+    from pydantic import ValidationError
+
+    from emailq.commands import ExitCode
+    from emailq.errors import StoreUnavailable
+    from emailq.output import Output
+    from emailq.settings import Settings
+
+    out = Output(json_mode=args.json, stdout=sys.stdout, stderr=sys.stderr,
+                 progress_bars=sys.stderr.isatty())  # fmt: skip
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        out.error(f"configuration: {exc}")
+        return ExitCode.FAILED
+    with ExitStack() as files:
+        try:
+            command = _command(args, files)
+        except OSError as exc:
+            out.error(str(exc))
+            return ExitCode.FAILED
+        try:
+            return asyncio.run(_session(settings, out, command))
+        except StoreUnavailable as exc:
+            out.error(str(exc))
+            return ExitCode.UNAVAILABLE
+
+
+async def _session(settings: Settings, out: Output, command: Command) -> int:
+    from emailq.commands import Context
+    from emailq.queue import Queue
+
+    queue = Queue.from_url(
+        settings.redis_url,
+        timeout=settings.redis_timeout_seconds,
+        # Connecting stays bounded so a down Redis fails fast, but an operator's bulk step
+        # may take longer to answer than the API's 503 bound allows.
+        read_timeout=settings.redis_timeout_seconds + 10,
+        max_connections=4,
+        prefix=settings.redis_key_prefix,
+        max_attempts=settings.max_attempts,
+        result_ttl_seconds=settings.result_ttl_seconds,
+    )
+    # Heartbeats within the last three lease periods count as a live worker.
+    live_window_ms = int(3 * settings.job_lease_seconds * 1000)
+    try:
+        return await command(Context(queue, out, settings.max_body_bytes, live_window_ms))
+    finally:
+        await queue.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one command."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     # Imports stay inside the branches: each command pulls in only what it runs.
     if args.command == "dev":
         from emailq.dev import DevConfig, run
 
         cfg = DevConfig(args.data_dir, args.port, args.smtp_port, args.redis_port)
         return run(cfg)
-    from emailq.capture import serve
+    if args.command == "capture":
+        from emailq.capture import serve
 
-    serve(args.host, args.port, args.out)
-    return 0
+        serve(args.host, args.port, args.out)
+        return 0
+    return _run_queue_command(args)
 
 
 if __name__ == "__main__":

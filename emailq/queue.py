@@ -50,7 +50,7 @@ from emailq.models import (
 )  # fmt: skip
 
 Outcome = Literal["success", "retry", "failed"]
-FAIR_EVERY = 10  # every 10th claim reads the lanes lowest first (see claim.lua)
+FAIR_EVERY = 10  # every 10th pop starts at a lower lane (see claim.lua)
 
 _STATUS_FIELDS = (
     "status", "to", "attempts", "reason", "request_id", "created_at", "updated_at",
@@ -116,6 +116,15 @@ def _store_errors() -> Iterator[None]:
 def _lane_stats(name: str, depth: int, oldest_ms: int, now_ms: int) -> LaneStats:
     age = None if oldest_ms < 0 else (now_ms - oldest_ms) / 1000
     return LaneStats(priority=Priority(name), depth=depth, oldest_age_seconds=age)
+
+
+def _sliding(per_minute: list[int], minutes: int, now_ms: int) -> int:
+    """Finished in the last ``minutes`` minutes, from per-clock-minute counters (newest first):
+    the current partial minute, the full ones before it, and the share of the oldest one that
+    still falls inside the window (the sliding-window estimate rate limiters use)."""
+    elapsed = (now_ms % 60_000) / 60_000
+    whole = sum(per_minute[:minutes])
+    return round(whole + per_minute[minutes] * (1 - elapsed))
 
 
 def _record(task_id: str, raw: dict[str, Any]) -> TaskRecord:
@@ -264,10 +273,10 @@ class Queue:
             in_flight=in_flight,
             live_workers=workers,
             failed=failed,
-            sent_last_minute=sent[0],
-            sent_last_hour=sum(sent),
-            failed_last_minute=failures[0],
-            failed_last_hour=sum(failures),
+            sent_last_minute=_sliding(sent, 1, now),
+            sent_last_hour=_sliding(sent, 60, now),
+            failed_last_minute=_sliding(failures, 1, now),
+            failed_last_hour=_sliding(failures, 60, now),
         )
 
     def done_listener(self) -> PubSub:

@@ -52,9 +52,13 @@ class Settings(BaseSettings):
     result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
+    # Admin endpoints: with a token they need `Authorization: Bearer <token>`; without one
+    # they answer loopback clients only.
+    admin_token: SecretStr | None = None
+
     log_level: str = "INFO"
 
-    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", mode="before")
+    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", "admin_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
@@ -80,3 +84,10 @@ class Settings(BaseSettings):
         """Largest HTTP request body: text and html may each reach ``max_body_bytes``,
         and JSON escaping (``\\uXXXX``) can double non-ASCII text, so leave room for it."""
         return 2 * self.max_body_bytes + 64 * 1024
+
+    @property
+    def max_batch_request_bytes(self) -> int:
+        """Largest batch request body. Not 100 x ``max_request_bytes`` (200 MiB at the
+        default, all parsed in memory at once): 16 MiB, about 160 KiB per message of a full
+        batch, and never less than one largest single message."""
+        return max(16 * 1024 * 1024, self.max_request_bytes)

@@ -31,6 +31,7 @@ class ResultWaiter:
         self.queue = queue
         self._events: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._subscribed_now = asyncio.Event()  # set while the subscription is live
 
     async def start(self) -> None:
         """Start listening (in the background; a Redis outage only delays it)."""
@@ -38,9 +39,15 @@ class ResultWaiter:
 
     async def stop(self) -> None:
         """Stop listening."""
-        if self._listener is not None:
+        if self._listener is None:
+            return
+        # Cancel until it takes: on Python 3.11, asyncio.wait_for (inside redis-py's send)
+        # swallows a cancel that lands as its inner await completes, and the listener would
+        # then read on forever.
+        while not self._listener.done():
             self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            await asyncio.wait({self._listener}, timeout=0.1)
+        await asyncio.gather(self._listener, return_exceptions=True)
 
     @property
     def waiting(self) -> int:
@@ -52,11 +59,15 @@ class ResultWaiter:
         record = await self.queue.get(task_id)
         if record is None or record.status in TERMINAL or seconds <= 0:
             return record
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        # Just after start() the subscription may not be live yet; a finish published before
+        # it is would only be seen at the next re-check. Give it a moment to come up.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed_now.wait(), min(seconds, 1.0))
         event = asyncio.Event()
         self._events.setdefault(task_id, set()).add(event)
         try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + seconds
             record = await self.queue.get(task_id)
             while record is not None and record.status not in TERMINAL:
                 left = deadline - loop.time()
@@ -94,6 +105,7 @@ class ResultWaiter:
         pubsub = self.queue.done_listener()
         try:
             await pubsub.subscribe(self.queue.keys.done_channel)
+            self._subscribed_now.set()
             while True:
                 # A bounded read: the pool's socket timeout is short (it bounds the API's
                 # 503), so block in get_message rather than in one endless read.
@@ -101,5 +113,6 @@ class ResultWaiter:
                 if message is not None:
                     self._notify(str(message["data"]))
         finally:
+            self._subscribed_now.clear()
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py

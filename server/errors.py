@@ -2,13 +2,16 @@
 
     {"error": "<code>", "detail": "<what went wrong>", "request_id": "<id>", "fields": [...]}
 
-``fields`` appears on validation errors only. Nothing else (no stack trace, no input echo)
-reaches the client; unexpected errors are logged with the request id and answered 500.
+``fields`` appears on validation errors only, ``task_status`` on conflicts (409); a batch
+with no valid message adds its per-message ``results``. Nothing else (no stack trace, no
+input echo) reaches the client; unexpected errors are logged with the request id and
+answered 500.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +23,17 @@ from emailq.errors import InvalidMessage, MessageTooLarge, StoreUnavailable
 
 log = logging.getLogger("emailq.api")
 
+_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "payload_too_large"}  # fmt: skip
+
+
+class Conflict(Exception):
+    """The task's state forbids the request (409); the answer names that state."""
+
+    def __init__(self, detail: str, *, task_status: str) -> None:
+        super().__init__(detail)
+        self.task_status = task_status
+
 
 def error_response(
     request: Request, status: int, code: str, detail: str, **extra: Any
@@ -29,21 +43,28 @@ def error_response(
     return JSONResponse(body, status_code=status)
 
 
-def _fields(exc: RequestValidationError) -> list[dict[str, Any]]:
-    # Keep location, message and type; drop "input" and "ctx", which echo user data.
+def validation_fields(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic's error list, keeping location, message and type only."""
+    # Drop "input" and "ctx", which echo user data.
     return [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-        for e in exc.errors()
+        for e in errors
     ]
+
+
+def validation_detail(fields: list[dict[str, Any]]) -> str:
+    """One line naming the first invalid field."""
+    first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    fields = _fields(exc)
-    first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
-    where = ".".join(str(p) for p in first["loc"] if p != "body")
-    detail = f"{where}: {first['msg']}" if where else str(first["msg"])
-    return error_response(request, 422, "validation_error", detail, fields=fields)
+    fields = validation_fields(exc.errors())
+    return error_response(
+        request, 422, "validation_error", validation_detail(fields), fields=fields
+    )
 
 
 async def _invalid_message(request: Request, exc: Exception) -> JSONResponse:
@@ -65,10 +86,14 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _conflict(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Conflict)
+    return error_response(request, 409, "conflict", str(exc), task_status=exc.task_status)
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    code = codes.get(exc.status_code, "http_error")
+    code = _CODES.get(exc.status_code, "http_error")
     response = error_response(request, exc.status_code, code, str(exc.detail))
     for name, value in (exc.headers or {}).items():
         response.headers[name] = value
@@ -86,5 +111,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidMessage, _invalid_message)
     app.add_exception_handler(MessageTooLarge, _too_large)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

@@ -13,11 +13,14 @@ from emailq import __version__
 from emailq.logs import configure_logging, redact_url
 from emailq.queue import Queue
 from emailq.settings import Settings
+from emailq.waiting import ResultWaiter
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
-from server.routes import email, health
+from server.routes import admin, batch, email, health
 
 log = logging.getLogger("emailq.api")
+
+API_PREFIX = "/api/v1"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -32,22 +35,32 @@ def create_app(settings: Settings) -> FastAPI:
             max_attempts=settings.max_attempts,
             result_ttl_seconds=settings.result_ttl_seconds,
         )
+        # One pub/sub subscription serves every `wait=` client of this process.
+        app.state.waiter = ResultWaiter(app.state.queue)
+        await app.state.waiter.start()
         log.info("API ready; Redis at %s", redact_url(settings.redis_url))
         try:
             yield
         finally:
+            await app.state.waiter.stop()
             await app.state.queue.close()
 
     app = FastAPI(
         title="emailq",
         version=__version__,
-        description="Queue an email, get a task_id at once, poll for the result.",
+        description="Queue an email, get a task_id at once, poll or wait for the result.",
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_request_bytes=settings.max_request_bytes,
+        path_limits={API_PREFIX + batch.BATCH_PATH: settings.max_batch_request_bytes},
+    )
     install_error_handlers(app)
-    app.include_router(email.router, prefix="/api/v1")
+    app.include_router(email.router, prefix=API_PREFIX)
+    app.include_router(batch.router, prefix=API_PREFIX)
+    app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(health.router)
     return app
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Mapping
 
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
@@ -41,11 +42,18 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 class RequestContextMiddleware:
-    """Sets ``X-Request-ID`` and ``X-Process-Time`` on every response; caps body size."""
+    """Sets ``X-Request-ID`` and ``X-Process-Time`` on every response; caps body size.
 
-    def __init__(self, app: ASGIApp, *, max_request_bytes: int) -> None:
+    ``path_limits`` gives exact paths (the batch endpoint) their own cap instead of
+    ``max_request_bytes``.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, max_request_bytes: int, path_limits: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,7 +73,7 @@ class RequestContextMiddleware:
         await self.app(scope, self._limited(scope, receive), send_with_headers)
 
     def _limited(self, scope: Scope, receive: Receive) -> Receive:
-        limit = self.max_request_bytes
+        limit = self.path_limits.get(scope["path"], self.max_request_bytes)
         declared = _declared_length(scope)
         seen = 0
 

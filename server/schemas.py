@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from emailq.models import Attempt, Status, TaskRecord
+from emailq.models import Attempt, Priority, Status, TaskRecord
+
+MAX_BATCH = 100  # messages per batch request
+MAX_REQUEUE_IDS = 1000  # ids per bulk requeue request
 
 
 def iso(ms: int | None) -> str | None:
@@ -49,10 +53,13 @@ class TaskResult(BaseModel):
     to: str
     attempts: int
     reason: str | None = None
+    priority: Priority
     created_at: str
     updated_at: str
     sent_at: str | None = None
     next_attempt_at: str | None = None
+    scheduled_at: str | None = None
+    expires_at: str | None = None
     request_id: str | None = None
     attempt_log: list[AttemptOut]
 
@@ -65,10 +72,82 @@ class TaskResult(BaseModel):
             to=record.to,
             attempts=record.attempts,
             reason=record.reason or None,
+            priority=record.priority,
             created_at=iso(record.created_at) or "",
             updated_at=iso(record.updated_at) or "",
             sent_at=iso(record.sent_at),
             next_attempt_at=iso(record.next_attempt_at),
+            scheduled_at=iso(record.scheduled_at),
+            expires_at=iso(record.expires_at),
             request_id=record.request_id,
             attempt_log=[AttemptOut.of(a) for a in record.log],
         )
+
+
+class BatchRequest(BaseModel):
+    """Up to 100 send requests, each validated on its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Entries stay raw here so one bad message rejects only itself, not the whole batch.
+    messages: list[Any] = Field(
+        min_length=1, max_length=MAX_BATCH,
+        description="each one a send request, as for POST /api/v1/email/received",
+    )  # fmt: skip
+
+
+class BatchEntry(BaseModel):
+    """One message of a batch: its task id, or why it was rejected."""
+
+    index: int
+    task_id: str | None = None
+    status: Literal["queued"] | None = None
+    error: str | None = None
+    detail: str | None = None
+    fields: list[dict[str, Any]] | None = None
+
+
+class BatchAccepted(BaseModel):
+    """The answer to a batch: one entry per message, in request order."""
+
+    results: list[BatchEntry]
+    queued: int
+    rejected: int
+
+
+class FailedPage(BaseModel):
+    """One page of dead letters, newest first."""
+
+    tasks: list[TaskResult]
+    offset: int
+    limit: int
+    next_offset: int | None = Field(description="offset of the next page; absent on the last")
+
+
+class RequeueRequest(BaseModel):
+    """Which dead letters to send again: ``task_ids``, or ``all``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    task_ids: list[uuid.UUID] | None = Field(default=None, max_length=MAX_REQUEUE_IDS)
+    all_: bool = Field(default=False, alias="all", description="every failed task")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if (self.task_ids is None) == (not self.all_):
+            raise ValueError('give either "task_ids" or "all": true')
+        return self
+
+
+class Requeued(BaseModel):
+    """The tasks that were failed and are pending again."""
+
+    requeued: int
+    task_ids: list[str]
+
+
+class Cancelled(BaseModel):
+    """A pending or scheduled task that will not be sent: it is now failed, 'cancelled'."""
+
+    task_id: str
+    status: Literal["cancelled"] = "cancelled"

@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import tenacity
@@ -103,6 +103,10 @@ class Worker:
         await asyncio.gather(renewer, return_exceptions=True)
         # Off the live-worker list now that no heartbeat can put us back on it.
         await _best_effort(lambda: self.queue.release([], worker_id=self.worker_id), "retire")
+        # A BLPOP that lost its cancel (see _wait_for_work) is blocked in Redis by now, where
+        # a cancel lands. Left alone, closing the pool only makes redis-py's retry re-send it,
+        # and the process's exit waits out the whole block.
+        await _cancel_all(list(self._abandoned))
         await self.sender.close()
         log.info("worker %s stopped", self.worker_id)
         if isinstance(outcome, Exception):
@@ -296,7 +300,7 @@ class Worker:
                 await _cancel_all(list(late))
 
 
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -37,13 +37,18 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 
   end
 end
 
--- Lanes are read highest first, except that every FAIR_EVERY-th claim reads them lowest
--- first: under a backlog of high mail, default and low still get a share and never starve.
+-- Lanes are read highest first, except that every FAIR_EVERY-th pop is a fair turn that
+-- starts at a lower lane, the next lower lane each turn (then the rest, lowest first):
+-- under a backlog of high mail, default and low both get a share and never starve.
 local function lane_order()
-  if redis.call('INCR', K_FAIRNESS) % fair_every ~= 0 then return lanes end
-  local reversed = {}
-  for i = #lanes, 1, -1 do reversed[#reversed + 1] = lanes[i] end
-  return reversed
+  local n = redis.call('INCR', K_FAIRNESS)
+  if n % fair_every ~= 0 or #lanes < 2 then return lanes end
+  local first = #lanes - (n / fair_every) % (#lanes - 1)
+  local order = {lanes[first]}
+  for i = #lanes, 1, -1 do
+    if i ~= first then order[#order + 1] = lanes[i] end
+  end
+  return order
 end
 
 local function pop_ready()

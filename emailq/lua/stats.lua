@@ -1,7 +1,7 @@
 -- Queue statistics in one round trip.
 -- ARGV[5..]: live-worker window ms, lanes
 -- Returns {{lane, depth, oldest created_at or -1}...}, scheduled, in flight, live workers,
--- failed (indexed), now ms, {sent, failed} per minute for the last 60 minutes (newest first).
+-- failed (indexed), now ms, {sent, failed} per clock minute for the last 61 (newest first).
 local window = tonumber(ARGV[5])
 local now = now_ms()
 local lanes = {}
@@ -14,7 +14,7 @@ for i = 6, #ARGV do
 end
 local minute = math.floor(now / 60000)
 local sent, failed = {}, {}
-for m = 0, 59 do
+for m = 0, 60 do
   sent[#sent + 1] = tonumber(redis.call('GET', STATS .. 'success:' .. (minute - m)) or '0')
   failed[#failed + 1] = tonumber(redis.call('GET', STATS .. 'failed:' .. (minute - m)) or '0')
 end

@@ -1,19 +1,22 @@
-"""The original service's two endpoints."""
+"""The original service's two endpoints, with priorities, scheduling and waiting."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from emailq.compose import EmailRequest, compose
-from server.deps import QueueDep, RequestIdDep, SettingsDep
+from emailq.compose import EmailRequest, compose, schedule
+from server.deps import QueueDep, RequestIdDep, SettingsDep, WaiterDep
 from server.schemas import Accepted, TaskResult
 
 router = APIRouter(prefix="/email", tags=["email"])
 log = logging.getLogger("emailq.api")
+
+MAX_WAIT_SECONDS = 30
 
 
 @router.post("/received", status_code=202)
@@ -22,9 +25,11 @@ async def receive_email(
 ) -> Accepted:
     """Accept an email for sending. Answers 202 once it is stored in Redis."""
     job = compose(payload, max_body_bytes=settings.max_body_bytes)
+    when = schedule(payload, datetime.now(UTC))
     # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
     task_id = str(uuid.uuid4())
-    await queue.enqueue(task_id, job, request_id=request_id)
+    await queue.enqueue(task_id, job, request_id=request_id, lane=when.lane,
+                        send_at_ms=when.send_at_ms, expires_at_ms=when.expires_at_ms)  # fmt: skip
     log.info("queued", extra={"request_id": request_id, "task_id": task_id})
     return Accepted(task_id=task_id)
 
@@ -32,10 +37,13 @@ async def receive_email(
 @router.get("/result", response_model_exclude_none=True)
 async def email_result(
     task_id: Annotated[uuid.UUID, Query(description="the id returned by the send")],
-    queue: QueueDep,
+    waiter: WaiterDep,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for a final status")
+    ] = 0,
 ) -> TaskResult:
-    """The status of a send: pending, success or failed, with its attempt log."""
-    record = await queue.get(str(task_id))
+    """The status of a send, at once or as soon as it is final within ``wait`` seconds."""
+    record = await waiter.wait(str(task_id), wait)
     if record is None:
         raise HTTPException(404, f"no task {task_id} (unknown, or expired after its TTL)")
     return TaskResult.of(record)

@@ -19,17 +19,12 @@ from emailq.queue import Keys
 from emailq.redis_server import RedisServer, free_port
 from emailq.settings import Settings
 from server.main import create_app
+from tests.server.conftest import MAX_BODY
 
 SEND = "/api/v1/email/received"
 RESULT = "/api/v1/email/result"
 KEYS = Keys()
 LANE = KEYS.lane("default")
-MAX_BODY = 2048
-
-
-@pytest.fixture
-def settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings(max_body_bytes=MAX_BODY)
 
 
 @pytest.fixture
@@ -37,14 +32,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
     # As a context manager, so the lifespan opens (and closes) the Redis client.
     with TestClient(create_app(settings)) as test_client:
         yield test_client
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    """A direct view of Redis, to check what the API stored."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def mail(**fields: Any) -> dict[str, Any]:
@@ -64,7 +51,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     """The one error shape, tied to the response's request id header."""
     assert response.status_code == status, response.text
     body: dict[str, Any] = response.json()
-    assert set(body) - {"fields"} == {"error", "detail", "request_id"}
+    assert set(body) - {"fields", "task_status"} == {"error", "detail", "request_id"}
     assert body["error"] == code
     assert body["detail"]
     assert body["request_id"] == response.headers["X-Request-ID"]
@@ -201,7 +188,7 @@ def test_an_unsafe_client_request_id_is_replaced(client: TestClient, unsafe: byt
         {"cc": [f"c{i}@example.com" for i in range(51)]},
         {"cc": [f"c{i}@example.com" for i in range(25)],
          "bcc": [f"b{i}@example.com" for i in range(25)]},  # 51 with `to`
-        {"priority": "high"},
+        {"priority": "urgent"},
         {"variables": {"not a name": "x"}},
     ],
 )  # fmt: skip

@@ -1,0 +1,83 @@
+"""Batch send: up to 100 messages, each validated on its own, stored in one round trip."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from emailq.compose import EmailRequest, compose, schedule
+from emailq.errors import InvalidMessage, MessageTooLarge
+from emailq.queue import EnqueueItem
+from server.deps import QueueDep, RequestIdDep, SettingsDep
+from server.errors import error_response, validation_detail, validation_fields
+from server.schemas import BatchAccepted, BatchEntry, BatchRequest
+
+router = APIRouter(prefix="/emails", tags=["email"])
+log = logging.getLogger("emailq.api")
+
+BATCH_PATH = "/emails/batch"  # under the API prefix; the middleware gives it its own size cap
+
+
+def _prepare(raw: Any, *, max_body_bytes: int, now: datetime, request_id: str) -> EnqueueItem:
+    """One message as a task ready to store; raises what a single send would answer."""
+    payload = EmailRequest.model_validate(raw)
+    job = compose(payload, max_body_bytes=max_body_bytes)
+    when = schedule(payload, now)
+    return EnqueueItem(task_id=str(uuid.uuid4()), job=job, request_id=request_id,
+                       lane=when.lane, send_at_ms=when.send_at_ms,
+                       expires_at_ms=when.expires_at_ms)  # fmt: skip
+
+
+def _rejected(index: int, exc: Exception) -> BatchEntry:
+    if isinstance(exc, ValidationError):
+        fields = validation_fields(exc.errors())
+        return BatchEntry(index=index, error="validation_error",
+                          detail=validation_detail(fields), fields=fields)  # fmt: skip
+    if isinstance(exc, InvalidMessage):
+        fields = [{"loc": [exc.field], "msg": str(exc)}] if exc.field else []
+        return BatchEntry(index=index, error="invalid_message", detail=str(exc), fields=fields)
+    return BatchEntry(index=index, error="payload_too_large", detail=str(exc))
+
+
+@router.post(
+    "/batch",
+    status_code=202,
+    response_model=BatchAccepted,
+    response_model_exclude_none=True,
+    responses={422: {"description": "the batch is malformed, or none of its messages is valid"}},
+)
+async def send_batch(
+    body: BatchRequest,
+    request: Request,
+    queue: QueueDep,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
+) -> BatchAccepted | JSONResponse:
+    """Accept up to 100 emails; each is queued or rejected on its own (422 if none is valid)."""
+    now = datetime.now(UTC)
+    items: list[EnqueueItem] = []
+    results: list[BatchEntry] = []
+    for index, raw in enumerate(body.messages):
+        try:
+            item = _prepare(raw, max_body_bytes=settings.max_body_bytes, now=now,
+                            request_id=request_id)  # fmt: skip
+        except (ValidationError, InvalidMessage, MessageTooLarge) as exc:
+            results.append(_rejected(index, exc))
+            continue
+        items.append(item)
+        results.append(BatchEntry(index=index, task_id=item.task_id, status="queued"))
+    answer = BatchAccepted(results=results, queued=len(items), rejected=len(results) - len(items))
+    if not items:
+        detail = f"none of the {len(results)} messages is valid; see results"
+        return error_response(request, 422, "validation_error", detail,
+                              **answer.model_dump(exclude_none=True))  # fmt: skip
+    await queue.enqueue_many(items)
+    log.info("queued batch of %d (%d rejected)", answer.queued, answer.rejected,
+             extra={"request_id": request_id})  # fmt: skip
+    return answer
