@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument("--port", type=int, default=1025)
     capture.add_argument("--out", type=Path, default=Path(".emailq-dev/mail"))
 
+    keygen = sub.add_parser("keygen", help="print a new API key and its API_KEYS entry")
+    keygen.add_argument("--id", default=None, metavar="NAME",
+                        help="the key's id, shown in logs (default: a random one)")  # fmt: skip
+    keygen.add_argument("--scope", choices=["send", "admin"], default="send")
+    keygen.add_argument("--domains", metavar="A.COM,B.COM",
+                        help="send only to recipients in these domains")  # fmt: skip
+    keygen.add_argument("--json", action="store_true", help="machine-readable output")
+
     # The queue commands talk to Redis directly (REDIS_URL ...), so they work without the API.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
@@ -192,6 +200,30 @@ async def _session(settings: Settings, out: Output, command: Command) -> int:
         await queue.close()
 
 
+def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Print a new key (shown once, never stored) and the API_KEYS entry holding its hash."""
+    import json
+    import secrets
+
+    from emailq.apikeys import ApiKey, hash_key, new_key
+
+    key = new_key()
+    key_id = args.id or "key-" + secrets.token_hex(4)
+    tail = f":{args.domains}" if args.domains else ""
+    try:  # parse what we print, so a bad --id or --domains is refused, never printed
+        entry = ApiKey.parse(f"{key_id}:{args.scope}:{hash_key(key)}{tail}")
+    except ValueError as exc:
+        parser.error(f"keygen: {exc}")
+    if args.json:
+        document = {"id": entry.id, "scope": entry.scope, "key": key, "entry": entry.entry()}
+        sys.stdout.write(json.dumps(document) + "\n")
+    else:
+        sys.stdout.write(f"key    {key}\nentry  {entry.entry()}\n")
+        sys.stderr.write("Give the key to its user (it is not shown again) and add the entry to "
+                         "API_KEYS (entries separated by spaces).\n")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one command."""
     parser = _parser()
@@ -203,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = DevConfig(args.data_dir, args.port, args.smtp_port, args.redis_port)
         return run(cfg)
+    if args.command == "keygen":
+        return _keygen(parser, args)
     if args.command == "capture":
         from emailq.capture import serve
 

@@ -74,6 +74,7 @@ class TaskRecord(BaseModel):
     scheduled_at: int | None = None
     expires_at: int | None = None
     log: list[Attempt] = Field(default_factory=list)
+    key_id: str | None = None  # the API key that created it, when keys are configured
 
 
 class LaneStats(BaseModel):

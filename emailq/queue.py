@@ -15,6 +15,10 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:fairness          str   claim counter that gives lower lanes their share
     {emailq}:stats:<s>:<min>   str   tasks finished with status s in that minute (2 h)
     {emailq}:done              pub/sub channel: a task id each time one finishes
+    {emailq}:authfail:<addr>   str   failed API authentications from one client address in
+                                     the current fixed window (expires with the window)
+    {emailq}:idem:<scope>:<h>  hash  an Idempotency-Key's task id, request fingerprint and
+                                     creation time (24 h); h = SHA-256 of the client's key
 
 A job moves lane -> leases -> (done | scheduled -> lane). Scripts take their time from the
 Redis server. Redis errors are converted to ``StoreUnavailable`` here, where they enter.
@@ -22,6 +26,7 @@ Redis server. Redis errors are converted to ``StoreUnavailable`` here, where the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -54,8 +59,15 @@ FAIR_EVERY = 10  # every 10th pop starts at a lower lane (see claim.lua)
 
 _STATUS_FIELDS = (
     "status", "to", "attempts", "reason", "request_id", "created_at", "updated_at",
-    "sent_at", "next_attempt_at", "lane", "scheduled_at", "expires_at", "log",
+    "sent_at", "next_attempt_at", "lane", "scheduled_at", "expires_at", "log", "key_id",
 )  # fmt: skip
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600  # how long an Idempotency-Key is remembered (as Stripe)
+# One key, so no shared keys: count, and start the window's expiry with its first failure.
+_AUTH_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('PTTL', KEYS[1])}
+"""
 _SCRIPTS = ("enqueue", "claim", "finish", "renew", "release", "cancel", "requeue", "stats")
 
 
@@ -82,6 +94,16 @@ class Keys:
     def lane(self, name: str) -> str:
         """The ready list of one priority lane."""
         return self.lane_prefix + name
+
+    def idempotency(self, scope: str, client_key: str) -> str:
+        """The record of one Idempotency-Key within one scope (an API key's id)."""
+        # Hashed: the client's text never becomes part of a key name, and the name stays short.
+        digest = hashlib.sha256(client_key.encode()).hexdigest()
+        return f"{self.base}:idem:{scope}:{digest}"
+
+    def auth_failures(self, client: str) -> str:
+        """The failed-authentication counter of one client address."""
+        return f"{self.base}:authfail:{client}"
 
     def shared_keys(self) -> list[str]:
         """KEYS every script receives, in the order _prelude.lua reads them."""
@@ -153,6 +175,7 @@ class Queue:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load_script(name)) for name in _SCRIPTS
         }
+        self._auth_failure = redis.register_script(_AUTH_FAILURE)
 
     @classmethod
     def from_url(
@@ -205,9 +228,14 @@ class Queue:
     def _enqueue_args(
         self, task_id: str, job: Job, request_id: str, lane: str, send_at_ms: int,
         expires_at_ms: int,
+        idempotency: Idempotency | None = None, key_id: str = "",
     ) -> list[str | int]:  # fmt: skip
+        once: list[str | int] = ["", "", 0]  # no idempotency key
+        if idempotency is not None:
+            once = [self.keys.idempotency(idempotency.scope, idempotency.key),
+                    idempotency.fingerprint, IDEMPOTENCY_TTL_SECONDS]  # fmt: skip
         return [task_id, lane, job.to, job.model_dump_json(), request_id, send_at_ms,
-                expires_at_ms]  # fmt: skip
+                expires_at_ms, *once, key_id]  # fmt: skip
 
     async def enqueue(
         self,
@@ -218,10 +246,25 @@ class Queue:
         lane: str = Priority.DEFAULT,
         send_at_ms: int = 0,
         expires_at_ms: int = 0,
+        key_id: str = "",
     ) -> int:
         """Store the task and make it ready (or schedule it); returns its creation time."""
-        args = self._enqueue_args(task_id, job, request_id, lane, send_at_ms, expires_at_ms)
+        args = self._enqueue_args(task_id, job, request_id, lane, send_at_ms, expires_at_ms,
+                                  key_id=key_id)  # fmt: skip
         return int(await self._run("enqueue", *args))
+
+    async def enqueue_once(self, item: EnqueueItem, idempotency: Idempotency) -> Replay | None:
+        """Enqueue unless ``idempotency``'s key was used in its scope: then store nothing and
+        return the earlier task. Checking and storing are one Lua step, so concurrent
+        duplicates create one task."""
+        args = self._enqueue_args(item.task_id, item.job, item.request_id, item.lane,
+                                  item.send_at_ms, item.expires_at_ms, idempotency,
+                                  key_id=item.key_id)  # fmt: skip
+        reply = await self._run("enqueue", *args)
+        if not isinstance(reply, list):
+            return None  # stored: the reply is its creation time
+        task_id, same = reply
+        return Replay(task_id=str(task_id), same_request=bool(same))
 
     async def enqueue_many(self, items: Sequence[EnqueueItem]) -> None:
         """Enqueue several tasks in one round trip; each is stored atomically on its own."""
@@ -229,7 +272,8 @@ class Queue:
         script = self._scripts["enqueue"]
         for item in items:
             args = self._enqueue_args(item.task_id, item.job, item.request_id, item.lane,
-                                      item.send_at_ms, item.expires_at_ms)  # fmt: skip
+                                      item.send_at_ms, item.expires_at_ms,
+                                      key_id=item.key_id)  # fmt: skip
             await script(self.keys.shared_keys(), [*self.keys.shared_args(), *args], client=pipe)
         with _store_errors():
             await pipe.execute()
@@ -338,6 +382,14 @@ class Queue:
         """Cancel a pending task: 'cancelled', 'sending', 'success', 'failed' or 'missing'."""
         return str(await self._run("cancel", task_id, self.result_ttl_seconds))
 
+    async def note_auth_failure(self, client: str, window_ms: int) -> tuple[int, int]:
+        """Count one failed authentication from ``client`` in its fixed window; returns the
+        count so far and the ms until the window ends."""
+        with _store_errors():
+            count, left_ms = await self._auth_failure([self.keys.auth_failures(client)],
+                                                      [window_ms])  # fmt: skip
+        return int(count), max(int(left_ms), 0)
+
     async def requeue(self, task_ids: Sequence[str]) -> list[str]:
         """Send failed tasks again with fresh attempts; returns the ids requeued."""
         if not task_ids:
@@ -355,3 +407,21 @@ class EnqueueItem:
     lane: str = Priority.DEFAULT
     send_at_ms: int = 0
     expires_at_ms: int = 0
+    key_id: str = ""  # the API key that created it; only it (and admin keys) may read it
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key, the scope it is unique in, and a fingerprint of its request."""
+
+    scope: str
+    key: str  # as the client sent it; Keys.idempotency hashes it
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Replay:
+    """An Idempotency-Key seen before: the task it created, and whether the request matched."""
+
+    task_id: str
+    same_request: bool

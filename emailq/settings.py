@@ -10,9 +10,12 @@ from __future__ import annotations
 from email.utils import parseaddr
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_serializer, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_api_keys
 
 
 class SmtpSecurity(StrEnum):
@@ -52,17 +55,46 @@ class Settings(BaseSettings):
     result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
-    # Admin endpoints: with a token they need `Authorization: Bearer <token>`; without one
-    # they answer loopback clients only.
-    admin_token: SecretStr | None = None
+    # API keys (see emailq.apikeys for the format). None: no authentication, and the admin
+    # endpoints answer loopback clients only. NoDecode: the value is our format, not JSON.
+    api_keys: Annotated[tuple[ApiKey, ...] | None, NoDecode] = None
+    # Addresses and @domains every send is limited to, whatever the key. None: no limit.
+    allowed_recipients: Annotated[frozenset[str] | None, NoDecode] = None
+    # Start even though anyone who reaches the API may send anywhere (see server.auth).
+    allow_open_relay: bool = False
+    # Failed authentications per client address per minute before it gets 429.
+    auth_failure_limit: int = Field(default=20, ge=1)
 
     log_level: str = "INFO"
 
-    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", "admin_token", mode="before")
+    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
         return None if value == "" else value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_api_keys(value) or None
+        return value or None
+
+    @field_validator("allowed_recipients", mode="before")
+    @classmethod
+    def _parse_allowed_recipients(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_allowed_recipients(value) or None
+        return value or None
+
+    @field_serializer("api_keys")
+    def _dump_api_keys(self, keys: tuple[ApiKey, ...] | None) -> str | None:
+        # Dumped in the environment format, so a dump can configure a child process.
+        return " ".join(key.entry() for key in keys) if keys else None
+
+    @field_serializer("allowed_recipients")
+    def _dump_allowed_recipients(self, allowed: frozenset[str] | None) -> str | None:
+        return ",".join(sorted(allowed)) if allowed else None
 
     @field_validator("mail_from")
     @classmethod

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
 from emailq.queue import Queue
 from emailq.settings import Settings
@@ -41,31 +39,3 @@ QueueDep = Annotated[Queue, Depends(get_queue)]
 WaiterDep = Annotated[ResultWaiter, Depends(get_waiter)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
-
-
-def _is_loopback(host: str | None) -> bool:
-    try:
-        address = ipaddress.ip_address(host or "")
-    except ValueError:  # a name (TestClient's "testclient"), or no peer at all
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
-def require_admin(request: Request, settings: SettingsDep) -> None:
-    """Admin access: the ``ADMIN_TOKEN`` bearer token if one is set, else loopback only."""
-    if settings.admin_token is not None:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        expected = settings.admin_token.get_secret_value().encode()
-        # compare_digest: the time taken does not reveal how much of the token matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <ADMIN_TOKEN>'",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        return
-    if not _is_loopback(request.client.host if request.client else None):
-        raise HTTPException(403, "admin endpoints answer loopback clients only; set ADMIN_TOKEN "
-                                 "to reach them from elsewhere")  # fmt: skip
-
-
-AdminDep = Depends(require_admin)

@@ -24,7 +24,7 @@ from emailq.errors import InvalidMessage, MessageTooLarge, StoreUnavailable
 log = logging.getLogger("emailq.api")
 
 _CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "payload_too_large"}  # fmt: skip
+          409: "conflict", 413: "payload_too_large", 429: "too_many_requests"}  # fmt: skip
 
 
 class Conflict(Exception):
@@ -33,6 +33,10 @@ class Conflict(Exception):
     def __init__(self, detail: str, *, task_status: str) -> None:
         super().__init__(detail)
         self.task_status = task_status
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key reused with a different request body (409)."""
 
 
 def error_response(
@@ -91,6 +95,10 @@ async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 409, "conflict", str(exc), task_status=exc.task_status)
 
 
+async def _idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(request, 409, "idempotency_conflict", str(exc))
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _CODES.get(exc.status_code, "http_error")
@@ -112,5 +120,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MessageTooLarge, _too_large)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Conflict, _conflict)
+    app.add_exception_handler(IdempotencyConflict, _idempotency_conflict)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

@@ -14,6 +14,7 @@ from emailq.logs import configure_logging, redact_url
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.waiting import ResultWaiter
+from server.auth import relay_guard
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
 from server.routes import admin, batch, email, health
@@ -24,7 +25,11 @@ API_PREFIX = "/api/v1"
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """Build the app for ``settings``; the Redis client opens in the lifespan."""
+    """Build the app for ``settings``; the Redis client opens in the lifespan.
+
+    Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone.
+    """
+    relay_guard(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

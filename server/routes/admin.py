@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 
 from emailq.models import QueueStats, Status
-from server.deps import AdminDep, QueueDep, SettingsDep
+from server.auth import AdminDep
+from server.deps import QueueDep, SettingsDep
 from server.errors import Conflict
 from server.schemas import Cancelled, FailedPage, Requeued, RequeueRequest, TaskResult
 
@@ -16,8 +17,9 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[AdminDep],
-    responses={401: {"description": "ADMIN_TOKEN is set and was not given"},
-               403: {"description": "ADMIN_TOKEN is unset and the client is not local"}},
+    responses={401: {"description": "API_KEYS is set and no valid key was given"},
+               403: {"description": "not an admin key; or API_KEYS is unset and the client "
+                                    "is not local"}},
 )  # fmt: skip
 TASK_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown task"},

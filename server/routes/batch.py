@@ -7,15 +7,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from emailq.compose import EmailRequest, compose, schedule
 from emailq.errors import InvalidMessage, MessageTooLarge
 from emailq.queue import EnqueueItem
+from server.auth import PrincipalDep, recipient_refusal
 from server.deps import QueueDep, RequestIdDep, SettingsDep
 from server.errors import error_response, validation_detail, validation_fields
+from server.idempotency import refuse_idempotency_key
 from server.schemas import BatchAccepted, BatchEntry, BatchRequest
 
 router = APIRouter(prefix="/emails", tags=["email"])
@@ -24,14 +26,16 @@ log = logging.getLogger("emailq.api")
 BATCH_PATH = "/emails/batch"  # under the API prefix; the middleware gives it its own size cap
 
 
-def _prepare(raw: Any, *, max_body_bytes: int, now: datetime, request_id: str) -> EnqueueItem:
+def _prepare(
+    raw: Any, *, max_body_bytes: int, now: datetime, request_id: str, owner: str
+) -> EnqueueItem:
     """One message as a task ready to store; raises what a single send would answer."""
     payload = EmailRequest.model_validate(raw)
     job = compose(payload, max_body_bytes=max_body_bytes)
     when = schedule(payload, now)
     return EnqueueItem(task_id=str(uuid.uuid4()), job=job, request_id=request_id,
                        lane=when.lane, send_at_ms=when.send_at_ms,
-                       expires_at_ms=when.expires_at_ms)  # fmt: skip
+                       expires_at_ms=when.expires_at_ms, key_id=owner)  # fmt: skip
 
 
 def _rejected(index: int, exc: Exception) -> BatchEntry:
@@ -51,8 +55,10 @@ def _rejected(index: int, exc: Exception) -> BatchEntry:
     response_model=BatchAccepted,
     response_model_exclude_none=True,
     responses={422: {"description": "the batch is malformed, or none of its messages is valid"}},
+    dependencies=[Depends(refuse_idempotency_key)],
 )
 async def send_batch(
+    principal: PrincipalDep,
     body: BatchRequest,
     request: Request,
     queue: QueueDep,
@@ -66,15 +72,23 @@ async def send_batch(
     for index, raw in enumerate(body.messages):
         try:
             item = _prepare(raw, max_body_bytes=settings.max_body_bytes, now=now,
-                            request_id=request_id)  # fmt: skip
+                            request_id=request_id, owner=principal.owner)  # fmt: skip
         except (ValidationError, InvalidMessage, MessageTooLarge) as exc:
             results.append(_rejected(index, exc))
+            continue
+        refusal = recipient_refusal(principal, settings, item.job)
+        if refusal is not None:  # as a single send would answer: 403 forbidden
+            results.append(BatchEntry(index=index, error="forbidden", detail=refusal))
             continue
         items.append(item)
         results.append(BatchEntry(index=index, task_id=item.task_id, status="queued"))
     answer = BatchAccepted(results=results, queued=len(items), rejected=len(results) - len(items))
     if not items:
         detail = f"none of the {len(results)} messages is valid; see results"
+        if all(entry.error == "forbidden" for entry in results):
+            detail = "no message may be sent to its recipients; see results"
+            return error_response(request, 403, "forbidden", detail,
+                                  **answer.model_dump(exclude_none=True))  # fmt: skip
         return error_response(request, 422, "validation_error", detail,
                               **answer.model_dump(exclude_none=True))  # fmt: skip
     await queue.enqueue_many(items)

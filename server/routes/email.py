@@ -7,10 +7,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from emailq.compose import EmailRequest, compose, schedule
+from emailq.queue import EnqueueItem
+from server.auth import PrincipalDep, check_recipients
 from server.deps import QueueDep, RequestIdDep, SettingsDep, WaiterDep
+from server.idempotency import IdempotencyKeyDep, send_once
 from server.schemas import Accepted, TaskResult
 
 router = APIRouter(prefix="/email", tags=["email"])
@@ -21,15 +24,23 @@ MAX_WAIT_SECONDS = 30
 
 @router.post("/received", status_code=202)
 async def receive_email(
-    payload: EmailRequest, queue: QueueDep, settings: SettingsDep, request_id: RequestIdDep
-) -> Accepted:
+    principal: PrincipalDep, payload: EmailRequest, queue: QueueDep, settings: SettingsDep,
+    request_id: RequestIdDep,
+    request: Request, response: Response, idempotency_key: IdempotencyKeyDep = None,
+) -> Accepted:  # fmt: skip
     """Accept an email for sending. Answers 202 once it is stored in Redis."""
     job = compose(payload, max_body_bytes=settings.max_body_bytes)
+    check_recipients(principal, settings, job)
     when = schedule(payload, datetime.now(UTC))
     # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
     task_id = str(uuid.uuid4())
+    if idempotency_key is not None:
+        item = EnqueueItem(task_id, job, request_id, when.lane, when.send_at_ms,
+                           when.expires_at_ms, principal.owner)  # fmt: skip
+        return await send_once(request, response, queue, item, idempotency_key)
     await queue.enqueue(task_id, job, request_id=request_id, lane=when.lane,
-                        send_at_ms=when.send_at_ms, expires_at_ms=when.expires_at_ms)  # fmt: skip
+                        send_at_ms=when.send_at_ms, expires_at_ms=when.expires_at_ms,
+                        key_id=principal.owner)  # fmt: skip
     log.info("queued", extra={"request_id": request_id, "task_id": task_id})
     return Accepted(task_id=task_id)
 
@@ -37,13 +48,21 @@ async def receive_email(
 @router.get("/result", response_model_exclude_none=True)
 async def email_result(
     task_id: Annotated[uuid.UUID, Query(description="the id returned by the send")],
+    principal: PrincipalDep,
+    queue: QueueDep,
     waiter: WaiterDep,
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for a final status")
     ] = 0,
 ) -> TaskResult:
     """The status of a send, at once or as soon as it is final within ``wait`` seconds."""
+    # Another key's task answers exactly as an unknown one, 404 at once (not after waiting),
+    # so its existence is not revealed.
+    if wait > 0 and not principal.may_read_all:
+        early = await queue.get(str(task_id))
+        if early is None or not principal.may_read(early.key_id):
+            wait = 0
     record = await waiter.wait(str(task_id), wait)
-    if record is None:
+    if record is None or not principal.may_read(record.key_id):
         raise HTTPException(404, f"no task {task_id} (unknown, or expired after its TTL)")
     return TaskResult.of(record)

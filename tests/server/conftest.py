@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
+from server.main import create_app
 
 MAX_BODY = 2048  # small, so 413 cases stay small
 
@@ -23,3 +26,15 @@ def store(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    # As a context manager, so the lifespan opens (and closes) the Redis client.
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def mail(**fields: Any) -> dict[str, Any]:
+    """A valid send request, with ``fields`` overriding the defaults."""
+    return {"to": "user@example.com", "subject": "Hello", "body": "Hi {username}", **fields}

@@ -6,7 +6,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -19,23 +19,12 @@ from emailq.queue import Keys
 from emailq.redis_server import RedisServer, free_port
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import MAX_BODY
+from tests.server.conftest import MAX_BODY, mail
 
 SEND = "/api/v1/email/received"
 RESULT = "/api/v1/email/result"
 KEYS = Keys()
 LANE = KEYS.lane("default")
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    # As a context manager, so the lifespan opens (and closes) the Redis client.
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-def mail(**fields: Any) -> dict[str, Any]:
-    return {"to": "user@example.com", "subject": "Hello", "body": "Hi {username}", **fields}
 
 
 def send(client: TestClient, **fields: Any) -> httpx.Response:

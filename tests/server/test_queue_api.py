@@ -18,6 +18,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from emailq.apikeys import hash_key
 from emailq.queue import Keys, Queue
 from emailq.settings import Settings
 from server.main import create_app
@@ -31,7 +32,9 @@ ADMIN = "/api/v1/admin"
 KEYS = Keys()
 LOOPBACK = ("127.0.0.1", 50000)
 
-TOKEN = "s3cret-token"  # noqa: S105  # a test token, not a credential
+ADMIN_KEY = "eq_admin-test-key"  # test keys, not credentials
+SEND_KEY = "eq_send-test-key"
+KEYS_SETTING = f"ops:admin:{hash_key(ADMIN_KEY)} app:send:{hash_key(SEND_KEY)}"
 
 
 @pytest.fixture
@@ -41,7 +44,7 @@ def app(settings: Settings) -> FastAPI:
 
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
-    """A loopback client, which may use the admin endpoints while ADMIN_TOKEN is unset."""
+    """A loopback client, which may use the admin endpoints while API_KEYS is unset."""
     with TestClient(app, client=LOOPBACK) as test_client:
         yield test_client
 
@@ -451,39 +454,46 @@ def admin_call(client: TestClient, method: str, path: str, body: Any, **kw: Any)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS)
-def test_without_admin_token_only_loopback_clients_are_served(
+def test_without_api_keys_only_loopback_clients_are_served(
     app: FastAPI, method: str, path: str, body: Any
 ) -> None:
     with TestClient(app) as remote:  # its peer is "testclient", not a loopback address
         refused = assert_error(admin_call(remote, method, path, body), 403, "forbidden")
-    assert "ADMIN_TOKEN" in refused["detail"]
+    assert "API_KEYS" in refused["detail"]
     for peer in (LOOPBACK, ("::1", 50000)):
         with TestClient(app, client=peer) as local:
             assert admin_call(local, method, path, body).status_code in (200, 404)
 
 
 @pytest.mark.parametrize("peer", [("10.0.0.7", 4000), ("::ffff:192.168.1.2", 4000), ("", 0)])
-def test_other_peers_are_refused_without_a_token(app: FastAPI, peer: tuple[str, int]) -> None:
+def test_other_peers_are_refused_without_api_keys(app: FastAPI, peer: tuple[str, int]) -> None:
     with TestClient(app, client=peer) as remote:
         assert_error(remote.get(f"{ADMIN}/stats"), 403, "forbidden")
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS)
-def test_with_admin_token_set_every_client_needs_it(
+def test_with_api_keys_every_client_needs_an_admin_key(
     make_settings: Callable[..., Settings], method: str, path: str, body: Any
 ) -> None:
-    app = create_app(make_settings(admin_token=TOKEN))
-    wrong = [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"},
-             {"Authorization": TOKEN}, {"Authorization": f"Bearer {TOKEN}2"}]  # fmt: skip
-    for peer in (LOOPBACK, ("testclient", 50000)):
+    app = create_app(make_settings(api_keys=KEYS_SETTING))
+    wrong = [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {ADMIN_KEY}"},
+             {"Authorization": ADMIN_KEY}, {"Authorization": f"Bearer {ADMIN_KEY}2"},
+             {"Authorization": f"Bearer {hash_key(ADMIN_KEY)}"}]  # fmt: skip
+    for peer in (LOOPBACK, ("testclient", 50000)):  # loopback earns nothing once keys exist
         with TestClient(app, client=peer) as client:
             for headers in wrong:
                 response = admin_call(client, method, path, body, headers=headers)
                 assert_error(response, 401, "unauthorized")
                 assert response.headers["WWW-Authenticate"] == "Bearer"
-            right = {"Authorization": f"Bearer {TOKEN}"}
+            send_key = {"Authorization": f"Bearer {SEND_KEY}"}
+            refused = assert_error(admin_call(client, method, path, body, headers=send_key),
+                                   403, "forbidden")  # fmt: skip
+            assert "admin key" in refused["detail"]
+            right = {"Authorization": f"Bearer {ADMIN_KEY}"}
             assert admin_call(client, method, path, body, headers=right).status_code in (200, 404)
 
 
-def test_an_empty_admin_token_means_none(make_settings: Callable[..., Settings]) -> None:
-    assert make_settings(admin_token="").admin_token is None
+def test_admin_token_is_gone(make_settings: Callable[..., Settings]) -> None:
+    assert "admin_token" not in Settings.model_fields
+    settings = make_settings(admin_token="x")  # noqa: S106  # ignored, as any unknown name
+    assert not hasattr(settings, "admin_token")

@@ -1,0 +1,127 @@
+"""API keys and recipient allow-lists as configured: parsing, hashing, matching.
+
+An ``API_KEYS`` entry is ``<id>:<scope>:<sha256 hex of the key>[:<domain>,<domain>...]``;
+entries are separated by whitespace or ``;`` (commas belong to the domain list), or the
+whole value is a JSON list of entry strings. Only hashes are configured: a leaked
+``.env`` does not leak a usable key. ``emailq keygen`` prints a new key and its entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+
+KEY_PREFIX = "eq_"  # makes a leaked key easy to recognise (and to grep for) in a paste
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+_ADDRESS = re.compile(r"^[^@\s,;]+@[^@\s,;]+$")
+
+
+class Scope(StrEnum):
+    """What a key may do."""
+
+    SEND = "send"  # send mail (optionally to listed domains only) and read its own tasks
+    ADMIN = "admin"  # send to anyone, read any task, use the admin endpoints
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One configured key: its id (safe to log), scope, SHA-256 digest and domain limit."""
+
+    id: str
+    scope: Scope
+    digest: str
+    domains: frozenset[str] = frozenset()  # empty: any recipient domain
+
+    @classmethod
+    def parse(cls, entry: str) -> ApiKey:
+        """One ``id:scope:sha256[:domains]`` entry; raises ``ValueError`` naming the problem."""
+        parts = entry.strip().split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"API_KEYS entry {parts[0]!r}: expected id:scope:sha256[:domains]")
+        key_id, scope, digest = parts[0], parts[1], parts[2].lower()
+        if not _ID.match(key_id) or key_id == "anonymous":
+            raise ValueError(
+                f"API_KEYS entry {key_id!r}: the id must match [A-Za-z0-9_.-]{{1,64}}"
+                " and not be 'anonymous' (the caller when keys are not configured)"
+            )
+        if scope not in set(Scope):
+            raise ValueError(f"API_KEYS entry {key_id!r}: scope must be 'send' or 'admin'")
+        if not _HEX.match(digest):
+            raise ValueError(f"API_KEYS entry {key_id!r}: expected a SHA-256 hex digest")
+        domains = parse_domains(parts[3]) if len(parts) == 4 else frozenset()
+        return cls(key_id, Scope(scope), digest, domains)
+
+    def entry(self) -> str:
+        """This key as an ``API_KEYS`` entry."""
+        tail = ":" + ",".join(sorted(self.domains)) if self.domains else ""
+        return f"{self.id}:{self.scope}:{self.digest}{tail}"
+
+
+def parse_domains(text: str) -> frozenset[str]:
+    """``a.com,b.com`` as a set of lower-case domain names."""
+    domains = frozenset(d.strip().lower().rstrip(".") for d in text.split(",") if d.strip())
+    bad = sorted(d for d in domains if not _DOMAIN.match(d))
+    if bad or not domains:
+        raise ValueError(f"not a list of domain names: {text!r}")
+    return domains
+
+
+def split_entries(value: str, separators: str) -> list[str]:
+    """A setting's entries: a JSON list, or text split on whitespace and ``separators``."""
+    text = value.strip()
+    if text.startswith("["):
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError("expected a JSON list of strings")
+        return [i.strip() for i in items if i.strip()]
+    return [part for part in re.split(rf"[\s{re.escape(separators)}]+", text) if part]
+
+
+def parse_api_keys(value: str) -> tuple[ApiKey, ...]:
+    """The ``API_KEYS`` setting; ids must be unique, since logs and task ownership use them."""
+    keys = tuple(ApiKey.parse(entry) for entry in split_entries(value, ";"))
+    ids = [key.id for key in keys]
+    if len(set(ids)) != len(ids):
+        raise ValueError("API_KEYS: every key needs its own id")
+    return keys
+
+
+def parse_allowed_recipients(value: str) -> frozenset[str]:
+    """The ``ALLOWED_RECIPIENTS`` setting: lower-case addresses and ``@domain`` entries."""
+    entries = frozenset(e.lower() for e in split_entries(value, ",;"))
+    for entry in entries:
+        ok = _DOMAIN.match(entry[1:]) if entry.startswith("@") else _ADDRESS.match(entry)
+        if not ok:
+            raise ValueError(f"ALLOWED_RECIPIENTS: {entry!r} is neither an address nor @domain")
+    return entries
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest configured for ``key``."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A new random key: 256 bits from the OS's CSPRNG, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def domain_of(address: str) -> str:
+    """The lower-case domain of an address."""
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+def in_domains(address: str, domains: frozenset[str]) -> bool:
+    """Is ``address`` in one of ``domains`` (exactly: subdomains are not included)?"""
+    return domain_of(address) in domains
+
+
+def in_allow_list(address: str, allowed: frozenset[str]) -> bool:
+    """Is ``address`` listed itself, or by its ``@domain``?"""
+    return address.lower() in allowed or "@" + domain_of(address) in allowed

@@ -1,0 +1,184 @@
+"""Who is calling, what they may send, and the guard against running as an open relay.
+
+``Authorization: Bearer <key>`` is hashed with SHA-256 and compared, in constant time, with
+every configured ``API_KEYS`` digest. Only key ids are ever logged, never keys. Without
+``API_KEYS`` every caller is the ``anonymous`` principal and the API is as open as before;
+``relay_guard`` refuses to start that way unless the mail can only reach loopback SMTP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import math
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from emailq.apikeys import ApiKey, Scope, hash_key, in_allow_list, in_domains
+from emailq.models import Job
+from emailq.queue import Queue
+from emailq.settings import Settings
+from server.deps import QueueDep, SettingsDep
+
+log = logging.getLogger("emailq.api")
+
+AUTH_FAILURE_WINDOW_MS = 60_000  # AUTH_FAILURE_LIMIT counts failures per fixed minute
+
+
+class OpenRelayRefused(RuntimeError):
+    """The configuration would let anyone who reaches the API send mail anywhere."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: a configured key, or ``anonymous`` when no keys are configured."""
+
+    key_id: str
+    scope: Scope
+    domains: frozenset[str] = frozenset()  # recipient domains it may send to; empty: any
+    anonymous: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        """May read any task and use the admin endpoints."""
+        return self.scope == Scope.ADMIN and not self.anonymous
+
+    @property
+    def may_read_all(self) -> bool:
+        """May read every task (no keys configured, or an admin key)."""
+        return self.anonymous or self.is_admin
+
+    def may_read(self, owner: str | None) -> bool:
+        """May this caller see a task created by the key ``owner``?"""
+        return self.may_read_all or owner == self.key_id
+
+    @property
+    def owner(self) -> str:
+        """What a task created by this caller stores as ``key_id`` ('' when anonymous)."""
+        return "" if self.anonymous else self.key_id
+
+
+ANONYMOUS = Principal("anonymous", Scope.SEND, anonymous=True)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Is ``host`` this machine: ``localhost``, 127.0.0.0/8 or ::1 (also IPv4-mapped)?"""
+    name = (host or "").strip().lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:  # another name (TestClient's "testclient"), or no peer at all
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def relay_guard(settings: Settings) -> None:
+    """Refuse a configuration in which anyone may send anywhere through a real SMTP server."""
+    if settings.api_keys or settings.allowed_recipients or is_loopback(settings.smtp_host):
+        return
+    if settings.allow_open_relay:
+        log.warning("ALLOW_OPEN_RELAY=true: anyone who can reach this API can send mail "
+                    "anywhere through %s", settings.smtp_host)  # fmt: skip
+        return
+    raise OpenRelayRefused(
+        f"refusing to start: SMTP_HOST={settings.smtp_host} is not a loopback host, and "
+        "neither API_KEYS nor ALLOWED_RECIPIENTS is set, so anyone who can reach the API could "
+        "send mail anywhere (an open relay). Set API_KEYS (create one with `emailq keygen`), "
+        "or ALLOWED_RECIPIENTS (addresses and @domains), or, to accept that risk, "
+        "ALLOW_OPEN_RELAY=true."
+    )
+
+
+def _match(given: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    digest = hash_key(given).encode()
+    found = None
+    # Every entry is compared, each in constant time: the time taken says nothing about
+    # which entry, or how much of one, matched.
+    for key in keys:
+        if hmac.compare_digest(digest, key.digest.encode()):
+            found = key
+    return found
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    return given if scheme.lower() == "bearer" and given else None
+
+
+async def _refuse(request: Request, settings: Settings, queue: Queue) -> HTTPException:
+    """401, or 429 once this address has failed too often in the current window."""
+    # The socket's peer; behind a reverse proxy that is the proxy. Trusted-proxy handling
+    # (X-Forwarded-For from configured proxies only) comes with the rate-limit work.
+    client = request.client.host if request.client else "unknown"
+    count, left_ms = await queue.note_auth_failure(client, AUTH_FAILURE_WINDOW_MS)
+    log.warning("authentication failed from %s (%d this minute)", client, count,
+                extra={"request_id": request.state.request_id})  # fmt: skip
+    if count > settings.auth_failure_limit:
+        retry_after = str(max(1, math.ceil(left_ms / 1000)))
+        return HTTPException(429, "too many failed authentications from this address; retry "
+                                  "later", headers={"Retry-After": retry_after})  # fmt: skip
+    return HTTPException(401, "a valid API key is required: 'Authorization: Bearer <key>'",
+                         headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+async def authenticate(request: Request, settings: SettingsDep, queue: QueueDep) -> Principal:
+    """The caller's principal; 401 (or 429 after repeated failures) without a valid key."""
+    if not settings.api_keys:
+        principal = ANONYMOUS
+    else:
+        given = _bearer(request)
+        key = _match(given, settings.api_keys) if given is not None else None
+        if key is None:
+            # A valid key is never throttled: until trusted proxies are configurable, everyone
+            # behind one proxy shares an address, and guessing a 256-bit key is hopeless anyway.
+            raise await _refuse(request, settings, queue)
+        principal = Principal(key.id, key.scope, key.domains)
+    # Read by other parts (idempotency scopes its keys by it): set on every request we see.
+    request.state.key_id = principal.key_id
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+def require_admin(request: Request, principal: PrincipalDep, settings: SettingsDep) -> None:
+    """Admin access: an admin key when keys are configured, else loopback clients only."""
+    if settings.api_keys:
+        if not principal.is_admin:
+            detail = f"key {principal.key_id!r} has scope {principal.scope}; admin endpoints need"
+            raise HTTPException(403, detail + " an admin key")
+        return
+    if not is_loopback(request.client.host if request.client else None):
+        raise HTTPException(
+            403,
+            "admin endpoints answer loopback clients only while API_KEYS "
+            "is unset; configure an admin key to reach them from elsewhere",
+        )
+
+
+AdminDep = Depends(require_admin)
+
+
+def recipient_refusal(principal: Principal, settings: Settings, job: Job) -> str | None:
+    """Why ``job`` may not be sent by ``principal`` (ALLOWED_RECIPIENTS, then the key's
+    domains), or None if it may. To, Cc and Bcc are all checked."""
+    for address in job.recipients:
+        if settings.allowed_recipients and not in_allow_list(address, settings.allowed_recipients):
+            return f"recipient {address} is not in ALLOWED_RECIPIENTS"
+        if principal.domains and not in_domains(address, principal.domains):
+            return f"key {principal.key_id!r} may not send to the domain of {address}"
+    return None
+
+
+def check_recipients(principal: Principal, settings: Settings, job: Job) -> None:
+    """403 unless every recipient of ``job`` is allowed."""
+    refusal = recipient_refusal(principal, settings, job)
+    if refusal is not None:
+        raise HTTPException(403, refusal)
