@@ -40,9 +40,30 @@ def _port_or_free(port: int) -> int:
     return port
 
 
-def _child_env(redis_url: str, smtp_port: int) -> dict[str, str]:
+# The test page's form (served at /dev/contact): mail to a made-up owner, which the capture
+# server accepts and prints like any other.
+DEV_FORMS = """\
+[[forms]]
+id = "contact"
+to = ["owner@example.com"]
+subject = "Contact form: {name}"
+allowed_origins = []
+redirect = "/dev/thanks"
+"""
+
+
+def _write_dev_forms(data_dir: Path) -> Path:
+    path = data_dir / "forms.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DEV_FORMS)
+    return path
+
+
+def _child_env(redis_url: str, smtp_port: int, forms_file: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
+        FORMS_FILE=str(forms_file.resolve()),
+        DEV_PAGES="true",
         REDIS_URL=redis_url,
         SMTP_HOST="127.0.0.1",
         SMTP_PORT=str(smtp_port),
@@ -81,6 +102,7 @@ def _banner(cfg: DevConfig, redis: RedisServer, smtp_port: int) -> str:
         "emailq dev is running:",
         f"  API           {api}",
         f"  Swagger UI    {api}/docs",
+        f"  Contact form  {api}/dev/contact  (a plain HTML form; the mail shows up here)",
         f"  Redis         {redis.url}  (data in {redis.data_dir})",
         f"  SMTP capture  127.0.0.1:{smtp_port}  (printed here, saved in {mail_dir})",
         "",
@@ -97,7 +119,7 @@ def run(cfg: DevConfig) -> int:
     redis = RedisServer(cfg.data_dir / "redis", _port_or_free(cfg.redis_port))
     redis.start()
     smtp_port = _port_or_free(cfg.smtp_port)
-    env = _child_env(redis.url, smtp_port)
+    env = _child_env(redis.url, smtp_port, _write_dev_forms(cfg.data_dir))
     py = sys.executable
     children = [
         _spawn([py, "-m", "emailq.cli", "capture", "--port", str(smtp_port),

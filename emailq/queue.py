@@ -18,7 +18,9 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:authfail:<addr>   str   failed API authentications from one client address in
                                      the current fixed window (expires with the window)
     {emailq}:idem:<scope>:<h>  hash  an Idempotency-Key's task id, request fingerprint and
-                                     creation time (24 h); h = SHA-256 of the client's key
+                                     creation time (24 h); h = SHA-256 of the client's key.
+                                     Contact forms use scope form:<id> and a key derived
+                                     from client address + fields, kept 10 minutes
 
 A job moves lane -> leases -> (done | scheduled -> lane). Scripts take their time from the
 Redis server. Redis errors are converted to ``StoreUnavailable`` here, where they enter.
@@ -104,6 +106,12 @@ class Keys:
     def auth_failures(self, client: str) -> str:
         """The failed-authentication counter of one client address."""
         return f"{self.base}:authfail:{client}"
+
+    @property
+    def rate_limit_prefix(self) -> str:
+        """The prefix the ``limits`` storage puts before every rate-limit key it makes."""
+        # limits appends ":<limit key>"; the hash tag keeps them in this prefix's slot.
+        return f"{self.base}:ratelimit"
 
     def shared_keys(self) -> list[str]:
         """KEYS every script receives, in the order _prelude.lua reads them."""
@@ -233,7 +241,7 @@ class Queue:
         once: list[str | int] = ["", "", 0]  # no idempotency key
         if idempotency is not None:
             once = [self.keys.idempotency(idempotency.scope, idempotency.key),
-                    idempotency.fingerprint, IDEMPOTENCY_TTL_SECONDS]  # fmt: skip
+                    idempotency.fingerprint, idempotency.ttl_seconds]  # fmt: skip
         return [task_id, lane, job.to, job.model_dump_json(), request_id, send_at_ms,
                 expires_at_ms, *once, key_id]  # fmt: skip
 
@@ -417,6 +425,7 @@ class Idempotency:
     scope: str
     key: str  # as the client sent it; Keys.idempotency hashes it
     fingerprint: str
+    ttl_seconds: int = IDEMPOTENCY_TTL_SECONDS  # contact forms' duplicate window is shorter
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,18 @@ directly. Names match the original service's ``.env`` (``SMTP_HOST`` ...).
 
 from __future__ import annotations
 
+import re
 from email.utils import parseaddr
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_serializer, field_validator
+import limits
+from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_api_keys
+from emailq.netlists import parse_networks, split_list
 
 
 class SmtpSecurity(StrEnum):
@@ -64,10 +67,26 @@ class Settings(BaseSettings):
     allow_open_relay: bool = False
     # Failed authentications per client address per minute before it gets 429.
     auth_failure_limit: int = Field(default=20, ge=1)
+    # Sends per API key id (per client address while API_KEYS is unset), in the `limits`
+    # notation ("120/minute", "10/second; 1000/hour"); a batch counts its messages. "": off.
+    rate_limit_per_key: str = "120/minute"
+    # Contact-form submissions per client address per form. "": off.
+    rate_limit_per_form_address: str = "5/minute"
+    # Reverse proxies (IPs and CIDRs, comma or space separated) whose X-Forwarded-For is
+    # believed. Empty: the socket peer is the client, whatever the header says.
+    trusted_proxies: str = ""
+    # Origins (comma separated, e.g. "https://app.example.com") allowed to call the API from
+    # a browser. Empty: no CORS headers. CORS only; never a credential.
+    cors_origins: str = ""
+
+    # Contact forms (see emailq.forms): a TOML file, or JSON by extension. Empty: no forms.
+    forms_file: Path | None = None
+    # Serve the static contact-form test page at /dev/contact (`emailq dev` turns it on).
+    dev_pages: bool = False
 
     log_level: str = "INFO"
 
-    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", mode="before")
+    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", "forms_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
@@ -95,6 +114,39 @@ class Settings(BaseSettings):
     @field_serializer("allowed_recipients")
     def _dump_allowed_recipients(self, allowed: frozenset[str] | None) -> str | None:
         return ",".join(sorted(allowed)) if allowed else None
+
+    @field_validator("rate_limit_per_key", "rate_limit_per_form_address")
+    @classmethod
+    def _rate_limit(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            return ""
+        name = str(info.field_name).upper()
+        try:
+            parsed = limits.parse_many(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{name}: {value!r} is not a rate limit such as '120/minute' ({exc})"
+            ) from None
+        if len(parsed) != 1:  # one budget per caller; several would each need their headers
+            raise ValueError(f"{name}: one rate limit such as '120/minute', not {value!r}")
+        return value.strip()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)  # raises ValueError for anything that is not an IP or CIDR
+        return value.strip()
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in split_list(value):
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(
+                    f"CORS_ORIGINS: {origin!r} is not an origin such as "
+                    "'https://app.example.com' (scheme and host, no path)"
+                )
+        return value.strip()
 
     @field_validator("mail_from")
     @classmethod

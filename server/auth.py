@@ -21,6 +21,7 @@ from emailq.apikeys import ApiKey, Scope, hash_key, in_allow_list, in_domains
 from emailq.models import Job
 from emailq.queue import Queue
 from emailq.settings import Settings
+from server.clientaddr import client_address
 from server.deps import QueueDep, SettingsDep
 
 log = logging.getLogger("emailq.api")
@@ -114,9 +115,8 @@ def _bearer(request: Request) -> str | None:
 
 async def _refuse(request: Request, settings: Settings, queue: Queue) -> HTTPException:
     """401, or 429 once this address has failed too often in the current window."""
-    # The socket's peer; behind a reverse proxy that is the proxy. Trusted-proxy handling
-    # (X-Forwarded-For from configured proxies only) comes with the rate-limit work.
-    client = request.client.host if request.client else "unknown"
+    # The socket's peer, or the address a TRUSTED_PROXIES proxy forwarded for.
+    client = client_address(request)
     count, left_ms = await queue.note_auth_failure(client, AUTH_FAILURE_WINDOW_MS)
     log.warning("authentication failed from %s (%d this minute)", client, count,
                 extra={"request_id": request.state.request_id})  # fmt: skip
@@ -136,8 +136,8 @@ async def authenticate(request: Request, settings: SettingsDep, queue: QueueDep)
         given = _bearer(request)
         key = _match(given, settings.api_keys) if given is not None else None
         if key is None:
-            # A valid key is never throttled: until trusted proxies are configurable, everyone
-            # behind one proxy shares an address, and guessing a 256-bit key is hopeless anyway.
+            # A valid key is never throttled: without TRUSTED_PROXIES everyone behind one
+            # proxy shares an address, and guessing a 256-bit key is hopeless anyway.
             raise await _refuse(request, settings, queue)
         principal = Principal(key.id, key.scope, key.domains)
     # Read by other parts (idempotency scopes its keys by it): set on every request we see.
@@ -155,7 +155,8 @@ def require_admin(request: Request, principal: PrincipalDep, settings: SettingsD
             detail = f"key {principal.key_id!r} has scope {principal.scope}; admin endpoints need"
             raise HTTPException(403, detail + " an admin key")
         return
-    if not is_loopback(request.client.host if request.client else None):
+    # Behind a TRUSTED_PROXIES proxy on loopback, the forwarded client decides, not the proxy.
+    if not is_loopback(client_address(request)):
         raise HTTPException(
             403,
             "admin endpoints answer loopback clients only while API_KEYS "

@@ -10,14 +10,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from emailq import __version__
+from emailq.forms import load_forms
 from emailq.logs import configure_logging, redact_url
+from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.waiting import ResultWaiter
 from server.auth import relay_guard
+from server.cors import ApiCorsMiddleware
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
-from server.routes import admin, batch, email, health
+from server.ratelimit import RateLimits
+from server.routes import admin, batch, dev, email, forms, health
 
 log = logging.getLogger("emailq.api")
 
@@ -27,9 +31,12 @@ API_PREFIX = "/api/v1"
 def create_app(settings: Settings) -> FastAPI:
     """Build the app for ``settings``; the Redis client opens in the lifespan.
 
-    Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone.
+    Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone, and
+    ``FormsConfigError`` for an invalid ``FORMS_FILE``.
     """
     relay_guard(settings)
+    # Read and checked now, so a bad FORMS_FILE stops the start with the form and field named.
+    contact_forms = load_forms(settings.forms_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,11 +50,13 @@ def create_app(settings: Settings) -> FastAPI:
         # One pub/sub subscription serves every `wait=` client of this process.
         app.state.waiter = ResultWaiter(app.state.queue)
         await app.state.waiter.start()
+        app.state.rate_limits = RateLimits(settings)
         log.info("API ready; Redis at %s", redact_url(settings.redis_url))
         try:
             yield
         finally:
             await app.state.waiter.stop()
+            await app.state.rate_limits.close()
             await app.state.queue.close()
 
     app = FastAPI(
@@ -62,10 +71,18 @@ def create_app(settings: Settings) -> FastAPI:
         max_request_bytes=settings.max_request_bytes,
         path_limits={API_PREFIX + batch.BATCH_PATH: settings.max_batch_request_bytes},
     )
+    if settings.cors_origins:
+        # Outside the request context, so preflights are answered before anything else runs.
+        app.add_middleware(ApiCorsMiddleware, origins=split_list(settings.cors_origins),
+                           prefix=API_PREFIX, exclude=[API_PREFIX + "/forms/"])  # fmt: skip
     install_error_handlers(app)
     app.include_router(email.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
+    app.include_router(forms.router, prefix=API_PREFIX)
+    app.state.forms = contact_forms
+    if settings.dev_pages:
+        app.include_router(dev.router)
     app.include_router(health.router)
     return app
 

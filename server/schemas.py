@@ -8,10 +8,12 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from emailq.forms import OWNER_PREFIX
 from emailq.models import Attempt, Priority, Status, TaskRecord
 
 MAX_BATCH = 100  # messages per batch request
 MAX_REQUEUE_IDS = 1000  # ids per bulk requeue request
+HIDDEN = "hidden"  # what a contact-form task's result shows as `to`
 
 
 def iso(ms: int | None) -> str | None:
@@ -69,7 +71,9 @@ class TaskResult(BaseModel):
         return cls(
             task_id=record.task_id,
             status=record.status,
-            to=record.to,
+            # A contact form's recipients are the site owner's private addresses, and its
+            # task id travels through a visitor's browser: show neither them nor the body.
+            to=HIDDEN if (record.key_id or "").startswith(OWNER_PREFIX) else record.to,
             attempts=record.attempts,
             reason=record.reason or None,
             priority=record.priority,

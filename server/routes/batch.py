@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -18,6 +18,7 @@ from server.auth import PrincipalDep, recipient_refusal
 from server.deps import QueueDep, RequestIdDep, SettingsDep
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import refuse_idempotency_key
+from server.ratelimit import check_key_rate
 from server.schemas import BatchAccepted, BatchEntry, BatchRequest
 
 router = APIRouter(prefix="/emails", tags=["email"])
@@ -61,6 +62,7 @@ async def send_batch(
     principal: PrincipalDep,
     body: BatchRequest,
     request: Request,
+    response: Response,
     queue: QueueDep,
     settings: SettingsDep,
     request_id: RequestIdDep,
@@ -91,6 +93,9 @@ async def send_batch(
                                   **answer.model_dump(exclude_none=True))  # fmt: skip
         return error_response(request, 422, "validation_error", detail,
                               **answer.model_dump(exclude_none=True))  # fmt: skip
+    # Each queued message counts against the key's rate limit: a batch of 100 is 100 sends,
+    # not a way around it. Over the limit the whole batch is refused (429), none queued.
+    await check_key_rate(request, response, principal, cost=len(items))
     await queue.enqueue_many(items)
     log.info("queued batch of %d (%d rejected)", answer.queued, answer.rejected,
              extra={"request_id": request_id})  # fmt: skip

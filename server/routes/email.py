@@ -14,6 +14,7 @@ from emailq.queue import EnqueueItem
 from server.auth import PrincipalDep, check_recipients
 from server.deps import QueueDep, RequestIdDep, SettingsDep, WaiterDep
 from server.idempotency import IdempotencyKeyDep, send_once
+from server.ratelimit import check_key_rate
 from server.schemas import Accepted, TaskResult
 
 router = APIRouter(prefix="/email", tags=["email"])
@@ -32,6 +33,8 @@ async def receive_email(
     job = compose(payload, max_body_bytes=settings.max_body_bytes)
     check_recipients(principal, settings, job)
     when = schedule(payload, datetime.now(UTC))
+    # Counted once it would be stored: a refused request costs neither us nor its budget.
+    await check_key_rate(request, response, principal)
     # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
     task_id = str(uuid.uuid4())
     if idempotency_key is not None:

@@ -1,0 +1,223 @@
+"""Contact forms: their configuration (``FORMS_FILE``) and how a submission becomes a ``Job``.
+
+A form fixes everything that decides where mail goes: the recipients, the subject
+template, the thank-you page. A submission only supplies field values, which are rendered
+with ``templating.render`` (plain ``{name}`` lookups) and HTML-escaped in the HTML body.
+The visitor's ``email`` becomes ``Reply-To`` only; ``From`` stays ``MAIL_FROM``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from emailq.compose import MAX_SUBJECT_CHARS, Address, normalize_address
+from emailq.errors import InvalidMessage, MessageTooLarge
+from emailq.models import Job
+from emailq.templating import check_header, render
+
+HONEYPOT = "_gotcha"
+# Fields a page may send that are never part of the mail (the CAPTCHA tokens and the
+# redirect hints some form services take; ours ignores them, see ``Form.redirect``).
+CONTROL_FIELDS = frozenset({HONEYPOT, "_next", "redirect", "cf-turnstile-response",
+                            "h-captcha-response"})  # fmt: skip
+OWNER_PREFIX = "form:"  # a form task's key_id; API key ids cannot contain ':'
+DUPLICATE_WINDOW_SECONDS = 600  # an identical submission from one client is dropped this long
+MAX_FIELDS = 50
+MAX_FIELD_NAME = 64
+
+
+class CaptchaProvider(StrEnum):
+    """The CAPTCHA services a form may require."""
+
+    TURNSTILE = "turnstile"  # Cloudflare Turnstile
+    HCAPTCHA = "hcaptcha"
+
+
+VERIFY_URLS = {
+    CaptchaProvider.TURNSTILE: "https://challenges.cloudflare.com/turnstile/v0/siteverify",
+    CaptchaProvider.HCAPTCHA: "https://api.hcaptcha.com/siteverify",
+}
+TOKEN_FIELDS = {
+    CaptchaProvider.TURNSTILE: "cf-turnstile-response",
+    CaptchaProvider.HCAPTCHA: "h-captcha-response",
+}
+
+
+class Captcha(BaseModel):
+    """A form's CAPTCHA: provider, secret, and where tokens are verified."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: CaptchaProvider
+    secret: str = Field(min_length=1)
+    verify_url: str = ""  # empty: the provider's own siteverify URL
+
+    @property
+    def url(self) -> str:
+        """The verify URL in effect."""
+        return self.verify_url or VERIFY_URLS[self.provider]
+
+    @property
+    def token_field(self) -> str:
+        """The form field the provider's widget fills with its token."""
+        return TOKEN_FIELDS[self.provider]
+
+
+def _redirect_target(value: str) -> str:
+    # Absolute http(s), or a path on the API's own host; "//host" would leave it.
+    if value.startswith(("https://", "http://")) or (value.startswith("/") and
+                                                     not value.startswith("//")):  # fmt: skip
+        check_header(value, "redirect")
+        return value
+    raise ValueError("must be an http(s) URL or a path starting with '/'")
+
+
+class Form(BaseModel):
+    """One form of ``FORMS_FILE``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    to: list[Address] = Field(min_length=1, max_length=10)
+    subject: str = Field(max_length=MAX_SUBJECT_CHARS)
+    allowed_origins: list[str] = Field(default_factory=list)
+    # Always where a plain form post is sent: a `_next`/`redirect` field is ignored.
+    redirect: Annotated[str, Field(min_length=1)]
+    captcha: Captcha | None = None
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_is_a_header(cls, value: str) -> str:
+        return check_header(value, "subject")
+
+    @field_validator("redirect")
+    @classmethod
+    def _redirect(cls, value: str) -> str:
+        return _redirect_target(value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            scheme, _, host = origin.partition("://")
+            if scheme not in ("http", "https") or not host or "/" in host:
+                raise ValueError(f"{origin!r} is not an origin such as 'https://example.com'")
+        return value
+
+
+class FormsConfigError(ValueError):
+    """``FORMS_FILE`` is unreadable or invalid; the message names the form and field."""
+
+
+def _read(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".json":
+            return json.loads(raw)
+        return tomllib.loads(raw.decode())
+    except (OSError, ValueError) as exc:
+        raise FormsConfigError(f"FORMS_FILE {path}: {exc}") from exc
+
+
+def load_forms(path: Path | None) -> dict[str, Form]:
+    """The forms of ``path`` (TOML, or JSON by extension) by id; none when ``path`` is None.
+
+    The file holds ``[[forms]]`` tables (a JSON ``{"forms": [...]}``).
+    """
+    if path is None:
+        return {}
+    data = _read(path)
+    entries = data.get("forms", []) if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise FormsConfigError(f"FORMS_FILE {path}: expected a list of forms under 'forms'")
+    forms: dict[str, Form] = {}
+    for index, entry in enumerate(entries):
+        name = entry.get("id", f"#{index + 1}") if isinstance(entry, dict) else f"#{index + 1}"
+        try:
+            form = Form.model_validate(entry)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(form)"
+            raise FormsConfigError(f"FORMS_FILE {path}: form {name!r}, field {where}: "
+                                   f"{first['msg']}") from exc  # fmt: skip
+        if form.id in forms:
+            raise FormsConfigError(f"FORMS_FILE {path}: form {form.id!r} is defined twice")
+        forms[form.id] = form
+    return forms
+
+
+def content_fields(submitted: Mapping[str, str]) -> dict[str, str]:
+    """The submitted fields that belong in the mail, checked for count and names."""
+    fields = {k: v for k, v in submitted.items() if k not in CONTROL_FIELDS}
+    if len(fields) > MAX_FIELDS:
+        raise InvalidMessage(f"at most {MAX_FIELDS} fields per submission")
+    for name in fields:
+        if len(name) > MAX_FIELD_NAME or any(c in name for c in "\r\n\0"):
+            raise InvalidMessage("field names must be at most 64 characters, one line each")
+    return fields
+
+
+def _ordered(fields: Mapping[str, str]) -> list[tuple[str, str]]:
+    first = [k for k in ("name", "email") if k in fields]
+    rest = [k for k in fields if k not in first and k != "message"]
+    tail = ["message"] if "message" in fields else []
+    return [(k, fields[k]) for k in first + rest + tail]
+
+
+def _text_body(form: Form, fields: Mapping[str, str]) -> str:
+    lines = [f"New submission of the form '{form.id}':", ""]
+    for name, value in _ordered(fields):
+        if "\n" in value:
+            lines += [f"{name}:", *(f"  {line}" for line in value.splitlines()), ""]
+        else:
+            lines.append(f"{name}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _html_body(form: Form, fields: Mapping[str, str]) -> str:
+    rows = "".join(
+        f'<tr><th align="left" valign="top">{html.escape(name)}</th>'
+        f'<td style="white-space:pre-wrap">{html.escape(value)}</td></tr>'
+        for name, value in _ordered(fields)
+    )
+    return (f"<p>New submission of the form <b>{html.escape(form.id)}</b>:</p>"
+            f"<table cellpadding=\"4\">{rows}</table>")  # fmt: skip
+
+
+def form_job(form: Form, fields: Mapping[str, str], *, max_body_bytes: int) -> Job:
+    """The mail for one submission; raises ``InvalidMessage`` or ``MessageTooLarge``."""
+    reply_to = None
+    if fields.get("email"):
+        try:
+            reply_to = normalize_address(fields["email"])
+        except ValueError as exc:
+            raise InvalidMessage(f"email: {exc}", field="email") from exc
+    # Values are rendered as given: render() substitutes {name} only, never evaluates.
+    subject = render(form.subject, fields, limit=MAX_SUBJECT_CHARS * 4)
+    # A value with CR/LF cannot reach the header: it is refused here (422).
+    check_header(subject, "subject")
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise InvalidMessage(f"subject is over {MAX_SUBJECT_CHARS} characters", field="subject")
+    text, body_html = _text_body(form, fields), _html_body(form, fields)
+    size = len(text.encode()) + len(body_html.encode())
+    if size > max_body_bytes:
+        raise MessageTooLarge(f"submission is {size} bytes; the limit is {max_body_bytes} bytes")
+    if "\0" in text:
+        raise InvalidMessage("fields must not contain NUL characters")
+    return Job(to=form.to[0], cc=form.to[1:], subject=subject, text=text, html=body_html,
+               reply_to=reply_to)  # fmt: skip
+
+
+def submission_key(form_id: str, client: str, fields: Mapping[str, str]) -> str:
+    """What makes two submissions the same: form, client address and every field."""
+    canonical = json.dumps([form_id, client, sorted(fields.items())], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

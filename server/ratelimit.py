@@ -1,0 +1,151 @@
+"""Rate limits kept in Redis, so every API replica draws on the same budgets.
+
+Two limits, each in the ``limits`` notation (``"120/minute"``; ``""`` turns it off):
+
+* ``RATE_LIMIT_PER_KEY`` on the send endpoints, per API key id (per client address while
+  ``API_KEYS`` is unset). A batch costs its number of messages: the limit is on mail, and a
+  batch must not be a way around it.
+* ``RATE_LIMIT_PER_FORM_ADDRESS`` per client address per contact form, through
+  ``check_form_rate``.
+
+A moving window (``limits``' exact strategy: one sorted list per budget, checked and
+appended in one Lua step) so a burst at a window edge cannot double the rate. Refusals are
+429 with ``Retry-After``; every answer under a limit carries the IETF draft's
+``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` (seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import limits
+import redis.asyncio
+from fastapi import Depends, HTTPException, Request, Response
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+
+from emailq.errors import StoreUnavailable
+from emailq.queue import Keys
+from emailq.settings import Settings
+from server.auth import Principal
+from server.clientaddr import client_address
+
+log = logging.getLogger("emailq.api")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Where one budget stands after a request was counted against it."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int  # until the oldest counted request leaves the window
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The RateLimit-* headers describing this budget."""
+        return {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
+                "RateLimit-Reset": str(self.reset_seconds)}  # fmt: skip
+
+
+def _parse(value: str) -> limits.RateLimitItem | None:
+    # Settings checked it is one limit in the `limits` notation.
+    return limits.parse(value) if value else None
+
+
+class RateLimits:
+    """The configured limits and the Redis-backed limiter, opened in the lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        keys = Keys(settings.redis_key_prefix)
+        # Our own pool, so the lifespan can close what it opened.
+        self._pool = redis.asyncio.ConnectionPool.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+        )
+        storage = RedisStorage(
+            "async+" + settings.redis_url,
+            wrap_exceptions=True,
+            implementation="redispy",
+            key_prefix=keys.rate_limit_prefix,
+            # limits hands this on to redis.asyncio.Redis; its option type is too narrow.
+            connection_pool=self._pool,  # type: ignore[arg-type]
+        )
+        self._limiter = MovingWindowRateLimiter(storage)
+        self.per_key = _parse(settings.rate_limit_per_key)
+        self.per_form_address = _parse(settings.rate_limit_per_form_address)
+
+    async def close(self) -> None:
+        """Close the Redis connections."""
+        await self._pool.aclose()
+
+    async def hit(self, item: limits.RateLimitItem, *identifiers: str, cost: int = 1) -> Usage:
+        """Count ``cost`` against one budget; 429 when it would go over."""
+        try:
+            allowed = await self._limiter.hit(item, *identifiers, cost=cost)
+            stats = await self._limiter.get_window_stats(item, *identifiers)
+        except StorageError as exc:
+            name = exc.storage_error.__class__.__name__
+            raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
+        usage = Usage(limit=item.amount, remaining=max(0, stats.remaining),
+                      reset_seconds=max(0, math.ceil(stats.reset_time - time.time())))  # fmt: skip
+        if not allowed:
+            raise _too_many(usage, cost)
+        return usage
+
+
+def _too_many(usage: Usage, cost: int) -> HTTPException:
+    if cost > usage.limit:
+        detail = f"this request counts {cost} against a limit of {usage.limit}; send fewer"
+    else:
+        detail = f"rate limit of {usage.limit} exceeded; retry after the Retry-After seconds"
+    retry_after = str(max(1, usage.reset_seconds))
+    return HTTPException(429, detail, headers={"Retry-After": retry_after, **usage.headers})
+
+
+def get_rate_limits(request: Request) -> RateLimits:
+    """The limiter opened by the lifespan."""
+    rate_limits: RateLimits = request.app.state.rate_limits
+    return rate_limits
+
+
+RateLimitsDep = Annotated[RateLimits, Depends(get_rate_limits)]
+
+
+async def check_key_rate(
+    request: Request, response: Response, principal: Principal, *, cost: int = 1
+) -> Usage | None:
+    """Count a send of ``cost`` messages against the caller's RATE_LIMIT_PER_KEY budget."""
+    rate_limits = get_rate_limits(request)
+    if rate_limits.per_key is None:
+        return None
+    # Without API_KEYS every caller is `anonymous`: one budget for all would let one client
+    # starve the rest, so the address is the budget.
+    who = ("address", client_address(request)) if principal.anonymous else ("key", principal.key_id)
+    usage = await rate_limits.hit(rate_limits.per_key, "send", *who, cost=cost)
+    response.headers.update(usage.headers)
+    return usage
+
+
+async def check_form_rate(
+    request: Request, form_id: str, response: Response | None = None
+) -> Usage | None:
+    """Count one submission of form ``form_id`` against the client address's budget.
+
+    429 when over RATE_LIMIT_PER_FORM_ADDRESS; None when that limit is off. The RateLimit-*
+    headers go on ``response`` when given, else take them from the returned ``Usage``.
+    """
+    rate_limits = get_rate_limits(request)
+    if rate_limits.per_form_address is None:
+        return None
+    item = rate_limits.per_form_address
+    usage = await rate_limits.hit(item, "form", form_id, "address", client_address(request))
+    if response is not None:
+        response.headers.update(usage.headers)
+    return usage

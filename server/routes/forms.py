@@ -1,0 +1,184 @@
+"""Contact forms for browsers: ``POST /api/v1/forms/{form_id}`` and its CORS preflight.
+
+A plain HTML ``<form>`` (urlencoded) gets a 303 to the form's configured thank-you page;
+a JSON client gets 202 ``{task_id, status}``. Where mail goes is fixed by ``FORMS_FILE``:
+nothing in the request can change recipients, sender or redirect. The Origin header
+decides CORS headers only; a request with any Origin, or none, is processed the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
+
+import httpx
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from emailq.errors import InvalidMessage
+from emailq.forms import (
+    DUPLICATE_WINDOW_SECONDS,
+    HONEYPOT,
+    MAX_FIELDS,
+    OWNER_PREFIX,
+    Captcha,
+    Form,
+    content_fields,
+    form_job,
+    submission_key,
+)  # fmt: skip
+from emailq.queue import EnqueueItem, Idempotency
+from server.clientaddr import client_address
+from server.deps import QueueDep, RequestIdDep, SettingsDep
+from server.ratelimit import check_form_rate
+from server.schemas import Accepted
+
+router = APIRouter(prefix="/forms", tags=["forms"])
+log = logging.getLogger("emailq.api")
+
+CAPTCHA_TIMEOUT_SECONDS = 5.0
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+def get_form(request: Request, form_id: str) -> Form:
+    """The configured form ``form_id``; 404 when there is none."""
+    form: Form | None = request.app.state.forms.get(form_id)
+    if form is None:
+        raise HTTPException(404, f"no form {form_id!r}")
+    return form
+
+
+FormDep = Annotated[Form, Depends(get_form)]
+
+
+def _cors(form: Form, request: Request, response: Response) -> None:
+    # Only an exact allow-listed origin is echoed; never "*", never the Origin as given.
+    response.headers["Vary"] = "Origin"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin in form.allowed_origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+
+
+def _scalar(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float | bool):
+        return json.dumps(value)
+    raise InvalidMessage(f"field {name!r} must be a string", field=name)
+
+
+async def _fields(request: Request) -> tuple[dict[str, str], bool]:
+    """The submitted fields, and whether the body was JSON."""
+    media = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if media == "application/json":
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidMessage("the body is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise InvalidMessage("the body must be a JSON object of fields")
+        return {str(k): _scalar(str(k), v) for k, v in data.items()}, True
+    if media != FORM_CONTENT_TYPE:
+        raise HTTPException(415, f"send {FORM_CONTENT_TYPE} (a plain <form>) or application/json")
+    try:
+        pairs = parse_qsl(raw.decode(), keep_blank_values=True, max_num_fields=MAX_FIELDS * 2)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidMessage("the form body is not valid UTF-8 urlencoded fields") from exc
+    fields: dict[str, str] = {}
+    for name, value in pairs:  # a repeated name (checkboxes) keeps every value
+        fields[name] = f"{fields[name]}, {value}" if name in fields else value
+    return fields, False
+
+
+async def _verify_captcha(captcha: Captcha, token: str, client: str) -> None:
+    """Ask the provider whether ``token`` is a solved challenge; 400 if not or unanswered."""
+    if not token:
+        raise HTTPException(400, f"CAPTCHA required: the {captcha.token_field} field is missing")
+    data = {"secret": captcha.secret, "response": token, "remoteip": client}
+    try:
+        async with httpx.AsyncClient(timeout=CAPTCHA_TIMEOUT_SECONDS) as http:
+            reply = await http.post(captcha.url, data=data)
+        success = reply.status_code == 200 and reply.json().get("success") is True
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        log.warning("CAPTCHA verification failed: %s", exc.__class__.__name__)
+        raise HTTPException(400, "the CAPTCHA could not be verified; try again") from exc
+    if not success:
+        raise HTTPException(400, "the CAPTCHA was not solved; try again")
+
+
+def _answer(form: Form, task_id: str, wants_json: bool) -> Response:
+    if wants_json:
+        return JSONResponse(Accepted(task_id=task_id).model_dump(), status_code=202)
+    # Always the configured page: a `_next`/`redirect` field in the request is ignored.
+    return RedirectResponse(form.redirect, status_code=303)
+
+
+@router.options("/{form_id}", status_code=204, include_in_schema=False)
+async def form_preflight(form: FormDep, request: Request) -> Response:
+    """CORS preflight: allowed only for the form's ``allowed_origins``."""
+    response = Response(status_code=204)
+    _cors(form, request, response)
+    if "Access-Control-Allow-Origin" in response.headers:
+        response.headers["Access-Control-Allow-Methods"] = "POST"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Accept"
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+_SEE_OTHER: dict[int | str, dict[str, Any]] = {
+    303: {"description": "a plain form post: to the form's thank-you page"}
+}
+
+
+@router.post("/{form_id}", status_code=202, response_model=Accepted, responses=_SEE_OTHER)
+async def submit_form(
+    form: FormDep, request: Request, queue: QueueDep, settings: SettingsDep,
+    request_id: RequestIdDep,
+) -> Response:  # fmt: skip
+    """Submit a contact form (urlencoded or JSON); mail goes to the form's fixed recipients."""
+    client = client_address(request)
+    rate = await _form_rate(request, form.id)
+    submitted, is_json = await _fields(request)
+    wants_json = is_json or "application/json" in request.headers.get("Accept", "")
+    if submitted.get(HONEYPOT):
+        # A bot filled the hidden field: answer exactly as for a real one, send nothing.
+        log.info("honeypot filled", extra={"request_id": request_id})
+        response = _answer(form, str(uuid.uuid4()), wants_json)
+    else:
+        if form.captcha is not None:
+            token = submitted.get(form.captcha.token_field, "")
+            await _verify_captcha(form.captcha, token, client)
+        response = _answer(form, await _enqueue(form, submitted, client, queue, request_id,
+                                                settings.max_body_bytes), wants_json)  # fmt: skip
+    _cors(form, request, response)
+    response.headers.update(rate)
+    return response
+
+
+async def _form_rate(request: Request, form_id: str) -> dict[str, str]:
+    """The RateLimit-* headers after counting this submission (429 when over)."""
+    usage = await check_form_rate(request, form_id)
+    return usage.headers if usage is not None else {}
+
+
+async def _enqueue(
+    form: Form, submitted: dict[str, str], client: str, queue: QueueDep, request_id: str,
+    max_body_bytes: int,
+) -> str:  # fmt: skip
+    """Queue the mail, or return the task of the same submission in the last 10 minutes."""
+    fields = content_fields(submitted)
+    job = form_job(form, fields, max_body_bytes=max_body_bytes)
+    # uuid4: unguessable, since a form task's id is the only thing protecting its result.
+    item = EnqueueItem(str(uuid.uuid4()), job, request_id, key_id=OWNER_PREFIX + form.id)
+    once = Idempotency(scope=OWNER_PREFIX + form.id,
+                       key=submission_key(form.id, client, fields),
+                       fingerprint="form", ttl_seconds=DUPLICATE_WINDOW_SECONDS)  # fmt: skip
+    replay = await queue.enqueue_once(item, once)
+    task_id = item.task_id if replay is None else replay.task_id
+    log.info("form queued" if replay is None else "form duplicate dropped",
+             extra={"request_id": request_id, "task_id": task_id})  # fmt: skip
+    return task_id

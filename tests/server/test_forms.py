@@ -1,0 +1,296 @@
+"""Contact forms, attacked as a stranger on the internet would: through the API and Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from emailq.forms import FormsConfigError, load_forms
+from emailq.message import build_message
+from emailq.models import Job
+from emailq.redis_server import free_port
+from emailq.settings import Settings
+from server.main import create_app
+
+THANKS = "https://site.example/thanks"
+SITE = "https://site.example"
+FORM = "/api/v1/forms/contact"
+VISITOR = {"name": "Ada", "email": "ada@visitor.example", "message": "Hello there"}
+BROWSER = {"Content-Type": "application/x-www-form-urlencoded"}
+
+FORMS_TOML = f"""
+[[forms]]
+id = "contact"
+to = ["owner@site.example", "sales@site.example"]
+subject = "Contact from {{name}}"
+allowed_origins = ["{SITE}"]
+redirect = "{THANKS}"
+"""
+
+
+class Verifier(BaseHTTPRequestHandler):
+    """A stand-in siteverify endpoint: the token "good" passes, anything else fails."""
+
+    seen: ClassVar[list[dict[str, list[str]]]] = []
+
+    def do_POST(self) -> None:  # http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        form = parse_qs(body)
+        Verifier.seen.append(form)
+        ok = form.get("response") == ["good"] and form.get("secret") == ["s3cret"]
+        reply = json.dumps({"success": ok}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def verify_url() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", free_port()), Verifier)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/siteverify"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def forms_app(make_settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., TestClient]:
+    def make(extra: str = "", **overrides: Any) -> TestClient:
+        path = tmp_path / "forms.toml"
+        path.write_text(FORMS_TOML + extra)
+        overrides.setdefault("rate_limit_per_form_address", "")
+        overrides.setdefault("max_body_bytes", 2048)
+        return TestClient(create_app(make_settings(forms_file=path, **overrides)))
+
+    return make
+
+
+@pytest.fixture
+def client(forms_app: Callable[..., TestClient]) -> Iterator[TestClient]:
+    with forms_app() as test_client:
+        yield test_client
+
+
+def tasks(store: redis.Redis) -> list[str]:
+    return [str(k) for k in store.keys("{emailq}:task:*")]
+
+
+def stored_job(store: redis.Redis, task_id: str) -> Job:
+    return Job.model_validate_json(str(store.hget(f"{{emailq}}:task:{task_id}", "job")))
+
+
+def test_plain_form_post_redirects_to_the_thank_you_page(
+    client: TestClient, store: redis.Redis
+) -> None:
+    response = client.post(FORM, data=VISITOR, follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["Location"] == THANKS
+    [key] = tasks(store)
+    job = stored_job(store, key.rsplit(":", 1)[1])
+    assert job.to == "owner@site.example"
+    assert job.cc == ["sales@site.example"]
+    assert job.reply_to == "ada@visitor.example"
+    assert job.subject == "Contact from Ada"
+    assert "message:" not in job.subject
+    assert "Hello there" in job.text
+    message = build_message("t", job, "emailq <noreply@example.com>")
+    assert message["From"] == "emailq <noreply@example.com>"
+    assert message["Reply-To"] == "ada@visitor.example"
+
+
+def test_json_client_gets_a_task_id(client: TestClient) -> None:
+    response = client.post(FORM, json=VISITOR)
+    assert response.status_code == 202
+    assert response.json() == {"task_id": response.json()["task_id"], "status": "queued"}
+    accept_json = client.post(FORM, data={**VISITOR, "name": "B"},
+                              headers={"Accept": "application/json"})  # fmt: skip
+    assert accept_json.status_code == 202
+    assert accept_json.json()["status"] == "queued"
+
+
+def test_unknown_form_is_404_json(client: TestClient) -> None:
+    response = client.post("/api/v1/forms/nope", data=VISITOR)
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize("field", ["name", "email", "message", "subject", "to", "x"])
+def test_header_injection_through_any_field_injects_nothing(
+    client: TestClient, store: redis.Redis, field: str
+) -> None:
+    evil = "Ada\r\nBcc: victim@evil.example\r\nX-Evil: 1"
+    response = client.post(FORM, json={**VISITOR, field: evil})
+    if response.status_code == 202:  # accepted: the value stayed in the body only
+        job = stored_job(store, response.json()["task_id"])
+        message = build_message("t", job, "emailq <noreply@example.com>")
+        assert "Bcc" not in message
+        assert "X-Evil" not in message
+        assert job.recipients == ["owner@site.example", "sales@site.example"]
+        assert "\r" not in job.subject
+        assert "\n" not in job.subject
+    else:  # name reaches the subject, email the Reply-To: both refused
+        assert field in ("name", "email")
+        assert response.status_code == 422
+        assert tasks(store) == []
+
+
+def test_template_injection_stays_literal(client: TestClient, store: redis.Redis) -> None:
+    name = "{email.__class__} {0} {message} {__init__.__globals__}"
+    response = client.post(FORM, json={**VISITOR, "name": name, "message": "{name}"})
+    job = stored_job(store, response.json()["task_id"])
+    # Values are substituted once into the subject and never rendered themselves.
+    assert job.subject == f"Contact from {name}"
+    assert "name: " + name in job.text
+    assert "message: {name}" in job.text
+
+
+def test_html_body_escapes_every_value(client: TestClient, store: redis.Redis) -> None:
+    evil = '<script>alert(1)</script>"'
+    response = client.post(FORM, json={**VISITOR, "message": evil, "<i>": "x"})
+    job = stored_job(store, response.json()["task_id"])
+    assert job.html is not None
+    assert "<script>" not in job.html
+    assert "<i>" not in job.html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&quot;" in job.html
+
+
+def test_forged_origin_gets_no_cors_and_bypasses_nothing(
+    client: TestClient, store: redis.Redis
+) -> None:
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    refused = client.options(FORM, headers=preflight)
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    allowed = client.options(FORM, headers={**preflight, "Origin": SITE})
+    assert allowed.status_code == 204
+    assert allowed.headers["Access-Control-Allow-Origin"] == SITE
+    assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
+
+    forged = client.post(FORM, json={**VISITOR, "to": "victim@evil.example"},
+                         headers={"Origin": "https://evil.example"})  # fmt: skip
+    assert forged.status_code == 202  # processed as any other: Origin is not authentication
+    assert "Access-Control-Allow-Origin" not in forged.headers
+    job = stored_job(store, forged.json()["task_id"])
+    assert "victim@evil.example" not in job.recipients
+    real = client.post(FORM, json={**VISITOR, "name": "B"}, headers={"Origin": SITE})
+    assert real.headers["Access-Control-Allow-Origin"] == SITE
+
+
+def test_open_redirect_attempts_get_the_configured_page(client: TestClient) -> None:
+    for name, value in [("_next", "https://evil.example"), ("redirect", "//evil.example"),
+                        ("_next", THANKS + ".evil.example")]:  # fmt: skip
+        response = client.post(FORM, data={**VISITOR, name: value, "message": value},
+                               follow_redirects=False)  # fmt: skip
+        assert response.status_code == 303
+        assert response.headers["Location"] == THANKS
+
+
+def test_honeypot_looks_accepted_and_stores_nothing(client: TestClient, store: redis.Redis) -> None:
+    bot = {**VISITOR, "_gotcha": "http://spam.example"}
+    as_json = client.post(FORM, json=bot)
+    assert as_json.status_code == 202
+    assert set(as_json.json()) == {"task_id", "status"}
+    assert as_json.json()["status"] == "queued"
+    plain = client.post(FORM, data=bot, follow_redirects=False)
+    assert plain.status_code == 303
+    assert plain.headers["Location"] == THANKS
+    assert store.keys("*") == []
+
+
+def test_duplicate_submission_gets_the_same_task(client: TestClient, store: redis.Redis) -> None:
+    first = client.post(FORM, json=VISITOR).json()["task_id"]
+    again = client.post(FORM, json=VISITOR).json()["task_id"]
+    assert again == first
+    other = client.post(FORM, json={**VISITOR, "message": "Something else"}).json()["task_id"]
+    assert other != first
+    assert len(tasks(store)) == 2
+
+
+def test_form_task_result_hides_recipients_and_body(client: TestClient) -> None:
+    task_id = client.post(FORM, json=VISITOR).json()["task_id"]
+    result = client.get("/api/v1/email/result", params={"task_id": task_id})
+    assert result.status_code == 200
+    assert result.json()["to"] == "hidden"
+    text = result.text
+    assert "site.example" not in text
+    assert "Hello there" not in text
+    assert "ada@" not in text
+
+
+def captcha_config(provider: str, verify_url: str) -> str:
+    """The [forms.captcha] table of the test form."""
+    return f"""
+[forms.captcha]
+provider = "{provider}"
+secret = "s3cret"
+verify_url = "{verify_url}"
+"""
+
+
+def test_captcha_is_verified_server_side(
+    forms_app: Callable[..., TestClient], store: redis.Redis, verify_url: str
+) -> None:
+    with forms_app(captcha_config("turnstile", verify_url)) as client:
+        missing = client.post(FORM, json=VISITOR)
+        wrong = client.post(FORM, json={**VISITOR, "cf-turnstile-response": "forged"})
+        assert (missing.status_code, wrong.status_code) == (400, 400)
+        assert tasks(store) == []
+        good = client.post(FORM, json={**VISITOR, "cf-turnstile-response": "good"})
+        assert good.status_code == 202
+        job = stored_job(store, good.json()["task_id"])
+        assert "good" not in job.text  # the token is not part of the mail
+    assert Verifier.seen[-1]["secret"] == ["s3cret"]
+
+
+def test_captcha_verifier_down_sends_nothing(
+    forms_app: Callable[..., TestClient], store: redis.Redis
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}/siteverify"
+    with forms_app(captcha_config("hcaptcha", down)) as client:
+        response = client.post(FORM, json={**VISITOR, "h-captcha-response": "good"})
+    assert response.status_code == 400
+    assert tasks(store) == []
+
+
+def test_size_and_shape_limits(client: TestClient, store: redis.Redis) -> None:
+    assert client.post(FORM, json={**VISITOR, "message": "x" * 5000}).status_code == 413
+    assert client.post(FORM, json={**VISITOR, "tags": ["a"]}).status_code == 422
+    assert client.post(FORM, json={**VISITOR, "email": "not an address"}).status_code == 422
+    plain_text = {"Content-Type": "text/plain"}
+    assert client.post(FORM, content=b"x", headers=plain_text).status_code == 415
+    assert tasks(store) == []
+
+
+def test_form_submissions_are_rate_limited(forms_app: Callable[..., TestClient]) -> None:
+    with forms_app(rate_limit_per_form_address="2/minute") as client:
+        codes = [client.post(FORM, json={**VISITOR, "message": str(i)}).status_code
+                 for i in range(3)]  # fmt: skip
+    assert codes == [202, 202, 429]
+
+
+def test_bad_forms_file_names_the_form_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "forms.toml"
+    path.write_text(FORMS_TOML.replace(THANKS, "javascript:alert(1)"))
+    with pytest.raises(FormsConfigError, match=r"'contact', field redirect"):
+        load_forms(path)
+    path.write_text(FORMS_TOML.replace('"owner@site.example"', '"not-an-address"'))
+    with pytest.raises(FormsConfigError, match=r"'contact', field to\.0"):
+        load_forms(path)
+    json_path = tmp_path / "forms.json"
+    json_path.write_text(json.dumps({"forms": [{"id": "a", "to": ["o@x.example"],
+                                                "subject": "s", "redirect": "/ok"}]}))  # fmt: skip
+    assert load_forms(json_path)["a"].redirect == "/ok"
