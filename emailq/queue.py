@@ -32,7 +32,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Literal
 
@@ -70,7 +70,9 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return {n, redis.call('PTTL', KEYS[1])}
 """
-_SCRIPTS = ("enqueue", "claim", "finish", "renew", "release", "cancel", "requeue", "stats")
+_SCRIPTS = (
+    "enqueue", "claim", "finish", "renew", "release", "cancel", "requeue", "stats", "guard",
+)  # fmt: skip
 
 
 class Keys:
@@ -274,17 +276,38 @@ class Queue:
         task_id, same = reply
         return Replay(task_id=str(task_id), same_request=bool(same))
 
-    async def enqueue_many(self, items: Sequence[EnqueueItem]) -> None:
-        """Enqueue several tasks in one round trip; each is stored atomically on its own."""
+    async def enqueue_many(
+        self, items: Sequence[EnqueueItem], idempotency: Idempotency | None = None
+    ) -> list[Replay | None]:
+        """Enqueue several tasks in one round trip; each is stored atomically on its own.
+
+        With ``idempotency`` (a batch's key, after ``guard_batch``), item *i* is stored only
+        if ``<key>#<i>`` is new, so a repeated or concurrent identical batch creates each
+        task once; returns, per item, None if stored or the earlier task."""
         pipe = self.redis.pipeline(transaction=False)
         script = self._scripts["enqueue"]
-        for item in items:
+        for index, item in enumerate(items):
+            once = (
+                None
+                if idempotency is None
+                else replace(idempotency, key=f"{idempotency.key}#{index}")
+            )
             args = self._enqueue_args(item.task_id, item.job, item.request_id, item.lane,
-                                      item.send_at_ms, item.expires_at_ms,
+                                      item.send_at_ms, item.expires_at_ms, once,
                                       key_id=item.key_id)  # fmt: skip
             await script(self.keys.shared_keys(), [*self.keys.shared_args(), *args], client=pipe)
         with _store_errors():
-            await pipe.execute()
+            replies = await pipe.execute()
+        return [
+            Replay(task_id=str(r[0]), same_request=bool(r[1])) if isinstance(r, list) else None
+            for r in replies
+        ]
+
+    async def guard_batch(self, idempotency: Idempotency) -> bool | None:
+        """Remember a batch's key: None if it is new, else whether the body matches the first."""
+        record = self.keys.idempotency(idempotency.scope, idempotency.key)
+        stored = await self._run("guard", record, idempotency.fingerprint, idempotency.ttl_seconds)
+        return None if stored is None else stored == idempotency.fingerprint
 
     # -- reading ------------------------------------------------------------------------
 

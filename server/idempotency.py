@@ -3,7 +3,8 @@
 The first request with a key stores its task and, in the same Lua step, a record of the key
 (scoped to the caller's API key, kept 24 h). A repeat with the same body gets the first
 answer again, with ``Idempotent-Replayed: true``, and sends nothing; the same key with
-another body is 409. The batch endpoint refuses the header (422) rather than ignore it.
+another body is 409. Batches use the same header, with a record per message (see
+``batch_once``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Header, Request, Response
-from fastapi.exceptions import RequestValidationError
 
 from emailq.queue import EnqueueItem, Idempotency, Queue
 from server.errors import IdempotencyConflict
@@ -66,12 +67,25 @@ async def send_once(
     return Accepted(task_id=replay.task_id)
 
 
-def refuse_idempotency_key(
-    key: Annotated[str | None, Header(alias=HEADER, include_in_schema=False)] = None,
-) -> None:
-    """For endpoints without idempotency: a key sent there is refused, not silently ignored."""
-    if key is not None:
-        raise RequestValidationError([{
-            "loc": ("header", HEADER), "type": "not_supported",
-            "msg": f"{HEADER} is supported on POST /api/v1/email/received only, not on batches",
-        }])  # fmt: skip
+@dataclass(frozen=True)
+class BatchOnce:
+    """A batch's Idempotency-Key once checked: its record, and whether this is a repeat."""
+
+    idempotency: Idempotency
+    replay: bool
+
+
+async def batch_once(request: Request, queue: Queue, key: str | None) -> BatchOnce | None:
+    """Check a batch's key before anything is stored: 409 if it came with another body.
+
+    Batch keys live in their own scope, apart from single sends' keys. Each message is then
+    stored under ``<key>#<index>`` (``Queue.enqueue_many``), so a repeat, or an identical
+    batch racing this one, gets the same task ids and creates nothing twice."""
+    if key is None:
+        return None
+    scope = "batch:" + str(getattr(request.state, "key_id", ANONYMOUS))
+    once = Idempotency(scope=scope, key=key, fingerprint=fingerprint(await request.body()))
+    seen = await queue.guard_batch(once)
+    if seen is False:
+        raise IdempotencyConflict(f"this {HEADER} was used with a different batch body")
+    return BatchOnce(once, replay=seen is True)

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -17,7 +17,7 @@ from emailq.queue import EnqueueItem
 from server.auth import PrincipalDep, recipient_refusal
 from server.deps import QueueDep, RequestIdDep, SettingsDep
 from server.errors import error_response, validation_detail, validation_fields
-from server.idempotency import refuse_idempotency_key
+from server.idempotency import IdempotencyKeyDep, batch_once
 from server.ratelimit import check_key_rate
 from server.schemas import BatchAccepted, BatchEntry, BatchRequest
 
@@ -56,7 +56,6 @@ def _rejected(index: int, exc: Exception) -> BatchEntry:
     response_model=BatchAccepted,
     response_model_exclude_none=True,
     responses={422: {"description": "the batch is malformed, or none of its messages is valid"}},
-    dependencies=[Depends(refuse_idempotency_key)],
 )
 async def send_batch(
     principal: PrincipalDep,
@@ -66,6 +65,7 @@ async def send_batch(
     queue: QueueDep,
     settings: SettingsDep,
     request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> BatchAccepted | JSONResponse:
     """Accept up to 100 emails; each is queued or rejected on its own (422 if none is valid)."""
     now = datetime.now(UTC)
@@ -93,10 +93,20 @@ async def send_batch(
                                   **answer.model_dump(exclude_none=True))  # fmt: skip
         return error_response(request, 422, "validation_error", detail,
                               **answer.model_dump(exclude_none=True))  # fmt: skip
-    # Each queued message counts against the key's rate limit: a batch of 100 is 100 sends,
-    # not a way around it. Over the limit the whole batch is refused (429), none queued.
-    await check_key_rate(request, response, principal, cost=len(items))
-    await queue.enqueue_many(items)
+    once = await batch_once(request, queue, idempotency_key)
+    if once is None or not once.replay:
+        # Each queued message counts against the key's rate limit: a batch of 100 is 100
+        # sends, not a way around it. Over the limit the whole batch is refused (429).
+        await check_key_rate(request, response, principal, cost=len(items))
+    replies = await queue.enqueue_many(items, once.idempotency if once else None)
+    stored = {
+        item.task_id: (r.task_id if r else item.task_id)
+        for item, r in zip(items, replies, strict=True)
+    }
+    answer.results = [e.model_copy(update={"task_id": stored[e.task_id]}) if e.task_id else e
+                      for e in results]  # fmt: skip
+    if once is not None and all(r is not None for r in replies):
+        response.headers["Idempotent-Replayed"] = "true"
     log.info("queued batch of %d (%d rejected)", answer.queued, answer.rejected,
              extra={"request_id": request_id})  # fmt: skip
     return answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -156,15 +157,62 @@ def test_a_key_of_256_printable_characters_is_accepted(client: TestClient) -> No
     assert send(client, key).headers["Idempotent-Replayed"] == "true"
 
 
-def test_the_batch_endpoint_refuses_the_header(client: TestClient, store: redis.Redis) -> None:
-    response = client.post(BATCH, json={"messages": [mail()]}, headers={"Idempotency-Key": "k"})
+def batch(client: TestClient, key: str, *bodies: str) -> httpx.Response:
+    messages = [mail(body=text) for text in bodies] + [{"to": "not-an-address"}]
+    return client.post(BATCH, json={"messages": messages}, headers={HEADER: key})
 
-    assert_error(response, 422, "validation_error")
-    assert "batch" in response.json()["detail"]
-    assert store.dbsize() == 0
+
+def test_a_repeated_batch_replays_its_task_ids_and_stores_nothing_new(
+    client: TestClient, store: redis.Redis
+) -> None:
+    first = batch(client, "batch-1", "one", "two")
+    again = batch(client, "batch-1", "one", "two")
+
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.json() == first.json()  # same ids, same per-message rejection
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(task_keys(store)) == 2
+
+
+def test_a_batch_key_reused_with_another_body_is_409_and_stores_nothing(
+    client: TestClient, store: redis.Redis
+) -> None:
+    batch(client, "batch-2", "one")
+    before = sorted(task_keys(store))
+
+    conflict = batch(client, "batch-2", "one", "two", "three")
+
+    assert_error(conflict, 409, "idempotency_conflict")
+    assert sorted(task_keys(store)) == before
+
+
+def test_batch_and_single_send_keys_do_not_collide(client: TestClient, store: redis.Redis) -> None:
+    assert batch(client, "shared", "one").status_code == 202
+    assert send(client, "shared").status_code == 202
+    assert len(task_keys(store)) == 2
 
 
 # -- the queue: scope and races ------------------------------------------------------------
+
+
+async def test_identical_batches_racing_create_each_task_once(queue: Queue) -> None:
+    """Two copies of one batch at once: each message is stored under its own record, so
+    whichever copy gets there first creates it and the other gets its id back."""
+    once = Idempotency(scope="batch:anonymous", key="race", fingerprint="f")
+    jobs = [Job(to="user@example.com", subject=f"s{i}", text="t") for i in range(20)]
+
+    async def one_copy() -> list[str]:
+        items = [EnqueueItem(task_id=str(uuid.uuid4()), job=job, request_id="r") for job in jobs]
+        assert await queue.guard_batch(once) in (None, True)
+        replies = await queue.enqueue_many(items, once)
+        return [r.task_id if r else item.task_id for item, r in zip(items, replies, strict=True)]
+
+    first, second = await asyncio.gather(one_copy(), one_copy())
+
+    assert first == second
+    stored = [k async for k in queue.redis.scan_iter(match=queue.keys.task_prefix + "*")]
+    assert len(stored) == 20
 
 
 @pytest.fixture
