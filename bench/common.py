@@ -80,10 +80,6 @@ def rss_mb(pid: int) -> float:
 class RedisStats:
     """INFO commandstats and memory deltas between two points."""
 
-    # Commands a client sends itself; everything else in commandstats ran inside scripts.
-    CLIENT_COMMANDS = ("evalsha", "eval", "blpop", "brpop", "hmget", "hset", "lpush",
-                       "rpush", "zadd", "hgetall", "ping", "pipeline", "multi", "exec")  # fmt: skip
-
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 

@@ -235,17 +235,14 @@ class Queue:
 
     # -- producing ----------------------------------------------------------------------
 
-    def _enqueue_args(
-        self, task_id: str, job: Job, request_id: str, lane: str, send_at_ms: int,
-        expires_at_ms: int,
-        idempotency: Idempotency | None = None, key_id: str = "",
-    ) -> list[str | int]:  # fmt: skip
-        once: list[str | int] = ["", "", 0]  # no idempotency key
-        if idempotency is not None:
-            once = [self.keys.idempotency(idempotency.scope, idempotency.key),
-                    idempotency.fingerprint, idempotency.ttl_seconds]  # fmt: skip
-        return [task_id, lane, job.to, job.model_dump_json(), request_id, send_at_ms,
-                expires_at_ms, *once, key_id]  # fmt: skip
+    def _enqueue_args(self, item: EnqueueItem, once: Idempotency | None) -> list[str | int]:
+        keyed: list[str | int] = ["", "", 0]  # no idempotency key
+        if once is not None:
+            keyed = [self.keys.idempotency(once.scope, once.key), once.fingerprint,
+                     once.ttl_seconds]  # fmt: skip
+        job = item.job
+        return [item.task_id, item.lane, job.to, job.model_dump_json(), item.request_id,
+                item.send_at_ms, item.expires_at_ms, *keyed, item.key_id]  # fmt: skip
 
     async def enqueue(
         self,
@@ -259,18 +256,16 @@ class Queue:
         key_id: str = "",
     ) -> int:
         """Store the task and make it ready (or schedule it); returns its creation time."""
-        args = self._enqueue_args(task_id, job, request_id, lane, send_at_ms, expires_at_ms,
-                                  key_id=key_id)  # fmt: skip
-        return int(await self._run("enqueue", *args))
+        item = EnqueueItem(task_id, job, request_id, lane, send_at_ms, expires_at_ms, key_id)
+        return int(await self._run("enqueue", *self._enqueue_args(item, None)))
 
-    async def enqueue_once(self, item: EnqueueItem, idempotency: Idempotency) -> Replay | None:
+    async def enqueue_once(
+        self, item: EnqueueItem, idempotency: Idempotency | None
+    ) -> Replay | None:
         """Enqueue unless ``idempotency``'s key was used in its scope: then store nothing and
         return the earlier task. Checking and storing are one Lua step, so concurrent
-        duplicates create one task."""
-        args = self._enqueue_args(item.task_id, item.job, item.request_id, item.lane,
-                                  item.send_at_ms, item.expires_at_ms, idempotency,
-                                  key_id=item.key_id)  # fmt: skip
-        reply = await self._run("enqueue", *args)
+        duplicates create one task. Without a key it is a plain enqueue (returns None)."""
+        reply = await self._run("enqueue", *self._enqueue_args(item, idempotency))
         if not isinstance(reply, list):
             return None  # stored: the reply is its creation time
         task_id, same = reply
@@ -292,9 +287,7 @@ class Queue:
                 if idempotency is None
                 else replace(idempotency, key=f"{idempotency.key}#{index}")
             )
-            args = self._enqueue_args(item.task_id, item.job, item.request_id, item.lane,
-                                      item.send_at_ms, item.expires_at_ms, once,
-                                      key_id=item.key_id)  # fmt: skip
+            args = self._enqueue_args(item, once)
             await script(self.keys.shared_keys(), [*self.keys.shared_args(), *args], client=pipe)
         with _store_errors():
             replies = await pipe.execute()

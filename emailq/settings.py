@@ -8,6 +8,7 @@ directly. Names match the original service's ``.env`` (``SMTP_HOST`` ...).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email.utils import parseaddr
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +20,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_api_keys
 from emailq.netlists import parse_networks, split_list
+
+_LIST_PARSERS: dict[str | None, Callable[[str], object]] = {
+    "api_keys": parse_api_keys,
+    "allowed_recipients": parse_allowed_recipients,
+}
 
 
 class SmtpSecurity(StrEnum):
@@ -92,18 +98,12 @@ class Settings(BaseSettings):
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
         return None if value == "" else value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_recipients", mode="before")
     @classmethod
-    def _parse_api_keys(cls, value: object) -> object:
+    def _parse_list(cls, value: object, info: ValidationInfo) -> object:
+        # Both come from one env var each; an empty one means "not configured".
         if isinstance(value, str):
-            return parse_api_keys(value) or None
-        return value or None
-
-    @field_validator("allowed_recipients", mode="before")
-    @classmethod
-    def _parse_allowed_recipients(cls, value: object) -> object:
-        if isinstance(value, str):
-            return parse_allowed_recipients(value) or None
+            return _LIST_PARSERS[info.field_name](value) or None
         return value or None
 
     @field_serializer("api_keys")

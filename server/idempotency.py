@@ -49,11 +49,14 @@ def fingerprint(raw: bytes) -> str:
 
 
 async def send_once(
-    request: Request, response: Response, queue: Queue, item: EnqueueItem, key: str
+    request: Request, response: Response, queue: Queue, item: EnqueueItem, key: str | None
 ) -> Accepted:
-    """Enqueue ``item`` unless ``key`` was used: then answer as the first time, or 409."""
-    scope = str(getattr(request.state, "key_id", ANONYMOUS))
-    once = Idempotency(scope=scope, key=key, fingerprint=fingerprint(await request.body()))
+    """Enqueue ``item`` unless ``key`` was used: then answer as the first time, or 409.
+    Without a key it simply enqueues."""
+    once = None
+    if key is not None:
+        scope = str(getattr(request.state, "key_id", ANONYMOUS))
+        once = Idempotency(scope=scope, key=key, fingerprint=fingerprint(await request.body()))
     replay = await queue.enqueue_once(item, once)
     if replay is None:
         log.info("queued", extra={"request_id": item.request_id, "task_id": item.task_id})

@@ -20,11 +20,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated
 
 import limits
 import redis.asyncio
-from fastapi import Depends, HTTPException, Request, Response
+from fastapi import HTTPException, Request, Response
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
@@ -113,9 +112,6 @@ def get_rate_limits(request: Request) -> RateLimits:
     """The limiter opened by the lifespan."""
     rate_limits: RateLimits = request.app.state.rate_limits
     return rate_limits
-
-
-RateLimitsDep = Annotated[RateLimits, Depends(get_rate_limits)]
 
 
 async def check_key_rate(

@@ -36,16 +36,9 @@ async def receive_email(
     # Counted once it would be stored: a refused request costs neither us nor its budget.
     await check_key_rate(request, response, principal)
     # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
-    task_id = str(uuid.uuid4())
-    if idempotency_key is not None:
-        item = EnqueueItem(task_id, job, request_id, when.lane, when.send_at_ms,
-                           when.expires_at_ms, principal.owner)  # fmt: skip
-        return await send_once(request, response, queue, item, idempotency_key)
-    await queue.enqueue(task_id, job, request_id=request_id, lane=when.lane,
-                        send_at_ms=when.send_at_ms, expires_at_ms=when.expires_at_ms,
-                        key_id=principal.owner)  # fmt: skip
-    log.info("queued", extra={"request_id": request_id, "task_id": task_id})
-    return Accepted(task_id=task_id)
+    item = EnqueueItem(str(uuid.uuid4()), job, request_id, when.lane, when.send_at_ms,
+                       when.expires_at_ms, principal.owner)  # fmt: skip
+    return await send_once(request, response, queue, item, idempotency_key)
 
 
 @router.get("/result", response_model_exclude_none=True)
