@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from email.message import EmailMessage
 from typing import Any
 
 import pytest
 from aiosmtplib.email import flatten_message
 
+import emailq.message
 from emailq.message import build_message, message_id
 from emailq.models import Job
 
@@ -122,3 +124,24 @@ def test_text_only_is_a_single_utf8_part() -> None:
     msg = parse(wire(job(text="한글")))
     assert msg.get_content_type() == "text/plain"
     assert msg.get_content_charset() == "utf-8"
+
+
+def _comparable(raw: bytes) -> bytes:
+    """The wire form without what differs between two builds: the date and the boundary."""
+    raw = re.sub(rb"^Date: .*\r\n", b"", raw, flags=re.M)
+    return re.sub(rb"={15}\d+==", b"BOUNDARY", raw)
+
+
+def test_reused_header_classes_build_what_the_stock_policy_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The worker's policy makes each header class once instead of once per header; the
+    # wire form must be exactly what CPython's own policy.SMTP gives.
+    first = job(subject=KOREAN, cc=["a@example.com"], html="<p>안녕</p>")
+    second = job(subject="Plain", reply_to="r@example.com", text="Hi\nthere")
+    a, b = build_message("t-1", first, MAIL_FROM), build_message("t-2", second, MAIL_FROM)
+    assert type(a["Subject"]) is type(b["Subject"])  # one class per header name
+    ours = [wire(j) for j in (first, second, first)]
+    monkeypatch.setattr(emailq.message, "_POLICY", email.policy.SMTP)
+    stock = [wire(j) for j in (first, second, first)]
+    assert [_comparable(r) for r in ours] == [_comparable(r) for r in stock]
