@@ -235,14 +235,37 @@ class Queue:
 
     # -- producing ----------------------------------------------------------------------
 
-    def _enqueue_args(self, item: EnqueueItem, once: Idempotency | None) -> list[str | int]:
+    def _enqueue_arg(self, item: EnqueueItem, once: Idempotency | None) -> str:
+        """One task as the JSON array enqueue.lua decodes."""
         keyed: list[str | int] = ["", "", 0]  # no idempotency key
         if once is not None:
             keyed = [self.keys.idempotency(once.scope, once.key), once.fingerprint,
                      once.ttl_seconds]  # fmt: skip
         job = item.job
-        return [item.task_id, item.lane, job.to, job.model_dump_json(), item.request_id,
-                item.send_at_ms, item.expires_at_ms, *keyed, item.key_id]  # fmt: skip
+        return json.dumps([item.task_id, item.lane, job.to, job.model_dump_json(),
+                           item.request_id, item.send_at_ms, item.expires_at_ms, *keyed,
+                           item.key_id])  # fmt: skip
+
+    async def _enqueue_raw(
+        self, entries: Sequence[tuple[EnqueueItem, Idempotency | None]]
+    ) -> list[Any]:
+        return list(await self._run("enqueue", *(self._enqueue_arg(i, o) for i, o in entries)))
+
+    async def enqueue_all(
+        self, entries: Sequence[tuple[EnqueueItem, Idempotency | None]]
+    ) -> list[Replay | None]:
+        """Store several tasks in one atomic script call: no other client sees part of
+        them, and a connection lost on the way cannot store part of them.
+
+        Each entry's idempotency key is checked and recorded in the same step, so duplicates
+        (concurrent, or within ``entries``) create one task. Returns, per entry, None if it
+        was stored, or the earlier task its key names.
+        """
+        replies = await self._enqueue_raw(entries)
+        return [
+            Replay(task_id=str(r[0]), same_request=bool(r[1])) if isinstance(r, list) else None
+            for r in replies
+        ]
 
     async def enqueue(
         self,
@@ -257,44 +280,30 @@ class Queue:
     ) -> int:
         """Store the task and make it ready (or schedule it); returns its creation time."""
         item = EnqueueItem(task_id, job, request_id, lane, send_at_ms, expires_at_ms, key_id)
-        return int(await self._run("enqueue", *self._enqueue_args(item, None)))
+        (created,) = await self._enqueue_raw([(item, None)])
+        return int(created)
 
     async def enqueue_once(
         self, item: EnqueueItem, idempotency: Idempotency | None
     ) -> Replay | None:
         """Enqueue unless ``idempotency``'s key was used in its scope: then store nothing and
-        return the earlier task. Checking and storing are one Lua step, so concurrent
-        duplicates create one task. Without a key it is a plain enqueue (returns None)."""
-        reply = await self._run("enqueue", *self._enqueue_args(item, idempotency))
-        if not isinstance(reply, list):
-            return None  # stored: the reply is its creation time
-        task_id, same = reply
-        return Replay(task_id=str(task_id), same_request=bool(same))
+        return the earlier task. Without a key it is a plain enqueue (returns None)."""
+        (reply,) = await self.enqueue_all([(item, idempotency)])
+        return reply
 
     async def enqueue_many(
         self, items: Sequence[EnqueueItem], idempotency: Idempotency | None = None
     ) -> list[Replay | None]:
-        """Enqueue several tasks in one round trip; each is stored atomically on its own.
+        """Enqueue a batch in one atomic script call (see ``enqueue_all``).
 
         With ``idempotency`` (a batch's key, after ``guard_batch``), item *i* is stored only
         if ``<key>#<i>`` is new, so a repeated or concurrent identical batch creates each
         task once; returns, per item, None if stored or the earlier task."""
-        pipe = self.redis.pipeline(transaction=False)
-        script = self._scripts["enqueue"]
-        for index, item in enumerate(items):
-            once = (
-                None
-                if idempotency is None
-                else replace(idempotency, key=f"{idempotency.key}#{index}")
-            )
-            args = self._enqueue_args(item, once)
-            await script(self.keys.shared_keys(), [*self.keys.shared_args(), *args], client=pipe)
-        with _store_errors():
-            replies = await pipe.execute()
-        return [
-            Replay(task_id=str(r[0]), same_request=bool(r[1])) if isinstance(r, list) else None
-            for r in replies
-        ]
+        return await self.enqueue_all([
+            (item, None if idempotency is None
+             else replace(idempotency, key=f"{idempotency.key}#{index}"))
+            for index, item in enumerate(items)
+        ])  # fmt: skip
 
     async def guard_batch(self, idempotency: Idempotency) -> bool | None:
         """Remember a batch's key: None if it is new, else whether the body matches the first."""

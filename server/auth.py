@@ -22,7 +22,7 @@ from emailq.models import Job
 from emailq.queue import Queue
 from emailq.settings import Settings
 from server.clientaddr import client_address
-from server.deps import QueueDep, SettingsDep
+from server.deps import SettingsDep, queue_of, settings_of
 
 log = logging.getLogger("emailq.api")
 
@@ -128,8 +128,9 @@ async def _refuse(request: Request, settings: Settings, queue: Queue) -> HTTPExc
                          headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
 
-async def authenticate(request: Request, settings: SettingsDep, queue: QueueDep) -> Principal:
+async def authenticate(request: Request) -> Principal:
     """The caller's principal; 401 (or 429 after repeated failures) without a valid key."""
+    settings = settings_of(request)
     if not settings.api_keys:
         principal = ANONYMOUS
     else:
@@ -138,7 +139,7 @@ async def authenticate(request: Request, settings: SettingsDep, queue: QueueDep)
         if key is None:
             # A valid key is never throttled: without TRUSTED_PROXIES everyone behind one
             # proxy shares an address, and guessing a 256-bit key is hopeless anyway.
-            raise await _refuse(request, settings, queue)
+            raise await _refuse(request, settings, queue_of(request))
         principal = Principal(key.id, key.scope, key.domains)
     # Read by other parts (idempotency scopes its keys by it): set on every request we see.
     request.state.key_id = principal.key_id
@@ -148,7 +149,7 @@ async def authenticate(request: Request, settings: SettingsDep, queue: QueueDep)
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def require_admin(request: Request, principal: PrincipalDep, settings: SettingsDep) -> None:
+async def require_admin(request: Request, principal: PrincipalDep, settings: SettingsDep) -> None:
     """Admin access: an admin key when keys are configured, else loopback clients only."""
     if settings.api_keys:
         if not principal.is_admin:

@@ -17,6 +17,7 @@ from typing import Annotated
 
 from fastapi import Header, Request, Response
 
+from emailq.coalesce import EnqueueCoalescer
 from emailq.queue import EnqueueItem, Idempotency, Queue
 from server.errors import IdempotencyConflict
 from server.schemas import Accepted
@@ -49,7 +50,11 @@ def fingerprint(raw: bytes) -> str:
 
 
 async def send_once(
-    request: Request, response: Response, queue: Queue, item: EnqueueItem, key: str | None
+    request: Request,
+    response: Response,
+    enqueuer: EnqueueCoalescer,
+    item: EnqueueItem,
+    key: str | None,
 ) -> Accepted:
     """Enqueue ``item`` unless ``key`` was used: then answer as the first time, or 409.
     Without a key it simply enqueues."""
@@ -57,7 +62,7 @@ async def send_once(
     if key is not None:
         scope = str(getattr(request.state, "key_id", ANONYMOUS))
         once = Idempotency(scope=scope, key=key, fingerprint=fingerprint(await request.body()))
-    replay = await queue.enqueue_once(item, once)
+    replay = await enqueuer.enqueue_once(item, once)
     if replay is None:
         log.info("queued", extra={"request_id": item.request_id, "task_id": item.task_id})
         return Accepted(task_id=item.task_id)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from emailq import __version__
+from emailq.coalesce import EnqueueCoalescer
 from emailq.forms import load_forms
 from emailq.logs import configure_logging, redact_url
 from emailq.netlists import split_list
@@ -47,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_attempts=settings.max_attempts,
             result_ttl_seconds=settings.result_ttl_seconds,
         )
+        app.state.enqueuer = EnqueueCoalescer(app.state.queue)
         # One pub/sub subscription serves every `wait=` client of this process.
         app.state.waiter = ResultWaiter(app.state.queue)
         await app.state.waiter.start()

@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 import redis
 import trustme
 
+from emailq.queue import Queue
 from emailq.redis_server import RedisServer, free_port
 from emailq.settings import Settings
 from tests.smtpd import Authenticator, RecordingHandler, SmtpServer, start_smtp
@@ -45,6 +46,14 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+async def queue(redis_url: str) -> AsyncIterator[Queue]:
+    """A ``Queue`` on the session's Redis with default settings; closed after the test."""
+    q = Queue.from_url(redis_url, timeout=2)
+    yield q
+    await q.close()
 
 
 @pytest.fixture

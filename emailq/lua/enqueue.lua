@@ -1,30 +1,42 @@
--- Store a task and make it ready (or schedule it) in one atomic step: 202 means stored.
--- ARGV[5..]: task id, lane, to, job json, request id, send_at ms (0: now), expires_at ms (0: never)
-local id, lane, send_at, expires_at = ARGV[5], ARGV[6], tonumber(ARGV[10]), tonumber(ARGV[11])
--- ARGV[12..14]: idempotency record key ('' for none), request fingerprint, record TTL (s).
--- A key seen before stores nothing and answers {its task id, 1 if the fingerprint matches}.
-local idem, fingerprint = ARGV[12], ARGV[13]
-if idem ~= '' then
-  local seen = redis.call('HMGET', idem, 'task_id', 'fingerprint')
-  if seen[1] then return {seen[1], seen[2] == fingerprint and 1 or 0} end
-end
-local task = TASK .. id
+-- Store tasks and make each ready (or schedule it), all in one atomic step: 202 means stored.
+-- The API coalesces concurrent sends, and a batch sends its messages, as one call here.
+-- ARGV[5..]: one JSON array per task (one argument, not eleven: the client packs each
+-- argument separately, and that dominated the API's cost of a coalesced call):
+--   [task id, lane, to, job json, request id, send_at ms (0: now), expires_at ms (0: never),
+--    idempotency record key ('' for none), request fingerprint, record TTL (s), API key id]
+-- Returns one reply per task: its creation time when stored, or, for an idempotency key
+-- seen before, {the earlier task id, 1 if the fingerprint matches} and nothing stored.
 local now = now_ms()
-if idem ~= '' then
-  redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', now)
-  redis.call('EXPIRE', idem, tonumber(ARGV[14]))
+
+local function enqueue(raw)
+  local t = cjson.decode(raw)
+  local id, lane, to, job, request_id = t[1], t[2], t[3], t[4], t[5]
+  local send_at, expires_at, idem, fingerprint, ttl, key_id = t[6], t[7], t[8], t[9], t[10], t[11]
+  if idem ~= '' then
+    -- Earlier tasks of this same call are visible here, so duplicates within it fold too.
+    local seen = redis.call('HMGET', idem, 'task_id', 'fingerprint')
+    if seen[1] then return {seen[1], seen[2] == fingerprint and 1 or 0} end
+    redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', now)
+    redis.call('EXPIRE', idem, ttl)
+  end
+  local task = TASK .. id
+  redis.call('HSET', task,
+    'status', 'pending', 'to', to, 'attempts', 0, 'lane', lane,
+    'job', job, 'request_id', request_id, 'created_at', now, 'updated_at', now)
+  if key_id ~= '' then redis.call('HSET', task, 'key_id', key_id) end
+  if expires_at > 0 then redis.call('HSET', task, 'expires_at', expires_at) end
+  if send_at > now then
+    redis.call('HSET', task, 'scheduled_at', send_at)
+    redis.call('ZADD', K_SCHEDULED, send_at, id)
+    nudge()
+  else
+    make_ready(lane, id, false)
+  end
+  return now
 end
-redis.call('HSET', task,
-  'status', 'pending', 'to', ARGV[7], 'attempts', 0, 'lane', lane,
-  'job', ARGV[8], 'request_id', ARGV[9], 'created_at', now, 'updated_at', now)
--- ARGV[15]: id of the API key that created the task ('' when keys are not configured).
-if ARGV[15] ~= '' then redis.call('HSET', task, 'key_id', ARGV[15]) end
-if expires_at > 0 then redis.call('HSET', task, 'expires_at', expires_at) end
-if send_at > now then
-  redis.call('HSET', task, 'scheduled_at', send_at)
-  redis.call('ZADD', K_SCHEDULED, send_at, id)
-  nudge()
-else
-  make_ready(lane, id, false)
+
+local replies = {}
+for i = 5, #ARGV do
+  replies[#replies + 1] = enqueue(ARGV[i])
 end
-return now
+return replies

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from emailq.compose import EmailRequest, compose, schedule
 from emailq.queue import EnqueueItem
 from server.auth import PrincipalDep, check_recipients
-from server.deps import QueueDep, RequestIdDep, SettingsDep, WaiterDep
+from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of
 from server.idempotency import IdempotencyKeyDep, send_once
 from server.ratelimit import check_key_rate
 from server.schemas import Accepted, TaskResult
@@ -25,11 +25,12 @@ MAX_WAIT_SECONDS = 30
 
 @router.post("/received", status_code=202)
 async def receive_email(
-    principal: PrincipalDep, payload: EmailRequest, queue: QueueDep, settings: SettingsDep,
-    request_id: RequestIdDep,
+    principal: PrincipalDep, payload: EmailRequest,
     request: Request, response: Response, idempotency_key: IdempotencyKeyDep = None,
 ) -> Accepted:  # fmt: skip
     """Accept an email for sending. Answers 202 once it is stored in Redis."""
+    # Accessors, not dependencies, on this hot path: see server/deps.py.
+    settings, request_id = settings_of(request), request_id_of(request)
     job = compose(payload, max_body_bytes=settings.max_body_bytes)
     check_recipients(principal, settings, job)
     when = schedule(payload, datetime.now(UTC))
@@ -38,7 +39,7 @@ async def receive_email(
     # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
     item = EnqueueItem(str(uuid.uuid4()), job, request_id, when.lane, when.send_at_ms,
                        when.expires_at_ms, principal.owner)  # fmt: skip
-    return await send_once(request, response, queue, item, idempotency_key)
+    return await send_once(request, response, enqueuer_of(request), item, idempotency_key)
 
 
 @router.get("/result", response_model_exclude_none=True)

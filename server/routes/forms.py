@@ -43,7 +43,7 @@ CAPTCHA_TIMEOUT_SECONDS = 5.0
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 
-def get_form(request: Request, form_id: str) -> Form:
+async def get_form(request: Request, form_id: str) -> Form:
     """The configured form ``form_id``; 404 when there is none."""
     form: Form | None = request.app.state.forms.get(form_id)
     if form is None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import httpx
+import redis
 
 from emailq.settings import Settings
 from tests.conftest import Procs, wait_until
@@ -42,3 +44,34 @@ def test_posted_mail_arrives_and_result_shows_success(
     assert mail.task_id == task_id
     assert mail.message["Subject"] == "Hello 홍길동"
     assert mail.message.get_body().get_content().strip() == "홍길동님 안녕하세요!"
+
+
+async def test_concurrent_posts_are_coalesced_and_every_mail_arrives_once(
+    procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer, redis_url: str
+) -> None:
+    # A real API process under 60 simultaneous sends: each answer is a stored task, and
+    # the stores shared script calls (fewer calls than sends), so nothing was merged away
+    # or sent twice.
+    settings = make_settings()
+    base = procs.api(settings)
+    store = redis.Redis.from_url(redis_url)
+    calls_before = store.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        replies = await asyncio.gather(*(
+            client.post("/api/v1/email/received",
+                        json={"to": f"user{i}@example.com", "subject": f"n{i}", "body": "Hi"})
+            for i in range(60)
+        ))  # fmt: skip
+    assert [r.status_code for r in replies] == [202] * 60
+    calls = store.info("commandstats")["cmdstat_evalsha"]["calls"] - calls_before
+    store.close()
+    assert calls < 60
+    task_ids = [r.json()["task_id"] for r in replies]
+    assert len(set(task_ids)) == 60
+    procs.worker(settings)
+    wait_until(lambda: len(smtp.handler.received) >= 60, what="60 mails")
+    received = smtp.handler.received
+    assert sorted(m.task_id for m in received) == sorted(task_ids)
+    by_task = {m.task_id: m for m in received}
+    for i, task_id in enumerate(task_ids):  # each answer names the mail it asked for
+        assert by_task[task_id].message["Subject"] == f"n{i}"

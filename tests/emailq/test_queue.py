@@ -12,7 +12,7 @@ import pytest
 
 from emailq.errors import StoreUnavailable
 from emailq.models import Attempt, ClaimedJob, Job, Status
-from emailq.queue import Outcome, Queue
+from emailq.queue import EnqueueItem, Outcome, Queue
 from emailq.redis_server import free_port
 
 TTL = 3600  # result_ttl_seconds
@@ -462,3 +462,13 @@ async def test_log_is_json_in_the_task_hash(queue: Queue) -> None:
     await finish(queue, await claim_one(queue), "failed", reason="550")
     log = json.loads((await task_hash(queue, "t0"))["log"])
     assert [entry["outcome"] for entry in log] == ["failed"]
+
+
+async def test_a_batch_is_one_script_call(queue: Queue) -> None:
+    await enqueue(queue, 1, prefix="warm")  # loads the script
+    before = (await queue.redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    items = [EnqueueItem(f"b{i}", job(f"b{i}"), request_id="req") for i in range(10)]
+    assert await queue.enqueue_many(items) == [None] * 10
+    after = (await queue.redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    assert after - before == 1
+    assert await lane(queue) == ["warm0", *(f"b{i}" for i in range(10))]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -213,13 +212,6 @@ async def test_identical_batches_racing_create_each_task_once(queue: Queue) -> N
     assert first == second
     stored = [k async for k in queue.redis.scan_iter(match=queue.keys.task_prefix + "*")]
     assert len(stored) == 20
-
-
-@pytest.fixture
-async def queue(redis_url: str) -> AsyncIterator[Queue]:
-    q = Queue.from_url(redis_url, timeout=2)
-    yield q
-    await q.close()
 
 
 def item(task_id: str) -> EnqueueItem:

@@ -1,0 +1,108 @@
+"""emailq.coalesce.EnqueueCoalescer against a real redis-server: grouped, yet each caller
+gets its own answer only once its task is stored."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from emailq.coalesce import EnqueueCoalescer
+from emailq.errors import StoreUnavailable
+from emailq.models import Job
+from emailq.queue import EnqueueItem, Idempotency, Queue, Replay
+from emailq.redis_server import free_port
+
+
+def item(task_id: str) -> EnqueueItem:
+    job = Job(to=f"{task_id}@example.com", subject=f"subject {task_id}", text="안녕하세요")
+    return EnqueueItem(task_id, job, request_id=f"req-{task_id}")
+
+
+async def script_calls(queue: Queue) -> int:
+    stats = await queue.redis.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in
+               ("cmdstat_evalsha", "cmdstat_eval"))  # fmt: skip
+
+
+async def stored_ids(queue: Queue) -> list[str]:
+    ready = await queue.redis.lrange(queue.keys.lane("default"), 0, -1)
+    return [str(task_id) for task_id in ready]
+
+
+async def test_concurrent_sends_share_one_script_call(queue: Queue) -> None:
+    coalescer = EnqueueCoalescer(queue)
+    await coalescer.enqueue_once(item("warm"), None)  # loads the script: EVAL, then EVALSHA
+    before = await script_calls(queue)
+    ids = [f"t{i}" for i in range(50)]
+    replies = await asyncio.gather(*(coalescer.enqueue_once(item(t), None) for t in ids))
+    assert replies == [None] * 50  # each stored, none a replay
+    assert await script_calls(queue) - before == 1
+    assert await stored_ids(queue) == ["warm", *ids]  # stored in the order they arrived
+    for task_id in ids:
+        record = await queue.get(task_id)
+        assert record is not None
+        assert record.request_id == f"req-{task_id}"
+
+
+async def test_a_caller_is_answered_only_after_its_task_is_stored(queue: Queue) -> None:
+    coalescer = EnqueueCoalescer(queue)
+    answered: list[bool] = []
+
+    async def send(task_id: str) -> None:
+        await coalescer.enqueue_once(item(task_id), None)
+        answered.append(await queue.get(task_id) is not None)
+
+    await asyncio.gather(*(send(f"t{i}") for i in range(20)))
+    assert answered == [True] * 20
+
+
+async def test_groups_are_capped_and_later_arrivals_go_in_the_next_call(queue: Queue) -> None:
+    coalescer = EnqueueCoalescer(queue, max_batch=8)
+    await coalescer.enqueue_once(item("warm"), None)
+    before = await script_calls(queue)
+    await asyncio.gather(*(coalescer.enqueue_once(item(f"t{i}"), None) for i in range(20)))
+    assert await script_calls(queue) - before == 3  # 8 + 8 + 4
+    assert len(await stored_ids(queue)) == 21
+
+
+async def test_duplicate_keys_within_one_call_create_one_task(queue: Queue) -> None:
+    coalescer = EnqueueCoalescer(queue)
+    once = Idempotency(scope="k1", key="order-7", fingerprint="f1")
+    other_body = Idempotency(scope="k1", key="order-7", fingerprint="f2")
+    replies = await asyncio.gather(
+        coalescer.enqueue_once(item("a"), once),
+        coalescer.enqueue_once(item("b"), once),
+        coalescer.enqueue_once(item("c"), other_body),
+    )
+    assert replies == [None, Replay("a", True), Replay("a", False)]
+    assert await stored_ids(queue) == ["a"]
+
+
+async def test_a_departed_caller_does_not_disturb_the_others(queue: Queue) -> None:
+    coalescer = EnqueueCoalescer(queue)
+    gone = asyncio.create_task(coalescer.enqueue_once(item("gone"), None))
+    stays = asyncio.create_task(coalescer.enqueue_once(item("stays"), None))
+    await asyncio.sleep(0)  # both are pending; the store has not answered yet
+    gone.cancel()
+    assert await stays is None
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    # Cancelling the wait does not unsend: the task was already handed to Redis.
+    assert sorted(await stored_ids(queue)) == ["gone", "stays"]
+
+
+async def test_redis_down_reaches_every_caller_and_the_next_send_recovers() -> None:
+    dead = Queue.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    coalescer = EnqueueCoalescer(dead)
+    try:
+        results = await asyncio.gather(
+            *(coalescer.enqueue_once(item(f"t{i}"), None) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in results)
+        # The flusher is free again: a later send is attempted, not stuck behind it.
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(coalescer.enqueue_once(item("later"), None), 5)
+    finally:
+        await dead.close()
