@@ -362,18 +362,23 @@ class Queue:
 
     # -- working ------------------------------------------------------------------------
 
-    async def claim(self, worker_id: str, count: int, lease_ms: int) -> Claim:
-        """Claim up to ``count`` ready tasks under a lease, after moving due and lapsed work."""
-        rows, next_ms = await self._run(
-            "claim", count, lease_ms, worker_id, self.max_attempts, self.result_ttl_seconds,
-            FAIR_EVERY, *LANES,
-        )  # fmt: skip
+    def _claim_args(self, worker_id: str, count: int, lease_ms: int) -> list[str | int]:
+        return [count, lease_ms, worker_id, self.max_attempts, self.result_ttl_seconds,
+                FAIR_EVERY, *LANES]  # fmt: skip
+
+    @staticmethod
+    def _claimed(rows: list[Any], next_ms: Any) -> Claim:
         jobs = [
             ClaimedJob(task_id=task_id, token=token, attempt=int(attempt),
                        request_id=request_id or None, job=Job.model_validate_json(payload))
             for task_id, token, attempt, payload, request_id in rows
         ]  # fmt: skip
         return Claim(jobs, None if int(next_ms) < 0 else int(next_ms))
+
+    async def claim(self, worker_id: str, count: int, lease_ms: int) -> Claim:
+        """Claim up to ``count`` ready tasks under a lease, after moving due and lapsed work."""
+        rows, next_ms = await self._run("claim", *self._claim_args(worker_id, count, lease_ms))
+        return self._claimed(rows, next_ms)
 
     async def wait_for_work(self, block_seconds: float) -> bool:
         """Block in Redis until a task may be ready or ``block_seconds`` pass; no polling."""
@@ -392,6 +397,13 @@ class Queue:
         pairs = [value for c in unstarted for value in (c.task_id, c.token)]
         return int(await self._run("release", worker_id, *pairs))
 
+    def _finish_args(
+        self, claimed: ClaimedJob, outcome: Outcome, attempt: Attempt, reason: str, retry_in_ms: int
+    ) -> list[str | int]:
+        entry = attempt.model_dump_json(exclude_none=True)
+        return [claimed.task_id, claimed.token, outcome, entry, reason, retry_in_ms,
+                self.result_ttl_seconds]  # fmt: skip
+
     async def finish(
         self,
         claimed: ClaimedJob,
@@ -402,12 +414,24 @@ class Queue:
         retry_in_ms: int = 0,
     ) -> str:
         """Record one attempt's outcome. Returns the outcome applied, 'stale' or 'ignored'."""
-        entry = attempt.model_dump_json(exclude_none=True)
-        applied = await self._run(
-            "finish", claimed.task_id, claimed.token, outcome, entry, reason, retry_in_ms,
-            self.result_ttl_seconds,
-        )  # fmt: skip
-        return str(applied)
+        args = self._finish_args(claimed, outcome, attempt, reason, retry_in_ms)
+        return str(await self._run("finish", *args))
+
+    async def finish_and_claim(
+        self,
+        claimed: ClaimedJob,
+        outcome: Outcome,
+        attempt: Attempt,
+        refill: Refill,
+        *,
+        reason: str = "",
+        retry_in_ms: int = 0,
+    ) -> tuple[str, Claim]:
+        """``finish``, then ``claim`` for ``refill`` in the same script: one round trip."""
+        args = self._finish_args(claimed, outcome, attempt, reason, retry_in_ms)
+        more = self._claim_args(refill.worker_id, refill.count, refill.lease_ms)
+        applied, rows, next_ms = await self._run("finish", *args, *more)
+        return str(applied), self._claimed(rows, next_ms)
 
     # -- managing -----------------------------------------------------------------------
 
@@ -441,6 +465,15 @@ class EnqueueItem:
     send_at_ms: int = 0
     expires_at_ms: int = 0
     key_id: str = ""  # the API key that created it; only it (and admin keys) may read it
+
+
+@dataclass(frozen=True)
+class Refill:
+    """A claim made along with a finish: for whom, how many, and under what lease."""
+
+    worker_id: str
+    count: int
+    lease_ms: int
 
 
 @dataclass(frozen=True)

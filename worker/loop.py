@@ -23,7 +23,7 @@ import tenacity
 from emailq.errors import SendError, StoreUnavailable
 from emailq.message import build_message
 from emailq.models import Attempt, ClaimedJob
-from emailq.queue import Outcome, Queue
+from emailq.queue import Outcome, Queue, Refill
 from emailq.settings import Settings
 from worker.retry import RetryPolicy
 from worker.sender import Delivery, Sender
@@ -128,7 +128,7 @@ class Worker:
             # before claiming, or this very claim would put our in-flight jobs back and send
             # them again. The outage may end unseen by this loop (waiting for a free slot
             # while finished sends retry their outcome), so go by the last renewal's age.
-            if time.monotonic() - self._renewed_at > self.settings.job_lease_seconds / 2:
+            if self._renewal_is_stale():
                 await self._renew_once()
             claim = await self.queue.claim(self.worker_id, free, self.lease_ms)
             for claimed in claim.jobs:
@@ -245,15 +245,41 @@ class Worker:
     async def _record(
         self, claimed: ClaimedJob, outcome: Outcome, entry: Attempt, **kwargs: Any
     ) -> None:
-        # The send already happened: keep trying to record it through a Redis outage.
         self._recording.add(claimed.task_id)
-        async for attempt in _until_redis_answers("finish"):
-            with attempt:
+        refill = self._refill()
+        try:
+            if refill is None:
                 applied = await self.queue.finish(claimed, outcome, entry, **kwargs)
+            else:
+                # The busy path: record, and claim the job that takes over this slot, in
+                # one round trip. The claim loop only claims for slots left empty.
+                applied, claim = await self.queue.finish_and_claim(
+                    claimed, outcome, entry, refill, **kwargs
+                )
+                for job in claim.jobs:
+                    self._start(job)
+        except StoreUnavailable:
+            # The send already happened: keep trying to record it through a Redis outage.
+            # Without a claim: jobs claimed by a call whose reply was lost would sit leased
+            # to nobody until their lease lapsed.
+            async for attempt in _until_redis_answers("finish"):
+                with attempt:
+                    applied = await self.queue.finish(claimed, outcome, entry, **kwargs)
         if applied in ("stale", "ignored"):
             log.warning("outcome %s not applied (%s): lease was lost", outcome, applied,
                         extra={"task_id": claimed.task_id,
                                "request_id": claimed.request_id or "-"})  # fmt: skip
+
+    def _refill(self) -> Refill | None:
+        """The claim to make with a finish: this slot's replacement, unless stopping, or
+        unless our leases may have lapsed (see _claim_forever: the claim would put our own
+        in-flight jobs back)."""
+        if self._stopping.is_set() or self._renewal_is_stale():
+            return None
+        return Refill(self.worker_id, 1, self.lease_ms)
+
+    def _renewal_is_stale(self) -> bool:
+        return time.monotonic() - self._renewed_at > self.settings.job_lease_seconds / 2
 
     # -- leases -----------------------------------------------------------------------
 

@@ -1,24 +1,36 @@
 -- Record the outcome of one attempt: success, retry (scheduled after a delay) or failed.
--- ARGV[5..]: task id, lease token, outcome, attempt-log entry json, reason, retry delay ms, ttl
+-- ARGV[5..11]: task id, lease token, outcome, attempt-log entry json, reason, retry delay
+-- ms, ttl. Returns the outcome applied, 'stale' or 'ignored'.
+-- With claim parameters from ARGV[12] (as claim.lua's), it then claims for the worker
+-- whose send just ended, so a busy worker needs one round trip per mail, and returns
+-- {applied, claimed rows, ms until the next deadline or -1}.
 local id, token, outcome = ARGV[5], ARGV[6], ARGV[7]
 local task = TASK .. id
-if redis.call('HGET', task, 'status') ~= 'pending' then return 'ignored' end
--- A worker whose lease lapsed may not decide a retry or a failure any more: the task is
--- someone else's now. A late *success* still counts: recording it keeps the task from
--- being sent again by whoever claims it next.
-if redis.call('HGET', task, 'lease') ~= token and outcome ~= 'success' then return 'stale' end
 local now = now_ms()
-local entry = cjson.decode(ARGV[8])
-entry['at'] = now
-append_log(task, entry)
-if outcome == 'retry' then
-  local due = now + tonumber(ARGV[10])
-  redis.call('ZREM', K_LEASES, id)
-  redis.call('HDEL', task, 'lease')
-  redis.call('HSET', task, 'updated_at', now, 'next_attempt_at', due)
-  redis.call('ZADD', K_SCHEDULED, due, id)
-  nudge()
-  return 'retry'
+
+local function record()
+  if redis.call('HGET', task, 'status') ~= 'pending' then return 'ignored' end
+  -- A worker whose lease lapsed may not decide a retry or a failure any more: the task is
+  -- someone else's now. A late *success* still counts: recording it keeps the task from
+  -- being sent again by whoever claims it next.
+  if redis.call('HGET', task, 'lease') ~= token and outcome ~= 'success' then return 'stale' end
+  local entry = cjson.decode(ARGV[8])
+  entry['at'] = now
+  append_log(task, entry)
+  if outcome == 'retry' then
+    local due = now + tonumber(ARGV[10])
+    redis.call('ZREM', K_LEASES, id)
+    redis.call('HDEL', task, 'lease')
+    redis.call('HSET', task, 'updated_at', now, 'next_attempt_at', due)
+    redis.call('ZADD', K_SCHEDULED, due, id)
+    nudge()
+    return 'retry'
+  end
+  finish_task(id, outcome, now, tonumber(ARGV[11]), ARGV[9])
+  return outcome
 end
-finish_task(id, outcome, now, tonumber(ARGV[11]), ARGV[9])
-return outcome
+
+local applied = record()
+if #ARGV < 12 then return applied end
+local claim = claim_ready(claim_args(12), now)
+return {applied, claim[1], claim[2]}

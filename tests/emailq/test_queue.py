@@ -12,7 +12,7 @@ import pytest
 
 from emailq.errors import StoreUnavailable
 from emailq.models import Attempt, ClaimedJob, Job, Status
-from emailq.queue import EnqueueItem, Outcome, Queue
+from emailq.queue import EnqueueItem, Outcome, Queue, Refill
 from emailq.redis_server import free_port
 
 TTL = 3600  # result_ttl_seconds
@@ -472,3 +472,36 @@ async def test_a_batch_is_one_script_call(queue: Queue) -> None:
     after = (await queue.redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
     assert after - before == 1
     assert await lane(queue) == ["warm0", *(f"b{i}" for i in range(10))]
+
+
+async def test_finish_and_claim_records_then_hands_over_the_next_task(queue: Queue) -> None:
+    await enqueue(queue, 2)
+    first = await claim_one(queue, "w1")
+    await queue.enqueue("urgent", job("urgent"), request_id="r", lane="high")
+    entry = Attempt(attempt=first.attempt, outcome="success", code=250, reply="ok")
+    refill = Refill(worker_id="w1", count=1, lease_ms=LONG)
+
+    applied, more = await queue.finish_and_claim(first, "success", entry, refill)
+
+    assert applied == "success"
+    assert (await task_hash(queue, "t0"))["status"] == "success"
+    [taken] = more.jobs  # the claim is a normal one: the high lane comes first
+    assert taken.task_id == "urgent"
+    assert taken.token == "w1:1"  # noqa: S105 (a lease token, not a secret)
+    assert (await task_hash(queue, "urgent"))["lease"] == "w1:1"
+    assert await queue.redis.zscore(queue.keys.leases, "urgent") is not None
+    assert await lane(queue) == ["t1"]
+
+
+async def test_finish_and_claim_with_a_stale_lease_still_claims(queue: Queue) -> None:
+    await enqueue(queue, 2)
+    old = await claim_one(queue, "w1", lease_ms=SHORT)
+    await wait_lapsed(queue, "t0")
+    await claim_one(queue, "w2")  # t0 went back to the front, and w2 took it
+    entry = Attempt(attempt=old.attempt, outcome="retry", reply="451")
+    applied, more = await queue.finish_and_claim(
+        old, "retry", entry, Refill("w1", 1, LONG), retry_in_ms=0
+    )
+    assert applied == "stale"  # w2's attempt is untouched
+    assert (await task_hash(queue, "t0"))["lease"].startswith("w2:")
+    assert [c.task_id for c in more.jobs] == ["t1"]

@@ -307,6 +307,30 @@ async def test_an_idle_worker_blocks_instead_of_polling(
     assert len(smtp.handler.received) == 1
 
 
+async def test_a_busy_worker_needs_about_one_script_call_per_mail(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    # Each finish claims the job that takes over its slot in the same script, so a backlog
+    # drains with one call per mail, not a finish and a claim.
+    settings = make_settings(worker_concurrency=4)
+    backlog = Queue.from_url(settings.redis_url, timeout=2)
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    for task_id in ids:
+        await backlog.enqueue(task_id, Job(to="user@example.com", subject="Hi", text="Hello"),
+                              request_id="req")  # fmt: skip
+    await backlog.close()
+    client = redis.Redis.from_url(settings.redis_url)
+    before = eval_calls(client)
+    async with running(settings) as run:
+        records = [await run.settled(task_id) for task_id in ids]
+        calls = eval_calls(client) - before
+    client.close()
+
+    assert {r.status for r in records} == {Status.SUCCESS}
+    assert sorted(m.task_id for m in smtp.handler.received) == sorted(ids)
+    assert calls <= 40 + 10  # 40 finishes; first claim, renewals and the last empty claims
+
+
 # -- identity, duplicates, logs ----------------------------------------------------------
 
 
