@@ -32,11 +32,12 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -130,6 +131,19 @@ class Claim:
 
     jobs: list[ClaimedJob]
     next_deadline_ms: int | None  # ms until the next scheduled or lease deadline, if any
+    unreadable: list[Unreadable] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A claimed task whose stored job does not parse (say, written by an incompatible
+    version). It can never be sent: the worker fails it (``Queue.fail_unreadable``) rather
+    than crash on it, and the rest of its claim goes ahead."""
+
+    task_id: str
+    token: str
+    attempt: int
+    error: str
 
 
 def _load_script(name: str) -> str:
@@ -368,12 +382,18 @@ class Queue:
 
     @staticmethod
     def _claimed(rows: list[Any], next_ms: Any) -> Claim:
-        jobs = [
-            ClaimedJob(task_id=task_id, token=token, attempt=int(attempt),
-                       request_id=request_id or None, job=Job.model_validate_json(payload))
-            for task_id, token, attempt, payload, request_id in rows
-        ]  # fmt: skip
-        return Claim(jobs, None if int(next_ms) < 0 else int(next_ms))
+        claim = Claim([], None if int(next_ms) < 0 else int(next_ms))
+        for task_id, token, attempt, payload, request_id in rows:
+            try:
+                job = Job.model_validate_json(payload or "")
+            except ValidationError as exc:
+                error = f"stored job is unreadable: {exc.error_count()} error(s), first: " \
+                        f"{exc.errors()[0]['msg']}"  # fmt: skip
+                claim.unreadable.append(Unreadable(task_id, token, int(attempt), error))
+                continue
+            claim.jobs.append(ClaimedJob(task_id=task_id, token=token, attempt=int(attempt),
+                                         request_id=request_id or None, job=job))  # fmt: skip
+        return claim
 
     async def claim(self, worker_id: str, count: int, lease_ms: int) -> Claim:
         """Claim up to ``count`` ready tasks under a lease, after moving due and lapsed work."""
@@ -432,6 +452,14 @@ class Queue:
         more = self._claim_args(refill.worker_id, refill.count, refill.lease_ms)
         applied, rows, next_ms = await self._run("finish", *args, *more)
         return str(applied), self._claimed(rows, next_ms)
+
+    async def fail_unreadable(self, lost: Unreadable) -> str:
+        """Fail a claimed task whose job cannot be read: permanent, nothing was sent."""
+        entry = Attempt(attempt=lost.attempt, outcome="failed", reply=lost.error)
+        args: list[str | int] = [lost.task_id, lost.token, "failed",
+                                 entry.model_dump_json(exclude_none=True), lost.error, 0,
+                                 self.result_ttl_seconds]  # fmt: skip
+        return str(await self._run("finish", *args))
 
     # -- managing -----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -23,7 +24,7 @@ import tenacity
 from emailq.errors import SendError, StoreUnavailable
 from emailq.message import build_message
 from emailq.models import Attempt, ClaimedJob
-from emailq.queue import Outcome, Queue, Refill
+from emailq.queue import Claim, Outcome, Queue, Refill
 from emailq.settings import Settings
 from worker.retry import RetryPolicy
 from worker.sender import Delivery, Sender
@@ -131,9 +132,8 @@ class Worker:
             if self._renewal_is_stale():
                 await self._renew_once()
             claim = await self.queue.claim(self.worker_id, free, self.lease_ms)
-            for claimed in claim.jobs:
-                self._start(claimed)
-            if not claim.jobs:
+            await self._take(claim)
+            if not claim.jobs and not claim.unreadable:
                 await self._wait_for_work(self._block_seconds(claim.next_deadline_ms))
 
     async def _wait_for_work(self, seconds: float) -> None:
@@ -174,6 +174,14 @@ class Worker:
         if next_deadline_ms is None:
             return MAX_BLOCK_SECONDS
         return min(MAX_BLOCK_SECONDS, max(0.01, next_deadline_ms / 1000 + 0.005))
+
+    async def _take(self, claim: Claim) -> None:
+        for claimed in claim.jobs:
+            self._start(claimed)
+        for lost in claim.unreadable:
+            # It can never be sent; failing it keeps it from coming back on every claim.
+            log.error("failing task %s: %s", lost.task_id, lost.error)
+            await _best_effort(functools.partial(self.queue.fail_unreadable, lost), "fail")
 
     def _start(self, claimed: ClaimedJob) -> None:
         self._inflight[claimed.task_id] = claimed
@@ -256,8 +264,7 @@ class Worker:
                 applied, claim = await self.queue.finish_and_claim(
                     claimed, outcome, entry, refill, **kwargs
                 )
-                for job in claim.jobs:
-                    self._start(job)
+                await self._take(claim)
         except StoreUnavailable:
             # The send already happened: keep trying to record it through a Redis outage.
             # Without a claim: jobs claimed by a call whose reply was lost would sit leased

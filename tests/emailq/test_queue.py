@@ -505,3 +505,26 @@ async def test_finish_and_claim_with_a_stale_lease_still_claims(queue: Queue) ->
     assert applied == "stale"  # w2's attempt is untouched
     assert (await task_hash(queue, "t0"))["lease"].startswith("w2:")
     assert [c.task_id for c in more.jobs] == ["t1"]
+
+
+async def test_an_unreadable_job_is_set_aside_and_the_rest_of_the_claim_goes_ahead(
+    queue: Queue,
+) -> None:
+    await enqueue(queue, 3)
+    # As if written by an incompatible version: the stored job no longer parses.
+    await queue.redis.hset(queue.keys.task("t1"), "job", '{"to": 42}')
+    got = await queue.claim("w1", 5, LONG)
+    assert [c.task_id for c in got.jobs] == ["t0", "t2"]
+    [lost] = got.unreadable
+    assert lost.task_id == "t1"
+    assert lost.attempt == 1
+    assert "unreadable" in lost.error
+
+    assert await queue.fail_unreadable(lost) == "failed"
+    record = await queue.get("t1")
+    assert record is not None
+    assert record.status is Status.FAILED
+    assert record.reason is not None
+    assert "unreadable" in record.reason
+    assert [f.task_id for f in await queue.failed()] == ["t1"]
+    assert await queue.redis.zscore(queue.keys.leases, "t1") is None

@@ -439,6 +439,31 @@ async def test_an_unexpected_error_fails_the_task_at_once_and_the_worker_goes_on
     assert [m.message["Subject"] for m in smtp.handler.received] == ["fine"]
 
 
+async def test_an_unreadable_stored_job_is_failed_and_the_others_are_sent(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    settings = make_settings(worker_concurrency=2)
+    backlog = Queue.from_url(settings.redis_url, timeout=2)
+    ids = [str(uuid.uuid4()) for _ in range(6)]
+    for n, task_id in enumerate(ids):
+        await backlog.enqueue(task_id, Job(to="user@example.com", subject=f"n{n}", text="Hi"),
+                              request_id="req")  # fmt: skip
+    # Task 3 is reached by a finish's refill claim, not the first claim of two.
+    await backlog.redis.hset(backlog.keys.task(ids[3]), "job", "not json")
+    await backlog.close()
+    async with running(settings) as run:
+        records = [await run.settled(task_id) for task_id in ids]
+        assert not run.task.done()  # the worker is still running
+
+    assert [r.status for r in records] == [Status.SUCCESS] * 3 + [Status.FAILED] + [
+        Status.SUCCESS
+    ] * 2
+    assert "unreadable" in (records[3].reason or "")
+    assert sorted(m.message["Subject"] for m in smtp.handler.received) == [
+        "n0", "n1", "n2", "n4", "n5"
+    ]  # fmt: skip
+
+
 async def test_a_crashed_claim_loop_ends_run_with_the_error(
     make_settings: Callable[..., Settings], smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
