@@ -176,8 +176,14 @@ class Worker:
         return min(MAX_BLOCK_SECONDS, max(0.01, next_deadline_ms / 1000 + 0.005))
 
     async def _take(self, claim: Claim) -> None:
-        for claimed in claim.jobs:
-            self._start(claimed)
+        if self._stopping.is_set() and claim.jobs:
+            # A claim that was on its way when stop() came (a finish's refill, typically):
+            # the drain has already chosen what to wait for, so give these back unstarted.
+            release = functools.partial(self.queue.release, claim.jobs, worker_id=self.worker_id)
+            await _best_effort(release, "release")
+        else:
+            for claimed in claim.jobs:
+                self._start(claimed)
         for lost in claim.unreadable:
             # It can never be sent; failing it keeps it from coming back on every claim.
             log.error("failing task %s: %s", lost.task_id, lost.error)
