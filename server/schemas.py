@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
@@ -14,6 +15,12 @@ from emailq.models import Attempt, Priority, Status, TaskRecord
 MAX_BATCH = 100  # messages per batch request
 MAX_REQUEUE_IDS = 1000  # ids per bulk requeue request
 HIDDEN = "hidden"  # what a contact-form task's result shows as `to`
+# Anything shaped like an address inside SMTP reply text ("550 5.1.1 <me@site>: unknown").
+_ADDRESS = re.compile(r"[^\s<>()\[\]\",;:@]+@[^\s<>()\[\]\",;:]+")
+
+
+def _without_addresses(text: str | None) -> str | None:
+    return None if text is None else _ADDRESS.sub(HIDDEN, text)
 
 
 def iso(ms: int | None) -> str | None:
@@ -41,9 +48,12 @@ class AttemptOut(BaseModel):
     duration_ms: float | None = None
 
     @classmethod
-    def of(cls, entry: Attempt) -> AttemptOut:
-        """Convert a stored entry."""
-        return cls(**entry.model_dump(exclude={"at"}), at=iso(entry.at) or "")
+    def of(cls, entry: Attempt, *, private: bool = False) -> AttemptOut:
+        """Convert a stored entry; ``private`` hides addresses in the server's reply."""
+        out = cls(**entry.model_dump(exclude={"at"}), at=iso(entry.at) or "")
+        if private:
+            out.reply = _without_addresses(out.reply)
+        return out
 
 
 class TaskResult(BaseModel):
@@ -68,14 +78,16 @@ class TaskResult(BaseModel):
     @classmethod
     def of(cls, record: TaskRecord) -> TaskResult:
         """Convert a stored record."""
+        # A contact form's recipients are the site owner's private addresses, and its task
+        # id travels through a visitor's browser: show neither them (not even inside an
+        # SMTP server's reply text) nor the body.
+        private = (record.key_id or "").startswith(OWNER_PREFIX)
         return cls(
             task_id=record.task_id,
             status=record.status,
-            # A contact form's recipients are the site owner's private addresses, and its
-            # task id travels through a visitor's browser: show neither them nor the body.
-            to=HIDDEN if (record.key_id or "").startswith(OWNER_PREFIX) else record.to,
+            to=HIDDEN if private else record.to,
             attempts=record.attempts,
-            reason=record.reason or None,
+            reason=_without_addresses(record.reason or None) if private else record.reason or None,
             priority=record.priority,
             created_at=iso(record.created_at) or "",
             updated_at=iso(record.updated_at) or "",
@@ -84,7 +96,7 @@ class TaskResult(BaseModel):
             scheduled_at=iso(record.scheduled_at),
             expires_at=iso(record.expires_at),
             request_id=record.request_id,
-            attempt_log=[AttemptOut.of(a) for a in record.log],
+            attempt_log=[AttemptOut.of(a, private=private) for a in record.log],
         )
 
 

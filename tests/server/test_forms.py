@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -16,7 +17,8 @@ from fastapi.testclient import TestClient
 
 from emailq.forms import FormsConfigError, load_forms
 from emailq.message import build_message
-from emailq.models import Job
+from emailq.models import Attempt, Job
+from emailq.queue import Queue
 from emailq.redis_server import free_port
 from emailq.settings import Settings
 from server.main import create_app
@@ -229,6 +231,33 @@ def test_form_task_result_hides_recipients_and_body(client: TestClient) -> None:
     assert "site.example" not in text
     assert "Hello there" not in text
     assert "ada@" not in text
+
+
+def test_form_task_result_hides_addresses_in_smtp_replies(
+    client: TestClient, redis_url: str
+) -> None:
+    task_id = client.post(FORM, json=VISITOR).json()["task_id"]
+    rejected = "5.1.1 <owner@site.example>: Recipient address rejected"
+
+    async def fail_as_a_worker_would() -> None:
+        queue = Queue.from_url(redis_url, timeout=2)
+        try:
+            [claimed] = (await queue.claim("w1", 1, 60_000)).jobs
+            entry = Attempt(attempt=1, outcome="failed", code=550, reply=rejected)
+            reason = f"permanent error after 1 attempt(s): {rejected}"
+            await queue.finish(claimed, "failed", entry, reason=reason)
+        finally:
+            await queue.close()
+
+    asyncio.run(fail_as_a_worker_would())
+    result = client.get("/api/v1/email/result", params={"task_id": task_id}).json()
+    assert result["status"] == "failed"
+    assert "@" not in json.dumps(result)
+    assert result["reason"] == "permanent error after 1 attempt(s): 5.1.1 <hidden>: Recipient " \
+                               "address rejected"  # fmt: skip
+    [attempt] = result["attempt_log"]
+    assert attempt["code"] == 550
+    assert attempt["reply"] == "5.1.1 <hidden>: Recipient address rejected"
 
 
 def captcha_config(provider: str, verify_url: str) -> str:
