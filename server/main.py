@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 
 from emailq import __version__
@@ -53,12 +54,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.waiter = ResultWaiter(app.state.queue)
         await app.state.waiter.start()
         app.state.rate_limits = RateLimits(settings)
+        # One pooled client for CAPTCHA verification, not a new one (and TLS handshake) per
+        # form submission.
+        app.state.http = httpx.AsyncClient()
         log.info("API ready; Redis at %s", redact_url(settings.redis_url))
         try:
             yield
         finally:
             await app.state.waiter.stop()
             await app.state.rate_limits.close()
+            await app.state.http.aclose()
             await app.state.queue.close()
 
     app = FastAPI(

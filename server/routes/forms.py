@@ -94,14 +94,15 @@ async def _fields(request: Request) -> tuple[dict[str, str], bool]:
     return fields, False
 
 
-async def _verify_captcha(captcha: Captcha, token: str, client: str) -> None:
+async def _verify_captcha(
+    http: httpx.AsyncClient, captcha: Captcha, token: str, client: str
+) -> None:
     """Ask the provider whether ``token`` is a solved challenge; 400 if not or unanswered."""
     if not token:
         raise HTTPException(400, f"CAPTCHA required: the {captcha.token_field} field is missing")
     data = {"secret": captcha.secret, "response": token, "remoteip": client}
     try:
-        async with httpx.AsyncClient(timeout=CAPTCHA_TIMEOUT_SECONDS) as http:
-            reply = await http.post(captcha.url, data=data)
+        reply = await http.post(captcha.url, data=data, timeout=CAPTCHA_TIMEOUT_SECONDS)
         success = reply.status_code == 200 and reply.json().get("success") is True
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
         log.warning("CAPTCHA verification failed: %s", exc.__class__.__name__)
@@ -151,7 +152,7 @@ async def submit_form(
     else:
         if form.captcha is not None:
             token = submitted.get(form.captcha.token_field, "")
-            await _verify_captcha(form.captcha, token, client)
+            await _verify_captcha(request.app.state.http, form.captcha, token, client)
         response = _answer(form, await _enqueue(form, submitted, client, queue, request_id,
                                                 settings.max_body_bytes), wants_json)  # fmt: skip
     _cors(form, request, response)
