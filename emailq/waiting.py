@@ -54,9 +54,13 @@ class ResultWaiter:
         """How many waiters are registered now."""
         return sum(len(events) for events in self._events.values())
 
-    async def wait(self, task_id: str, seconds: float) -> TaskRecord | None:
-        """The task's record as soon as it is final, or as it stands after ``seconds``."""
-        record = await self.queue.get(task_id)
+    async def wait(
+        self, task_id: str, seconds: float, *, known: TaskRecord | None = None
+    ) -> TaskRecord | None:
+        """The task's record as soon as it is final, or as it stands after ``seconds``.
+
+        ``known`` is a record the caller has just read, saving the first read."""
+        record = known if known is not None else await self.queue.get(task_id)
         if record is None or record.status in TERMINAL or seconds <= 0:
             return record
         loop = asyncio.get_running_loop()

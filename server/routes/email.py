@@ -42,6 +42,10 @@ async def receive_email(
     return await send_once(request, response, enqueuer_of(request), item, idempotency_key)
 
 
+def _no_task(task_id: uuid.UUID) -> HTTPException:
+    return HTTPException(404, f"no task {task_id} (unknown, or expired after its TTL)")
+
+
 @router.get("/result", response_model_exclude_none=True)
 async def email_result(
     task_id: Annotated[uuid.UUID, Query(description="the id returned by the send")],
@@ -54,12 +58,13 @@ async def email_result(
 ) -> TaskResult:
     """The status of a send, at once or as soon as it is final within ``wait`` seconds."""
     # Another key's task answers exactly as an unknown one, 404 at once (not after waiting),
-    # so its existence is not revealed.
+    # so its existence is not revealed. The record read to check that starts the wait.
+    known = None
     if wait > 0 and not principal.may_read_all:
-        early = await queue.get(str(task_id))
-        if early is None or not principal.may_read(early.key_id):
-            wait = 0
-    record = await waiter.wait(str(task_id), wait)
+        known = await queue.get(str(task_id))
+        if known is None or not principal.may_read(known.key_id):
+            raise _no_task(task_id)
+    record = await waiter.wait(str(task_id), wait, known=known)
     if record is None or not principal.may_read(record.key_id):
-        raise HTTPException(404, f"no task {task_id} (unknown, or expired after its TTL)")
+        raise _no_task(task_id)
     return TaskResult.of(record)

@@ -219,6 +219,20 @@ def test_waiting_on_another_keys_task_answers_404_at_once(client: TestClient) ->
     assert time.monotonic() - started < 4  # not after the wait: that would reveal the task
 
 
+def test_waiting_on_a_finished_task_reads_it_once(client: TestClient, store: redis.Redis) -> None:
+    task_id = send(client, ALICE).json()["task_id"]
+    # Finished as a worker would record it (no worker runs in these tests).
+    store.hset(Keys().task(task_id), mapping={"status": "success", "sent_at": 1})
+
+    def hmgets() -> int:
+        return int(store.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+    before = hmgets()
+    mine = client.get(RESULT, params={"task_id": task_id, "wait": 5}, headers=bearer(ALICE))
+    assert mine.json()["status"] == "success"
+    assert hmgets() - before == 1  # the privacy check's read is the answer
+
+
 # -- repeated failures -------------------------------------------------------------------
 
 
