@@ -42,9 +42,17 @@ class IdempotencyConflict(Exception):
 def error_response(
     request: Request, status: int, code: str, detail: str, **extra: Any
 ) -> JSONResponse:
-    """The one error shape, with the request id of ``request``."""
+    """The one error shape, with the request id of ``request``.
+
+    A contact form that allowed the request's origin (``request.state.cors_origin``) gets
+    the CORS header on its errors as well, or the page's script could not read them."""
     body = {"error": code, "detail": detail, "request_id": request.state.request_id, **extra}
-    return JSONResponse(body, status_code=status)
+    response = JSONResponse(body, status_code=status)
+    origin = getattr(request.state, "cors_origin", None)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+    return response
 
 
 def validation_fields(errors: Sequence[Any]) -> list[dict[str, Any]]:

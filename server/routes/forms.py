@@ -54,11 +54,16 @@ async def get_form(request: Request, form_id: str) -> Form:
 FormDep = Annotated[Form, Depends(get_form)]
 
 
-def _cors(form: Form, request: Request, response: Response) -> None:
+def _allowed_origin(form: Form, request: Request) -> str | None:
     # Only an exact allow-listed origin is echoed; never "*", never the Origin as given.
-    response.headers["Vary"] = "Origin"
     origin = request.headers.get("Origin")
-    if origin is not None and origin in form.allowed_origins:
+    return origin if origin is not None and origin in form.allowed_origins else None
+
+
+def _cors(form: Form, request: Request, response: Response) -> None:
+    response.headers["Vary"] = "Origin"
+    origin = _allowed_origin(form, request)
+    if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
 
 
@@ -141,6 +146,8 @@ async def submit_form(
     request_id: RequestIdDep,
 ) -> Response:  # fmt: skip
     """Submit a contact form (urlencoded or JSON); mail goes to the form's fixed recipients."""
+    # Error answers (server/errors.py) carry it too, so the page's script can read why.
+    request.state.cors_origin = _allowed_origin(form, request)
     client = client_address(request)
     rate = await _form_rate(request, form.id)
     submitted, is_json = await _fields(request)

@@ -192,6 +192,26 @@ def test_forged_origin_gets_no_cors_and_bypasses_nothing(
     assert real.headers["Access-Control-Allow-Origin"] == SITE
 
 
+def test_error_answers_carry_cors_for_the_allowed_origin_only(client: TestClient) -> None:
+    # The page's fetch() must be able to read why a submission was refused.
+    header_split = {**VISITOR, "name": "Ada\r\nBcc: x@evil.example"}
+    refused = client.post(FORM, json=header_split, headers={"Origin": SITE})
+    assert refused.status_code == 422
+    assert refused.headers["Access-Control-Allow-Origin"] == SITE
+    assert refused.headers["Vary"] == "Origin"
+    assert refused.json()["error"] == "invalid_message"
+    not_an_object = client.post(FORM, content=b"[1]", headers={"Origin": SITE,
+                                "Content-Type": "application/json"})  # fmt: skip
+    assert not_an_object.status_code == 422
+    assert not_an_object.headers["Access-Control-Allow-Origin"] == SITE
+    forged = client.post(FORM, json=header_split, headers={"Origin": "https://evil.example"})
+    assert forged.status_code == 422
+    assert "Access-Control-Allow-Origin" not in forged.headers
+    # Other endpoints' errors are unaffected.
+    other = client.post("/api/v1/email/received", json={}, headers={"Origin": SITE})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
 def test_open_redirect_attempts_get_the_configured_page(client: TestClient) -> None:
     for name, value in [("_next", "https://evil.example"), ("redirect", "//evil.example"),
                         ("_next", THANKS + ".evil.example")]:  # fmt: skip
