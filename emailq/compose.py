@@ -16,7 +16,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from emailq.errors import InvalidMessage, MessageTooLarge
 from emailq.models import Job, Priority
-from emailq.templating import check_header, render
+from emailq.templating import check_header, check_text, render
 
 MAX_RECIPIENTS = 50
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit; longer subjects are folded, not cut
@@ -90,8 +90,11 @@ def compose(request: EmailRequest, *, max_body_bytes: int) -> Job:
         raise InvalidMessage(
             f"subject is over {MAX_SUBJECT_CHARS} characters after substitution", field="subject"
         )
-    text = render(request.body, values, limit=max_body_bytes)
+    check_text(subject, "subject")
+    text = check_text(render(request.body, values, limit=max_body_bytes), "body")
     html = render(request.html, values, limit=max_body_bytes) if request.html else None
+    if html is not None:
+        check_text(html, "html")
     size = len(text.encode()) + (len(html.encode()) if html else 0)
     if size > max_body_bytes:
         raise MessageTooLarge(f"body is {size} bytes; the limit is {max_body_bytes} bytes")

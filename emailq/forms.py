@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from emailq.compose import MAX_SUBJECT_CHARS, Address, normalize_address
 from emailq.errors import InvalidMessage, MessageTooLarge
 from emailq.models import Job
-from emailq.templating import check_header, render
+from emailq.templating import check_header, check_text, render
 
 HONEYPOT = "_gotcha"
 # Fields a page may send that are never part of the mail (the CAPTCHA tokens and the
@@ -207,7 +207,9 @@ def form_job(form: Form, fields: Mapping[str, str], *, max_body_bytes: int) -> J
     check_header(subject, "subject")
     if len(subject) > MAX_SUBJECT_CHARS:
         raise InvalidMessage(f"subject is over {MAX_SUBJECT_CHARS} characters", field="subject")
-    text, body_html = _text_body(form, fields), _html_body(form, fields)
+    check_text(subject, "subject")
+    text = check_text(_text_body(form, fields), "fields")
+    body_html = _html_body(form, fields)
     size = len(text.encode()) + len(body_html.encode())
     if size > max_body_bytes:
         raise MessageTooLarge(f"submission is {size} bytes; the limit is {max_body_bytes} bytes")

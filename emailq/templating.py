@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from emailq.errors import HeaderInjection, MessageTooLarge
+from emailq.errors import HeaderInjection, InvalidMessage, MessageTooLarge
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
 # Reject all C0 line breaks and NUL: CR/LF start a new header, NUL truncates in many MTAs.
@@ -37,4 +37,19 @@ def check_header(value: str, field: str) -> str:
     """Return ``value`` if it is safe as a header value, else raise ``HeaderInjection``."""
     if _HEADER_FORBIDDEN.search(value):
         raise HeaderInjection(f"{field} must not contain CR, LF or NUL characters", field=field)
+    return value
+
+
+def check_text(value: str, field: str) -> str:
+    """Return ``value`` if it is valid Unicode, else raise ``InvalidMessage``.
+
+    JSON can carry a lone surrogate (``"\\ud800"``) that Python decodes happily, but no mail
+    can: UTF-8 has no encoding for it, so it would fail at the first ``encode()``.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(value[exc.start])
+        raise InvalidMessage(f"{field} contains a lone surrogate (U+{bad:04X}); send valid "
+                             "Unicode", field=field) from exc  # fmt: skip
     return value

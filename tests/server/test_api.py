@@ -187,6 +187,26 @@ def test_invalid_requests_are_422_and_store_nothing(
     assert_refused(send(client, **fields), store)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"body": "bad \ud800 text"},
+        {"subject": "Hi \udfff"},
+        {"html": "<p>\ud800</p>"},
+        {"subject": "{username}", "username": "\ud83d"},
+        {"to": "u\ud800@example.com"},
+    ],
+)
+def test_lone_surrogates_are_422_and_store_nothing(
+    client: TestClient, store: redis.Redis, fields: dict[str, Any]
+) -> None:
+    # JSON can carry a lone surrogate as an escape; Python decodes it, no mail can carry it.
+    # It was a 500 from the first encode(). (httpx would refuse to encode it: send raw.)
+    raw = json.dumps(mail(**fields)).encode()  # ensure_ascii: "\\ud800" on the wire
+    response = client.post(SEND, content=raw, headers={"Content-Type": "application/json"})
+    assert_refused(response, store)
+
+
 def test_a_validation_error_names_the_field_without_echoing_input(
     client: TestClient, store: redis.Redis
 ) -> None:

@@ -242,6 +242,17 @@ def test_duplicate_submission_gets_the_same_task(client: TestClient, store: redi
     assert len(tasks(store)) == 2
 
 
+def test_a_lone_surrogate_in_a_field_is_422_and_stores_nothing(
+    client: TestClient, store: redis.Redis
+) -> None:
+    for field in ("message", "name"):  # the body, and the subject through {name}
+        raw = json.dumps({**VISITOR, field: "bad \udfff"}).encode()
+        response = client.post(FORM, content=raw, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "invalid_message"
+    assert tasks(store) == []
+
+
 def test_form_task_result_hides_recipients_and_body(client: TestClient) -> None:
     task_id = client.post(FORM, json=VISITOR).json()["task_id"]
     result = client.get("/api/v1/email/result", params={"task_id": task_id})

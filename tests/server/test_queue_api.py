@@ -227,6 +227,16 @@ def test_a_batch_stores_the_good_messages_and_reports_the_bad(
         assert shown["request_id"] == response.headers["X-Request-ID"]
 
 
+def test_a_lone_surrogate_rejects_only_its_message(client: TestClient, store: redis.Redis) -> None:
+    raw = json.dumps({"messages": [mail(body="bad \ud800"), mail()]}).encode()
+    response = client.post(BATCH, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 202, response.text
+    bad, good = response.json()["results"]
+    assert bad["error"] == "invalid_message"
+    assert bad["fields"][0]["loc"] == ["body"]
+    assert ready_ids(store, "default") == [good["task_id"]]
+
+
 def test_a_batch_with_no_valid_message_is_422_and_stores_nothing(
     client: TestClient, store: redis.Redis
 ) -> None:
