@@ -63,7 +63,7 @@ def _app(variant: str) -> Any:
         async def instant(self: Any, entries: Any) -> list[None]:
             return [None for _ in entries]
 
-        Queue.enqueue_all = instant  # type: ignore[method-assign]
+        Queue.store_encoded = instant  # type: ignore[method-assign]
     from server.main import _app_from_environment
 
     return _app_from_environment()

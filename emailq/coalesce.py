@@ -16,7 +16,8 @@ from emailq.queue import EnqueueItem, Idempotency, Queue, Replay
 
 MAX_BATCH = 256  # tasks per script call: Redis runs a script alone, so keep each one short
 
-_Pending = tuple[EnqueueItem, Idempotency | None, "asyncio.Future[Replay | None]"]
+_Future = asyncio.Future["Replay | None"]
+_Pending = tuple[EnqueueItem, Idempotency | None, _Future]
 
 
 class EnqueueCoalescer:
@@ -57,13 +58,29 @@ class EnqueueCoalescer:
             self._flusher = None
 
     async def _store(self, batch: Sequence[_Pending]) -> None:
+        encoded, waiting = self._encode(batch)
+        if not encoded:
+            return
         try:
-            replies = await self.queue.enqueue_all([(item, once) for item, once, _ in batch])
+            replies = await self.queue.store_encoded(encoded)
         except Exception as exc:  # StoreUnavailable: every caller answers its own 503
-            for *_, future in batch:
+            for future in waiting:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (*_, future), reply in zip(batch, replies, strict=True):
+        for future, reply in zip(waiting, replies, strict=True):
             if not future.done():  # its caller may have gone (client disconnected)
                 future.set_result(reply)
+
+    def _encode(self, batch: Sequence[_Pending]) -> tuple[list[str], list[_Future]]:
+        # A task that cannot be encoded fails its own request, never the others in the call.
+        encoded: list[str] = []
+        waiting: list[_Future] = []
+        for item, once, future in batch:
+            try:
+                encoded.append(self.queue.encode_task(item, once))
+            except Exception as exc:  # handed to its caller, whose request fails with it
+                future.set_exception(exc)
+                continue
+            waiting.append(future)
+        return encoded, waiting

@@ -249,8 +249,8 @@ class Queue:
 
     # -- producing ----------------------------------------------------------------------
 
-    def _enqueue_arg(self, item: EnqueueItem, once: Idempotency | None) -> str:
-        """One task as the JSON array enqueue.lua decodes."""
+    def encode_task(self, item: EnqueueItem, once: Idempotency | None) -> str:
+        """One task as the JSON array enqueue.lua decodes (see ``store_encoded``)."""
         keyed: list[str | int] = ["", "", 0]  # no idempotency key
         if once is not None:
             keyed = [self.keys.idempotency(once.scope, once.key), once.fingerprint,
@@ -260,10 +260,18 @@ class Queue:
                            item.request_id, item.send_at_ms, item.expires_at_ms, *keyed,
                            item.key_id])  # fmt: skip
 
-    async def _enqueue_raw(
-        self, entries: Sequence[tuple[EnqueueItem, Idempotency | None]]
-    ) -> list[Any]:
-        return list(await self._run("enqueue", *(self._enqueue_arg(i, o) for i, o in entries)))
+    async def _enqueue_raw(self, encoded: Sequence[str]) -> list[Any]:
+        return list(await self._run("enqueue", *encoded))
+
+    async def store_encoded(self, encoded: Sequence[str]) -> list[Replay | None]:
+        """``enqueue_all`` for tasks already passed through ``encode_task``.
+
+        The coalescer encodes each task in its own request, so a task that cannot be
+        encoded fails that request alone, not the others stored in the same call."""
+        return [
+            Replay(task_id=str(r[0]), same_request=bool(r[1])) if isinstance(r, list) else None
+            for r in await self._enqueue_raw(encoded)
+        ]
 
     async def enqueue_all(
         self, entries: Sequence[tuple[EnqueueItem, Idempotency | None]]
@@ -275,11 +283,7 @@ class Queue:
         (concurrent, or within ``entries``) create one task. Returns, per entry, None if it
         was stored, or the earlier task its key names.
         """
-        replies = await self._enqueue_raw(entries)
-        return [
-            Replay(task_id=str(r[0]), same_request=bool(r[1])) if isinstance(r, list) else None
-            for r in replies
-        ]
+        return await self.store_encoded([self.encode_task(i, o) for i, o in entries])
 
     async def enqueue(
         self,
@@ -294,7 +298,7 @@ class Queue:
     ) -> int:
         """Store the task and make it ready (or schedule it); returns its creation time."""
         item = EnqueueItem(task_id, job, request_id, lane, send_at_ms, expires_at_ms, key_id)
-        (created,) = await self._enqueue_raw([(item, None)])
+        (created,) = await self._enqueue_raw([self.encode_task(item, None)])
         return int(created)
 
     async def enqueue_once(

@@ -106,3 +106,25 @@ async def test_redis_down_reaches_every_caller_and_the_next_send_recovers() -> N
             await asyncio.wait_for(coalescer.enqueue_once(item("later"), None), 5)
     finally:
         await dead.close()
+
+
+async def test_a_task_that_cannot_be_encoded_fails_only_its_own_caller(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = queue.encode_task
+
+    def encode(entry: EnqueueItem, once: Idempotency | None) -> str:
+        if entry.task_id == "broken":
+            raise ValueError("cannot encode")
+        return real(entry, once)
+
+    monkeypatch.setattr(queue, "encode_task", encode)
+    coalescer = EnqueueCoalescer(queue)
+    results = await asyncio.gather(
+        *(coalescer.enqueue_once(item(t), None) for t in ("a", "broken", "b")),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert isinstance(results[1], ValueError)
+    assert results[2] is None
+    assert await stored_ids(queue) == ["a", "b"]
