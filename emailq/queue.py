@@ -264,10 +264,9 @@ class Queue:
         return list(await self._run("enqueue", *encoded))
 
     async def store_encoded(self, encoded: Sequence[str]) -> list[Replay | None]:
-        """``enqueue_all`` for tasks already passed through ``encode_task``.
-
-        The coalescer encodes each task in its own request, so a task that cannot be
-        encoded fails that request alone, not the others stored in the same call."""
+        """``enqueue_all`` for tasks already passed through ``encode_task``: the coalescer
+        encodes each task on its own, so one that cannot be encoded fails its request
+        alone, not the others stored in the same call."""
         return [
             Replay(task_id=str(r[0]), same_request=bool(r[1])) if isinstance(r, list) else None
             for r in await self._enqueue_raw(encoded)
@@ -422,10 +421,11 @@ class Queue:
         return int(await self._run("release", worker_id, *pairs))
 
     def _finish_args(
-        self, claimed: ClaimedJob, outcome: Outcome, attempt: Attempt, reason: str, retry_in_ms: int
-    ) -> list[str | int]:
+        self, held: ClaimedJob | Unreadable, outcome: Outcome, attempt: Attempt, reason: str,
+        retry_in_ms: int,
+    ) -> list[str | int]:  # fmt: skip
         entry = attempt.model_dump_json(exclude_none=True)
-        return [claimed.task_id, claimed.token, outcome, entry, reason, retry_in_ms,
+        return [held.task_id, held.token, outcome, entry, reason, retry_in_ms,
                 self.result_ttl_seconds]  # fmt: skip
 
     async def finish(
@@ -460,10 +460,8 @@ class Queue:
     async def fail_unreadable(self, lost: Unreadable) -> str:
         """Fail a claimed task whose job cannot be read: permanent, nothing was sent."""
         entry = Attempt(attempt=lost.attempt, outcome="failed", reply=lost.error)
-        args: list[str | int] = [lost.task_id, lost.token, "failed",
-                                 entry.model_dump_json(exclude_none=True), lost.error, 0,
-                                 self.result_ttl_seconds]  # fmt: skip
-        return str(await self._run("finish", *args))
+        return str(await self._run("finish", *self._finish_args(lost, "failed", entry,
+                                                                 lost.error, 0)))  # fmt: skip
 
     # -- managing -----------------------------------------------------------------------
 
