@@ -101,6 +101,20 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
         await queue.close()
 
 
+async def preload(settings: Settings, subjects: Iterable[str]) -> list[str]:
+    """Queue one mail per subject before any worker runs; returns their task ids in order."""
+    queue = Queue.from_url(settings.redis_url, timeout=2)
+    ids: list[str] = []
+    try:
+        for subject in subjects:
+            ids.append(str(uuid.uuid4()))
+            await queue.enqueue(ids[-1], Job(to="user@example.com", subject=subject, text="Hi"),
+                                request_id="req")  # fmt: skip
+    finally:
+        await queue.close()
+    return ids
+
+
 async def deliver(settings: Settings, count: int = 1, **job: Any) -> list[TaskRecord]:
     """Send ``count`` jobs through a fresh worker and return their final records."""
     async with running(settings) as run:
@@ -313,12 +327,7 @@ async def test_a_busy_worker_needs_about_one_script_call_per_mail(
     # Each finish claims the job that takes over its slot in the same script, so a backlog
     # drains with one call per mail, not a finish and a claim.
     settings = make_settings(worker_concurrency=4)
-    backlog = Queue.from_url(settings.redis_url, timeout=2)
-    ids = [str(uuid.uuid4()) for _ in range(40)]
-    for task_id in ids:
-        await backlog.enqueue(task_id, Job(to="user@example.com", subject="Hi", text="Hello"),
-                              request_id="req")  # fmt: skip
-    await backlog.close()
+    ids = await preload(settings, ["Hi"] * 40)
     client = redis.Redis.from_url(settings.redis_url)
     before = eval_calls(client)
     async with running(settings) as run:
@@ -443,14 +452,11 @@ async def test_an_unreadable_stored_job_is_failed_and_the_others_are_sent(
     make_settings: Callable[..., Settings], smtp: SmtpServer
 ) -> None:
     settings = make_settings(worker_concurrency=2)
-    backlog = Queue.from_url(settings.redis_url, timeout=2)
-    ids = [str(uuid.uuid4()) for _ in range(6)]
-    for n, task_id in enumerate(ids):
-        await backlog.enqueue(task_id, Job(to="user@example.com", subject=f"n{n}", text="Hi"),
-                              request_id="req")  # fmt: skip
+    ids = await preload(settings, [f"n{n}" for n in range(6)])
     # Task 3 is reached by a finish's refill claim, not the first claim of two.
-    await backlog.redis.hset(backlog.keys.task(ids[3]), "job", "not json")
-    await backlog.close()
+    store = redis.Redis.from_url(settings.redis_url)
+    store.hset(Keys().task(ids[3]), "job", "not json")
+    store.close()
     async with running(settings) as run:
         records = [await run.settled(task_id) for task_id in ids]
         assert not run.task.done()  # the worker is still running
