@@ -39,6 +39,10 @@ class IdempotencyConflict(Exception):
     """An Idempotency-Key reused with a different request body (409)."""
 
 
+class BodyTooDeep(Exception):
+    """A JSON body nested deeper than the decoder can follow (422, like any bad JSON)."""
+
+
 def error_response(
     request: Request, status: int, code: str, detail: str, **extra: Any
 ) -> JSONResponse:
@@ -107,8 +111,24 @@ async def _idempotency_conflict(request: Request, exc: Exception) -> JSONRespons
     return error_response(request, 409, "idempotency_conflict", str(exc))
 
 
+def _too_deep(request: Request) -> JSONResponse:
+    detail = "the JSON body is nested too deeply"
+    fields = [{"loc": ["body"], "msg": detail, "type": "json_too_deep"}]
+    return error_response(request, 422, "validation_error", detail, fields=fields)
+
+
+async def _body_too_deep(request: Request, exc: Exception) -> JSONResponse:
+    return _too_deep(request)
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    # FastAPI turns any exception of its JSON decoder but JSONDecodeError into a bare 400
+    # "error parsing the body", raised from it. A body nested past the recursion limit
+    # (`[[[[...`, 50,000 deep) is the client's bad JSON like any other: 422, as the send
+    # and batch routes answer invalid JSON, and as the forms route answers its own decoding.
+    if isinstance(exc.__cause__, RecursionError):
+        return _too_deep(request)
     code = _CODES.get(exc.status_code, "http_error")
     response = error_response(request, exc.status_code, code, str(exc.detail))
     for name, value in (exc.headers or {}).items():
@@ -129,5 +149,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(IdempotencyConflict, _idempotency_conflict)
+    app.add_exception_handler(BodyTooDeep, _body_too_deep)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

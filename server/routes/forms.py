@@ -33,6 +33,7 @@ from emailq.forms import (
 from emailq.queue import EnqueueItem, Idempotency
 from server.clientaddr import client_address
 from server.deps import QueueDep, RequestIdDep, SettingsDep
+from server.errors import BodyTooDeep
 from server.ratelimit import check_form_rate
 from server.schemas import Accepted
 
@@ -82,6 +83,8 @@ async def _fields(request: Request) -> tuple[dict[str, str], bool]:
     if media == "application/json":
         try:
             data = json.loads(raw)
+        except RecursionError as exc:  # nested past the decoder's limit: bad JSON, not a 500
+            raise BodyTooDeep from exc
         except ValueError as exc:
             raise InvalidMessage("the body is not valid JSON") from exc
         if not isinstance(data, dict):
