@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     forms_file: Path | None = None
     # Serve the static contact-form test page at /dev/contact (`emailq dev` turns it on).
     dev_pages: bool = False
+    # Serve /docs (Swagger UI), /redoc and /openapi.json, assets included (no CDN). false:
+    # all three answer 404, for a public API that should not publish its whole surface.
+    api_docs: bool = True
 
     log_level: str = "INFO"
 
