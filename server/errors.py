@@ -111,24 +111,40 @@ async def _idempotency_conflict(request: Request, exc: Exception) -> JSONRespons
     return error_response(request, 409, "idempotency_conflict", str(exc))
 
 
-def _too_deep(request: Request) -> JSONResponse:
-    detail = "the JSON body is nested too deeply"
-    fields = [{"loc": ["body"], "msg": detail, "type": "json_too_deep"}]
+# FastAPI's 400 when its JSON decoder raises anything but JSONDecodeError, raised from it.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def _undecodable(request: Request, detail: str, kind: str) -> JSONResponse:
+    fields = [{"loc": ["body"], "msg": detail, "type": kind}]
     return error_response(request, 422, "validation_error", detail, fields=fields)
 
 
+def _undecodable_body(exc: StarletteHTTPException) -> tuple[str, str] | None:
+    """Why FastAPI could not decode a JSON body (detail, type), if that is what ``exc`` is."""
+    if exc.status_code != 400 or exc.detail != _FASTAPI_BODY_ERROR:
+        return None
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):  # `[[[[...`, 50,000 deep
+        return "the JSON body is nested too deeply", "json_too_deep"
+    if isinstance(cause, UnicodeDecodeError):
+        return "the JSON body is not valid UTF-8", "json_invalid"
+    if isinstance(cause, ValueError):  # a number of over 4,300 digits, say
+        return "the JSON body could not be decoded", "json_invalid"
+    return None
+
+
 async def _body_too_deep(request: Request, exc: Exception) -> JSONResponse:
-    return _too_deep(request)
+    return _undecodable(request, "the JSON body is nested too deeply", "json_too_deep")
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    # FastAPI turns any exception of its JSON decoder but JSONDecodeError into a bare 400
-    # "error parsing the body", raised from it. A body nested past the recursion limit
-    # (`[[[[...`, 50,000 deep) is the client's bad JSON like any other: 422, as the send
-    # and batch routes answer invalid JSON, and as the forms route answers its own decoding.
-    if isinstance(exc.__cause__, RecursionError):
-        return _too_deep(request)
+    # A JSON body the decoder gave up on is the client's bad JSON like any other: 422, as
+    # invalid JSON is answered, not FastAPI's bare 400.
+    undecodable = _undecodable_body(exc)
+    if undecodable is not None:
+        return _undecodable(request, *undecodable)
     code = _CODES.get(exc.status_code, "http_error")
     response = error_response(request, exc.status_code, code, str(exc.detail))
     for name, value in (exc.headers or {}).items():

@@ -1,5 +1,6 @@
-"""JSON bodies nested far past the decoder's recursion limit: 422 in the one error shape,
-nothing stored, on every route that takes a JSON body, in-process and in the real process."""
+"""JSON bodies the decoder gives up on (nested far past its recursion limit, a number too
+long to read, bytes that are not UTF-8): 422 in the one error shape, nothing stored, on
+every route that takes a JSON body, in-process and in the real process."""
 
 from __future__ import annotations
 
@@ -73,6 +74,27 @@ def test_deeply_nested_json_is_422_and_stores_nothing(
     before = set(store.keys("*"))
     response = app_client.post(path, content=body, headers={"Content-Type": "application/json"})
     assert_too_deep(response)
+    assert set(store.keys("*")) == before
+
+
+UNDECODABLE = [
+    ("send", "/api/v1/email/received", b'{"to": ' + b"1" * 5000 + b"}", "could not be decoded"),
+    ("batch", "/api/v1/emails/batch", b'{"messages": [' + b"9" * 5000 + b"]}", "could not be"),
+    ("send", "/api/v1/email/received", b'{"to": "\xff\xfe@example.com"}', "not valid UTF-8"),
+    ("batch", "/api/v1/emails/batch", b'{"messages": ["\xc3"]}', "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "body", "detail"), UNDECODABLE,
+                         ids=[f"{c[0]}-{c[3]}" for c in UNDECODABLE])  # fmt: skip
+def test_a_json_body_the_decoder_refuses_is_422_and_stores_nothing(
+    app_client: TestClient, store: redis.Redis, name: str, path: str, body: bytes, detail: str
+) -> None:
+    before = set(store.keys("*"))
+    response = app_client.post(path, content=body, headers={"Content-Type": "application/json"})
+    answer = assert_error(response, 422, "validation_error")
+    assert detail in answer["detail"]
+    assert answer["fields"][0]["type"] == "json_invalid"
     assert set(store.keys("*")) == before
 
 
