@@ -204,17 +204,18 @@ class Settings(BaseSettings):
 # (/29 to /32; Cloudflare publishes its proxies as /29 and /32) yet narrower than a
 # registry's. Proxies are listed by their own networks, never by the internet's.
 MIN_PROXY_PREFIX = {4: 8, 6: 24}
-# IPv6 ranges that carry an IPv4 address in their last 32 bits (mapped, and NAT64's):
-# inside them the IPv4 bound applies to those bits.
+# IPv6 ranges that carry an IPv4 address in their last 32 bits (mapped, and NAT64's): a
+# network reaching into them (::/24 reaches ::ffff:0:0/96) is bound as IPv4 is, in those bits.
 _EMBEDDED_IPV4 = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("64:ff9b::/96"))
 
 
 def _check_proxy_network(network: IPNetwork) -> None:
     """Refuse a TRUSTED_PROXIES network wider than ``MIN_PROXY_PREFIX`` allows."""
     least = MIN_PROXY_PREFIX[network.version]
-    if isinstance(network, ipaddress.IPv6Network) and any(
-        network.subnet_of(embedded) for embedded in _EMBEDDED_IPV4
-    ):
+    embeds_ipv4 = isinstance(network, ipaddress.IPv6Network) and any(
+        network.overlaps(embedded) for embedded in _EMBEDDED_IPV4
+    )
+    if network.prefixlen >= least and embeds_ipv4:
         least = 96 + MIN_PROXY_PREFIX[4]
     if network.prefixlen < least:
         raise ValueError(

@@ -22,6 +22,7 @@ REFUSED = [
     ("trusted_proxies", "1.2.3.4/7", "TRUSTED_PROXIES: 0.0.0.0/7 is wider than /8"),
     ("trusted_proxies", "::ffff:0:0/96", "TRUSTED_PROXIES: ::ffff:0:0/96 is wider than /104"),
     ("trusted_proxies", "64:ff9b::/97", "TRUSTED_PROXIES: 64:ff9b::/97 is wider than /104"),
+    ("trusted_proxies", "::/24", "TRUSTED_PROXIES: ::/24 is wider than /104"),
     ("cors_origins", "*", "CORS_ORIGINS: '*' would let every web page call the API"),
     ("cors_origins", "https://a.example.com *", "CORS_ORIGINS: '*' would let every web page"),
     ("cors_origins", "https://*.example.com", "CORS_ORIGINS: 'https://*.example.com' would"),
