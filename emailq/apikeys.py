@@ -89,6 +89,14 @@ def parse_api_keys(value: str) -> tuple[ApiKey, ...]:
     ids = [key.id for key in keys]
     if len(set(ids)) != len(ids):
         raise ValueError("API_KEYS: every key needs its own id")
+    # One key under two entries would be authenticated as whichever matches last, and so
+    # could carry either entry's scope: a send key that is also an admin key.
+    first: dict[str, str] = {}
+    for key in keys:
+        if key.digest in first:
+            raise ValueError(f"API_KEYS: {first[key.digest]!r} and {key.id!r} have the same "
+                             "SHA-256 digest, so one key; give each entry its own key")  # fmt: skip
+        first[key.digest] = key.id
     return keys
 
 

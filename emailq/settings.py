@@ -7,7 +7,9 @@ directly. Names match the original service's ``.env`` (``SMTP_HOST`` ...).
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable
 from email.utils import parseaddr
 from enum import StrEnum
@@ -19,7 +21,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_api_keys
-from emailq.netlists import parse_networks, split_list
+from emailq.netlists import IPNetwork, parse_networks, split_list
 
 _LIST_PARSERS: dict[str | None, Callable[[str], object]] = {
     "api_keys": parse_api_keys,
@@ -89,6 +91,9 @@ class Settings(BaseSettings):
     forms_file: Path | None = None
     # Serve the static contact-form test page at /dev/contact (`emailq dev` turns it on).
     dev_pages: bool = False
+    # Serve /docs (Swagger UI), /redoc and /openapi.json, assets included (no CDN). false:
+    # all three answer 404, for a public API that should not publish its whole surface.
+    api_docs: bool = True
 
     log_level: str = "INFO"
 
@@ -134,14 +139,23 @@ class Settings(BaseSettings):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:
-        parse_networks(value)  # raises ValueError for anything that is not an IP or CIDR
+        # parse_networks raises ValueError for anything that is not an IP or CIDR.
+        for network in parse_networks(value):
+            _check_proxy_network(network)
         return value.strip()
 
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
         for origin in split_list(value):
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            if "*" in origin:
+                # Starlette would answer every origin: any web page could then use a
+                # visitor's browser (on the operator's network, say) to call the API.
+                raise ValueError(
+                    f"CORS_ORIGINS: {origin!r} would let every web page call the API from its "
+                    "visitors' browsers; list the origins, such as 'https://app.example.com'"
+                )
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
                 raise ValueError(
                     f"CORS_ORIGINS: {origin!r} is not an origin such as "
                     "'https://app.example.com' (scheme and host, no path)"
@@ -153,8 +167,14 @@ class Settings(BaseSettings):
     def _plain_sender(cls, value: str) -> str:
         # The sender lands in the From header and the SMTP envelope of every mail.
         # email-validator would refuse the dev default's "localhost", so check the shape only.
+        bad = _first_unprintable(value)
+        if bad is not None:
+            raise ValueError(
+                f"MAIL_FROM holds {bad}, a control or line-separator character: it would "
+                "break or forge the From header of every mail; write it on one plain line"
+            )
         local, at, domain = parseaddr(value)[1].rpartition("@")
-        if not (local and at and domain) or any(c in value for c in "\r\n\0"):
+        if not (local and at and domain):
             raise ValueError("MAIL_FROM must be an address such as 'App <noreply@example.com>'")
         return value
 
@@ -175,3 +195,42 @@ class Settings(BaseSettings):
         default, all parsed in memory at once): 16 MiB, about 160 KiB per message of a full
         batch, and never less than one largest single message."""
         return max(16 * 1024 * 1024, self.max_request_bytes)
+
+
+# The widest network a trusted proxy may be given, per IP version. Every address in it may
+# name any client in X-Forwarded-For, so 0.0.0.0/0 or ::/0 lets anyone on the internet
+# choose their own rate-limit key. IPv4 /8 is the widest block one organisation holds (and
+# 10.0.0.0/8 the widest private range); IPv6 /24 is wider than any provider's allocation
+# (/29 to /32; Cloudflare publishes its proxies as /29 and /32) yet narrower than a
+# registry's. Proxies are listed by their own networks, never by the internet's.
+MIN_PROXY_PREFIX = {4: 8, 6: 24}
+# IPv6 ranges that carry an IPv4 address in their last 32 bits (mapped, and NAT64's): a
+# network reaching into them (::/24 reaches ::ffff:0:0/96) is bound as IPv4 is, in those bits.
+_EMBEDDED_IPV4 = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("64:ff9b::/96"))
+
+
+def _check_proxy_network(network: IPNetwork) -> None:
+    """Refuse a TRUSTED_PROXIES network wider than ``MIN_PROXY_PREFIX`` allows."""
+    least = MIN_PROXY_PREFIX[network.version]
+    embeds_ipv4 = isinstance(network, ipaddress.IPv6Network) and any(
+        network.overlaps(embedded) for embedded in _EMBEDDED_IPV4
+    )
+    if network.prefixlen >= least and embeds_ipv4:
+        least = 96 + MIN_PROXY_PREFIX[4]
+    if network.prefixlen < least:
+        raise ValueError(
+            f"TRUSTED_PROXIES: {network} is wider than /{least}; everyone in it could set "
+            "any client address with X-Forwarded-For. List your proxies' own addresses"
+        )
+
+
+def _first_unprintable(value: str) -> str | None:
+    """``U+XXXX`` of the first control, format or line/paragraph separator character."""
+    # Cc: C0, DEL and C1 (CR, LF, NUL, VT, FF, NEL ...); Zl/Zp: U+2028/U+2029, which
+    # str.splitlines() and some mail software treat as line breaks; Cf: invisible format
+    # characters (bidi overrides) that make a From line read other than it is; Cs: lone
+    # surrogates, which cannot be encoded at all.
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            return f"U+{ord(char):04X}"
+    return None

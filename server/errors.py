@@ -39,6 +39,10 @@ class IdempotencyConflict(Exception):
     """An Idempotency-Key reused with a different request body (409)."""
 
 
+class BodyTooDeep(Exception):
+    """A JSON body nested deeper than the decoder can follow (422, like any bad JSON)."""
+
+
 def error_response(
     request: Request, status: int, code: str, detail: str, **extra: Any
 ) -> JSONResponse:
@@ -107,8 +111,40 @@ async def _idempotency_conflict(request: Request, exc: Exception) -> JSONRespons
     return error_response(request, 409, "idempotency_conflict", str(exc))
 
 
+# FastAPI's 400 when its JSON decoder raises anything but JSONDecodeError, raised from it.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def _undecodable(request: Request, detail: str, kind: str) -> JSONResponse:
+    fields = [{"loc": ["body"], "msg": detail, "type": kind}]
+    return error_response(request, 422, "validation_error", detail, fields=fields)
+
+
+def _undecodable_body(exc: StarletteHTTPException) -> tuple[str, str] | None:
+    """Why FastAPI could not decode a JSON body (detail, type), if that is what ``exc`` is."""
+    if exc.status_code != 400 or exc.detail != _FASTAPI_BODY_ERROR:
+        return None
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):  # `[[[[...`, 50,000 deep
+        return "the JSON body is nested too deeply", "json_too_deep"
+    if isinstance(cause, UnicodeDecodeError):
+        return "the JSON body is not valid UTF-8", "json_invalid"
+    if isinstance(cause, ValueError):  # a number of over 4,300 digits, say
+        return "the JSON body could not be decoded", "json_invalid"
+    return None
+
+
+async def _body_too_deep(request: Request, exc: Exception) -> JSONResponse:
+    return _undecodable(request, "the JSON body is nested too deeply", "json_too_deep")
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    # A JSON body the decoder gave up on is the client's bad JSON like any other: 422, as
+    # invalid JSON is answered, not FastAPI's bare 400.
+    undecodable = _undecodable_body(exc)
+    if undecodable is not None:
+        return _undecodable(request, *undecodable)
     code = _CODES.get(exc.status_code, "http_error")
     response = error_response(request, exc.status_code, code, str(exc.detail))
     for name, value in (exc.headers or {}).items():
@@ -129,5 +165,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(IdempotencyConflict, _idempotency_conflict)
+    app.add_exception_handler(BodyTooDeep, _body_too_deep)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

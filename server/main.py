@@ -18,6 +18,7 @@ from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.waiting import ResultWaiter
+from server import docs
 from server.auth import relay_guard
 from server.cors import ApiCorsMiddleware
 from server.errors import install_error_handlers
@@ -71,6 +72,10 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Queue an email, get a task_id at once, poll or wait for the result.",
         lifespan=lifespan,
+        # FastAPI's own pages load from a CDN; server/docs.py serves ours (API_DOCS).
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=docs.OPENAPI_URL if settings.api_docs else None,
     )
     app.state.settings = settings
     app.add_middleware(
@@ -91,6 +96,8 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.dev_pages:
         app.include_router(dev.router)
     app.include_router(health.router)
+    if settings.api_docs:
+        docs.install_docs(app)
     return app
 
 

@@ -43,7 +43,9 @@ async def stats(queue: QueueDep, settings: SettingsDep) -> QueueStats:
 @router.get("/failed", response_model_exclude_none=True)
 async def failed(
     queue: QueueDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    # A billion: more dead letters than a Redis holds (each keeps its record), and far from
+    # overflowing Redis's 64-bit range end (offset + limit), which answered 500.
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> FailedPage:
     """Failed tasks (dead letters), newest first, with reason and attempt log."""

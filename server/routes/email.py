@@ -10,8 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from emailq.compose import EmailRequest, compose, schedule
+from emailq.forms import OWNER_PREFIX
 from emailq.queue import EnqueueItem
-from server.auth import PrincipalDep, check_recipients
+from server.auth import Principal, PrincipalDep, check_recipients, is_loopback
+from server.clientaddr import client_address
 from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of
 from server.idempotency import IdempotencyKeyDep, send_once
 from server.ratelimit import check_key_rate
@@ -46,10 +48,25 @@ def _no_task(task_id: uuid.UUID) -> HTTPException:
     return HTTPException(404, f"no task {task_id} (unknown, or expired after its TTL)")
 
 
+def _may_read(principal: Principal, request: Request, owner: str | None) -> bool:
+    """May this caller see a task created by ``owner``?
+
+    A contact form's task belongs to the site owner, not to whoever holds its id: only
+    those who may use the admin endpoints (an admin key; a loopback client while API_KEYS
+    is unset) see it. Everyone else gets the 404 of an unknown task, which is also what the
+    made-up id given to a honeypot-filling bot answers, so a bot cannot tell the two apart.
+    """
+    if (owner or "").startswith(OWNER_PREFIX):
+        local_operator = principal.anonymous and is_loopback(client_address(request))
+        return principal.is_admin or local_operator
+    return principal.may_read(owner)
+
+
 @router.get("/result", response_model_exclude_none=True)
 async def email_result(
     task_id: Annotated[uuid.UUID, Query(description="the id returned by the send")],
     principal: PrincipalDep,
+    request: Request,
     queue: QueueDep,
     waiter: WaiterDep,
     wait: Annotated[
@@ -57,14 +74,13 @@ async def email_result(
     ] = 0,
 ) -> TaskResult:
     """The status of a send, at once or as soon as it is final within ``wait`` seconds."""
-    # Another key's task answers exactly as an unknown one, 404 at once (not after waiting),
-    # so its existence is not revealed. The record read to check that starts the wait.
-    known = None
-    if wait > 0 and not principal.may_read_all:
-        known = await queue.get(str(task_id))
-        if known is None or not principal.may_read(known.key_id):
-            raise _no_task(task_id)
-    record = await waiter.wait(str(task_id), wait, known=known)
-    if record is None or not principal.may_read(record.key_id):
+    # A task the caller may not read answers exactly as an unknown one, 404 at once (not
+    # after waiting), so its existence is not revealed. The record read to check that
+    # starts the wait.
+    record = await queue.get(str(task_id))
+    if record is None or not _may_read(principal, request, record.key_id):
+        raise _no_task(task_id)
+    record = await waiter.wait(str(task_id), wait, known=record)
+    if record is None:  # expired while waiting
         raise _no_task(task_id)
     return TaskResult.of(record)

@@ -30,9 +30,11 @@ from emailq.forms import (
     form_job,
     submission_key,
 )  # fmt: skip
+from emailq.models import Job
 from emailq.queue import EnqueueItem, Idempotency
 from server.clientaddr import client_address
 from server.deps import QueueDep, RequestIdDep, SettingsDep
+from server.errors import BodyTooDeep
 from server.ratelimit import check_form_rate
 from server.schemas import Accepted
 
@@ -82,6 +84,8 @@ async def _fields(request: Request) -> tuple[dict[str, str], bool]:
     if media == "application/json":
         try:
             data = json.loads(raw)
+        except RecursionError as exc:  # nested past the decoder's limit: bad JSON, not a 500
+            raise BodyTooDeep from exc
         except ValueError as exc:
             raise InvalidMessage("the body is not valid JSON") from exc
         if not isinstance(data, dict):
@@ -152,16 +156,22 @@ async def submit_form(
     rate = await _form_rate(request, form.id)
     submitted, is_json = await _fields(request)
     wants_json = is_json or "application/json" in request.headers.get("Accept", "")
+    # A bot that filled the hidden field goes through every check a visitor does (CAPTCHA,
+    # fields, sizes): answered otherwise, a missing token or a bad address would tell it
+    # that the field is a trap. Only storing and sending are skipped.
+    if form.captcha is not None:
+        token = submitted.get(form.captcha.token_field, "")
+        await _verify_captcha(request.app.state.http, form.captcha, token, client)
+    fields = content_fields(submitted)
+    job = form_job(form, fields, max_body_bytes=settings.max_body_bytes)
     if submitted.get(HONEYPOT):
-        # A bot filled the hidden field: answer exactly as for a real one, send nothing.
+        # Its made-up id then reads as a real form task's does: 404 to all but the operator
+        # (see the result route).
         log.info("honeypot filled", extra={"request_id": request_id})
-        response = _answer(form, str(uuid.uuid4()), wants_json)
+        task_id = str(uuid.uuid4())
     else:
-        if form.captcha is not None:
-            token = submitted.get(form.captcha.token_field, "")
-            await _verify_captcha(request.app.state.http, form.captcha, token, client)
-        response = _answer(form, await _enqueue(form, submitted, client, queue, request_id,
-                                                settings.max_body_bytes), wants_json)  # fmt: skip
+        task_id = await _enqueue(form, job, fields, client, queue, request_id)
+    response = _answer(form, task_id, wants_json)
     _cors(form, request, response)
     response.headers.update(rate)
     return response
@@ -174,13 +184,10 @@ async def _form_rate(request: Request, form_id: str) -> dict[str, str]:
 
 
 async def _enqueue(
-    form: Form, submitted: dict[str, str], client: str, queue: QueueDep, request_id: str,
-    max_body_bytes: int,
-) -> str:  # fmt: skip
+    form: Form, job: Job, fields: dict[str, str], client: str, queue: QueueDep, request_id: str
+) -> str:
     """Queue the mail, or return the task of the same submission in the last 10 minutes."""
-    fields = content_fields(submitted)
-    job = form_job(form, fields, max_body_bytes=max_body_bytes)
-    # uuid4: unguessable, since a form task's id is the only thing protecting its result.
+    # uuid4: unguessable; it travels through the visitor's browser.
     item = EnqueueItem(str(uuid.uuid4()), job, request_id, key_id=OWNER_PREFIX + form.id)
     once = Idempotency(scope=OWNER_PREFIX + form.id,
                        key=submission_key(form.id, client, fields),
