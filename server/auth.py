@@ -110,7 +110,7 @@ def relay_guard(settings: Settings) -> None:
 
 
 # A Host header: "[::1]:8000", "localhost:8000", "127.0.0.1"
-_HOST = re.compile(r"^(?:\[([0-9a-f:.]+)\]|([^:\[\]]*))(?::(\d{1,5}))?$")
+_HOST = re.compile(r"^(?:\[([0-9a-f:.]+)\]|([a-z0-9.-]+))(?::(\d{1,5}))?$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

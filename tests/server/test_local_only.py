@@ -55,7 +55,7 @@ def test_local_host_names(host: str) -> None:
     "host",
     ["", "evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.evil.example",
      "0.0.0.0:8000", "[::1", "::1", "localhost:8000:9", "10.0.0.1", "localhost:99999x",
-     "local host"],
+     "local host", "evil.example/.localhost", "evil.example@localhost", "localhost\tx"],
 )  # fmt: skip
 def test_other_host_names(host: str) -> None:
     assert not is_local_host(host)
