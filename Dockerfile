@@ -23,4 +23,6 @@ USER emailq
 EXPOSE 8000
 
 # API by default; the worker service runs `python -m worker` (see docker-compose.yml).
-CMD ["uvicorn", "server.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# `python -m server`, not bare uvicorn: it turns uvicorn's X-Forwarded-For handling off, so
+# TRUSTED_PROXIES alone decides the client address.
+CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "8000"]

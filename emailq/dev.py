@@ -124,8 +124,7 @@ def run(cfg: DevConfig) -> int:
     children = [
         _spawn([py, "-m", "emailq.cli", "capture", "--port", str(smtp_port),
                 "--out", str(cfg.data_dir / "mail")], env),
-        _spawn([py, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
-                "--port", str(cfg.api_port)], env),
+        _spawn([py, "-m", "server", "--host", "127.0.0.1", "--port", str(cfg.api_port)], env),
         _spawn([py, "-m", "worker"], env),
     ]  # fmt: skip
     stopping = False

@@ -2,8 +2,11 @@
 
 ``Authorization: Bearer <key>`` is hashed with SHA-256 and compared, in constant time, with
 every configured ``API_KEYS`` digest. Only key ids are ever logged, never keys. Without
-``API_KEYS`` every caller is the ``anonymous`` principal and the API is as open as before;
-``relay_guard`` refuses to start that way unless the mail can only reach loopback SMTP.
+``API_KEYS`` every caller is the ``anonymous`` principal, and then, unless
+``ALLOWED_RECIPIENTS`` limits where mail goes or ``ALLOW_OPEN_RELAY`` says anyone may send,
+only local requests are served (``local_refusal``): a loopback client, naming this machine
+in ``Host``, not sent by a page of another origin. The admin endpoints always need that
+without keys. ``relay_guard`` refuses to start with a real SMTP server and none of the three.
 """
 
 from __future__ import annotations
@@ -12,16 +15,19 @@ import hmac
 import ipaddress
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 
 from emailq.apikeys import ApiKey, Scope, hash_key, in_allow_list, in_domains
 from emailq.models import Job
+from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
-from server.clientaddr import client_address
+from server.clientaddr import arrived_through_proxy, client_address, client_key
 from server.deps import SettingsDep, queue_of, settings_of
 
 log = logging.getLogger("emailq.api")
@@ -80,12 +86,19 @@ def is_loopback(host: str | None) -> bool:
 
 
 def relay_guard(settings: Settings) -> None:
-    """Refuse a configuration in which anyone may send anywhere through a real SMTP server."""
-    if settings.api_keys or settings.allowed_recipients or is_loopback(settings.smtp_host):
+    """Refuse a configuration in which anyone may send anywhere through a real SMTP server.
+
+    Without keys or an allow-list the API serves local clients only (``local_refusal``),
+    so loopback SMTP is safe to start with; ALLOW_OPEN_RELAY lifts that limit, so it warns
+    whatever the SMTP host."""
+    if settings.api_keys or settings.allowed_recipients:
         return
     if settings.allow_open_relay:
         log.warning("ALLOW_OPEN_RELAY=true: anyone who can reach this API can send mail "
                     "anywhere through %s", settings.smtp_host)  # fmt: skip
+        return
+    if is_loopback(settings.smtp_host):
+        log.info("no API_KEYS or ALLOWED_RECIPIENTS: only clients on this machine may send")
         return
     raise OpenRelayRefused(
         f"refusing to start: SMTP_HOST={settings.smtp_host} is not a loopback host, and "
@@ -94,6 +107,76 @@ def relay_guard(settings: Settings) -> None:
         "or ALLOWED_RECIPIENTS (addresses and @domains), or, to accept that risk, "
         "ALLOW_OPEN_RELAY=true."
     )
+
+
+# A Host header: "[::1]:8000", "localhost:8000", "127.0.0.1"
+_HOST = re.compile(r"^(?:\[([0-9a-f:.]+)\]|([a-z0-9.-]+))(?::(\d{1,5}))?$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """A Host header as (name without brackets or final dot, port or None); None if bad."""
+    match = _HOST.match(value.strip().lower())
+    if match is None:
+        return None
+    name = (match.group(1) or match.group(2) or "").rstrip(".")
+    return (name, int(match.group(3)) if match.group(3) else None) if name else None
+
+
+def is_local_host(value: str | None) -> bool:
+    """Does a ``Host`` header name this machine: localhost, ``*.localhost``, a loopback IP
+    (``[::1]`` bracketed), with or without a port? A DNS-rebinding page sends its own name."""
+    parts = _split_host(value or "")
+    return parts is not None and (parts[0].endswith(".localhost") or is_loopback(parts[0]))
+
+
+def _same_origin(origin: str, scheme: str, host: str) -> bool:
+    """Is ``origin``, as a browser sends it, the origin this request was served under
+    (``scheme`` of the connection, ``host`` from its Host header)?"""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:  # a port out of range, or not a number
+        return False
+    default = _DEFAULT_PORTS.get(scheme)
+    served = _split_host(host)
+    if parts.scheme != scheme or default is None or served is None or parts.hostname is None:
+        return False
+    return parts.hostname.rstrip(".") == served[0] and (port or default) == (served[1] or default)
+
+
+def _cross_origin(request: Request, settings: Settings) -> bool:
+    """Sent by a page of another origin? Browsers send ``Origin`` on every POST and on
+    cross-origin requests, and ``Sec-Fetch-Site`` on everything; curl sends neither."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        listed = origin in split_list(settings.cors_origins)  # the operator allowed that page
+        served = _same_origin(origin, request.url.scheme, request.headers.get("Host", ""))
+        return not (listed or served)
+    return request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin")
+
+
+def local_refusal(request: Request, settings: Settings) -> str | None:
+    """Why this request is not a local one (see the module doc), or None if it is."""
+    if arrived_through_proxy(request):
+        return ("the request came through a proxy that is not in TRUSTED_PROXIES; list it "
+                "there, or configure API_KEYS")  # fmt: skip
+    # Behind a TRUSTED_PROXIES proxy on loopback, the forwarded client decides, not the proxy.
+    if not is_loopback(client_address(request)):
+        return "only clients on this machine are served while API_KEYS is unset"
+    if not is_local_host(request.headers.get("Host")):
+        return "the Host header must name this machine (localhost) while API_KEYS is unset"
+    if _cross_origin(request, settings):
+        return "cross-origin requests are refused while API_KEYS is unset"
+    return None
+
+
+def _local_only(request: Request, settings: Settings) -> None:
+    """403 unless the request is a local one."""
+    refusal = local_refusal(request, settings)
+    if refusal is not None:
+        log.warning("refused: %s", refusal, extra={"request_id": request.state.request_id})
+        raise HTTPException(403, f"{refusal}; configure API_KEYS to call it from elsewhere")
 
 
 def _match(given: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
@@ -116,7 +199,7 @@ def _bearer(request: Request) -> str | None:
 async def _refuse(request: Request, settings: Settings, queue: Queue) -> HTTPException:
     """401, or 429 once this address has failed too often in the current window."""
     # The socket's peer, or the address a TRUSTED_PROXIES proxy forwarded for.
-    client = client_address(request)
+    client = client_key(request)
     count, left_ms = await queue.note_auth_failure(client, AUTH_FAILURE_WINDOW_MS)
     log.warning("authentication failed from %s (%d this minute)", client, count,
                 extra={"request_id": request.state.request_id})  # fmt: skip
@@ -132,6 +215,10 @@ async def authenticate(request: Request) -> Principal:
     """The caller's principal; 401 (or 429 after repeated failures) without a valid key."""
     settings = settings_of(request)
     if not settings.api_keys:
+        # Sending anywhere, unlimited, is for this machine only, unless the operator said
+        # otherwise: an allow-list bounds where mail goes; ALLOW_OPEN_RELAY opens it to all.
+        if not (settings.allowed_recipients or settings.allow_open_relay):
+            _local_only(request, settings)
         principal = ANONYMOUS
     else:
         given = _bearer(request)
@@ -150,19 +237,13 @@ PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
 async def require_admin(request: Request, principal: PrincipalDep, settings: SettingsDep) -> None:
-    """Admin access: an admin key when keys are configured, else loopback clients only."""
+    """Admin access: an admin key when keys are configured, else local requests only."""
     if settings.api_keys:
         if not principal.is_admin:
             detail = f"key {principal.key_id!r} has scope {principal.scope}; admin endpoints need"
             raise HTTPException(403, detail + " an admin key")
         return
-    # Behind a TRUSTED_PROXIES proxy on loopback, the forwarded client decides, not the proxy.
-    if not is_loopback(client_address(request)):
-        raise HTTPException(
-            403,
-            "admin endpoints answer loopback clients only while API_KEYS "
-            "is unset; configure an admin key to reach them from elsewhere",
-        )
+    _local_only(request, settings)
 
 
 AdminDep = Depends(require_admin)

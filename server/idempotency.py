@@ -1,10 +1,10 @@
 """The ``Idempotency-Key`` header of the send endpoint, with the semantics of Stripe and Resend.
 
 The first request with a key stores its task and, in the same Lua step, a record of the key
-(scoped to the caller's API key, kept 24 h). A repeat with the same body gets the first
-answer again, with ``Idempotent-Replayed: true``, and sends nothing; the same key with
-another body is 409. Batches use the same header, with a record per message (see
-``batch_once``).
+(scoped to the caller's API key, or without API keys to the client's address; kept 24 h).
+A repeat with the same body gets the first answer again, with ``Idempotent-Replayed:
+true``, and sends nothing; the same key with another body is 409, which names no task.
+Batches use the same header, with a record per message (see ``batch_once``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from fastapi import Header, Request, Response
 
 from emailq.coalesce import EnqueueCoalescer
 from emailq.queue import EnqueueItem, Idempotency, Queue
+from server.clientaddr import client_address
 from server.errors import IdempotencyConflict
 from server.schemas import Accepted
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
-ANONYMOUS = "anonymous"  # the scope while no API key identifies the caller
+ANONYMOUS = "anonymous"  # the key id while no API key identifies the caller
 
 log = logging.getLogger("emailq.api")
 
@@ -39,6 +40,14 @@ IdempotencyKeyDep = Annotated[
         description="1-256 printable ASCII characters; a repeat within 24 h sends nothing",
     ),
 ]
+
+
+def scope_of(request: Request) -> str:
+    """The caller's key space: its API key's id, or without keys its address, so that
+    callers without a key cannot reach (or learn about) each other's requests."""
+    key_id = str(getattr(request.state, "key_id", ANONYMOUS))
+    # "@" is not allowed in key ids: an address scope cannot collide with a key's.
+    return f"{ANONYMOUS}@{client_address(request)}" if key_id == ANONYMOUS else key_id
 
 
 def fingerprint(raw: bytes) -> str:
@@ -60,16 +69,15 @@ async def send_once(
     Without a key it simply enqueues."""
     once = None
     if key is not None:
-        scope = str(getattr(request.state, "key_id", ANONYMOUS))
-        once = Idempotency(scope=scope, key=key, fingerprint=fingerprint(await request.body()))
+        once = Idempotency(
+            scope=scope_of(request), key=key, fingerprint=fingerprint(await request.body())
+        )
     replay = await enqueuer.enqueue_once(item, once)
     if replay is None:
         log.info("queued", extra={"request_id": item.request_id, "task_id": item.task_id})
         return Accepted(task_id=item.task_id)
     if not replay.same_request:
-        raise IdempotencyConflict(
-            f"this {HEADER} was used with a different request body (task {replay.task_id})"
-        )
+        raise IdempotencyConflict(f"this {HEADER} was used with a different request body")
     response.headers[REPLAYED] = "true"
     log.info("replayed", extra={"request_id": item.request_id, "task_id": replay.task_id})
     return Accepted(task_id=replay.task_id)
@@ -91,8 +99,9 @@ async def batch_once(request: Request, queue: Queue, key: str | None) -> BatchOn
     batch racing this one, gets the same task ids and creates nothing twice."""
     if key is None:
         return None
-    scope = "batch:" + str(getattr(request.state, "key_id", ANONYMOUS))
-    once = Idempotency(scope=scope, key=key, fingerprint=fingerprint(await request.body()))
+    once = Idempotency(
+        scope="batch:" + scope_of(request), key=key, fingerprint=fingerprint(await request.body())
+    )
     seen = await queue.guard_batch(once)
     if seen is False:
         raise IdempotencyConflict(f"this {HEADER} was used with a different batch body")

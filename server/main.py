@@ -1,4 +1,4 @@
-"""The API application. Run it with ``uvicorn server.main:app``."""
+"""The API application. Run it with ``python -m server`` (see ``server/__main__.py``)."""
 
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def _app_from_environment() -> FastAPI:
 
 
 def __getattr__(name: str) -> FastAPI:
-    # `uvicorn server.main:app` looks `app` up here. Building it on first access rather than
-    # at import keeps the environment from being read by anything that merely imports us.
+    # `uvicorn server.main:app --no-proxy-headers` looks `app` up here. Building it on first
+    # access rather than at import keeps the environment from being read by anything that
+    # merely imports us.
     if name == "app":
         return _app_from_environment()
     raise AttributeError(name)

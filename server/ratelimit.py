@@ -32,7 +32,7 @@ from emailq.errors import StoreUnavailable
 from emailq.queue import Keys
 from emailq.settings import Settings
 from server.auth import Principal
-from server.clientaddr import client_address
+from server.clientaddr import client_key
 
 log = logging.getLogger("emailq.api")
 
@@ -122,8 +122,8 @@ async def check_key_rate(
     if rate_limits.per_key is None:
         return None
     # Without API_KEYS every caller is `anonymous`: one budget for all would let one client
-    # starve the rest, so the address is the budget.
-    who = ("address", client_address(request)) if principal.anonymous else ("key", principal.key_id)
+    # starve the rest, so the address (an IPv6 client's /64) is the budget.
+    who = ("address", client_key(request)) if principal.anonymous else ("key", principal.key_id)
     usage = await rate_limits.hit(rate_limits.per_key, "send", *who, cost=cost)
     response.headers.update(usage.headers)
     return usage
@@ -141,7 +141,7 @@ async def check_form_rate(
     if rate_limits.per_form_address is None:
         return None
     item = rate_limits.per_form_address
-    usage = await rate_limits.hit(item, "form", form_id, "address", client_address(request))
+    usage = await rate_limits.hit(item, "form", form_id, "address", client_key(request))
     if response is not None:
         response.headers.update(usage.headers)
     return usage

@@ -183,11 +183,11 @@ class Procs:
         wait_for_log(proc, "started")
         return proc
 
-    def api(self, settings: Settings) -> str:
-        """``uvicorn server.main:app`` on a free port; returns its base URL once healthy."""
+    def api(self, settings: Settings, module: tuple[str, ...] = ("server",)) -> str:
+        """``python -m server``, as the README runs it, on a free port; returns its base URL
+        once healthy. ``module=("uvicorn", "server.main:app")`` runs bare uvicorn instead."""
         port = free_port()
-        args = [sys.executable, "-m", "uvicorn", "server.main:app",
-                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        args = [sys.executable, "-m", *module, "--host", "127.0.0.1", "--port", str(port)]
         proc = self._spawn(args, settings, "api")
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: _healthy(base), what="API /health", proc=proc)

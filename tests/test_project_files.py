@@ -47,7 +47,7 @@ def test_compose_file_parses_and_runs_the_readme_commands() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) >= {"redis", "api", "worker", "mailpit"}
-    assert services["api"]["command"][:2] == ["uvicorn", "server.main:app"]
+    assert services["api"]["command"][:3] == ["python", "-m", "server"]
     assert services["worker"]["command"] == ["python", "-m", "worker"]
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_cmd
@@ -56,7 +56,7 @@ def test_compose_file_parses_and_runs_the_readme_commands() -> None:
     assert "container_name" not in services["worker"]
     assert "ports" not in services["worker"]
     readme = (ROOT / "README.md").read_text()
-    assert "uvicorn server.main:app" in readme
+    assert "python -m server" in readme
     assert "python -m worker" in readme
 
 
@@ -65,4 +65,12 @@ def test_dockerfile_is_slim_non_root_and_installs_from_the_lock() -> None:
     assert re.search(r"^FROM python:3\.11-slim", dockerfile, flags=re.MULTILINE)
     assert re.search(r"^USER (?!root)\w+", dockerfile, flags=re.MULTILINE)
     assert "--require-hashes -r requirements.lock" in dockerfile
-    assert 'CMD ["uvicorn", "server.main:app"' in dockerfile
+    assert 'CMD ["python", "-m", "server"' in dockerfile
+
+
+def test_every_launcher_runs_the_api_as_python_m_server() -> None:
+    # Bare uvicorn believes X-Forwarded-For from loopback peers; `python -m server` does not.
+    for path in ("emailq/dev.py", "tests/conftest.py"):
+        text = (ROOT / path).read_text()
+        assert '"-m", "server"' in text or '("server",)' in text, path
+    assert '"uvicorn", "server.main:app"' not in (ROOT / "emailq/dev.py").read_text()

@@ -18,8 +18,9 @@ router = APIRouter(
     tags=["admin"],
     dependencies=[AdminDep],
     responses={401: {"description": "API_KEYS is set and no valid key was given"},
-               403: {"description": "not an admin key; or API_KEYS is unset and the client "
-                                    "is not local"}},
+               403: {"description": "not an admin key; or API_KEYS is unset and the request "
+                                    "is not local (a loopback client, a local Host, no "
+                                    "other page's Origin)"}},
 )  # fmt: skip
 TASK_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown task"},

@@ -7,12 +7,22 @@ from typing import Any
 
 import pytest
 import redis
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
 from server.main import create_app
 
 MAX_BODY = 2048  # small, so 413 cases stay small
+LOCAL_PEER = ("127.0.0.1", 50000)
+
+
+def local_client(app: FastAPI, **kwargs: Any) -> TestClient:
+    """A ``TestClient`` that is a local caller, as zero-config sends and admin calls need:
+    a loopback peer, and ``Host: localhost`` (TestClient's own peer "testclient" and Host
+    "testserver" are neither). Use it as a context manager, so the lifespan runs."""
+    kwargs.setdefault("client", LOCAL_PEER)
+    return TestClient(app, base_url="http://localhost", **kwargs)
 
 
 @pytest.fixture
@@ -31,7 +41,7 @@ def store(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     # As a context manager, so the lifespan opens (and closes) the Redis client.
-    with TestClient(create_app(settings)) as test_client:
+    with local_client(create_app(settings)) as test_client:
         yield test_client
 
 

@@ -19,7 +19,7 @@ from emailq.queue import Keys
 from emailq.redis_server import RedisServer, free_port
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import MAX_BODY, mail
+from tests.server.conftest import MAX_BODY, local_client, mail
 
 SEND = "/api/v1/email/received"
 RESULT = "/api/v1/email/result"
@@ -273,7 +273,7 @@ def test_redis_down_is_a_quick_503_and_recovery_needs_no_restart(
 ) -> None:
     port = free_port()
     settings = make_settings(redis_url=f"redis://127.0.0.1:{port}/0")
-    with TestClient(create_app(settings)) as client:
+    with local_client(create_app(settings)) as client:
         unknown = {"task_id": str(uuid.uuid4())}
         calls = [lambda: send(client), lambda: client.get("/ready"),
                  lambda: client.get(RESULT, params=unknown)]  # fmt: skip

@@ -38,6 +38,7 @@ from emailq.apikeys import ApiKey, hash_key, parse_api_keys
 from emailq.queue import Keys
 from emailq.settings import Settings
 from server.main import create_app
+from tests.server.conftest import local_client
 from tests.server.test_api import assert_error, mail
 
 SEND = "/api/v1/email/received"
@@ -137,7 +138,7 @@ def test_key_id_is_set_on_request_state(settings: Settings) -> None:
 def test_without_api_keys_everyone_is_anonymous(
     make_settings: Callable[..., Settings], store: redis.Redis
 ) -> None:
-    with TestClient(create_app(make_settings())) as client:
+    with local_client(create_app(make_settings())) as client:
         response = client.post(SEND, json=mail(), headers=bearer("anything"))
         assert response.status_code == 202
         task_id = response.json()["task_id"]

@@ -23,6 +23,7 @@ from emailq.queue import Queue
 from emailq.redis_server import free_port
 from emailq.settings import Settings
 from server.main import create_app
+from tests.server.conftest import local_client
 
 THANKS = "https://site.example/thanks"
 SITE = "https://site.example"
@@ -78,7 +79,8 @@ def forms_app(make_settings: Callable[..., Settings], tmp_path: Path) -> Callabl
         path.write_text(FORMS_TOML + extra)
         overrides.setdefault("rate_limit_per_form_address", "")
         overrides.setdefault("max_body_bytes", 2048)
-        return TestClient(create_app(make_settings(forms_file=path, **overrides)))
+        # Local, so that it may also read results, which zero-config serves locally only.
+        return local_client(create_app(make_settings(forms_file=path, **overrides)))
 
     return make
 

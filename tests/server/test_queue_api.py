@@ -22,7 +22,7 @@ from emailq.apikeys import hash_key
 from emailq.queue import Keys, Queue
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import MAX_BODY
+from tests.server.conftest import MAX_BODY, local_client
 from tests.server.test_api import assert_error, mail
 
 SEND = "/api/v1/email/received"
@@ -45,7 +45,7 @@ def app(settings: Settings) -> FastAPI:
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
     """A loopback client, which may use the admin endpoints while API_KEYS is unset."""
-    with TestClient(app, client=LOOPBACK) as test_client:
+    with local_client(app, client=LOOPBACK) as test_client:
         yield test_client
 
 
@@ -471,7 +471,7 @@ def test_without_api_keys_only_loopback_clients_are_served(
         refused = assert_error(admin_call(remote, method, path, body), 403, "forbidden")
     assert "API_KEYS" in refused["detail"]
     for peer in (LOOPBACK, ("::1", 50000)):
-        with TestClient(app, client=peer) as local:
+        with local_client(app, client=peer) as local:
             assert admin_call(local, method, path, body).status_code in (200, 404)
 
 

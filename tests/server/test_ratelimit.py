@@ -36,6 +36,7 @@ from server.clientaddr import forwarded_client
 from server.cors import ApiCorsMiddleware
 from server.main import create_app
 from server.ratelimit import check_form_rate
+from tests.server.conftest import local_client
 from tests.server.test_api import assert_error, mail
 from tests.server.test_auth import ALICE, API_KEYS, BOB, bearer, task_keys
 
@@ -118,7 +119,8 @@ def test_replicas_share_the_budget(settings: Settings) -> None:
 
 
 def test_without_keys_the_budget_is_per_address(make_settings: Callable[..., Settings]) -> None:
-    app = create_app(make_settings(rate_limit_per_key="2/minute"))
+    # ALLOW_OPEN_RELAY: without it only loopback clients may send at all.
+    app = create_app(make_settings(rate_limit_per_key="2/minute", allow_open_relay=True))
     with TestClient(app, client=("203.0.113.1", 1)) as first:
         assert send(first, key=None).status_code == 202
         assert send(first, key=None).status_code == 202
@@ -184,7 +186,8 @@ def test_form_submissions_are_limited_per_address_per_form(
 def test_forwarded_for_counts_only_from_a_trusted_proxy(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(rate_limit_per_key="1/minute", trusted_proxies="10.0.0.0/8, ::1")
+    settings = make_settings(rate_limit_per_key="1/minute", trusted_proxies="10.0.0.0/8, ::1",
+                             allow_open_relay=True)  # fmt: skip
     app = create_app(settings)
     with TestClient(app, client=PROXY) as proxy:
         # Through our proxy, each visitor is its own client.
@@ -211,7 +214,7 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy(
         ("10.0.0.1", ["198.51.100.1", "10.0.0.2"], "198.51.100.1"),  # several headers
         ("10.0.0.1", ["10.0.0.3, 10.0.0.2"], "10.0.0.3"),  # all ours: the left-most
         ("10.0.0.1", [], "10.0.0.1"),  # no header: the proxy itself
-        ("10.0.0.1", ["1.1.1.1, not-an-ip"], "10.0.0.1"),  # garbage never becomes a key
+        ("10.0.0.1", ["1.1.1.1, not-an-ip"], "unknown"),  # garbage: neither a key nor the proxy
         ("::ffff:10.0.0.1", ["2001:db8::1"], "2001:db8::1"),  # IPv4-mapped peer
     ],
 )
@@ -250,7 +253,7 @@ def test_admin_loopback_check_sees_through_a_trusted_proxy(
 ) -> None:
     # A reverse proxy on the same machine must not make every visitor "local".
     app = create_app(make_settings(trusted_proxies="127.0.0.1"))
-    with TestClient(app, client=("127.0.0.1", 1)) as proxy:
+    with local_client(app) as proxy:
         remote = proxy.get("/api/v1/admin/stats", headers={"X-Forwarded-For": "198.51.100.1"})
         assert_error(remote, 403, "forbidden")
         assert proxy.get("/api/v1/admin/stats").status_code == 200

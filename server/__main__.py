@@ -1,0 +1,61 @@
+"""``python -m server [--host H] [--port P]``: run the API under uvicorn.
+
+The way to run the API (the Dockerfile, docker-compose.yml and ``emailq dev`` use it). It
+builds the settings once and starts uvicorn with its proxy-header handling off: uvicorn
+would otherwise replace the client address of every loopback peer with whatever that peer
+wrote in ``X-Forwarded-For``, before the app sees it. ``TRUSTED_PROXIES`` alone decides
+which proxies are believed (``server/clientaddr.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from emailq.forms import FormsConfigError
+from emailq.logs import configure_logging
+from emailq.settings import Settings
+from server.auth import OpenRelayRefused
+from server.main import create_app
+from server.routes.email import MAX_WAIT_SECONDS
+
+# On SIGTERM uvicorn stops accepting and lets open requests finish for this long: a
+# `wait=` long-poll may take MAX_WAIT_SECONDS, so it should end with its answer, not a reset.
+GRACEFUL_SHUTDOWN_SECONDS = MAX_WAIT_SECONDS + 5
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n")[0])
+    # Loopback unless told otherwise: exposing the API is a decision (see README, Security).
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m server``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+        configure_logging(settings.log_level)
+        app = create_app(settings)
+    except (ValidationError, OpenRelayRefused, FormsConfigError) as exc:
+        # A configuration mistake: say what it is, without a traceback around it.
+        print(f"emailq API: {exc}", file=sys.stderr)  # noqa: T201  # the operator reads it on the console
+        return 2
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        proxy_headers=False,  # TRUSTED_PROXIES decides; see the module doc
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        log_level=settings.log_level.lower(),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
