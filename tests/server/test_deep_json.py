@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from emailq.settings import Settings
 from server.main import create_app
 from tests.conftest import Procs
+from tests.server.conftest import local_client
 from tests.server.test_api import assert_error
 
 DEPTH = 50_000
@@ -57,7 +58,7 @@ def settings_with_form(make_settings: Callable[..., Settings], tmp_path: Path) -
 def app_client(settings_with_form: Settings) -> Iterator[TestClient]:
     # Loopback, so the admin route is reached as its operator would reach it.
     app = create_app(settings_with_form)
-    with TestClient(app, client=("127.0.0.1", 4000)) as test_client:
+    with local_client(app) as test_client:
         yield test_client
 
 

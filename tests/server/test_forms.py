@@ -260,7 +260,7 @@ def test_a_lone_surrogate_in_a_field_is_422_and_stores_nothing(
 def local_operator(client: TestClient) -> Iterator[TestClient]:
     """The same API, reached from loopback: whoever may read form tasks while API_KEYS is
     unset (tests/server/test_honeypot.py checks that nobody else can)."""
-    with TestClient(create_app(client.app.state.settings), client=("127.0.0.1", 4000)) as local:
+    with local_client(create_app(client.app.state.settings)) as local:
         yield local
 
 

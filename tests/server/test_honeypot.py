@@ -54,11 +54,14 @@ def same_shape(response: httpx.Response, task_id: str) -> tuple[int, dict[str, A
     return response.status_code, body
 
 
-def poll_both(http: httpx.Client | TestClient, real: str, fake: str, **params: Any) -> None:
-    """The real and the made-up id answer alike: 404, the same body."""
+def poll_both(
+    http: httpx.Client | TestClient, real: str, fake: str, refused: int = 404, **params: Any
+) -> None:
+    """The real and the made-up id answer alike: ``refused`` (404 to a key that may not read
+    the task; 403 to a remote caller while API_KEYS is unset), the same body."""
     answers = [http.get(RESULT, params={"task_id": t, **params}) for t in (real, fake)]
     assert same_shape(answers[0], real) == same_shape(answers[1], fake)
-    assert answers[0].status_code == 404, answers[0].text
+    assert answers[0].status_code == refused, answers[0].text
 
 
 @pytest.mark.parametrize("wait", [0, 0.5])
@@ -70,7 +73,7 @@ def test_a_stranger_polls_a_real_and_a_honeypot_task_alike(
         fake = stranger.post(FORM, json=BOT)
         assert same_shape(real, real.json()["task_id"]) == same_shape(fake, fake.json()["task_id"])
         assert real.status_code == 202
-        poll_both(stranger, real.json()["task_id"], fake.json()["task_id"], wait=wait)
+        poll_both(stranger, real.json()["task_id"], fake.json()["task_id"], 403, wait=wait)
     assert len(tasks(store)) == 1  # the bot's stored nothing
 
 
@@ -140,11 +143,11 @@ def test_polling_from_pending_to_sent_against_the_real_processes(
     with httpx.Client(base_url=base, headers=bot_headers, timeout=10) as bot:
         real = bot.post(FORM, json=VISITOR).json()["task_id"]
         fake = bot.post(FORM, json=BOT).json()["task_id"]
-        poll_both(bot, real, fake)  # pending: no worker yet
-        poll_both(bot, real, fake, wait=0.5)
+        poll_both(bot, real, fake, 403)  # pending: no worker yet
+        poll_both(bot, real, fake, 403, wait=0.5)
         procs.worker(settings)
         wait_until(lambda: len(smtp.handler.received) == 1, what="the real mail at SMTP")
-        poll_both(bot, real, fake)  # sent
+        poll_both(bot, real, fake, 403)  # sent
     with httpx.Client(base_url=base, timeout=10) as operator:  # loopback, no key: the operator
         wait_until(lambda: operator.get(RESULT, params={"task_id": real}).json()["status"]
                    == "success", what="the real task's success")  # fmt: skip

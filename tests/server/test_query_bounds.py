@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
 from server.main import create_app
+from tests.server.conftest import local_client
 from tests.server.test_api import assert_error
 
 FAILED = "/api/v1/admin/failed"
@@ -21,7 +22,7 @@ INT64_MAX = 2**63 - 1
 @pytest.fixture
 def operator(settings: Settings) -> Iterator[TestClient]:
     # Loopback: the admin endpoints answer it while API_KEYS is unset.
-    with TestClient(create_app(settings), client=("127.0.0.1", 4000)) as test_client:
+    with local_client(create_app(settings)) as test_client:
         yield test_client
 
 
