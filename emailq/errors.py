@@ -30,7 +30,7 @@ class InvalidMessage(EmailqError):
 
 
 class HeaderInjection(InvalidMessage):
-    """A header value carries a line break or NUL, raw or after substitution."""
+    """A header value carries a control character or line break, raw or after substitution."""
 
 
 class MessageTooLarge(EmailqError):
