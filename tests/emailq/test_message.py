@@ -6,8 +6,8 @@ import base64
 import email
 import email.policy
 import re
-from email.message import EmailMessage
 from email.header import decode_header, make_header
+from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 
@@ -236,7 +236,8 @@ def test_mail_from_display_name_is_encoded_by_us(mail_from: str, name: str) -> N
         assert "Bcc" not in header_names(raw)
         # RFC 2047 decoding (CPython's address parser puts a space between two encoded
         # words of one display name, which the RFC says to drop).
-        value = (b"\r\n" + raw).split(b"\r\nFrom: ", 1)[1].split(b"\r\nTo: ", 1)[0].replace(b"\r\n", b"")
+        value = (b"\r\n" + raw).split(b"\r\nFrom: ", 1)[1].split(b"\r\nTo: ", 1)[0]
+        value = value.replace(b"\r\n", b"")
         decoded = str(make_header(decode_header(value.decode())))
         assert parseaddr(decoded) == (name, parseaddr(mail_from)[1])
 

@@ -85,11 +85,12 @@ def test_check_header_rejects_line_breaks_and_controls(bad: str) -> None:
 
 
 def test_check_header_refuses_tab_unless_allowed() -> None:
-    assert check_header("안녕하세요 {username}\t!", "subject", tab=True) == "안녕하세요 {username}\t!"
+    subject = "안녕하세요 {username}\t!"
+    assert check_header(subject, "subject", tab=True) == subject
     with pytest.raises(HeaderInjection):
         check_header("/thanks\t", "redirect")
 
 
-@pytest.mark.parametrize("ok", ["Hello", "안녕하세요", "=?utf-8?b?SGk=?=", "a\u00a0b", "\U0001f600"])
+@pytest.mark.parametrize("ok", ["Hello", "안녕", "=?utf-8?b?SGk=?=", "a\u00a0b", "\U0001f600"])
 def test_check_header_returns_a_safe_value(ok: str) -> None:
     assert check_header(ok, "subject") == ok
