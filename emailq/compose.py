@@ -16,7 +16,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from emailq.errors import InvalidMessage, MessageTooLarge
 from emailq.models import Job, Priority
-from emailq.templating import check_header, check_text, render
+from emailq.templating import check_header, check_text, placeholders, render
 
 MAX_RECIPIENTS = 50
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit; longer subjects are folded, not cut
@@ -25,6 +25,11 @@ MAX_AHEAD = timedelta(days=30)  # the furthest send_at, and the longest ttl_seco
 
 def normalize_address(value: str) -> str:
     """A single addr-spec, validated and normalized by email-validator (no DNS lookup)."""
+    # "=?" is legal in a local part, and it opens an RFC 2047 encoded word: CPython's address
+    # parser decoded "=?us-ascii?q?victim=40evil.test=2C?=@example.com" into two addresses.
+    # message.py never parses addresses; refusing them here keeps readers downstream safe.
+    if "=?" in value:
+        raise ValueError("an address must not contain '=?' (an RFC 2047 encoded word)")
     try:
         return validate_email(value, check_deliverability=False).normalized
     except EmailNotValidError as exc:
@@ -84,8 +89,13 @@ def compose(request: EmailRequest, *, max_body_bytes: int) -> Job:
     if 1 + len(request.cc) + len(request.bcc) > MAX_RECIPIENTS:
         raise InvalidMessage(f"at most {MAX_RECIPIENTS} recipients in to, cc and bcc together")
     values = request.placeholder_values()
-    check_header(request.subject, "subject")
-    subject = check_header(render(request.subject, values, limit=MAX_SUBJECT_CHARS * 4), "subject")
+    check_header(request.subject, "subject", tab=True)
+    # A value that feeds the subject is named itself, so the caller knows what to fix.
+    for name in placeholders(request.subject, values):
+        field = name if name == "username" and request.username is not None else f"variables.{name}"
+        check_header(values[name], field, tab=True)
+    subject = render(request.subject, values, limit=MAX_SUBJECT_CHARS * 4)
+    check_header(subject, "subject", tab=True)
     if len(subject) > MAX_SUBJECT_CHARS:
         raise InvalidMessage(
             f"subject is over {MAX_SUBJECT_CHARS} characters after substitution", field="subject"

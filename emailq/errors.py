@@ -5,7 +5,7 @@
     EmailqError
     ├── StoreUnavailable     Redis unreachable or too slow   (API answers 503)
     ├── InvalidMessage       input that must not be sent      (API answers 422)
-    │   └── HeaderInjection  CR, LF or NUL in a header value
+    │   └── HeaderInjection  a control character or line break in a header value
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
     └── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
 """
@@ -30,7 +30,7 @@ class InvalidMessage(EmailqError):
 
 
 class HeaderInjection(InvalidMessage):
-    """A header value carries a line break or NUL, raw or after substitution."""
+    """A header value carries a control character or line break, raw or after substitution."""
 
 
 class MessageTooLarge(EmailqError):

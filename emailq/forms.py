@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from emailq.compose import MAX_SUBJECT_CHARS, Address, normalize_address
 from emailq.errors import InvalidMessage, MessageTooLarge
 from emailq.models import Job
-from emailq.templating import check_header, check_text, render
+from emailq.templating import check_header, check_text, placeholders, render
 
 HONEYPOT = "_gotcha"
 # Fields a page may send that are never part of the mail (the CAPTCHA tokens and the
@@ -33,6 +34,9 @@ OWNER_PREFIX = "form:"  # a form task's key_id; API key ids cannot contain ':'
 DUPLICATE_WINDOW_SECONDS = 600  # an identical submission from one client is dropped this long
 MAX_FIELDS = 50
 MAX_FIELD_NAME = 64
+# Every line break str.splitlines() knows. A mail client shows a bare CR, VT, NEL or U+2028
+# as a new line too, so each becomes LF before the value is laid out in the body.
+_LINE_BREAKS = re.compile(r"\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 
 class CaptchaProvider(StrEnum):
@@ -97,7 +101,7 @@ class Form(BaseModel):
     @field_validator("subject")
     @classmethod
     def _subject_is_a_header(cls, value: str) -> str:
-        return check_header(value, "subject")
+        return check_header(value, "subject", tab=True)
 
     @field_validator("redirect")
     @classmethod
@@ -156,13 +160,17 @@ def load_forms(path: Path | None) -> dict[str, Form]:
 
 
 def content_fields(submitted: Mapping[str, str]) -> dict[str, str]:
-    """The submitted fields that belong in the mail, checked for count and names."""
-    fields = {k: v for k, v in submitted.items() if k not in CONTROL_FIELDS}
+    """The submitted fields that belong in the mail, checked for count and names, with
+    every line break in a value made LF."""
+    fields = {k: _LINE_BREAKS.sub("\n", v) for k, v in submitted.items()
+              if k not in CONTROL_FIELDS}  # fmt: skip
     if len(fields) > MAX_FIELDS:
         raise InvalidMessage(f"at most {MAX_FIELDS} fields per submission")
     for name in fields:
-        if len(name) > MAX_FIELD_NAME or any(c in name for c in "\r\n\0"):
+        if len(name) > MAX_FIELD_NAME:
             raise InvalidMessage("field names must be at most 64 characters, one line each")
+        # A name starts a line of the text body: a line break in it could forge another.
+        check_header(name, "field names")
     return fields
 
 
@@ -176,8 +184,10 @@ def _ordered(fields: Mapping[str, str]) -> list[tuple[str, str]]:
 def _text_body(form: Form, fields: Mapping[str, str]) -> str:
     lines = [f"New submission of the form '{form.id}':", ""]
     for name, value in _ordered(fields):
+        # Values hold LF only (content_fields): each of their lines is indented, so no
+        # value can start a line of its own ("email: ..." after a line break).
         if "\n" in value:
-            lines += [f"{name}:", *(f"  {line}" for line in value.splitlines()), ""]
+            lines += [f"{name}:", *(f"  {line}" for line in value.split("\n")), ""]
         else:
             lines.append(f"{name}: {value}")
     return "\n".join(lines) + "\n"
@@ -201,10 +211,13 @@ def form_job(form: Form, fields: Mapping[str, str], *, max_body_bytes: int) -> J
             reply_to = normalize_address(fields["email"])
         except ValueError as exc:
             raise InvalidMessage(f"email: {exc}", field="email") from exc
+    # A value with a line break or control character cannot reach the header: it is
+    # refused here (422), named by its field.
+    for name in placeholders(form.subject, fields):
+        check_header(fields[name], name, tab=True)
     # Values are rendered as given: render() substitutes {name} only, never evaluates.
     subject = render(form.subject, fields, limit=MAX_SUBJECT_CHARS * 4)
-    # A value with CR/LF cannot reach the header: it is refused here (422).
-    check_header(subject, "subject")
+    check_header(subject, "subject", tab=True)
     if len(subject) > MAX_SUBJECT_CHARS:
         raise InvalidMessage(f"subject is over {MAX_SUBJECT_CHARS} characters", field="subject")
     check_text(subject, "subject")

@@ -1,15 +1,33 @@
-"""Build the MIME message for a job."""
+"""Build the MIME message for a job.
+
+Every header that carries request or operator text (From, To, Cc, Reply-To, Subject, and
+Message-ID, which holds MAIL_FROM's domain) is written here in its final wire form and
+stored as a ``WireHeader``; CPython's header parser never sees that text. It must not:
+``msg["Subject"] = value`` parses ``value`` and decodes RFC 2047 encoded words in it, and
+before 3.11.10 / 3.12.5 (CVE-2024-6923) the generator wrote the decoded CR/LF out as they
+were, so ``=?utf-8?b?...?=`` in a subject could add a second From, a Bcc and a body of its
+own. An encoded word in an address's local part was decoded into further addresses the
+same way. Building the wire form ourselves makes the result the same on every Python,
+patched or not.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 from datetime import UTC, datetime
 from email.header import Header
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
+from typing import Any
 
+from email_validator import EmailNotValidError, validate_email
+
+from emailq.errors import HeaderInjection
 from emailq.models import Job
+from emailq.templating import check_header
 
 
 class _CachedHeaderRegistry(HeaderRegistry):
@@ -17,7 +35,8 @@ class _CachedHeaderRegistry(HeaderRegistry):
 
     CPython's registry builds a new class with ``type()`` on every header it parses; that was
     a quarter of the worker's CPU time (13 headers per message). The classes hold no state,
-    so one per header name serves every message.
+    so one per header name serves every message. Only the headers that hold none of the
+    request's text (Date, MIME-Version, Content-*) still go through it.
     """
 
     def __init__(self) -> None:
@@ -35,32 +54,189 @@ class _CachedHeaderRegistry(HeaderRegistry):
 # policy.SMTP: CRLF line ends and encoded-word headers for non-ASCII subjects.
 _POLICY = SMTP.clone(header_factory=_CachedHeaderRegistry())
 
+MAX_LINE = 78  # RFC 5322's recommended line length, which every header here keeps to
+_PLACEHOLDER_DOMAIN = "emailq.invalid"
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+# An RFC 5322 atom: a display name made of these (and spaces) needs no quotes.
+_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+")
+_WORD = re.compile(r"[ \t]*[^ \t]+")
+
+
+class WireHeader(str):
+    """A header value already in wire form; the generator writes it exactly as given.
+
+    ``email.policy`` folds a value that has a ``name`` attribute by calling its ``fold``
+    (the documented protocol of header objects) instead of parsing it again, so neither
+    ``as_bytes()`` nor aiosmtplib's own flattening re-reads our text. The ``str`` value is
+    the text as a reader sees it (``msg["Subject"] == subject``). ``utf8_form`` is written
+    when the policy allows UTF-8 headers (SMTPUTF8, which aiosmtplib uses whenever an
+    envelope address is not ASCII); lines in both forms are joined with ``\\n``.
+    """
+
+    name: str
+    ascii_form: str
+    utf8_form: str
+
+    def __new__(
+        cls, name: str, text: str, ascii_form: str, utf8_form: str | None = None
+    ) -> WireHeader:
+        self = super().__new__(cls, text)
+        self.name = name
+        self.ascii_form = ascii_form
+        self.utf8_form = ascii_form if utf8_form is None else utf8_form
+        return self
+
+    def fold(self, *, policy: Any) -> str:
+        """The header line(s), with the policy's line ends."""
+        form = self.utf8_form if getattr(policy, "utf8", False) else self.ascii_form
+        linesep: str = policy.linesep
+        lines = form.split("\n")
+        return f"{self.name}: {linesep.join(lines)}{linesep}"
+
+
+def _fold_plain(name: str, text: str) -> str | None:
+    """ASCII ``text`` folded before its spaces and tabs into lines of at most ``MAX_LINE``,
+    or None when a word is too long for a line."""
+    if len(name) + 2 + len(text) <= MAX_LINE:
+        return text
+    words = _WORD.findall(text)  # the caller stripped the ends: these cover all of text
+    lines = [words[0]]
+    width = len(name) + 2 + len(words[0])
+    for word in words[1:]:
+        if width + len(word) > MAX_LINE:
+            lines.append("")  # the word starts with its space or tab: folding whitespace
+            width = 0
+        lines[-1] += word
+        width += len(word)
+    too_long = len(name) + 2 + len(lines[0]) > MAX_LINE or any(len(x) > MAX_LINE for x in lines)
+    return None if too_long else "\n".join(lines)
+
+
+def _encoded_words(name: str, text: str, *, fold: bool = True) -> str:
+    # CPython's folder (before gh-144156) can leave the space between two encoded words
+    # outside them, where decoders drop it: "발송 확인" arrives as "발송확인". The legacy
+    # encoder keeps every space inside the words and folds to 76 columns (0: never).
+    return Header(text, "utf-8", header_name=name).encode(maxlinelen=None if fold else 0)
+
+
+def unstructured(name: str, text: str) -> WireHeader:
+    """A text header such as Subject: plain ASCII as written, anything else (non-ASCII,
+    or text holding ``=?``, which a reader would decode) as RFC 2047 encoded words."""
+    check_header(text, name.lower(), tab=True)
+    # Readers drop whitespace at either end of a plain value; inside an encoded word it stays.
+    plain = text.isascii() and "=?" not in text and text == text.strip(" \t")
+    folded = _fold_plain(name, text) if plain else None
+    return WireHeader(name, text, folded if folded is not None else _encoded_words(name, text))
+
+
+def _ascii_domain(address: str) -> str:
+    domain = address.rpartition("@")[2]
+    if domain.isascii():
+        return domain
+    try:
+        ascii_domain = validate_email(address, check_deliverability=False).ascii_domain
+    except EmailNotValidError as exc:
+        raise HeaderInjection(f"address is not valid: {exc}", field="address") from exc
+    return str(ascii_domain)
+
+
+def _address_forms(address: str) -> tuple[str, str]:
+    """An addr-spec for ASCII headers and for UTF-8 ones."""
+    if "=?" in address or address.count("@") != 1 or any(c in address for c in ' <>()[],;:\\"'):
+        raise HeaderInjection("address is not a plain addr-spec", field="address")
+    check_header(address, "address")
+    if address.isascii():
+        return address, address
+    local = address.rpartition("@")[0]
+    # A non-ASCII local part has no ASCII form; it is only correct in a UTF-8 (SMTPUTF8)
+    # message, which aiosmtplib sends whenever it is an envelope address. For a Reply-To
+    # in an ASCII message this is what CPython wrote before: an encoded word of our making.
+    ascii_local = local if local.isascii() else _encoded_words("", local, fold=False)
+    return f"{ascii_local}@{_ascii_domain(address)}", address
+
+
+def _folded_list(name: str, items: list[str]) -> str:
+    """``items`` separated by ", ", folded before an item that would pass ``MAX_LINE``
+    (one column is kept free on every line for the comma that may follow)."""
+    lines = [items[0]]
+    width = len(name) + 2 + len(items[0])
+    for item in items[1:]:
+        lines[-1] += ","
+        if width + 2 + len(item) >= MAX_LINE:
+            lines.append(f" {item}")
+            width = 1 + len(item)
+        else:
+            lines[-1] += f" {item}"
+            width += 2 + len(item)
+    return "\n".join(lines)
+
+
+def addresses(name: str, values: list[str]) -> WireHeader:
+    """An address list header (To, Cc, Reply-To) of bare addr-specs, never parsed."""
+    forms = [_address_forms(a) for a in values]
+    return WireHeader(name, ", ".join(values), _folded_list(name, [a for a, _ in forms]),
+                      _folded_list(name, [u for _, u in forms]))  # fmt: skip
+
+
+def _phrase(name: str) -> str:
+    """A display name as an atom sequence, a quoted string, or encoded words."""
+    check_header(name, "display name")
+    if not name.isascii() or "=?" in name:
+        return _encoded_words("From", name)
+    if _ATOMS.fullmatch(name) and name == name.strip() and "  " not in name:
+        return name
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+@functools.lru_cache(maxsize=16)
+def mailbox(name: str, value: str) -> WireHeader:
+    """``From``: MAIL_FROM's display name (written by us) and its bare address.
+
+    Raises ``HeaderInjection`` when ``value`` holds no plain addr-spec or its name holds a
+    control character. Cached: every message of a worker has the same sender.
+    """
+    display, address = parseaddr(value)
+    ascii_address, utf8_address = _address_forms(address)
+    if not display:
+        return WireHeader(name, address, ascii_address, utf8_address)
+    phrase = _phrase(display)
+
+    def form(addr: str) -> str:
+        last = phrase.rsplit("\n", 1)[-1]
+        prefix = len(name) + 2 if "\n" not in phrase else 0
+        fold = "\n" if prefix + len(last) + len(addr) + 3 > MAX_LINE else ""
+        return f"{phrase}{fold} <{addr}>"
+
+    return WireHeader(name, f"{display} <{address}>", form(ascii_address), form(utf8_address))
+
 
 def message_id(task_id: str, mail_from: str) -> str:
     """A Message-ID derived from the task id: every attempt of a task carries the same one,
     so a receiving system can recognise a repeat."""
     _, at, domain = parseaddr(mail_from)[1].rpartition("@")
-    return f"<{task_id}@{domain if at and domain else 'emailq.invalid'}>"
+    # Only a plain host name: anything else from MAIL_FROM stays out of the header.
+    ok = at and _HOSTNAME.fullmatch(domain) and len(domain) <= 253
+    return f"<{task_id}@{domain if ok else _PLACEHOLDER_DOMAIN}>"
 
 
 def build_message(task_id: str, job: Job, mail_from: str) -> EmailMessage:
-    """The message as sent: UTF-8 bodies, RFC 2047 headers, Bcc only in the envelope."""
+    """The message as sent: UTF-8 bodies, RFC 2047 headers, Bcc only in the envelope.
+
+    Raises ``HeaderInjection`` for a header value that validation should have refused (a
+    task stored by an older version): such a task can never be sent safely.
+    """
     msg = EmailMessage(policy=_POLICY)
-    msg["From"] = mail_from
-    msg["To"] = job.to
+    msg.set_raw("From", mailbox("From", mail_from))
+    msg.set_raw("To", addresses("To", [job.to]))
     if job.cc:
-        msg["Cc"] = ", ".join(job.cc)
+        msg.set_raw("Cc", addresses("Cc", job.cc))
     if job.reply_to:
-        msg["Reply-To"] = job.reply_to
-    if job.subject.isascii():
-        msg["Subject"] = job.subject
-    else:
-        # CPython's folder (before gh-144156) can leave the space between two encoded
-        # words outside them, where decoders drop it: "발송 확인" arrives as "발송확인".
-        # The legacy encoder keeps every space inside the words; set_raw stops a refold.
-        msg.set_raw("Subject", Header(job.subject, "utf-8", header_name="Subject").encode())
+        msg.set_raw("Reply-To", addresses("Reply-To", [job.reply_to]))
+    msg.set_raw("Subject", unstructured("Subject", job.subject))
     msg["Date"] = format_datetime(datetime.now(UTC))
-    msg["Message-ID"] = message_id(task_id, mail_from)
+    mid = message_id(task_id, mail_from)
+    msg.set_raw("Message-ID", WireHeader("Message-ID", mid, mid))
     msg.set_content(job.text, charset="utf-8")
     if job.html:
         msg.add_alternative(job.html, subtype="html", charset="utf-8")

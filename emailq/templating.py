@@ -14,8 +14,14 @@ from collections.abc import Mapping
 from emailq.errors import HeaderInjection, InvalidMessage, MessageTooLarge
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
-# Reject all C0 line breaks and NUL: CR/LF start a new header, NUL truncates in many MTAs.
-_HEADER_FORBIDDEN = re.compile(r"[\r\n\0]")
+# Every C0 control but TAB, DEL, the C1 controls and U+2028/U+2029. CR and LF start a new
+# header and NUL truncates in many MTAs; VT, FF, FS/GS/RS, NEL and the two separators are
+# line breaks to str.splitlines(), which CPython's email package splits header values with
+# (a task holding one could be stored but never built); the rest have no business in a
+# header. TAB is folding whitespace: it can neither end a line nor start a header, and it is
+# inside the encoded word when a subject is encoded, so subjects may keep it.
+_HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_TAB = "\t"
 
 
 def render(template: str, values: Mapping[str, str], *, limit: int) -> str:
@@ -33,10 +39,23 @@ def render(template: str, values: Mapping[str, str], *, limit: int) -> str:
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
-def check_header(value: str, field: str) -> str:
-    """Return ``value`` if it is safe as a header value, else raise ``HeaderInjection``."""
-    if _HEADER_FORBIDDEN.search(value):
-        raise HeaderInjection(f"{field} must not contain CR, LF or NUL characters", field=field)
+def placeholders(template: str, values: Mapping[str, str]) -> list[str]:
+    """The names in ``values`` that ``template`` uses, each once, in order of appearance."""
+    return list(dict.fromkeys(m.group(1) for m in _PLACEHOLDER.finditer(template)
+                              if m.group(1) in values))  # fmt: skip
+
+
+def check_header(value: str, field: str, *, tab: bool = False) -> str:
+    """Return ``value`` if it is safe as a header value, else raise ``HeaderInjection``.
+
+    This is the one check for text that reaches a header (and any other single line):
+    control characters and line separators are refused; ``tab`` allows TAB (subjects).
+    """
+    found = _HEADER_FORBIDDEN.search(value)
+    bad = found.group() if found else (_TAB if not tab and _TAB in value else None)
+    if bad is not None:
+        raise HeaderInjection(f"{field} must not contain control characters or line breaks "
+                              f"(found U+{ord(bad):04X})", field=field)  # fmt: skip
     return value
 
 

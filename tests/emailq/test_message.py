@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import re
+from email.header import decode_header, make_header
 from email.message import EmailMessage
+from email.utils import parseaddr
 from typing import Any
 
 import pytest
 from aiosmtplib.email import flatten_message
 
 import emailq.message
+from emailq.errors import HeaderInjection
 from emailq.message import build_message, message_id
 from emailq.models import Job
 
@@ -145,3 +149,129 @@ def test_reused_header_classes_build_what_the_stock_policy_builds(
     monkeypatch.setattr(emailq.message, "_POLICY", email.policy.SMTP)
     stock = [wire(j) for j in (first, second, first)]
     assert [_comparable(r) for r in ours] == [_comparable(r) for r in stock]
+
+
+# -- Header injection (CVE-2024-6923 class): our text is never parsed as encoded words ---
+
+EVIL = b"Hi\r\nFrom: Boss <boss@evil.test>\r\nBcc: x@evil.test\r\n\r\n<html>planted</html>"
+
+
+def b_word(raw: bytes, charset: str = "utf-8", letter: str = "b") -> str:
+    return f"=?{charset}?{letter}?{base64.b64encode(raw).decode()}?="
+
+
+def q_word(raw: bytes, charset: str = "utf-8") -> str:
+    return f"=?{charset}?q?{''.join(f'={byte:02X}' for byte in raw)}?="
+
+
+def flattened(msg: EmailMessage) -> list[bytes]:
+    """Every wire form the message takes: its own, and aiosmtplib's ASCII and UTF-8 ones."""
+    return [msg.as_bytes(), flatten_message(msg), flatten_message(msg, utf8=True)]
+
+
+def header_names(raw: bytes) -> list[str]:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    return [line.split(b":", 1)[0].decode() for line in head.split(b"\r\n")
+            if line[:1] not in (b" ", b"\t")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        b_word(EVIL),
+        b_word(EVIL, letter="B"),
+        b_word(EVIL, "UTF-8"),
+        q_word(EVIL),
+        q_word(EVIL, "iso-8859-1"),
+        q_word(EVIL, "us-ascii"),
+        b_word(EVIL.decode().encode("utf-16"), "utf-16"),
+        "Hi " + b_word(b"a\r\n") + " " + b_word(b"Bcc: x@evil.test\r\n"),
+        "안녕 " + b_word(EVIL),
+    ],
+)
+def test_encoded_words_in_the_subject_are_sent_as_literal_text(subject: str) -> None:
+    msg = build_message("t-1", job(subject=subject, text="the real body"), MAIL_FROM)
+    for raw in flattened(msg):
+        names = header_names(raw)
+        assert names.count("From") == 1
+        assert "Bcc" not in names
+        assert b"planted" not in raw
+        back = parse(raw)
+        assert back["Subject"] == subject
+        assert back.get_content().rstrip("\r\n") == "the real body"
+
+
+@pytest.mark.parametrize(
+    "bad", ["a\r\nBcc: x@evil.test", "a\x0bb", "a\x0cb", "a\x1cb", "a\x85b", "a\u2028b", "a\x00b"]
+)
+def test_a_control_character_in_a_stored_subject_is_refused_not_sent(bad: str) -> None:
+    with pytest.raises(HeaderInjection):
+        build_message("t-1", job(subject=bad), MAIL_FROM)
+
+
+@pytest.mark.parametrize(
+    "address", ["=?us-ascii?q?victim=40evil.test=2C?=@example.com", "a@b.example, c@d.example",
+                "Boss <boss@evil.test>", "a\r\nBcc: x@evil.test"],
+)  # fmt: skip
+@pytest.mark.parametrize("field", ["to", "cc", "reply_to"])
+def test_an_address_that_is_not_a_plain_addr_spec_is_refused(field: str, address: str) -> None:
+    value: Any = [address] if field == "cc" else address
+    with pytest.raises(HeaderInjection):
+        build_message("t-1", job(**{field: value}), MAIL_FROM)
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "name"),
+    [
+        ("홍길동 <noreply@example.com>", "홍길동"),
+        ('"Ops, \\"Team\\"" <noreply@example.com>', 'Ops, "Team"'),
+        (b_word(EVIL) + " <noreply@example.com>", b_word(EVIL)),
+        ("A display name long enough to need a fold before its address <no@example.com>",
+         "A display name long enough to need a fold before its address"),
+    ],
+)  # fmt: skip
+def test_mail_from_display_name_is_encoded_by_us(mail_from: str, name: str) -> None:
+    for raw in flattened(build_message("t-1", job(), mail_from)):
+        assert header_names(raw).count("From") == 1
+        assert "Bcc" not in header_names(raw)
+        # RFC 2047 decoding (CPython's address parser puts a space between two encoded
+        # words of one display name, which the RFC says to drop).
+        value = (b"\r\n" + raw).split(b"\r\nFrom: ", 1)[1].split(b"\r\nTo: ", 1)[0]
+        value = value.replace(b"\r\n", b"")
+        decoded = str(make_header(decode_header(value.decode())))
+        assert parseaddr(decoded) == (name, parseaddr(mail_from)[1])
+
+
+def test_plain_ascii_subjects_keep_their_text_exactly() -> None:
+    for subject in ["  leading and trailing  ", "tab\there", "a =? b", "x" * 200,
+                    " ".join(f"word{i}" for i in range(200))]:  # fmt: skip
+        for raw in flattened(build_message("t-1", job(subject=subject), MAIL_FROM)):
+            head = raw.split(b"\r\n\r\n", 1)[0]
+            assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+            assert parse(raw)["Subject"] == subject
+
+
+def test_long_plain_subject_is_folded_at_spaces_not_encoded() -> None:
+    subject = " ".join(f"word{i}" for i in range(100))
+    raw = wire(job(subject=subject))
+    assert b"=?" not in raw
+    assert parse(raw)["Subject"] == subject
+
+
+def test_many_cc_addresses_fold_between_addresses() -> None:
+    cc = [f"person{i}@example.com" for i in range(30)]
+    for raw in flattened(build_message("t-1", job(cc=cc), MAIL_FROM)):
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+        assert [a.addr_spec for a in parse(raw)["Cc"].addresses] == cc
+
+
+def test_international_addresses_are_utf8_in_smtputf8_and_idna_otherwise() -> None:
+    msg = build_message("t-1", job(to="user@bücher.example"), MAIL_FROM)
+    assert parse(flatten_message(msg, utf8=True))["To"] == "user@bücher.example"
+    assert parse(flatten_message(msg))["To"] == "user@xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize("mail_from", ["a <x@evil.test\u2028Bcc: y@evil.test>", "x@=?u?q?a?=.b"])
+def test_message_id_keeps_only_a_plain_host_name(mail_from: str) -> None:
+    assert message_id("t", mail_from) == "<t@emailq.invalid>"

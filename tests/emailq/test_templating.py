@@ -69,12 +69,28 @@ def test_expansion_bomb_is_refused_before_the_string_is_built() -> None:
     assert peak < 50 * 1024 * 1024
 
 
-@pytest.mark.parametrize("bad", ["a\rb", "a\nb", "a\r\nBcc: evil@example.com", "a\0b"])
-def test_check_header_rejects_line_breaks_and_nul(bad: str) -> None:
+# Everything str.splitlines() splits on, the other C0 controls, DEL and the C1 controls.
+LINE_BREAKS = ["\r", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028",
+               "\u2029"]  # fmt: skip
+CONTROLS = ["\0", "\x01", "\x08", "\x1b", "\x1f", "\x7f", "\x80", "\x9f"]
+
+
+@pytest.mark.parametrize("bad", [*LINE_BREAKS, *CONTROLS, "\r\nBcc: evil@example.com"])
+def test_check_header_rejects_line_breaks_and_controls(bad: str) -> None:
+    assert len(f"a{bad}b".splitlines()) > 1 or bad not in LINE_BREAKS
     with pytest.raises(HeaderInjection) as info:
-        check_header(bad, "subject")
+        check_header(f"a{bad}b", "subject", tab=True)
     assert info.value.field == "subject"
+    assert f"U+{ord(bad[0]):04X}" in str(info.value)
 
 
-def test_check_header_returns_a_safe_value() -> None:
-    assert check_header("안녕하세요 {username}\t!", "subject") == "안녕하세요 {username}\t!"
+def test_check_header_refuses_tab_unless_allowed() -> None:
+    subject = "안녕하세요 {username}\t!"
+    assert check_header(subject, "subject", tab=True) == subject
+    with pytest.raises(HeaderInjection):
+        check_header("/thanks\t", "redirect")
+
+
+@pytest.mark.parametrize("ok", ["Hello", "안녕", "=?utf-8?b?SGk=?=", "a\u00a0b", "\U0001f600"])
+def test_check_header_returns_a_safe_value(ok: str) -> None:
+    assert check_header(ok, "subject") == ok

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import email
+import email.policy
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -367,3 +370,51 @@ def test_bad_forms_file_names_the_form_and_field(tmp_path: Path) -> None:
     json_path.write_text(json.dumps({"forms": [{"id": "a", "to": ["o@x.example"],
                                                 "subject": "s", "redirect": "/ok"}]}))  # fmt: skip
     assert load_forms(json_path)["a"].redirect == "/ok"
+
+
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", "\u2029",
+                                  "\x01", "\x7f"])  # fmt: skip
+def test_a_control_character_in_the_name_is_422_naming_the_field(
+    client: TestClient, store: redis.Redis, char: str
+) -> None:
+    # {name} feeds the subject: this was a 202 and a task the worker could never build.
+    response = client.post(FORM, data={**VISITOR, "name": f"Ada{char}Bcc: x@evil.test"},
+                           headers={"Accept": "application/json"})  # fmt: skip
+    assert response.status_code == 422, response.text
+    assert response.json()["fields"][0]["loc"] == ["body", "name"]
+    assert tasks(store) == []
+
+
+@pytest.mark.parametrize("brk", ["\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_line_breaks_in_a_value_cannot_start_a_line_of_the_body(
+    client: TestClient, store: redis.Redis, brk: str
+) -> None:
+    forged = f"Hi{brk}email: boss@evil.test{brk}name: Boss"
+    response = client.post(FORM, json={**VISITOR, "message": forged})
+    assert response.status_code == 202, response.text
+    text = stored_job(store, response.json()["task_id"]).text
+    lines = text.split("\n")
+    assert [line for line in lines if line.startswith("email:")] == ["email: ada@visitor.example"]
+    assert [line for line in lines if line.startswith("name:")] == ["name: Ada"]
+    assert "  email: boss@evil.test" in lines
+    assert text.splitlines() == lines[:-1]  # nothing else a reader could split on
+
+
+def test_an_encoded_word_in_the_name_stays_literal_text(
+    client: TestClient, store: redis.Redis
+) -> None:
+    word = "=?utf-8?b?" + base64.b64encode(b"x\r\nBcc: v@evil.test").decode() + "?="
+    response = client.post(FORM, json={**VISITOR, "name": word})
+    job = stored_job(store, response.json()["task_id"])
+    message = email.message_from_bytes(build_message("t", job, "e <n@example.com>").as_bytes(),
+                                       policy=email.policy.default)  # fmt: skip
+    assert message["Subject"] == f"Contact from {word}"
+    assert "Bcc" not in message
+
+
+def test_an_encoded_word_in_the_email_field_is_422(client: TestClient, store: redis.Redis) -> None:
+    address = "=?us-ascii?q?v=40evil.test?=@x.example"
+    response = client.post(FORM, json={**VISITOR, "email": address})
+    assert response.status_code == 422
+    assert response.json()["fields"][0]["loc"] == ["body", "email"]
+    assert tasks(store) == []
