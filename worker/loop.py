@@ -37,6 +37,7 @@ MAX_BLOCK_SECONDS = 5.0  # longest BLPOP; wake tokens make it end early when wor
 # check before the message to the moment it is on the wire (one DATA command round trip).
 LEASE_SAFETY = 0.2
 LOST = float("-inf")  # the lease deadline of a job whose lease Redis says is gone
+RECORD_ON_EXIT_SECONDS = 2.0  # longest wait to record a send the drain cut off
 
 
 def new_worker_id() -> str:
@@ -434,7 +435,23 @@ class Worker:
             if late:
                 log.warning("%d send(s) outlived the grace period; their leases will lapse "
                             "and another worker will retry them", len(late))  # fmt: skip
+                sent = [self._inflight[t] for t in self._in_data if t in self._inflight]
                 await _cancel_all(list(late))
+                await self._record_cut_off(sent)
+
+    async def _record_cut_off(self, sent: list[ClaimedJob]) -> None:
+        """Sends cut off by the drain after their message went out: their outcome is
+        unknown, so say so (ON_UNKNOWN_OUTCOME decides) rather than let the lease lapse
+        into a silent resend."""
+        for claimed in sent:
+            ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
+            cut = OutcomeUnknown("the worker stopped while waiting for the reply to the end "
+                                 "of DATA; the relay may have delivered it")  # fmt: skip
+            # Bounded: _record waits out a Redis outage, and an exit must not. If Redis does
+            # not take it in time, the lease lapses and the task is retried, as before.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECORD_ON_EXIT_SECONDS):
+                    await self._unknown(claimed, cut, time.perf_counter(), ctx)
 
 
 async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:

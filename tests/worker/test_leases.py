@@ -1,5 +1,6 @@
-"""Stale owners do not send: claim replies that come back after their lease, against a
-real Redis and a real SMTP server, with a second worker taking the jobs over meanwhile."""
+"""Leases and unknown outcomes in the worker, against a real Redis and real SMTP servers:
+claim replies that come back after their lease (a second worker takes the jobs over
+meanwhile), and a send the drain cuts off while the relay holds its message."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from emailq.models import TERMINAL, Job, Status
 from emailq.queue import Claim, Queue
 from emailq.settings import Settings
-from tests.smtpd import SmtpServer
+from tests.smtpd import SlowReplyHandler, SmtpServer
 from worker.loop import Worker
 from worker.sender import Sender, SmtpPool
 
@@ -107,5 +108,30 @@ async def test_a_claim_reply_that_comes_after_its_lease_is_not_sent(
             record = await producer.get(task_id)
             assert record is not None
             assert record.status is Status.SUCCESS
+    finally:
+        await producer.close()
+
+
+async def test_a_send_cut_off_by_the_drain_after_its_message_is_outcome_unknown(
+    make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    handler = SlowReplyHandler(silent=1)  # holds the message and never answers
+    server = smtp_factory(handler=handler)
+    settings = make_settings(smtp_port=server.port, smtp_data_timeout_seconds=60,
+                             worker_shutdown_grace_seconds=0.2,
+                             on_unknown_outcome="retry")  # fmt: skip
+    producer = open_queue(settings)
+    task_id = str(uuid.uuid4())
+    await producer.enqueue(task_id, Job(to="u@example.com", subject="s", text="t"),
+                           request_id="r")  # fmt: skip
+    try:
+        async with worker_on(open_queue(settings), settings):
+            await wait_for(lambda: handler.data_calls == 1, "the message at the relay")
+        # Stopped (the drain's grace is spent at once): recorded, not left to a lease lapse.
+        record = await producer.get(task_id)
+        assert record is not None
+        assert record.status is Status.PENDING
+        assert [entry.outcome for entry in record.log] == ["outcome_unknown"]
+        assert record.next_attempt_at is not None  # ON_UNKNOWN_OUTCOME=retry
     finally:
         await producer.close()
