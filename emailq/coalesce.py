@@ -5,6 +5,11 @@ takes a pooled connection, packs, writes, waits and parses on its own. Here ever
 arrives while a store is in flight waits for the next one, and that next one stores all of
 them in one atomic ``enqueue`` call (group commit). An idle API still stores a lone send at
 once. Each caller awaits its own task's reply, so 202 still means stored.
+
+When Redis stalls, a caller waits for the call in flight and then its own, each bounded by
+the client's timeout, and never longer than ``budget_seconds`` in all. Its answer says what
+is known: ``StoreUnavailable`` if its task was never sent (still waiting, or behind a call
+that failed), ``StoreOutcomeUnknown`` if it was in a call Redis did not answer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from emailq.errors import StoreOutcomeUnknown, StoreUnavailable
 from emailq.queue import EnqueueItem, Idempotency, Queue, Replay
 
 MAX_BATCH = 256  # tasks per script call: Redis runs a script alone, so keep each one short
@@ -23,9 +29,12 @@ _Pending = tuple[EnqueueItem, Idempotency | None, _Future]
 class EnqueueCoalescer:
     """``enqueue_once`` with the same meaning as ``Queue.enqueue_once``, stored in groups."""
 
-    def __init__(self, queue: Queue, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, queue: Queue, *, max_batch: int = MAX_BATCH, budget_seconds: float | None = None
+    ) -> None:
         self.queue = queue
         self.max_batch = max_batch
+        self.budget_seconds = budget_seconds  # longest wait for an answer; None: no limit
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -39,7 +48,25 @@ class EnqueueCoalescer:
             # Runs after the callbacks already scheduled in this loop iteration, so requests
             # parsed from the same read of the sockets share the first call.
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        if self.budget_seconds is None:
+            return await future
+        try:
+            # Shielded: a caller giving up must not cancel the call its neighbours share.
+            return await asyncio.wait_for(asyncio.shield(future), self.budget_seconds)
+        except TimeoutError:
+            return self._give_up(future)
+
+    def _give_up(self, future: _Future) -> Replay | None:
+        """The caller's budget is spent: its answer, if one came just now; else not stored
+        (still waiting, now withdrawn) or unknown (in a call Redis has not answered)."""
+        if future.done() and not future.cancelled():
+            return future.result()
+        future.cancel()  # _store skips it; nobody waits for it now
+        waiting = len(self._pending)
+        self._pending = [entry for entry in self._pending if entry[2] is not future]
+        if len(self._pending) < waiting:
+            raise StoreUnavailable(f"not stored: Redis took nothing in {self.budget_seconds}s")
+        raise StoreOutcomeUnknown(f"Redis did not answer within {self.budget_seconds}s")
 
     async def _flush(self) -> None:
         batch: list[_Pending] = []
@@ -47,7 +74,8 @@ class EnqueueCoalescer:
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
-                await self._store(batch)
+                if not await self._store(batch):
+                    self._refuse_pending()
         except asyncio.CancelledError:
             # The process is stopping: no caller may be left waiting for an answer.
             for *_, future in [*batch, *self._pending]:
@@ -57,20 +85,31 @@ class EnqueueCoalescer:
         finally:
             self._flusher = None
 
-    async def _store(self, batch: Sequence[_Pending]) -> None:
+    def _refuse_pending(self) -> None:
+        # Redis just failed a call (it timed out, or refused a connection): the ones waiting
+        # behind it answer "not stored" at once, rather than each waiting out another
+        # timeout and so doubling the time to a 503. Nothing of theirs was sent.
+        refused, self._pending = self._pending, []
+        for *_, future in refused:
+            if not future.done():
+                future.set_exception(StoreUnavailable("not stored: Redis failed the call before"))
+
+    async def _store(self, batch: Sequence[_Pending]) -> bool:
+        """Store one call's worth; False if Redis could not be reached or did not answer."""
         encoded, waiting = self._encode(batch)
         if not encoded:
-            return
+            return True
         try:
             replies = await self.queue.store_encoded(encoded)
         except Exception as exc:  # StoreUnavailable: every caller answers its own 503
             for future in waiting:
                 if not future.done():
                     future.set_exception(exc)
-            return
+            return not isinstance(exc, StoreUnavailable)
         for future, reply in zip(waiting, replies, strict=True):
             if not future.done():  # its caller may have gone (client disconnected)
                 future.set_result(reply)
+        return True
 
     def _encode(self, batch: Sequence[_Pending]) -> tuple[list[str], list[_Future]]:
         # A task that cannot be encoded fails its own request, never the others in the call.
@@ -80,7 +119,8 @@ class EnqueueCoalescer:
             try:
                 encoded.append(self.queue.encode_task(item, once))
             except Exception as exc:  # handed to its caller, whose request fails with it
-                future.set_exception(exc)
+                if not future.done():
+                    future.set_exception(exc)
                 continue
             waiting.append(future)
         return encoded, waiting

@@ -4,10 +4,13 @@
 
     EmailqError
     ├── StoreUnavailable     Redis unreachable or too slow   (API answers 503)
+    │   └── StoreOutcomeUnknown  a write was sent, its reply never came: it may have run
     ├── InvalidMessage       input that must not be sent      (API answers 422)
     │   └── HeaderInjection  a control character or line break in a header value
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
-    └── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
+    ├── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
+    │   └── OutcomeUnknown   the message was sent, its final reply never came
+    └── LeaseLost            the worker no longer owns the job it was about to send
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ class EmailqError(Exception):
 
 class StoreUnavailable(EmailqError):
     """Redis could not be reached or did not answer in time."""
+
+
+class StoreOutcomeUnknown(StoreUnavailable):
+    """A write reached Redis's socket but no reply came (a timeout, a cut connection): Redis
+    may have run it. Unlike its parent, which means nothing was sent, so nothing stored."""
 
 
 class InvalidMessage(EmailqError):
@@ -52,3 +60,13 @@ class SendError(EmailqError):
     def __str__(self) -> str:
         text = super().__str__()
         return f"{self.code} {text}" if self.code is not None else text
+
+
+class OutcomeUnknown(SendError):
+    """The whole message was sent but the relay's reply to the end of DATA never came (a
+    timeout, a dropped connection): it may have been delivered. Never retried as a plain
+    failure; ON_UNKNOWN_OUTCOME decides."""
+
+
+class LeaseLost(EmailqError):
+    """The job's lease lapsed or passed to another worker before the send: not ours to send."""

@@ -45,7 +45,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from emailq.errors import StoreUnavailable
+from emailq.errors import StoreOutcomeUnknown, StoreUnavailable
 from emailq.models import (
     LANES,
     Attempt,
@@ -151,12 +151,35 @@ def _load_script(name: str) -> str:
     return (lua / "_prelude.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
+class NotConnected(RedisConnectionError):
+    """No connection could be had (the pool's wait, a refused or timed-out connect): no
+    command was sent on behalf of the call that got this."""
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """redis-py's blocking pool, marking its own failures ``NotConnected``. redis-py takes
+    the connection before it sends, outside its retries, so such a failure sent nothing."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise NotConnected(f"{exc.__class__.__name__}: {exc}") from exc
+
+
 @contextmanager
-def _store_errors() -> Iterator[None]:
+def _store_errors(*, write: bool = False) -> Iterator[None]:
+    """Redis errors as ``StoreUnavailable``. For a ``write``, an error after the command may
+    have been sent (a timeout, a cut connection, a retry's reconnect) is
+    ``StoreOutcomeUnknown`` instead: Redis may have run it, as a stalled one does when it
+    resumes. A health-check PING failing counts as sent: unknown is the safe side."""
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise StoreUnavailable(f"Redis is unavailable: {exc.__class__.__name__}") from exc
+        name = exc.__class__.__name__
+        if write and not isinstance(exc, NotConnected):
+            raise StoreOutcomeUnknown(f"Redis did not answer a write: {name}") from exc
+        raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
 
 
 def _lane_stats(name: str, depth: int, oldest_ms: int, now_ms: int) -> LaneStats:
@@ -214,19 +237,21 @@ class Queue:
         """Shortcut: a client for ``url`` with bounded connect and read times, then ``Queue``.
 
         One immediate retry replaces a pooled connection that died with a Redis restart;
-        more retries (redis-py's default) would stretch the API's 503 past its bound.
+        more retries (redis-py's default) would stretch the API's 503 past its bound, and so
+        would a retry after a timeout (a stalled Redis times out again), which could also
+        leave a second copy of the command waiting in the stalled Redis's socket.
         ``read_timeout`` must exceed any blocking wait the caller makes. The pool blocks
         (up to ``timeout``) when all connections are busy: redis-py's plain pool raises
         MaxConnectionsError at once instead, which would turn a burst into 503s.
         """
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = _Pool.from_url(
             url,
             max_connections=max_connections,
             timeout=timeout,
             decode_responses=True,
             socket_connect_timeout=timeout,
             socket_timeout=read_timeout or timeout,
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             health_check_interval=30,
         )
         return cls(aioredis.Redis(connection_pool=pool), **kwargs)
@@ -241,8 +266,8 @@ class Queue:
         with _store_errors():
             await self.redis.ping()
 
-    async def _run(self, script: str, *args: str | int | float) -> Any:
-        with _store_errors():
+    async def _run(self, script: str, *args: str | int | float, write: bool = False) -> Any:
+        with _store_errors(write=write):
             return await self._scripts[script](
                 self.keys.shared_keys(), [*self.keys.shared_args(), *args]
             )
@@ -261,7 +286,8 @@ class Queue:
                            item.key_id])  # fmt: skip
 
     async def _enqueue_raw(self, encoded: Sequence[str]) -> list[Any]:
-        return list(await self._run("enqueue", *encoded))
+        # write=True: a failure says whether Redis may have stored them (see _store_errors)
+        return list(await self._run("enqueue", *encoded, write=True))
 
     async def store_encoded(self, encoded: Sequence[str]) -> list[Replay | None]:
         """``enqueue_all`` for tasks already passed through ``encode_task``: the coalescer

@@ -37,6 +37,14 @@ class SmtpSecurity(StrEnum):
     NONE = "none"  # no encryption: local relays and capture servers only
 
 
+class UnknownOutcome(StrEnum):
+    """What the worker does with a mail whose end of DATA got no reply (see the README's
+    "Slow relays"): the relay may or may not have taken it."""
+
+    RETRY = "retry"  # send it again (a possible duplicate, with the same Message-ID)
+    FAIL = "fail"  # fail it with a reason that says so (a possible loss; requeue by hand)
+
+
 class Settings(BaseSettings):
     """Every setting of the API and the worker, with its default."""
 
@@ -55,6 +63,19 @@ class Settings(BaseSettings):
     smtp_validate_certs: bool = True
     smtp_ca_file: Path | None = None
     smtp_idle_seconds: float = Field(default=30.0, gt=0)
+
+    # -- Slow relays (see "Slow relays" in the README) --
+    # Wait for the reply to the end of DATA (the final "."): relays scan and commit the mail
+    # before answering, far slower than any command, and giving up early makes the outcome
+    # unknown. RFC 5321 section 4.5.3.2 suggests 10 minutes. Never shorter than
+    # SMTP_TIMEOUT_SECONDS (the larger of the two is used).
+    smtp_data_timeout_seconds: float = Field(default=600.0, gt=0)
+    # That reply never came (or the connection dropped while waiting): retry or fail. retry,
+    # because a duplicate (same Message-ID, which many mailboxes fold) is visible and mostly
+    # harmless while a silently lost password reset or one-time code is not, and because SMTP
+    # relays themselves treat it so (RFC 5321 4.1.1.4, RFC 1047). Either way the attempt log
+    # says `outcome_unknown`.
+    on_unknown_outcome: UnknownOutcome = UnknownOutcome.RETRY
 
     mail_from: str = "emailq@localhost"
     max_attempts: int = Field(default=3, ge=1, le=25)
@@ -177,6 +198,11 @@ class Settings(BaseSettings):
         if not (local and at and domain):
             raise ValueError("MAIL_FROM must be an address such as 'App <noreply@example.com>'")
         return value
+
+    @property
+    def data_timeout_seconds(self) -> float:
+        """The wait for the end-of-DATA reply: never shorter than a command's."""
+        return max(self.smtp_data_timeout_seconds, self.smtp_timeout_seconds)
 
     @property
     def mail_from_address(self) -> str:

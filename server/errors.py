@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from emailq.errors import InvalidMessage, MessageTooLarge, StoreUnavailable
+from emailq.errors import InvalidMessage, MessageTooLarge, StoreOutcomeUnknown, StoreUnavailable
 
 log = logging.getLogger("emailq.api")
 
@@ -96,8 +96,21 @@ async def _too_large(request: Request, exc: Exception) -> JSONResponse:
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("store unavailable: %s", exc, extra={"request_id": request.state.request_id})
     response = error_response(
-        request, 503, "service_unavailable", "the queue store is unavailable; retry shortly"
-    )
+        request, 503, "service_unavailable",
+        "the queue store is unavailable; nothing was stored; retry shortly",
+    )  # fmt: skip
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+async def _store_outcome_unknown(request: Request, exc: Exception) -> JSONResponse:
+    # Not "nothing was stored": the write reached Redis and its answer did not come back.
+    log.warning("store outcome unknown: %s", exc, extra={"request_id": request.state.request_id})
+    response = error_response(
+        request, 503, "store_outcome_unknown",
+        "the queue store did not answer after the request was sent to it: it may have been "
+        "stored and sent. Retry with the same Idempotency-Key to be sure of one mail",
+    )  # fmt: skip
     response.headers["Retry-After"] = "1"
     return response
 
@@ -163,6 +176,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidMessage, _invalid_message)
     app.add_exception_handler(MessageTooLarge, _too_large)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(StoreOutcomeUnknown, _store_outcome_unknown)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(IdempotencyConflict, _idempotency_conflict)
     app.add_exception_handler(BodyTooDeep, _body_too_deep)

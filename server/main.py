@@ -50,7 +50,10 @@ def create_app(settings: Settings) -> FastAPI:
             max_attempts=settings.max_attempts,
             result_ttl_seconds=settings.result_ttl_seconds,
         )
-        app.state.enqueuer = EnqueueCoalescer(app.state.queue)
+        # The README's bound on a 503: a wait for the call in flight, then its own call.
+        app.state.enqueuer = EnqueueCoalescer(
+            app.state.queue, budget_seconds=2 * settings.redis_timeout_seconds
+        )
         # One pub/sub subscription serves every `wait=` client of this process.
         app.state.waiter = ResultWaiter(app.state.queue)
         await app.state.waiter.start()

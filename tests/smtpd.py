@@ -76,6 +76,50 @@ class RecordingHandler:
             return len({r.peer for r in self.received})
 
 
+@dataclass
+class SlowReplyHandler(RecordingHandler):
+    """A relay that is slow to answer the end of DATA, as one that scans mail first.
+
+    Each message is recorded as soon as its data has arrived (the relay has committed it),
+    then answered only after ``reply_after`` seconds. The first ``silent`` messages get no
+    answer at all: the handler waits until the client gives up and hangs up (aiosmtpd then
+    cancels it). ``rcpt_delay`` slows every RCPT reply, so a client spends time before DATA
+    too. ``answered`` counts the end-of-DATA replies actually given."""
+
+    reply_after: float = 0.0
+    silent: int = 0
+    rcpt_delay: float = 0.0
+    answered: int = 0
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        with self.lock:
+            self.data_calls += 1
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          envelope.original_content or envelope.content,
+                                          session.peer))  # fmt: skip
+            hang = self.silent > 0
+            self.silent -= hang
+        if hang:
+            await asyncio.Event().wait()  # until the client hangs up and aiosmtpd cancels us
+        await asyncio.sleep(self.reply_after)
+        with self.lock:
+            self.answered += 1
+        return "250 2.0.0 OK queued"
+
+    def senders(self) -> list[tuple[str, str]]:
+        """(envelope sender, task id) of every message received, in order."""
+        with self.lock:
+            return [(r.mail_from, r.task_id) for r in self.received]
+
+
 class Authenticator:
     """Accepts one user/password pair, for AUTH tests."""
 

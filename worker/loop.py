@@ -21,17 +21,23 @@ from typing import Any
 
 import tenacity
 
-from emailq.errors import SendError, StoreUnavailable
+from emailq.errors import LeaseLost, OutcomeUnknown, SendError, StoreUnavailable
 from emailq.message import build_message
 from emailq.models import Attempt, ClaimedJob
 from emailq.queue import Claim, Outcome, Queue, Refill
-from emailq.settings import Settings
+from emailq.settings import Settings, UnknownOutcome
 from worker.retry import RetryPolicy
 from worker.sender import Delivery, Sender
 
 log = logging.getLogger("emailq.worker")
 
 MAX_BLOCK_SECONDS = 5.0  # longest BLPOP; wake tokens make it end early when work arrives
+# The share of a lease the worker does not count on: its clock starts when the claim or
+# renewal was *sent* (Redis started the lease later), and the margin covers the last lease
+# check before the message to the moment it is on the wire (one DATA command round trip).
+LEASE_SAFETY = 0.2
+LOST = float("-inf")  # the lease deadline of a job whose lease Redis says is gone
+RECORD_ON_EXIT_SECONDS = 2.0  # longest wait to record a send the drain cut off
 
 
 def new_worker_id() -> str:
@@ -79,6 +85,9 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._renewed_at = 0.0  # monotonic time the last successful renewal was sent
+        # task id -> monotonic time until which its lease is known to hold (see _lease_ok)
+        self._lease_until: dict[str, float] = {}
+        self._in_data: set[str] = set()  # message sent or being sent; no longer abortable
         self._abandoned: set[asyncio.Task[bool]] = set()  # cancelled BLPOPs still unwinding
 
     def stop(self) -> None:
@@ -131,8 +140,9 @@ class Worker:
             # while finished sends retry their outcome), so go by the last renewal's age.
             if self._renewal_is_stale():
                 await self._renew_once()
+            sent = time.monotonic()
             claim = await self.queue.claim(self.worker_id, free, self.lease_ms)
-            await self._take(claim)
+            await self._take(claim, sent)
             if not claim.jobs and not claim.unreadable:
                 await self._wait_for_work(self._block_seconds(claim.next_deadline_ms))
 
@@ -175,14 +185,19 @@ class Worker:
             return MAX_BLOCK_SECONDS
         return min(MAX_BLOCK_SECONDS, max(0.01, next_deadline_ms / 1000 + 0.005))
 
-    async def _take(self, claim: Claim) -> None:
-        if self._stopping.is_set() and claim.jobs:
+    async def _take(self, claim: Claim, sent: float) -> None:
+        """Start the jobs of a claim that was sent at monotonic time ``sent``."""
+        late = self._claim_is_late(claim, sent)
+        if (self._stopping.is_set() or late) and claim.jobs:
             # A claim that was on its way when stop() came (a finish's refill, typically):
             # the drain has already chosen what to wait for, so give these back unstarted.
+            # A late one may already be another worker's: release is fenced by our token.
             release = functools.partial(self.queue.release, claim.jobs, worker_id=self.worker_id)
             await _best_effort(release, "release")
         else:
+            deadline = self._lease_deadline(sent)
             for claimed in claim.jobs:
+                self._lease_until[claimed.task_id] = deadline
                 self._start(claimed)
         for lost in claim.unreadable:
             # It can never be sent; failing it keeps it from coming back on every claim.
@@ -196,6 +211,8 @@ class Worker:
         task.add_done_callback(lambda _: self._forget(claimed.task_id))
 
     def _forget(self, task_id: str) -> None:
+        self._lease_until.pop(task_id, None)
+        self._in_data.discard(task_id)
         self._inflight.pop(task_id, None)
         self._tasks.pop(task_id, None)
         self._started.discard(task_id)
@@ -209,6 +226,11 @@ class Worker:
         started = time.perf_counter()
         try:
             delivery = await self._attempt(claimed, ctx)
+        except LeaseLost as exc:
+            # Nothing was sent and nothing is recorded: the job is its new owner's.
+            log.info("not sent: %s", exc, extra=ctx)
+        except OutcomeUnknown as exc:
+            await self._unknown(claimed, exc, started, ctx)
         except SendError as exc:
             await self._failed(claimed, exc, started, ctx)
         else:
@@ -217,11 +239,12 @@ class Worker:
     async def _attempt(self, claimed: ClaimedJob, ctx: dict[str, Any]) -> Delivery:
         try:
             msg = build_message(claimed.task_id, claimed.job, self.settings.mail_from)
+            guard = functools.partial(self._check_lease, claimed)
             async with self.sender.session() as conn:
                 self._started.add(claimed.task_id)
                 return await conn.send(msg, self.settings.mail_from_address,
-                                       claimed.job.recipients)  # fmt: skip
-        except SendError:
+                                       claimed.job.recipients, guard)  # fmt: skip
+        except (SendError, LeaseLost):
             raise
         except Exception as exc:
             # A bug or a message that cannot be built: every retry would repeat it, and an
@@ -256,6 +279,27 @@ class Worker:
                      self.policy.max_attempts, exc, delay, extra=ctx)  # fmt: skip
             await self._record(claimed, "retry", entry, retry_in_ms=int(delay * 1000))
 
+    async def _unknown(
+        self, claimed: ClaimedJob, exc: OutcomeUnknown, started: float, ctx: dict[str, Any]
+    ) -> None:
+        """The message went out and its reply never came: record ``outcome_unknown``, then
+        retry or fail as ON_UNKNOWN_OUTCOME says; never the plain retry of a failed send."""
+        ms = (time.perf_counter() - started) * 1000
+        entry = Attempt(attempt=claimed.attempt, outcome="outcome_unknown", reply=str(exc),
+                        duration_ms=round(ms, 2))  # fmt: skip
+        policy = self.settings.on_unknown_outcome
+        delay = self.policy.retry_delay(claimed.attempt, exc)
+        if policy is UnknownOutcome.RETRY and delay is not None:
+            log.warning("outcome unknown on attempt %d (%s); ON_UNKNOWN_OUTCOME=retry: sending "
+                        "again in %.1fs, a possible duplicate", claimed.attempt, exc, delay,
+                        extra=ctx)  # fmt: skip
+            await self._record(claimed, "retry", entry, retry_in_ms=int(delay * 1000))
+            return
+        why = "ON_UNKNOWN_OUTCOME=fail" if policy is UnknownOutcome.FAIL else "out of attempts"
+        reason = f"outcome unknown after {claimed.attempt} attempt(s) ({why}): {exc}"
+        log.warning("failed: %s", reason, extra=ctx)
+        await self._record(claimed, "failed", entry, reason=reason)
+
     async def _record(
         self, claimed: ClaimedJob, outcome: Outcome, entry: Attempt, **kwargs: Any
     ) -> None:
@@ -267,10 +311,11 @@ class Worker:
             else:
                 # The busy path: record, and claim the job that takes over this slot, in
                 # one round trip. The claim loop only claims for slots left empty.
+                sent = time.monotonic()
                 applied, claim = await self.queue.finish_and_claim(
                     claimed, outcome, entry, refill, **kwargs
                 )
-                await self._take(claim)
+                await self._take(claim, sent)
         except StoreUnavailable:
             # The send already happened: keep trying to record it through a Redis outage.
             # Without a claim: jobs claimed by a call whose reply was lost would sit leased
@@ -278,10 +323,25 @@ class Worker:
             async for attempt in _until_redis_answers("finish"):
                 with attempt:
                     applied = await self.queue.finish(claimed, outcome, entry, **kwargs)
-        if applied in ("stale", "ignored"):
-            log.warning("outcome %s not applied (%s): lease was lost", outcome, applied,
-                        extra={"task_id": claimed.task_id,
-                               "request_id": claimed.request_id or "-"})  # fmt: skip
+        self._report_lost_outcome(claimed, outcome, applied)
+
+    @staticmethod
+    def _report_lost_outcome(claimed: ClaimedJob, outcome: Outcome, applied: str) -> None:
+        """Warn when the lease was lost and it mattered: a retry or failure that another
+        worker now decides, or a success for a task someone had already finished (a second
+        copy went out). A lease lost only while the outcome was being written is no loss."""
+        if applied not in ("stale", "ignored"):
+            return
+        ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
+        if outcome == "success":
+            log.warning(
+                "sent, but the task was already final: its lease had passed to "
+                "another worker mid-send, so this copy may be a duplicate",
+                extra=ctx,
+            )
+        else:
+            log.warning("outcome %s not applied (%s): the lease was lost and the task is "
+                        "another worker's now", outcome, applied, extra=ctx)  # fmt: skip
 
     def _refill(self) -> Refill | None:
         """The claim to make with a finish: this slot's replacement, unless stopping, or
@@ -307,16 +367,55 @@ class Worker:
 
     async def _renew_once(self) -> None:
         sent = time.monotonic()
-        lost = await self.queue.renew(
-            list(self._inflight.values()), self.lease_ms, worker_id=self.worker_id
-        )
+        held = list(self._inflight.values())
+        lost = await self.queue.renew(held, self.lease_ms, worker_id=self.worker_id)
         self._renewed_at = sent
-        # A job whose outcome is being written loses its lease by design; a real loss there
-        # is reported by _record as "not applied" (a late success still counts).
-        held = [self._inflight[t] for t in lost if t in self._inflight]
-        for claimed in [c for c in held if c.task_id not in self._recording]:
-            log.warning("lease lost while sending", extra={"task_id": claimed.task_id,
-                        "request_id": claimed.request_id or "-"})  # fmt: skip
+        self._note_renewal([c.task_id for c in held], set(lost), sent)
+
+    def _note_renewal(self, renewed: list[str], lost: set[str], sent: float) -> None:
+        """Move each renewed job's lease deadline on; a lost one is not sent any more (its
+        next lease check stops it). No warning here: a job whose outcome is being written
+        loses its lease by design, and one already in DATA may still be delivered and
+        recorded; ``_record`` warns when an outcome really was lost."""
+        deadline = self._lease_deadline(sent)
+        for task_id in renewed:
+            if task_id in self._lease_until:
+                self._lease_until[task_id] = LOST if task_id in lost else deadline
+
+    def _lease_deadline(self, sent: float) -> float:
+        """Until when a lease granted (or renewed) by a call sent at ``sent`` may be trusted."""
+        return sent + self.settings.job_lease_seconds * (1 - LEASE_SAFETY)
+
+    def _claim_is_late(self, claim: Claim, sent: float) -> bool:
+        """A claim reply that came after its own lease deadline (a stalled Redis, a paused
+        process): its leases may have lapsed and the jobs may be another worker's already."""
+        if not claim.jobs or time.monotonic() < self._lease_deadline(sent):
+            return False
+        log.warning("claim reply came %.1fs after it was sent, past its lease; giving back "
+                    "%d job(s) unsent", time.monotonic() - sent, len(claim.jobs))  # fmt: skip
+        return True
+
+    async def _check_lease(self, claimed: ClaimedJob, step: str) -> None:
+        """Raise ``LeaseLost`` unless this job's lease surely still holds: the guard run
+        before MAIL FROM, DATA and the message (see ``TimedSMTP``). Within the local deadline
+        it costs nothing; past it (renewals late or failing, the process paused), one
+        renewal of this job asks Redis, and anything but "still yours" stops the send."""
+        task_id = claimed.task_id
+        until = self._lease_until.get(task_id, LOST)
+        if until == LOST:
+            raise LeaseLost(f"lease passed to another worker before {step}")
+        if time.monotonic() >= until:
+            sent = time.monotonic()
+            try:
+                lost = await self.queue.renew([claimed], self.lease_ms, worker_id=self.worker_id)
+            except StoreUnavailable as exc:
+                raise LeaseLost(f"lease unconfirmed before {step} (Redis: {exc})") from exc
+            if lost:
+                self._lease_until[task_id] = LOST
+                raise LeaseLost(f"lease passed to another worker before {step}")
+            self._lease_until[task_id] = self._lease_deadline(sent)
+        if step == "message":
+            self._in_data.add(task_id)
 
     # -- shutdown ---------------------------------------------------------------------
 
@@ -336,7 +435,23 @@ class Worker:
             if late:
                 log.warning("%d send(s) outlived the grace period; their leases will lapse "
                             "and another worker will retry them", len(late))  # fmt: skip
+                sent = [self._inflight[t] for t in self._in_data if t in self._inflight]
                 await _cancel_all(list(late))
+                await self._record_cut_off(sent)
+
+    async def _record_cut_off(self, sent: list[ClaimedJob]) -> None:
+        """Sends cut off by the drain after their message went out: their outcome is
+        unknown, so say so (ON_UNKNOWN_OUTCOME decides) rather than let the lease lapse
+        into a silent resend."""
+        for claimed in sent:
+            ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
+            cut = OutcomeUnknown("the worker stopped while waiting for the reply to the end "
+                                 "of DATA; the relay may have delivered it")  # fmt: skip
+            # Bounded: _record waits out a Redis outage, and an exit must not. If Redis does
+            # not take it in time, the lease lapses and the task is retried, as before.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECORD_ON_EXIT_SECONDS):
+                    await self._unknown(claimed, cut, time.perf_counter(), ctx)
 
 
 async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:

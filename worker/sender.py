@@ -1,26 +1,119 @@
 """SMTP sending over a small pool of reused connections.
 
 aiosmtplib's errors are converted to ``SendError`` here, where they enter: 5xx replies are
-permanent, everything else (4xx, refused connections, timeouts, drops) is transient.
+permanent, everything else (4xx, refused connections, timeouts, drops) is transient, except
+a timeout or drop while waiting for the reply to the end of DATA: the message was sent by
+then, so that is ``OutcomeUnknown`` (see ``TimedSMTP``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
+from typing import Any, Literal
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse, SMTPStatus
+from aiosmtplib.typing import Default
 
-from emailq.errors import SendError
+from emailq.errors import OutcomeUnknown, SendError
 from emailq.settings import Settings, SmtpSecurity
 
 log = logging.getLogger("emailq.worker.smtp")
+
+# Awaited with the step about to start ("MAIL FROM", "DATA", "message"); raises to stop the
+# transaction there (the worker's lease check raises LeaseLost).
+Guard = Callable[[str], Awaitable[None]]
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+async def no_guard(step: str) -> None:
+    """A guard that lets every step go ahead."""
+
+
+def _framed(message: str | bytes) -> bytes:
+    """The message as sent after DATA (RFC 5321 4.5.2): CRLF lines, dot-stuffed, ".\\r\\n"
+    last, exactly as aiosmtplib's own ``data()`` frames it."""
+    raw = message.encode("ascii") if isinstance(message, str) else message
+    raw = _LINE_ENDINGS.sub(b"\r\n", raw)
+    if not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    return _LEADING_DOT.sub(b"..", raw) + b".\r\n"
+
+
+class TimedSMTP(aiosmtplib.SMTP):
+    """aiosmtplib's client with the end of a transaction done here, so ``send_message``
+    (SIZE, SMTPUTF8, 8BITMIME, flattening, RSET after a refusal) stays the library's:
+
+    * every reply waits the command timeout, except the reply to the end of DATA, which waits
+      ``data_timeout`` (relays scan and commit the mail before they answer). aiosmtplib has
+      one timeout for both replies of its ``data()``, hence the override;
+    * a timeout or a dropped connection while waiting for that reply raises
+      ``OutcomeUnknown``: the message was sent, and the relay may have delivered it;
+    * ``guard`` is awaited before MAIL FROM, before DATA, and after the 354 just before the
+      message itself: the last moments a worker whose lease is gone can still not send.
+    """
+
+    def __init__(self, *, data_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data_timeout = data_timeout
+        self.guard: Guard = no_guard
+
+    async def mail(
+        self,
+        sender: str,
+        /,
+        *,
+        options: Any = None,
+        encoding: str = "ascii",
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109  # aiosmtplib's signature
+    ) -> SMTPResponse:
+        await self.guard("MAIL FROM")
+        return await super().mail(sender, options=options, encoding=encoding, timeout=timeout)
+
+    async def data(
+        self,
+        message: str | bytes,
+        /,
+        *,
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109  # aiosmtplib's signature
+    ) -> SMTPResponse:
+        # ``timeout`` is send_message's one timeout for everything; ours are set per reply.
+        await self.guard("DATA")
+        start = await self.execute_command(b"DATA")
+        if start.code != SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        try:
+            await self.guard("message")
+        except BaseException:
+            self.close()  # the server waits for a message now; only a new connection is clean
+            raise
+        return await self._final_reply(_framed(message))
+
+    async def _final_reply(self, framed: bytes) -> SMTPResponse:
+        if self.protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self.protocol.write(framed)  # raises, before anything is sent, if already closed
+        try:
+            reply = await self.protocol.read_response(timeout=self.data_timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            self.close()  # a late reply must never be read as the next command's
+            what = "timed out" if isinstance(exc, aiosmtplib.SMTPTimeoutError) else "lost"
+            raise OutcomeUnknown(
+                f"the reply to the end of DATA {what} after the message was sent "
+                f"({type(exc).__name__}); the relay may have delivered it"
+            ) from exc
+        if reply.code != SMTPStatus.completed:
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        return reply
 
 
 @dataclass(frozen=True)
@@ -53,7 +146,8 @@ class Connection:
 
     def __init__(self, settings: Settings) -> None:
         secure = settings.smtp_security
-        self.smtp = aiosmtplib.SMTP(
+        self.smtp = TimedSMTP(
+            data_timeout=settings.data_timeout_seconds,
             hostname=settings.smtp_host,
             port=settings.smtp_port,
             username=settings.smtp_user,
@@ -75,9 +169,14 @@ class Connection:
             self.smtp.close()
             raise convert_error(exc) from exc
 
-    async def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
-        """One SMTP transaction. A reused connection the server dropped while idle gets one
-        fresh reconnect: that is the pool's fault, not an attempt of the mail's."""
+    async def send(
+        self, msg: EmailMessage, sender: str, recipients: list[str], guard: Guard = no_guard
+    ) -> Delivery:
+        """One SMTP transaction, ``guard`` awaited before each step that sends (see
+        ``TimedSMTP``). A reused connection the server dropped while idle gets one fresh
+        reconnect: that is the pool's fault, not an attempt of the mail's. (A drop after the
+        message was sent is ``OutcomeUnknown``, never reconnected and sent again.)"""
+        self.smtp.guard = guard
         try:
             return await self._transaction(msg, sender, recipients)
         except aiosmtplib.SMTPServerDisconnected:
@@ -87,6 +186,8 @@ class Connection:
             self.reused = False
             await self.open()
             return await self._transaction(msg, sender, recipients)
+        finally:
+            self.smtp.guard = no_guard
 
     async def _transaction(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
         errors, reply = await self.smtp.send_message(msg, sender=sender, recipients=recipients)

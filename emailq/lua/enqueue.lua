@@ -12,6 +12,10 @@ local function enqueue(raw)
   local t = cjson.decode(raw)
   local id, lane, to, job, request_id = t[1], t[2], t[3], t[4], t[5]
   local send_at, expires_at, idem, fingerprint, ttl, key_id = t[6], t[7], t[8], t[9], t[10], t[11]
+  -- The same call run twice (a client's retry after a lost reply) stores its tasks once:
+  -- a second copy in the lane would be claimed and sent twice.
+  local stored = redis.call('HGET', TASK .. id, 'created_at')
+  if stored then return tonumber(stored) end
   if idem ~= '' then
     -- Earlier tasks of this same call are visible here, so duplicates within it fold too.
     local seen = redis.call('HMGET', idem, 'task_id', 'fingerprint')

@@ -4,14 +4,17 @@ gets its own answer only once its task is stored."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from collections.abc import Callable
 
 import pytest
 
 from emailq.coalesce import EnqueueCoalescer
-from emailq.errors import StoreUnavailable
+from emailq.errors import StoreOutcomeUnknown, StoreUnavailable
 from emailq.models import Job
 from emailq.queue import EnqueueItem, Idempotency, Queue, Replay
-from emailq.redis_server import free_port
+from emailq.redis_server import RedisServer, free_port
 
 
 def item(task_id: str) -> EnqueueItem:
@@ -128,3 +131,44 @@ async def test_a_task_that_cannot_be_encoded_fails_only_its_own_caller(
     assert isinstance(results[1], ValueError)
     assert results[2] is None
     assert await stored_ids(queue) == ["a", "b"]
+
+
+async def test_a_stalled_redis_answers_each_caller_within_its_budget_and_says_what_it_knows(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    # The client would wait 30 s for a reply; the budget (0.3 s) decides instead. The first
+    # send is in the call Redis holds unanswered: unknown. The one behind it was never sent:
+    # not stored. When Redis resumes it runs what it held, and only that.
+    server = redis_factory()
+    stalled = Queue.from_url(server.url, timeout=30)
+    coalescer = EnqueueCoalescer(stalled, budget_seconds=0.3)
+    await coalescer.enqueue_once(item("warm"), None)  # a pooled connection, script loaded
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        first = asyncio.create_task(coalescer.enqueue_once(item("sent"), None))
+        await asyncio.sleep(0)  # the flusher takes "sent" into its call
+        second = asyncio.create_task(coalescer.enqueue_once(item("held"), None))
+        # Bounds a failing test only (the client's own timeout is 30 s).
+        done, _ = await asyncio.wait({first, second}, timeout=15)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert done == {first, second}
+    assert type(first.exception()) is StoreOutcomeUnknown
+    assert type(second.exception()) is StoreUnavailable
+
+    check = Queue.from_url(server.url, timeout=5)
+    try:
+        await wait_until_stored(check, "sent")
+        assert await check.get("held") is None
+        assert await stored_ids(check) == ["warm", "sent"]
+    finally:
+        await check.close()
+        await stalled.close()
+
+
+async def wait_until_stored(queue: Queue, task_id: str, within: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while await queue.get(task_id) is None:
+        assert asyncio.get_running_loop().time() < deadline, f"{task_id} never stored"
+        await asyncio.sleep(0.02)

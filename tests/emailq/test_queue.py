@@ -528,3 +528,28 @@ async def test_an_unreadable_job_is_set_aside_and_the_rest_of_the_claim_goes_ahe
     assert "unreadable" in record.reason
     assert [f.task_id for f in await queue.failed()] == ["t1"]
     assert await queue.redis.zscore(queue.keys.leases, "t1") is None
+
+
+async def test_an_enqueue_run_twice_stores_and_queues_each_task_once(queue: Queue) -> None:
+    # What a client's retry after a lost reply does: the same call reaches Redis again. A
+    # second copy in the lane would be claimed, and sent, a second time.
+    encoded = [queue.encode_task(EnqueueItem(t, job(t), "req"), None) for t in ("a", "b")]
+    first = await queue.store_encoded(encoded)
+    again = await queue.store_encoded(encoded)
+    assert first == again == [None, None]
+    ready = await queue.redis.lrange(queue.keys.lane("default"), 0, -1)
+    assert ready == ["a", "b"]
+    claim = await queue.claim("w", 10, 10_000)
+    assert [c.task_id for c in claim.jobs] == ["a", "b"]
+    assert [c.attempt for c in claim.jobs] == [1, 1]
+
+
+async def test_a_refused_connection_is_not_stored_and_never_unknown() -> None:
+    # Nothing was sent, so the answer is StoreUnavailable itself: "not stored, retry".
+    dead = Queue.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await dead.store_encoded([dead.encode_task(EnqueueItem("x", job("x"), "r"), None)])
+        assert type(caught.value) is StoreUnavailable
+    finally:
+        await dead.close()
