@@ -7,7 +7,8 @@
     ├── InvalidMessage       input that must not be sent      (API answers 422)
     │   └── HeaderInjection  CR, LF or NUL in a header value
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
-    └── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
+    ├── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
+    └── ConfigError          a setting or file the operator must fix (entry points exit 2)
 """
 
 from __future__ import annotations
@@ -52,3 +53,10 @@ class SendError(EmailqError):
     def __str__(self) -> str:
         text = super().__str__()
         return f"{self.code} {text}" if self.code is not None else text
+
+
+class ConfigError(EmailqError):
+    """A setting (or a file a setting names) is invalid; the message is one line naming it.
+
+    Every entry point turns it into that line on stderr and exit code 2 (``emailq.startup``).
+    """
