@@ -10,8 +10,9 @@ import pytest
 
 from emailq.dev import DEV_FORMS
 from emailq.settings import Settings
-from tests.conftest import Procs, wait_until
-from tests.smtpd import SmtpServer
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

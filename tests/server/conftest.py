@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -11,8 +10,7 @@ from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
 from server.main import create_app
-
-MAX_BODY = 2048  # small, so 413 cases stay small
+from tests.helpers.api import MAX_BODY
 
 
 @pytest.fixture
@@ -33,8 +31,3 @@ def client(settings: Settings) -> Iterator[TestClient]:
     # As a context manager, so the lifespan opens (and closes) the Redis client.
     with TestClient(create_app(settings)) as test_client:
         yield test_client
-
-
-def mail(**fields: Any) -> dict[str, Any]:
-    """A valid send request, with ``fields`` overriding the defaults."""
-    return {"to": "user@example.com", "subject": "Hello", "body": "Hi {username}", **fields}

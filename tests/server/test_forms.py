@@ -19,9 +19,9 @@ from emailq.forms import FormsConfigError, load_forms
 from emailq.message import build_message
 from emailq.models import Attempt, Job
 from emailq.queue import Queue
-from emailq.redis_server import free_port
 from emailq.settings import Settings
 from server.main import create_app
+from tests.helpers.ports import port_of, refused_port
 
 THANKS = "https://site.example/thanks"
 SITE = "https://site.example"
@@ -62,7 +62,7 @@ class Verifier(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def verify_url() -> Iterator[str]:
-    server = HTTPServer(("127.0.0.1", free_port()), Verifier)
+    server = HTTPServer(("127.0.0.1", 0), Verifier)  # port 0: server_port is the one it got
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/siteverify"
@@ -319,9 +319,10 @@ def test_captcha_is_verified_server_side(
 def test_captcha_verifier_down_sends_nothing(
     forms_app: Callable[..., TestClient], store: redis.Redis
 ) -> None:
-    down = f"http://127.0.0.1:{free_port()}/siteverify"
-    with forms_app(captcha_config("hcaptcha", down)) as client:
-        response = client.post(FORM, json={**VISITOR, "h-captcha-response": "good"})
+    with refused_port() as nothing_listens:
+        down = f"http://127.0.0.1:{port_of(nothing_listens)}/siteverify"
+        with forms_app(captcha_config("hcaptcha", down)) as client:
+            response = client.post(FORM, json={**VISITOR, "h-captcha-response": "good"})
     assert response.status_code == 400
     assert tasks(store) == []
 
