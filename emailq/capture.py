@@ -95,9 +95,7 @@ class BoundController(Controller):
         where: dict[str, Any] = (
             {"sock": self.sock} if self.sock else {"host": self.hostname, "port": self.port}
         )
-        server = await self.loop.create_server(
-            self._factory_invoker, ssl=self.ssl_context, **where
-        )
+        server = await self.loop.create_server(self._factory_invoker, ssl=self.ssl_context, **where)
         self.port = server.sockets[0].getsockname()[1]
         return server
 

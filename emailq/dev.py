@@ -85,15 +85,19 @@ def check_ports(cfg: DevConfig) -> None:
                                   "give each its own port")  # fmt: skip
     for port in ports:
         if _in_use(port.number):
+            instead = _suggest(port.number, {p.number for p in ports})
             raise ConfigError(
                 f"port {port.number} ({port.what}) is already in use on {HOST}: stop what "
                 f"listens there (an earlier `make dev`?) or choose another port with "
-                f"`make dev {port.make_var}={_suggest(port.number)}` "
-                f"(`emailq dev {port.flag} {_suggest(port.number)}`)"
+                f"`make dev {port.make_var}={instead}` (`emailq dev {port.flag} {instead}`)"
             )
 
 
-def _suggest(port: int) -> int:
+def _suggest(port: int, taken: set[int]) -> int:
+    """A nearby port that is free now and not given to another of our servers."""
+    for candidate in range(port + 1, min(port + 100, 65536)):
+        if candidate not in taken and not _in_use(candidate):
+            return candidate
     return port + 1 if port < 65535 else port - 1
 
 
@@ -265,8 +269,8 @@ def run(cfg: DevConfig) -> int:
     """Run until Ctrl-C or a child dies; returns the exit code (2: bad port or setting)."""
     overrides = _overrides(cfg)
     with exit_on_config_error():
-        check_ports(cfg)
         _check_settings(overrides)
+        check_ports(cfg)
     console = _Console()
     signals = _Signals()
     signals.install()  # before any child starts: a Ctrl-C from now on stops what started
