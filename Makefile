@@ -60,6 +60,7 @@ lock:
 	sed -i -e '/^emailq @ file:/d' -e '/^# WARNING: pip install will require/d' \
 	    -e '/^# Consider using a hashable URL/d' requirements-dev.lock requirements.lock
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o bench/requirements-arq.lock bench/requirements-arq.in
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements-build.lock requirements-build.in
 
 clean:
 	rm -rf $(VENV) .venv-arq .emailq-dev .pytest_cache .mypy_cache .ruff_cache
