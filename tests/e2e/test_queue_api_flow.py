@@ -96,9 +96,12 @@ def test_wait_answers_once_the_mail_is_sent(
 
 
 def test_300_concurrent_waiters_are_served_while_mail_flows(
-    procs: Procs, settings: Settings, timed_smtp: SmtpServer
+    procs: Procs, make_settings: Callable[..., Settings], timed_smtp: SmtpServer
 ) -> None:
     handler = handler_of(timed_smtp)
+    # Not a test of the 503 bound: on a loaded machine, 300 requests at once can keep one
+    # Redis call past the default 0.5 s, and a 503 here would say nothing about waiting.
+    settings = make_settings(smtp_port=timed_smtp.port, redis_timeout_seconds=5)
     base = procs.api(settings)
     ids = post_batches(base, 3)
 
@@ -131,7 +134,7 @@ def test_300_concurrent_waiters_are_served_while_mail_flows(
     errors = [r for r in responses if not isinstance(r, httpx.Response)]
     assert errors == []
     answers = [r.json() for r in responses if isinstance(r, httpx.Response)]
-    assert [a["status"] for a in answers] == ["success"] * len(ids)
+    assert [a.get("status", a) for a in answers] == ["success"] * len(ids)
     assert [a["task_id"] for a in answers] == ids
     # Each answer came after its own mail was accepted: it waited, it did not just poll once.
     assert all(answered_at[t] >= handler.accepted_at[t] for t in ids)
