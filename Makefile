@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test lint typecheck check bench lock clean
+.PHONY: dev cli test lint typecheck check bench lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,22 @@ $(STAMP): requirements-dev.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Ports of `make dev` (API 8000, Redis 6379, SMTP capture 1025): `make dev PORT=8001`.
+# Taken from the command line only: SMTP_PORT and friends exported for the service itself
+# (say, from .env) must not move the dev runner's ports.
+cmdline = $(if $(filter command line,$(origin $(1))),$($(1)))
+DEV_ARGS = $(if $(call cmdline,PORT),--port $(PORT)) \
+           $(if $(call cmdline,REDIS_PORT),--redis-port $(REDIS_PORT)) \
+           $(if $(call cmdline,SMTP_PORT),--smtp-port $(SMTP_PORT))
+
 dev: $(STAMP)  ## run API, worker, Redis and an SMTP capture server on this machine
-	$(BIN)/emailq dev
+	$(BIN)/emailq dev $(strip $(DEV_ARGS))
+
+# The CLI without activating the venv: `make cli ARGS="stats"`, `make cli ARGS="failed --json"`.
+# With `make dev REDIS_PORT=...`, give the same REDIS_PORT here (or export the REDIS_URL
+# that `make dev` prints).
+cli: $(STAMP)  ## run `emailq $(ARGS)` against REDIS_URL (default: make dev's Redis)
+	$(if $(call cmdline,REDIS_PORT),REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0) $(BIN)/emailq $(ARGS)
 
 test: $(STAMP) lint typecheck  ## the whole suite, plus ruff and mypy
 	$(BIN)/pytest
@@ -46,6 +60,7 @@ lock:
 	sed -i -e '/^emailq @ file:/d' -e '/^# WARNING: pip install will require/d' \
 	    -e '/^# Consider using a hashable URL/d' requirements-dev.lock requirements.lock
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o bench/requirements-arq.lock bench/requirements-arq.in
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements-build.lock requirements-build.in
 
 clean:
 	rm -rf $(VENV) .venv-arq .emailq-dev .pytest_cache .mypy_cache .ruff_cache

@@ -52,13 +52,16 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="run API, worker, Redis and an SMTP capture server locally")
     dev.add_argument("--data-dir", type=Path, default=Path(".emailq-dev"))
-    dev.add_argument("--port", type=int, default=8000, help="API port")
-    dev.add_argument("--smtp-port", type=int, default=1025)
-    dev.add_argument("--redis-port", type=int, default=6379)
+    # Fixed ports, so a second run and the CLI find the same Redis; a busy one is an error.
+    dev.add_argument("--port", type=int, default=8000, help="API port (make dev PORT=...)")
+    dev.add_argument("--smtp-port", type=int, default=1025,
+                     help="SMTP capture port (make dev SMTP_PORT=...)")  # fmt: skip
+    dev.add_argument("--redis-port", type=int, default=6379,
+                     help="Redis port (make dev REDIS_PORT=...)")  # fmt: skip
 
     capture = sub.add_parser("capture", help="run only the SMTP capture server")
     capture.add_argument("--host", default="127.0.0.1")
-    capture.add_argument("--port", type=int, default=1025)
+    capture.add_argument("--port", type=int, default=1025, help="0: any free port (printed)")
     capture.add_argument("--out", type=Path, default=Path(".emailq-dev/mail"))
 
     keygen = sub.add_parser("keygen", help="print a new API key and its API_KEYS entry")
@@ -150,20 +153,16 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _run_queue_command(args: argparse.Namespace) -> int:
     """Compose settings, queue and output for one queue command, and run it."""
-    from pydantic import ValidationError
-
     from emailq.commands import ExitCode
     from emailq.errors import StoreUnavailable
+    from emailq.logs import redact_url
     from emailq.output import Output
-    from emailq.settings import Settings
+    from emailq.startup import exit_on_config_error, load_settings
 
     out = Output(json_mode=args.json, stdout=sys.stdout, stderr=sys.stderr,
                  progress_bars=sys.stderr.isatty())  # fmt: skip
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        out.error(f"configuration: {exc}")
-        return ExitCode.FAILED
+    with exit_on_config_error():
+        settings = load_settings()
     with ExitStack() as files:
         try:
             command = _command(args, files)
@@ -173,7 +172,9 @@ def _run_queue_command(args: argparse.Namespace) -> int:
         try:
             return asyncio.run(_session(settings, out, command))
         except StoreUnavailable as exc:
-            out.error(str(exc))
+            # Name the URL tried: the usual cause is a REDIS_URL that points elsewhere.
+            out.error(f"{exc} at REDIS_URL={redact_url(settings.redis_url)}; is Redis "
+                      "running there? (`make dev` prints the REDIS_URL to export)")  # fmt: skip
             return ExitCode.UNAVAILABLE
 
 

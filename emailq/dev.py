@@ -3,21 +3,36 @@
 Starts a real Redis server, the SMTP capture server, the API and one worker as child
 processes, prints where they are, and stops them in order on Ctrl-C. This module is a
 composition root: it imports nothing from server/ or worker/, it runs them.
+
+A first day that goes wrong should go wrong gently:
+
+- the ports are fixed (Redis 6379, SMTP 1025, API 8000, each can be changed), so the CLI and
+  a second run find the same Redis; a port already in use is one line before anything
+  starts, naming the setting to change;
+- the settings the children will read are checked first, one line for a bad one;
+- each child runs in its own process group, which the runner signals as a whole, and a
+  console that goes away (``emailq dev | tee log`` then Ctrl-C, or ``| head``) never keeps
+  the runner from stopping them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from emailq.redis_server import RedisServer, free_port
+from emailq.errors import ConfigError
+from emailq.redis_server import RedisServer
+from emailq.startup import exit_on_config_error, load_settings
+
+HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -30,14 +45,60 @@ class DevConfig:
     redis_port: int = 6379
 
 
-def _port_or_free(port: int) -> int:
-    """``port`` if nothing listens there, else a free one (never clobber a running server)."""
+@dataclass(frozen=True)
+class _Port:
+    number: int
+    what: str
+    make_var: str  # `make dev PORT=...`
+    flag: str  # `emailq dev --port ...`
+
+
+def _ports(cfg: DevConfig) -> list[_Port]:
+    return [
+        _Port(cfg.redis_port, "Redis", "REDIS_PORT", "--redis-port"),
+        _Port(cfg.smtp_port, "SMTP capture", "SMTP_PORT", "--smtp-port"),
+        _Port(cfg.api_port, "API", "PORT", "--port"),
+    ]
+
+
+def _in_use(port: int) -> bool:
     with socket.socket() as sock:
+        # As the servers themselves bind: a port a previous run left in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((HOST, port))
         except OSError:
-            return free_port()
-    return port
+            return True
+    return False
+
+
+def check_ports(cfg: DevConfig) -> None:
+    """``ConfigError`` naming the first port that is taken (or given twice), and how to
+    choose another."""
+    ports = _ports(cfg)
+    for i, port in enumerate(ports):
+        if not 1 <= port.number <= 65535:
+            raise ConfigError(f"{port.make_var}: must be a port number (got {port.number})")
+        for other in ports[:i]:
+            if other.number == port.number:
+                raise ConfigError(f"{other.make_var} and {port.make_var} are both {port.number}; "
+                                  "give each its own port")  # fmt: skip
+    for port in ports:
+        if _in_use(port.number):
+            instead = _suggest(port.number, {p.number for p in ports})
+            raise ConfigError(
+                f"port {port.number} ({port.what}) is already in use on {HOST}: stop what "
+                f"listens there (an earlier `make dev`?) or choose another port with "
+                f"`make dev {port.make_var}={instead}` (`emailq dev {port.flag} {instead}`)"
+            )
+
+
+def _suggest(port: int, taken: set[int]) -> int:
+    """A nearby port that is free now and not given to another of our servers."""
+    for candidate in range(port + 1, min(port + 100, 65536)):
+        if candidate not in taken and not _in_use(candidate):
+            return candidate
+    return port + 1 if port < 65535 else port - 1
 
 
 # The test page's form (served at /dev/contact): mail to a made-up owner, which the capture
@@ -59,39 +120,124 @@ def _write_dev_forms(data_dir: Path) -> Path:
     return path
 
 
-def _child_env(redis_url: str, smtp_port: int, forms_file: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FORMS_FILE=str(forms_file.resolve()),
-        DEV_PAGES="true",
-        REDIS_URL=redis_url,
-        SMTP_HOST="127.0.0.1",
-        SMTP_PORT=str(smtp_port),
-        SMTP_SECURITY="none",
-        SMTP_USER="",
-        SMTP_PASS="",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+def _overrides(cfg: DevConfig) -> dict[str, str]:
+    """The settings the runner gives its children, over the user's environment and .env."""
+    return {
+        "FORMS_FILE": str((cfg.data_dir / "forms.toml").resolve()),
+        "DEV_PAGES": "true",
+        "REDIS_URL": redis_url(cfg.redis_port),
+        "SMTP_HOST": HOST,
+        "SMTP_PORT": str(cfg.smtp_port),
+        "SMTP_SECURITY": "none",
+        "SMTP_USER": "",
+        "SMTP_PASS": "",
+    }
+
+
+def redis_url(port: int) -> str:
+    """The URL of the dev Redis, as the banner tells the CLI to export it."""
+    return f"redis://{HOST}:{port}/0"
+
+
+def _check_settings(overrides: dict[str, str]) -> None:
+    """Raise ``ConfigError`` for a setting the children would refuse, before any starts."""
+    # Built as the children will build theirs: environment and .env, under our overrides.
+    load_settings(**{name.lower(): value for name, value in overrides.items()})
+
+
+@dataclass
+class _Console:
+    """stdout, which may go away under us (a closed pipe): then we carry on without it."""
+
+    gone: bool = False
+
+    def say(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except OSError:
+            self.gone = True
+            # Point fd 1 at /dev/null, so nothing later (not even the interpreter's flush at
+            # exit) fails on the broken pipe again.
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+
+
+@dataclass
+class _Signals:
+    """Ctrl-C, SIGTERM and SIGHUP ask to stop; a second one asks to stop now."""
+
+    count: int = 0
+    names: list[str] = field(default_factory=list)
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+
+    @property
+    def stopping(self) -> bool:
+        return self.count > 0
+
+    @property
+    def hurry(self) -> bool:
+        return self.count > 1
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    # Own session: Ctrl-C reaches only this runner, which then stops children in order.
+    # Own session and process group: Ctrl-C in the terminal reaches only this runner, which
+    # then stops the children in order (API, worker, capture, Redis) by signalling each
+    # child's whole group, so nothing a child started outlives it.
     return subprocess.Popen(args, env=env, start_new_session=True)  # noqa: S603  # fixed argv
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
-def _banner(cfg: DevConfig, redis: RedisServer, smtp_port: int) -> str:
-    api = f"http://localhost:{cfg.api_port}"
+def _stop(proc: subprocess.Popen[bytes], signals: _Signals, timeout: float = 30) -> None:
+    """SIGTERM the child's group; SIGKILL it after ``timeout`` or on a second Ctrl-C."""
+    _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not signals.hurry:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)
+    # Whatever is left in the group (the child, or anything it started) goes now.
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _wait_listening(children: dict[str, subprocess.Popen[bytes]], ports: dict[str, int],
+                    signals: _Signals, timeout: float = 60) -> str | None:  # fmt: skip
+    """Wait until each child listens on its port; the problem, if one exits or hangs."""
+    deadline = time.monotonic() + timeout
+    for name, port in ports.items():
+        while not _listening(port):
+            if signals.stopping:
+                return None
+            if children[name].poll() is not None:
+                return f"the {name} exited (code {children[name].returncode}); see above"
+            if time.monotonic() > deadline:
+                return f"the {name} did not listen on port {port} within {timeout:.0f}s"
+            time.sleep(0.1)
+    return None
+
+
+def _banner(cfg: DevConfig, redis: RedisServer) -> str:
+    api = f"http://{HOST}:{cfg.api_port}"
     mail_dir = cfg.data_dir / "mail"
     example = (
         '{"to":"user@example.com","subject":"Hello","body":"{username}님 안녕하세요!",'
@@ -100,14 +246,19 @@ def _banner(cfg: DevConfig, redis: RedisServer, smtp_port: int) -> str:
     return "\n".join([
         "",
         "emailq dev is running:",
-        f"  API           {api}",
+        f"  API           {api}  (PORT={cfg.api_port})",
         f"  Swagger UI    {api}/docs",
         f"  Contact form  {api}/dev/contact  (a plain HTML form; the mail shows up here)",
-        f"  Redis         {redis.url}  (data in {redis.data_dir})",
-        f"  SMTP capture  127.0.0.1:{smtp_port}  (printed here, saved in {mail_dir})",
+        f"  Redis         {redis.url}  (REDIS_PORT={cfg.redis_port}; data in {redis.data_dir})",
+        f"  SMTP capture  {HOST}:{cfg.smtp_port}  (SMTP_PORT={cfg.smtp_port}; "
+        f"printed here, saved in {mail_dir})",
         "",
         f"  try: curl -s -X POST {api}/api/v1/email/received \\",
         f"         -H 'Content-Type: application/json' -d '{example}'",
+        "",
+        "  The CLI talks to this Redis. In another shell:",
+        f"    export REDIS_URL={redis.url}",
+        "    .venv/bin/emailq stats        (or: make cli ARGS=stats)",
         "",
         "Press Ctrl-C to stop everything.",
         "",
@@ -115,33 +266,51 @@ def _banner(cfg: DevConfig, redis: RedisServer, smtp_port: int) -> str:
 
 
 def run(cfg: DevConfig) -> int:
-    """Run until Ctrl-C or a child dies; returns the exit code."""
-    redis = RedisServer(cfg.data_dir / "redis", _port_or_free(cfg.redis_port))
-    redis.start()
-    smtp_port = _port_or_free(cfg.smtp_port)
-    env = _child_env(redis.url, smtp_port, _write_dev_forms(cfg.data_dir))
-    py = sys.executable
-    children = [
-        _spawn([py, "-m", "emailq.cli", "capture", "--port", str(smtp_port),
-                "--out", str(cfg.data_dir / "mail")], env),
-        _spawn([py, "-m", "server", "--host", "127.0.0.1", "--port", str(cfg.api_port)], env),
-        _spawn([py, "-m", "worker"], env),
-    ]  # fmt: skip
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    print(_banner(cfg, redis, smtp_port), flush=True)  # noqa: T201  # the console is dev mode's output
+    """Run until Ctrl-C or a child dies; returns the exit code (2: bad port or setting)."""
+    overrides = _overrides(cfg)
+    with exit_on_config_error():
+        _check_settings(overrides)
+        check_ports(cfg)
+    console = _Console()
+    signals = _Signals()
+    signals.install()  # before any child starts: a Ctrl-C from now on stops what started
+    _write_dev_forms(cfg.data_dir)
+    env = {**os.environ, **overrides, "PYTHONUNBUFFERED": "1"}
+    redis = RedisServer(cfg.data_dir / "redis", cfg.redis_port)
+    children: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        while not stopping and all(c.poll() is None for c in children):
-            time.sleep(0.2)
+        redis.start()
+        return _supervise(cfg, redis, env, children, console, signals)
     finally:
-        print("\nstopping: API, worker, capture server, Redis ...", flush=True)  # noqa: T201  # the console is dev mode's output
-        for child in (children[1], children[2], children[0]):
-            _stop(child)
+        console.say("\nstopping: API, worker, capture server, Redis ...")
+        for name in ("API", "worker", "capture server"):
+            if name in children:
+                _stop(children[name], signals)
         redis.stop()
-    return 0 if stopping else 1
+
+
+def _supervise(cfg: DevConfig, redis: RedisServer, env: dict[str, str],
+               children: dict[str, subprocess.Popen[bytes]], console: _Console,
+               signals: _Signals) -> int:  # fmt: skip
+    py = sys.executable
+    children["capture server"] = _spawn([py, "-m", "emailq.cli", "capture", "--port",
+                                         str(cfg.smtp_port), "--out", str(cfg.data_dir / "mail")],
+                                        env)  # fmt: skip
+    # `python -m server`: uvicorn with its proxy headers off, as every launcher runs it.
+    children["API"] = _spawn([py, "-m", "server", "--host", HOST, "--port",
+                              str(cfg.api_port)], env)  # fmt: skip
+    children["worker"] = _spawn([py, "-m", "worker"], env)
+    problem = _wait_listening(children, {"capture server": cfg.smtp_port, "API": cfg.api_port},
+                              signals)  # fmt: skip
+    if problem:
+        console.say(f"emailq dev: {problem}")
+        return 1
+    if not signals.stopping:
+        console.say(_banner(cfg, redis))
+    while not signals.stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                console.say(f"emailq dev: the {name} exited (code {child.returncode}); see above")
+                return 1
+        time.sleep(0.2)
+    return 0

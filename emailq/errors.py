@@ -10,7 +10,8 @@
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
     ├── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
     │   └── OutcomeUnknown   the message was sent, its final reply never came
-    └── LeaseLost            the worker no longer owns the job it was about to send
+    ├── LeaseLost            the worker no longer owns the job it was about to send
+    └── ConfigError          a setting or file the operator must fix (entry points exit 2)
 """
 
 from __future__ import annotations
@@ -70,3 +71,10 @@ class OutcomeUnknown(SendError):
 
 class LeaseLost(EmailqError):
     """The job's lease lapsed or passed to another worker before the send: not ours to send."""
+
+
+class ConfigError(EmailqError):
+    """A setting (or a file a setting names) is invalid; the message is one line naming it.
+
+    Every entry point turns it into that line on stderr and exit code 2 (``emailq.startup``).
+    """

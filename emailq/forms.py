@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from emailq.compose import MAX_SUBJECT_CHARS, Address, normalize_address
-from emailq.errors import InvalidMessage, MessageTooLarge
+from emailq.errors import ConfigError, InvalidMessage, MessageTooLarge
 from emailq.models import Job
 from emailq.templating import check_header, check_text, placeholders, render
 
@@ -118,7 +118,7 @@ class Form(BaseModel):
         return value
 
 
-class FormsConfigError(ValueError):
+class FormsConfigError(ConfigError, ValueError):
     """``FORMS_FILE`` is unreadable or invalid; the message names the form and field."""
 
 

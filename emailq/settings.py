@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_api_keys
 from emailq.netlists import IPNetwork, parse_networks, split_list
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 _LIST_PARSERS: dict[str | None, Callable[[str], object]] = {
     "api_keys": parse_api_keys,
     "allowed_recipients": parse_allowed_recipients,
@@ -116,6 +118,7 @@ class Settings(BaseSettings):
     # all three answer 404, for a public API that should not publish its whole surface.
     api_docs: bool = True
 
+    # A standard level name; anything else would only fail later, inside logging's setup.
     log_level: str = "INFO"
 
     @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", "forms_file", mode="before")
@@ -182,6 +185,14 @@ class Settings(BaseSettings):
                     "'https://app.example.com' (scheme and host, no path)"
                 )
         return value.strip()
+
+    @field_validator("log_level")
+    @classmethod
+    def _level_name(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL: must be one of {', '.join(_LOG_LEVELS)}")
+        return level
 
     @field_validator("mail_from")
     @classmethod

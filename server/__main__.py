@@ -13,12 +13,9 @@ import argparse
 import sys
 
 import uvicorn
-from pydantic import ValidationError
 
-from emailq.forms import FormsConfigError
 from emailq.logs import configure_logging
-from emailq.settings import Settings
-from server.auth import OpenRelayRefused
+from emailq.startup import exit_on_config_error, load_settings
 from server.main import create_app
 from server.routes.email import MAX_WAIT_SECONDS
 
@@ -38,14 +35,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m server``; returns the exit code."""
     args = _parser().parse_args(argv)
-    try:
-        settings = Settings()
+    # A bad setting, FORMS_FILE or open-relay configuration: one line, exit code 2.
+    with exit_on_config_error():
+        settings = load_settings()
         configure_logging(settings.log_level)
         app = create_app(settings)
-    except (ValidationError, OpenRelayRefused, FormsConfigError) as exc:
-        # A configuration mistake: say what it is, without a traceback around it.
-        print(f"emailq API: {exc}", file=sys.stderr)  # noqa: T201  # the operator reads it on the console
-        return 2
     uvicorn.run(
         app,
         host=args.host,

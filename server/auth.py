@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request
 
 from emailq.apikeys import ApiKey, Scope, hash_key, in_allow_list, in_domains
+from emailq.errors import ConfigError
 from emailq.models import Job
 from emailq.netlists import split_list
 from emailq.queue import Queue
@@ -35,7 +36,7 @@ log = logging.getLogger("emailq.api")
 AUTH_FAILURE_WINDOW_MS = 60_000  # AUTH_FAILURE_LIMIT counts failures per fixed minute
 
 
-class OpenRelayRefused(RuntimeError):
+class OpenRelayRefused(ConfigError, RuntimeError):
     """The configuration would let anyone who reaches the API send mail anywhere."""
 
 

@@ -17,6 +17,7 @@ from emailq.logs import configure_logging, redact_url
 from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
+from emailq.startup import exit_on_config_error, load_settings
 from emailq.waiting import ResultWaiter
 from server import docs
 from server.auth import relay_guard
@@ -106,9 +107,12 @@ def create_app(settings: Settings) -> FastAPI:
 
 @functools.cache
 def _app_from_environment() -> FastAPI:
-    settings = Settings()
-    configure_logging(settings.log_level)
-    return create_app(settings)
+    # A bad setting, FORMS_FILE or open-relay configuration is one line and exit code 2,
+    # not a traceback from inside uvicorn's import of this module.
+    with exit_on_config_error():
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        return create_app(settings)
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -1,14 +1,19 @@
 """The files a user reads agree with the code: every setting documented, container
-commands match the README, the compose file parses."""
+commands match the README, the compose file gives every setting to the containers."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from emailq.settings import Settings
+from server.routes.email import MAX_WAIT_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTING_NAMES = sorted(name.upper() for name in Settings.model_fields)
@@ -44,8 +49,7 @@ def test_every_setting_is_in_the_readme() -> None:
 
 
 def test_compose_file_parses_and_runs_the_readme_commands() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
+    services = compose()["services"]
     assert set(services) >= {"redis", "api", "worker", "mailpit"}
     assert services["api"]["command"][:3] == ["python", "-m", "server"]
     assert services["worker"]["command"] == ["python", "-m", "worker"]
@@ -70,7 +74,105 @@ def test_dockerfile_is_slim_non_root_and_installs_from_the_lock() -> None:
 
 def test_every_launcher_runs_the_api_as_python_m_server() -> None:
     # Bare uvicorn believes X-Forwarded-For from loopback peers; `python -m server` does not.
-    for path in ("emailq/dev.py", "tests/conftest.py"):
+    for path in ("emailq/dev.py", "tests/helpers/processes.py"):
         text = (ROOT / path).read_text()
         assert '"-m", "server"' in text or '("server",)' in text, path
     assert '"uvicorn", "server.main:app"' not in (ROOT / "emailq/dev.py").read_text()
+
+
+def test_dockerfile_has_a_healthcheck_and_pins_its_build_backend() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^HEALTHCHECK .*\n?.*/ready", dockerfile, flags=re.MULTILINE)
+    # The wheel is built with the backend from its own hashed lock, in a build stage...
+    assert "--require-hashes -r requirements-build.lock" in dockerfile
+    assert "pip wheel --no-deps --no-build-isolation" in dockerfile
+    build_lock = (ROOT / "requirements-build.lock").read_text()
+    assert re.search(r"^setuptools==\S+ \\\n\s+--hash=sha256:", build_lock, flags=re.MULTILINE)
+    # ...and the image installs that wheel, never building with the base image's setuptools.
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert "--no-build-isolation" not in final_stage
+    assert "pip install --no-deps --no-index /wheels/" in final_stage
+
+
+# -- docker-compose.yml ----------------------------------------------------------------------
+
+EMAILQ_SERVICES = ("api", "worker")
+# Where the containers find Redis and the relay: compose's own services, so that a .env
+# written for a host install (SMTP_HOST=localhost) does not point the containers at
+# themselves. Overridden only on purpose, through EMAILQ_<NAME>.
+FROM_COMPOSE = {
+    "REDIS_URL": "redis://redis:6379/0", "SMTP_HOST": "mailpit", "SMTP_PORT": "1025",
+    "SMTP_SECURITY": "none", "SMTP_USER": "", "SMTP_PASS": "", "ALLOW_OPEN_RELAY": "true",
+}  # fmt: skip
+COMPOSE_DEFAULTS = {"MAIL_FROM": "emailq <noreply@example.com>"}  # a valid sender for Mailpit
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def interpolation(value: str) -> tuple[str, str]:
+    """``${NAME-default}`` -> (NAME, default); anything else fails the test."""
+    found = re.fullmatch(r"\$\{([A-Z_]+)-([^}]*)\}", value)
+    assert found, f"{value!r} is not ${{NAME-default}}"
+    return found[1], found[2]
+
+
+def test_compose_gives_every_setting_to_the_containers_with_its_default() -> None:
+    services = compose()["services"]
+    env_example = dict(re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / ".env.example").read_text(),
+                                  flags=re.MULTILINE))  # fmt: skip
+    for service in EMAILQ_SERVICES:
+        environment = services[service]["environment"]
+        assert sorted(environment) == SETTING_NAMES, service  # every setting, nothing else
+        for name, value in environment.items():
+            source, default = interpolation(value)
+            if name in FROM_COMPOSE:
+                assert (source, default) == (f"EMAILQ_{name}", FROM_COMPOSE[name])
+            else:
+                assert source == name  # .env's own name reaches the container
+                field = Settings.model_fields[name.lower()]
+                expected = COMPOSE_DEFAULTS.get(name, env_example[name])
+                assert default == expected, name
+                assert name in COMPOSE_DEFAULTS or _same(default, field.default), name
+
+
+def test_compose_services_are_healthchecked_pinned_and_drained() -> None:
+    services = compose()["services"]
+    assert not services["mailpit"]["image"].endswith(":latest")
+    assert re.fullmatch(r"axllent/mailpit:v\d+\.\d+\.\d+", services["mailpit"]["image"])
+    assert services["worker"]["healthcheck"]["test"] == ["CMD", "python", "-m", "worker", "--check"]
+    assert "/ready" in " ".join(services["api"]["healthcheck"]["test"])
+    grace = int(services["api"]["stop_grace_period"].removesuffix("s"))
+    assert grace > MAX_WAIT_SECONDS  # a `wait=` long-poll ends before the SIGKILL
+    worker_grace = int(services["worker"]["stop_grace_period"].removesuffix("s"))
+    assert worker_grace > Settings.model_fields["worker_shutdown_grace_seconds"].default
+
+
+DOCKER_COMPOSE = shutil.which("docker-compose")
+
+
+@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="no docker-compose binary (apt-get install "
+                    "docker-compose); the YAML checks above still run")  # fmt: skip
+def test_docker_compose_config_with_the_example_env_keeps_the_stack_working(
+    tmp_path: Path,
+) -> None:
+    # What .env.example says to do: `cp .env.example .env && docker compose up`. The
+    # containers must still send to Mailpit, and a setting in .env must reach them.
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text()
+                                   + "WORKER_CONCURRENCY=5\nRATE_LIMIT_PER_KEY=\n")  # fmt: skip
+    done = subprocess.run([str(DOCKER_COMPOSE), "-f", str(ROOT / "docker-compose.yml"),
+                           "--project-directory", str(tmp_path), "config"],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]
+    for service in EMAILQ_SERVICES:
+        env = {k: str(v) for k, v in resolved[service]["environment"].items()}
+        assert (env["SMTP_HOST"], env["SMTP_PORT"], env["SMTP_SECURITY"]) == (
+            "mailpit", "1025", "none",
+        )  # fmt: skip
+        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["WORKER_CONCURRENCY"] == "5"
+        assert env["RATE_LIMIT_PER_KEY"] == ""  # empty means off, not the default
+        Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]

@@ -26,8 +26,9 @@ import redis
 
 from emailq.redis_server import RedisServer, free_port
 from emailq.settings import Settings
-from tests.conftest import FAST, Procs, wait_until
-from tests.smtpd import Received, SmtpServer, start_smtp
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import FAST, Procs
+from tests.helpers.smtpd import Received, SmtpServer, start_smtp
 
 CORPUS = tomllib.loads(Path(__file__).with_name("corpus.toml").read_text())
 ENTRIES: list[dict[str, Any]] = CORPUS["attack"]

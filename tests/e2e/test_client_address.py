@@ -19,8 +19,9 @@ import redis
 from emailq.apikeys import hash_key
 from emailq.queue import Keys
 from emailq.settings import Settings
-from tests.conftest import Procs, read_log, wait_until
-from tests.smtpd import Received, SmtpServer
+from tests.helpers.polling import read_log, wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import Received, SmtpServer
 
 SEND = "/api/v1/email/received"
 FORM = "/api/v1/forms/contact"

@@ -13,8 +13,9 @@ import pytest
 
 from emailq.redis_server import free_port
 from emailq.settings import Settings
-from tests.conftest import Procs, wait_until
-from tests.e2e.test_form_browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM
+from tests.helpers.browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import Procs
 
 REDOCLY_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 

@@ -4,106 +4,33 @@ sends), a Redis outage, a crash during backoff and an SMTP outage.
 Every test enqueues through the API process, causes the fault, waits until every task is
 terminal, then counts from the recording SMTP server: *lost* are accepted task ids never
 received, *duplicated* are task ids received more than once. The counts are printed
-(``pytest -s``) so they can be quoted. Waits are bounded; no duration is asserted except
-the API's 503 bound during the Redis outage.
+(``pytest -s``) so they can be quoted. Waits are bounded; no duration is asserted (the time
+the API takes to answer 503 during the Redis outage is printed, not asserted).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 
-from emailq.redis_server import RedisServer, free_port
+from emailq.redis_server import RedisServer
 from emailq.settings import Settings
-from tests.conftest import Procs, read_log, wait_for_log, wait_until
-from tests.smtpd import Received, RecordingHandler, SmtpServer
+from tests.helpers.api import Api, all_succeeded, outcomes
+from tests.helpers.polling import read_log, wait_for_log, wait_until
+from tests.helpers.ports import port_of, refused_port
+from tests.helpers.processes import Procs, sigkill
+from tests.helpers.smtpd import Counts, Received, RecordingHandler, SmtpServer
 
 pytestmark = pytest.mark.slow
-
-TERMINAL = {"success", "failed"}
-SETTLE_TIMEOUT = 30.0  # bounds a failing test only
-
-
-class Api:
-    """The API process seen through HTTP: enqueue and read results."""
-
-    def __init__(self, base: str) -> None:
-        self.client = httpx.Client(base_url=base, timeout=5.0)
-
-    def post(self, n: int = 0) -> httpx.Response:
-        body = {"to": f"user{n}@example.com", "subject": f"fault {n}", "body": "hello"}
-        return self.client.post("/api/v1/email/received", json=body)
-
-    def enqueue(self, count: int) -> list[str]:
-        """POST ``count`` mails; every one must be accepted (202)."""
-        ids = []
-        for n in range(count):
-            response = self.post(n)
-            assert response.status_code == 202, response.text
-            ids.append(response.json()["task_id"])
-        return ids
-
-    def result(self, task_id: str) -> dict[str, Any]:
-        response = self.client.get("/api/v1/email/result", params={"task_id": task_id})
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-    def results(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return {task_id: self.result(task_id) for task_id in ids}
-
-    def wait_terminal(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Poll until every task is success or failed; returns the final results."""
-        done: dict[str, dict[str, Any]] = {}
-
-        def settled() -> bool:
-            for task_id in ids:
-                if task_id not in done:
-                    result = self.result(task_id)
-                    if result["status"] not in TERMINAL:
-                        return False
-                    done[task_id] = result
-            return True
-
-        wait_until(settled, what=f"{len(ids)} tasks terminal", timeout=SETTLE_TIMEOUT)
-        return done
-
-
-@dataclass(frozen=True)
-class Counts:
-    """What the SMTP server received, against what the API accepted."""
-
-    accepted: int
-    delivered: int  # distinct accepted task ids received
-    lost: int
-    duplicated: int  # task ids received more than once
-
-    @classmethod
-    def of(cls, accepted: list[str], handler: RecordingHandler) -> Counts:
-        received = Counter(handler.task_ids())
-        assert set(received) <= set(accepted), "received a mail nobody enqueued"
-        return cls(
-            accepted=len(accepted),
-            delivered=len(received),
-            lost=len(set(accepted) - set(received)),
-            duplicated=sum(1 for n in received.values() if n > 1),
-        )
-
-    def report(self, label: str) -> Counts:
-        print(f"{label}: accepted={self.accepted} delivered={self.delivered} "
-              f"lost={self.lost} duplicated={self.duplicated}")  # fmt: skip
-        return self
 
 
 @dataclass
@@ -141,22 +68,8 @@ def wait_received(handler: RecordingHandler, count: int, proc: subprocess.Popen[
     wait_until(lambda: len(handler.received) >= count, what=f"{count} mails received", proc=proc)
 
 
-def outcomes(result: dict[str, Any]) -> list[str]:
-    return [entry["outcome"] for entry in result["attempt_log"]]
-
-
-def all_succeeded(results: dict[str, dict[str, Any]]) -> None:
-    failed = {tid: r for tid, r in results.items() if r["status"] != "success"}
-    assert not failed, failed
-
-
 def delayed_smtp(smtp_factory: Callable[..., SmtpServer], delay: float) -> SmtpServer:
     return smtp_factory(handler=RecordingHandler(delay=delay))
-
-
-def sigkill(proc: subprocess.Popen[bytes]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 # -- 1. kill -9 while sends are in flight --------------------------------------------------
@@ -263,15 +176,14 @@ def delivered_once_cleanly(
 # -- 3. Redis stops and comes back on the same port and data dir ----------------------------
 
 
-def assert_503_quickly(api: Api) -> None:
+def assert_503(api: Api) -> None:
     unknown = {"task_id": str(uuid.uuid4())}
     for call in (api.post, lambda: api.client.get("/api/v1/email/result", params=unknown)):
         started = time.monotonic()
         response = call()
-        elapsed = time.monotonic() - started
+        print(f"503 after {time.monotonic() - started:.2f}s")  # a figure, not a bound
         assert response.status_code == 503, response.text
         assert response.json()["error"] == "service_unavailable"
-        assert elapsed < 2.0, f"503 took {elapsed:.2f}s"
 
 
 def test_redis_outage_recovers_without_restarts(
@@ -291,12 +203,13 @@ def test_redis_outage_recovers_without_restarts(
     wait_until(lambda: in_flight(smtp.handler) > 0, what="sends in flight", proc=worker)
 
     redis.stop()
-    assert_503_quickly(api)
+    assert_503(api)
     wait_for_log(worker, "Redis unavailable")
     # The sends in flight complete during the outage; their outcome waits for Redis.
     wait_until(lambda: in_flight(smtp.handler) == 0, what="in-flight sends answered",
                proc=worker)  # fmt: skip
-    # Outlast the leases, so recovery must renew before any claim sees them as lapsed.
+    # Outlast the leases, so recovery must renew before any claim sees them as lapsed. Here
+    # the passing of time is the fault itself, not a stand-in for a condition to poll.
     time.sleep(lease * 1.5)
     assert worker.poll() is None
 
@@ -348,19 +261,19 @@ def test_crash_during_backoff_keeps_the_retry_and_its_count(
 def test_smtp_outage_retries_until_the_server_returns(
     procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
 ) -> None:
-    port = free_port()  # nothing listens here yet: connections are refused
-    # Backoff long enough that five attempts outlast the moment the server comes up.
-    settings = make_settings(smtp_port=port, max_attempts=5, retry_backoff_seconds=0.3,
-                             retry_backoff_max_seconds=1.0)  # fmt: skip
-    api = Api(procs.api(settings))
-    worker = procs.worker(settings)
-    ids = api.enqueue(5)
+    with refused_port() as down:  # bound, not listening: connections are refused
+        # Backoff long enough that five attempts outlast the moment the server comes up.
+        settings = make_settings(smtp_port=port_of(down), max_attempts=5, retry_backoff_seconds=0.3,
+                                 retry_backoff_max_seconds=1.0)  # fmt: skip
+        api = Api(procs.api(settings))
+        worker = procs.worker(settings)
+        ids = api.enqueue(5)
 
-    def all_retrying() -> bool:
-        return all("retry" in outcomes(r) for r in api.results(ids).values())
+        def all_retrying() -> bool:
+            return all("retry" in outcomes(r) for r in api.results(ids).values())
 
-    wait_until(all_retrying, what="every task failed an attempt", proc=worker)
-    smtp = smtp_factory(port=port)
+        wait_until(all_retrying, what="every task failed an attempt", proc=worker)
+        smtp = smtp_factory(sock=down)  # the server comes up on that very socket
 
     results = api.wait_terminal(ids)
     counts = Counts.of(ids, smtp.handler).report("SMTP outage")

@@ -13,10 +13,10 @@ import pytest
 
 from emailq.models import Status
 from emailq.settings import Settings
-from tests.conftest import Procs, read_log
-from tests.emailq.test_features import add, redis_now_ms
-from tests.smtpd import SmtpServer
-from tests.worker.test_features import producer, settle
+from tests.helpers.polling import read_log
+from tests.helpers.processes import Procs
+from tests.helpers.queues import add, producer, redis_now_ms, settle
+from tests.helpers.smtpd import SmtpServer
 
 pytestmark = pytest.mark.slow
 

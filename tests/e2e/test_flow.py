@@ -9,8 +9,9 @@ import httpx
 import redis
 
 from emailq.settings import Settings
-from tests.conftest import Procs, wait_until
-from tests.smtpd import SmtpServer
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 
 def test_posted_mail_arrives_and_result_shows_success(

@@ -10,14 +10,10 @@ import pytest
 
 from emailq.dev import DEV_FORMS
 from emailq.settings import Settings
-from tests.conftest import Procs, wait_until
-from tests.smtpd import SmtpServer
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync"]  # fmt: skip
+from tests.helpers.browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import redis
 
 from emailq.queue import Keys
 from emailq.settings import Settings
-from tests.conftest import Procs
-from tests.smtpd import SmtpServer
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 SEND = "/api/v1/email/received"
 RESULT = "/api/v1/email/result"

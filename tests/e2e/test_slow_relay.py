@@ -22,9 +22,10 @@ import pytest
 
 from emailq.redis_server import RedisServer
 from emailq.settings import Settings
-from tests.conftest import Procs, read_log, wait_until
-from tests.e2e.test_faults import Api, Counts, all_succeeded, outcomes
-from tests.smtpd import SlowReplyHandler, SmtpServer
+from tests.helpers.api import Api, all_succeeded, outcomes
+from tests.helpers.polling import read_log, wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import Counts, SlowReplyHandler, SmtpServer
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ import pytest
 from emailq.apikeys import hash_key
 from emailq.redis_server import free_port
 from emailq.settings import Settings
-from tests.conftest import settings_env, wait_until
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import settings_env
 
 KEY = hash_key("eq_one-key")
 STARTED = "Application startup complete"

@@ -17,8 +17,9 @@ import redis
 
 from emailq.queue import Keys
 from emailq.settings import Settings
-from tests.conftest import Procs, wait_until
-from tests.smtpd import SmtpServer
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 SEND = "/api/v1/email/received"
 BATCH = "/api/v1/emails/batch"

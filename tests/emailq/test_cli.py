@@ -18,10 +18,10 @@ import pytest
 
 from emailq.cli import _parser, main
 from emailq.output import Progress, table
-from emailq.redis_server import free_port
 from emailq.settings import Settings
-from tests.conftest import Procs
-from tests.smtpd import SmtpServer
+from tests.helpers.ports import refused_redis_url
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 
 @dataclass
@@ -332,11 +332,14 @@ def test_a_dead_letter_requeued_from_the_cli_is_sent_once(
 # -- errors and the parser ---------------------------------------------------------------
 
 
-def test_redis_down_exits_4(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-    result = cli("stats")
+def test_redis_down_exits_4_naming_the_url(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    with refused_redis_url() as url:
+        monkeypatch.setenv("REDIS_URL", url)
+        result = cli("stats")
     assert result.code == 4
     assert "Redis is unavailable" in result.err
+    assert f"REDIS_URL={url}" in result.err  # where it looked, so a wrong URL is plain
+    assert len(result.err.strip().splitlines()) == 1
 
 
 def test_missing_file_is_reported(cli: Cli, tmp_path: Path) -> None:

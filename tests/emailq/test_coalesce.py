@@ -14,7 +14,8 @@ from emailq.coalesce import EnqueueCoalescer
 from emailq.errors import StoreOutcomeUnknown, StoreUnavailable
 from emailq.models import Job
 from emailq.queue import EnqueueItem, Idempotency, Queue, Replay
-from emailq.redis_server import RedisServer, free_port
+from emailq.redis_server import RedisServer
+from tests.helpers.ports import refused_redis_url
 
 
 def item(task_id: str) -> EnqueueItem:
@@ -96,7 +97,12 @@ async def test_a_departed_caller_does_not_disturb_the_others(queue: Queue) -> No
 
 
 async def test_redis_down_reaches_every_caller_and_the_next_send_recovers() -> None:
-    dead = Queue.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with refused_redis_url() as url:
+        await _down_then_recovers(url)
+
+
+async def _down_then_recovers(url: str) -> None:
+    dead = Queue.from_url(url, timeout=0.5)
     coalescer = EnqueueCoalescer(dead)
     try:
         results = await asyncio.gather(

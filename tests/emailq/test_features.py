@@ -5,44 +5,34 @@ requeue, and the statistics script. Times come from Redis (``TIME``), never the 
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
 
 from emailq.models import Attempt, ClaimedJob, Priority, Status, TaskRecord
-from emailq.queue import FAIR_EVERY, EnqueueItem, Outcome, Queue
-from tests.emailq.test_queue import LONG, TTL, job, redis_now_ms
-from tests.emailq.test_queue import queue as queue  # the fixture, re-exported
+from emailq.queue import FAIR_EVERY, Outcome, Queue
+from tests.helpers.polling import eventually
+from tests.helpers.queues import (
+    LONG,
+    TTL,
+    add,
+    job,
+    open_queue,
+    redis_now_ms,
+    wait_past,
+    within_one_minute_bucket,
+)
 
-BOUND = 10.0  # seconds; only bounds a hung test
+
+@pytest.fixture
+async def queue(redis_url: str) -> AsyncIterator[Queue]:
+    q = open_queue(redis_url)
+    yield q
+    await q.close()
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-async def add(
-    queue: Queue,
-    prefix: str,
-    count: int = 1,
-    *,
-    lane: Priority = Priority.DEFAULT,
-    send_at_ms: int = 0,
-    expires_at_ms: int = 0,
-) -> list[str]:
-    """Enqueue ``count`` tasks named ``<prefix><n>`` in one round trip."""
-    ids = [f"{prefix}{n}" for n in range(count)]
-    items = [EnqueueItem(task_id, job(task_id), f"req-{task_id}", lane, send_at_ms,
-                         expires_at_ms) for task_id in ids]  # fmt: skip
-    await queue.enqueue_many(items)
-    return ids
-
-
-async def wait_past(queue: Queue, moment_ms: int) -> None:
-    """Wait until Redis's clock is past ``moment_ms``."""
-    deadline = time.monotonic() + BOUND
-    while await redis_now_ms(queue) <= moment_ms:
-        assert time.monotonic() < deadline, "Redis's clock did not advance"
-        await asyncio.sleep(0.005)
 
 
 async def record(queue: Queue, task_id: str) -> TaskRecord:
@@ -165,10 +155,13 @@ async def test_a_scheduled_task_is_pending_and_not_claimable_before_its_time(
     assert early.next_deadline_ms is not None
     assert 0 < early.next_deadline_ms <= 2000  # the worker's next wake-up: the due time
 
-    deadline = time.monotonic() + BOUND
-    while not (jobs := await claim(queue, 1)):
-        assert time.monotonic() < deadline, "the scheduled task never became claimable"
-        await asyncio.sleep(0.01)
+    jobs: list[ClaimedJob] = []
+
+    async def claimable() -> bool:
+        jobs.extend(await claim(queue, 1))
+        return bool(jobs)
+
+    await eventually(claimable, "the scheduled task to become claimable")
     claimed_at = (await record(queue, task_id)).updated_at  # stamped by claim.lua from TIME
     assert [c.task_id for c in jobs] == [task_id]
     assert claimed_at >= send_at
@@ -303,14 +296,6 @@ async def test_bulk_requeue_of_every_dead_letter(queue: Queue) -> None:
 
 
 # -- statistics --------------------------------------------------------------------------
-
-
-async def within_one_minute_bucket(queue: Queue, needed_ms: int = 10_000) -> None:
-    """The per-minute counters are buckets of Redis's minute: start a test that reads them
-    at least ``needed_ms`` before the bucket turns, so what it counts stays in one bucket."""
-    now = await redis_now_ms(queue)
-    if now % 60_000 > 60_000 - needed_ms:
-        await wait_past(queue, now - now % 60_000 + 60_000)
 
 
 async def test_stats_count_what_the_queue_holds(queue: Queue) -> None:

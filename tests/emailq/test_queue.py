@@ -13,25 +13,20 @@ import pytest
 from emailq.errors import StoreUnavailable
 from emailq.models import Attempt, ClaimedJob, Job, Status
 from emailq.queue import EnqueueItem, Outcome, Queue, Refill
-from emailq.redis_server import free_port
+from tests.helpers.ports import refused_redis_url
+from tests.helpers.queues import LONG, TTL, job, open_queue, redis_now_ms
 
-TTL = 3600  # result_ttl_seconds
-LONG = 60_000  # a lease that never lapses during a test (ms)
 SHORT = 50  # a lease the test waits out (ms)
 
 
 @pytest.fixture
 async def queue(redis_url: str) -> AsyncIterator[Queue]:
-    q = Queue.from_url(redis_url, timeout=2, max_attempts=3, result_ttl_seconds=TTL)
+    q = open_queue(redis_url)
     yield q
     await q.close()
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def job(task_id: str) -> Job:
-    return Job(to=f"{task_id}@example.com", subject=f"subject {task_id}", text="안녕하세요")
 
 
 async def enqueue(queue: Queue, count: int = 1, prefix: str = "t") -> list[str]:
@@ -63,11 +58,6 @@ async def eventually_claim(queue: Queue, worker: str, lease_ms: int = LONG) -> C
             return jobs[0]
         await asyncio.sleep(0.005)
     raise AssertionError("nothing became claimable")
-
-
-async def redis_now_ms(queue: Queue) -> int:
-    seconds, micros = await queue.redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 async def wait_lapsed(queue: Queue, task_id: str) -> None:
@@ -177,14 +167,15 @@ async def test_get_of_an_unknown_task_is_none(queue: Queue) -> None:
 
 
 async def test_unreachable_redis_is_store_unavailable() -> None:
-    q = Queue.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
-    try:
-        with pytest.raises(StoreUnavailable):
-            await q.ping()
-        with pytest.raises(StoreUnavailable):
-            await q.enqueue("t1", job("t1"), request_id="")
-    finally:
-        await q.close()
+    with refused_redis_url() as url:
+        q = Queue.from_url(url, timeout=0.5)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await q.ping()
+            with pytest.raises(StoreUnavailable):
+                await q.enqueue("t1", job("t1"), request_id="")
+        finally:
+            await q.close()
 
 
 # -- claim -------------------------------------------------------------------------------
@@ -546,10 +537,12 @@ async def test_an_enqueue_run_twice_stores_and_queues_each_task_once(queue: Queu
 
 async def test_a_refused_connection_is_not_stored_and_never_unknown() -> None:
     # Nothing was sent, so the answer is StoreUnavailable itself: "not stored, retry".
-    dead = Queue.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
-    try:
-        with pytest.raises(StoreUnavailable) as caught:
-            await dead.store_encoded([dead.encode_task(EnqueueItem("x", job("x"), "r"), None)])
-        assert type(caught.value) is StoreUnavailable
-    finally:
-        await dead.close()
+    with refused_redis_url() as url:
+        dead = Queue.from_url(url, timeout=0.5)
+        try:
+            item = EnqueueItem("x", job("x"), "r")
+            with pytest.raises(StoreUnavailable) as caught:
+                await dead.store_encoded([dead.encode_task(item, None)])
+            assert type(caught.value) is StoreUnavailable
+        finally:
+            await dead.close()

@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from emailq.settings import Settings
-from tests.conftest import Procs, wait_until
-from tests.smtpd import SmtpServer
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 pytestmark = pytest.mark.performance
 

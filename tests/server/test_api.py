@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -16,10 +15,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from emailq.queue import Keys
-from emailq.redis_server import RedisServer, free_port
+from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import MAX_BODY, local_client, mail
+from tests.helpers.api import MAX_BODY, assert_error, local_client, mail
+from tests.helpers.ports import port_of, refused_port
 
 SEND = "/api/v1/email/received"
 RESULT = "/api/v1/email/result"
@@ -34,18 +34,6 @@ def send(client: TestClient, **fields: Any) -> httpx.Response:
 def stored_job(store: redis.Redis, task_id: str) -> dict[str, Any]:
     job: dict[str, Any] = json.loads(store.hget(KEYS.task(task_id), "job") or "{}")
     return job
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The one error shape, tied to the response's request id header."""
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert set(body) - {"fields", "task_status"} == {"error", "detail", "request_id"}
-    assert body["error"] == code
-    assert body["detail"]
-    assert body["request_id"] == response.headers["X-Request-ID"]
-    assert "X-Process-Time" in response.headers
-    return body
 
 
 def assert_refused(response: httpx.Response, store: redis.Redis, status: int = 422) -> None:
@@ -262,31 +250,27 @@ def test_health_and_ready(client: TestClient) -> None:
     assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
 
 
-def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    response = call()
-    return response, time.monotonic() - started
-
-
-def test_redis_down_is_a_quick_503_and_recovery_needs_no_restart(
+def test_redis_down_is_a_503_and_recovery_needs_no_restart(
     make_settings: Callable[..., Settings], redis_factory: Callable[..., RedisServer]
 ) -> None:
-    port = free_port()
-    settings = make_settings(redis_url=f"redis://127.0.0.1:{port}/0")
-    with local_client(create_app(settings)) as client:
-        unknown = {"task_id": str(uuid.uuid4())}
-        calls = [lambda: send(client), lambda: client.get("/ready"),
-                 lambda: client.get(RESULT, params=unknown)]  # fmt: skip
-        for call in calls:
-            response, elapsed = timed(call)
-            assert_error(response, 503, "service_unavailable")
-            assert response.headers["Retry-After"] == "1"
-            assert elapsed < 2  # an upper bound on a refusal, not a benchmark
+    # How quickly the 503 comes is not asserted here (a busy machine is slow at everything);
+    # that it comes, in the error shape, is.
+    with refused_port() as down:
+        port = port_of(down)
+        settings = make_settings(redis_url=f"redis://127.0.0.1:{port}/0")
+        with local_client(create_app(settings)) as client:
+            unknown = {"task_id": str(uuid.uuid4())}
+            calls = [lambda: send(client), lambda: client.get("/ready"),
+                     lambda: client.get(RESULT, params=unknown)]  # fmt: skip
+            for call in calls:
+                response = call()
+                assert_error(response, 503, "service_unavailable")
+                assert response.headers["Retry-After"] == "1"
+            down.close()  # held until now, so nobody else could take the port meanwhile
+            redis_factory(port=port)
 
-        redis_factory(port=port)
-
-        response = send(client)
-        assert response.status_code == 202, response.text
-        assert client.get("/ready").status_code == 200
-        result = client.get(RESULT, params={"task_id": response.json()["task_id"]})
-        assert result.json()["status"] == "pending"
+            response = send(client)
+            assert response.status_code == 202, response.text
+            assert client.get("/ready").status_code == 200
+            result = client.get(RESULT, params={"task_id": response.json()["task_id"]})
+            assert result.json()["status"] == "pending"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,25 +37,24 @@ from emailq.apikeys import ApiKey, hash_key, parse_api_keys
 from emailq.queue import Keys
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import local_client
-from tests.server.test_api import assert_error, mail
+from server.routes.email import MAX_WAIT_SECONDS
+from tests.helpers.api import (
+    ADMIN,
+    ALICE,
+    API_KEYS,
+    BOB,
+    LIMITED,
+    assert_error,
+    bearer,
+    local_client,
+    mail,
+    task_keys,
+)
 
 SEND = "/api/v1/email/received"
 RESULT = "/api/v1/email/result"
 BATCH = "/api/v1/emails/batch"
 KEYS = Keys()
-
-ALICE = "eq_alice-test-key-0123456789"  # test keys, not credentials
-BOB = "eq_bob-test-key-0123456789"
-LIMITED = "eq_limited-test-key-0123456789"
-ADMIN = "eq_admin-test-key-0123456789"
-API_KEYS = (f"alice:send:{hash_key(ALICE)} bob:send:{hash_key(BOB)};"
-            f"limited:send:{hash_key(LIMITED)}:example.com,Example.org "
-            f"ops:admin:{hash_key(ADMIN)}")  # fmt: skip
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture
@@ -68,10 +66,6 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
-
-
-def task_keys(store: redis.Redis) -> list[str]:
-    return [str(k) for k in store.scan_iter(KEYS.task("*"))]
 
 
 def send(client: TestClient, key: str, **fields: Any) -> httpx.Response:
@@ -212,12 +206,28 @@ def test_a_task_is_readable_by_its_creator_and_admins_only(client: TestClient) -
     assert body["detail"] == f"no task {task_id} (unknown, or expired after its TTL)"
 
 
-def test_waiting_on_another_keys_task_answers_404_at_once(client: TestClient) -> None:
+def test_waiting_on_another_keys_task_answers_404_at_once(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     task_id = send(client, ALICE).json()["task_id"]  # no worker: it stays pending
-    started = time.monotonic()
-    other = client.get(RESULT, params={"task_id": task_id, "wait": 5}, headers=bearer(BOB))
+    # Not timed: the request must never reach the result waiter (waiting, then answering
+    # 404, would reveal the task by its delay). The real waiter still serves every call.
+    waiter = client.app.state.waiter  # type: ignore[attr-defined]
+    waits: list[str] = []
+    real_wait = waiter.wait
+
+    async def recorded(task: str, seconds: float, **kwargs: Any) -> Any:
+        waits.append(task)
+        return await real_wait(task, seconds, **kwargs)
+
+    monkeypatch.setattr(waiter, "wait", recorded)
+    asked = {"task_id": task_id, "wait": MAX_WAIT_SECONDS}
+    other = client.get(RESULT, params=asked, headers=bearer(BOB))
+
     assert_error(other, 404, "not_found")
-    assert time.monotonic() - started < 4  # not after the wait: that would reveal the task
+    assert waits == []
+    mine = client.get(RESULT, params={"task_id": task_id, "wait": 0.01}, headers=bearer(ALICE))
+    assert (mine.status_code, waits) == (200, [task_id])  # the spy does see a real wait
 
 
 def test_waiting_on_a_finished_task_reads_it_once(client: TestClient, store: redis.Redis) -> None:

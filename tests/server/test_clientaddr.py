@@ -27,8 +27,7 @@ from server.clientaddr import (
     rewritten_by_server,
 )
 from server.main import create_app
-from tests.server.conftest import local_client
-from tests.server.test_api import assert_error, mail
+from tests.helpers.api import assert_error, local_client, mail
 
 PROXIES = parse_networks("10.0.0.0/8, 127.0.0.1")
 

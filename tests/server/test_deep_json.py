@@ -14,9 +14,8 @@ from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
 from server.main import create_app
-from tests.conftest import Procs
-from tests.server.conftest import local_client
-from tests.server.test_api import assert_error
+from tests.helpers.api import assert_error, local_client
+from tests.helpers.processes import Procs
 
 DEPTH = 50_000
 ARRAY = "[" * DEPTH + "]" * DEPTH

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.test_api import assert_error
+from tests.helpers.api import assert_error
 
 # Every URL a page names: attributes, Swagger UI's `url: '...'` and ReDoc's spec-url.
 _URL = re.compile(r"""(?:src|href|spec-url)\s*=\s*["']([^"']+)["']|\burl:\s*["']([^"']+)["']""")

@@ -10,10 +10,9 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
-from urllib.parse import parse_qs
+from typing import Any
 
 import pytest
 import redis
@@ -23,51 +22,27 @@ from emailq.forms import FormsConfigError, load_forms
 from emailq.message import build_message
 from emailq.models import Attempt, Job
 from emailq.queue import Queue
-from emailq.redis_server import free_port
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import local_client
+from tests.helpers.api import local_client
+from tests.helpers.forms import (
+    FORM,
+    FORMS_TOML,
+    SITE,
+    THANKS,
+    VISITOR,
+    Verifier,
+    captcha_config,
+    tasks,
+)
+from tests.helpers.ports import port_of, refused_port
 
-THANKS = "https://site.example/thanks"
-SITE = "https://site.example"
-FORM = "/api/v1/forms/contact"
-VISITOR = {"name": "Ada", "email": "ada@visitor.example", "message": "Hello there"}
 BROWSER = {"Content-Type": "application/x-www-form-urlencoded"}
-
-FORMS_TOML = f"""
-[[forms]]
-id = "contact"
-to = ["owner@site.example", "sales@site.example"]
-subject = "Contact from {{name}}"
-allowed_origins = ["{SITE}"]
-redirect = "{THANKS}"
-"""
-
-
-class Verifier(BaseHTTPRequestHandler):
-    """A stand-in siteverify endpoint: the token "good" passes, anything else fails."""
-
-    seen: ClassVar[list[dict[str, list[str]]]] = []
-
-    def do_POST(self) -> None:  # http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-        form = parse_qs(body)
-        Verifier.seen.append(form)
-        ok = form.get("response") == ["good"] and form.get("secret") == ["s3cret"]
-        reply = json.dumps({"success": ok}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture
 def verify_url() -> Iterator[str]:
-    server = HTTPServer(("127.0.0.1", free_port()), Verifier)
+    server = HTTPServer(("127.0.0.1", 0), Verifier)  # port 0: server_port is the one it got
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/siteverify"
@@ -92,10 +67,6 @@ def forms_app(make_settings: Callable[..., Settings], tmp_path: Path) -> Callabl
 def client(forms_app: Callable[..., TestClient]) -> Iterator[TestClient]:
     with forms_app() as test_client:
         yield test_client
-
-
-def tasks(store: redis.Redis) -> list[str]:
-    return [str(k) for k in store.keys("{emailq}:task:*")]
 
 
 def stored_job(store: redis.Redis, task_id: str) -> Job:
@@ -307,16 +278,6 @@ def test_form_task_result_hides_addresses_in_smtp_replies(
     assert attempt["reply"] == "5.1.1 <hidden>: Recipient address rejected"
 
 
-def captcha_config(provider: str, verify_url: str) -> str:
-    """The [forms.captcha] table of the test form."""
-    return f"""
-[forms.captcha]
-provider = "{provider}"
-secret = "s3cret"
-verify_url = "{verify_url}"
-"""
-
-
 def test_captcha_is_verified_server_side(
     forms_app: Callable[..., TestClient], store: redis.Redis, verify_url: str
 ) -> None:
@@ -335,9 +296,10 @@ def test_captcha_is_verified_server_side(
 def test_captcha_verifier_down_sends_nothing(
     forms_app: Callable[..., TestClient], store: redis.Redis
 ) -> None:
-    down = f"http://127.0.0.1:{free_port()}/siteverify"
-    with forms_app(captcha_config("hcaptcha", down)) as client:
-        response = client.post(FORM, json={**VISITOR, "h-captcha-response": "good"})
+    with refused_port() as nothing_listens:
+        down = f"http://127.0.0.1:{port_of(nothing_listens)}/siteverify"
+        with forms_app(captcha_config("hcaptcha", down)) as client:
+            response = client.post(FORM, json={**VISITOR, "h-captcha-response": "good"})
     assert response.status_code == 400
     assert tasks(store) == []
 

@@ -20,9 +20,10 @@ from emailq.apikeys import hash_key
 from emailq.redis_server import free_port
 from emailq.settings import Settings
 from server.main import create_app
-from tests.conftest import Procs, wait_until
-from tests.server.test_forms import FORM, FORMS_TOML, VISITOR, Verifier, captcha_config, tasks
-from tests.smtpd import SmtpServer
+from tests.helpers.forms import FORM, FORMS_TOML, VISITOR, Verifier, captcha_config, tasks
+from tests.helpers.polling import wait_until
+from tests.helpers.processes import Procs
+from tests.helpers.smtpd import SmtpServer
 
 RESULT = "/api/v1/email/result"
 BOT = {**VISITOR, "_gotcha": "http://spam.example"}

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from emailq.models import Job
 from emailq.queue import IDEMPOTENCY_TTL_SECONDS, EnqueueItem, Idempotency, Keys, Queue
-from tests.server.conftest import mail
+from tests.helpers.api import mail
 
 SEND = "/api/v1/email/received"
 BATCH = "/api/v1/emails/batch"

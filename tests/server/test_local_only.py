@@ -22,8 +22,7 @@ from emailq.queue import Keys
 from emailq.settings import Settings
 from server.auth import is_local_host
 from server.main import create_app
-from tests.server.conftest import local_client
-from tests.server.test_api import assert_error, mail
+from tests.helpers.api import assert_error, local_client, mail
 
 SEND = "/api/v1/email/received"
 BATCH = "/api/v1/emails/batch"

@@ -11,8 +11,7 @@ from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import local_client
-from tests.server.test_api import assert_error
+from tests.helpers.api import assert_error, local_client
 
 FAILED = "/api/v1/admin/failed"
 RESULT = "/api/v1/email/result"

@@ -22,8 +22,7 @@ from emailq.apikeys import hash_key
 from emailq.queue import Keys, Queue
 from emailq.settings import Settings
 from server.main import create_app
-from tests.server.conftest import MAX_BODY, local_client
-from tests.server.test_api import assert_error, mail
+from tests.helpers.api import MAX_BODY, assert_error, local_client, mail
 
 SEND = "/api/v1/email/received"
 RESULT = "/api/v1/email/result"

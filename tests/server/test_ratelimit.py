@@ -17,7 +17,6 @@ Attacks tried, and what they get:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,15 +29,22 @@ from starlette.responses import PlainTextResponse
 
 from emailq.netlists import parse_networks
 from emailq.queue import Keys
-from emailq.redis_server import RedisServer, free_port
+from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from server.clientaddr import forwarded_client
 from server.cors import ApiCorsMiddleware
 from server.main import create_app
 from server.ratelimit import check_form_rate
-from tests.server.conftest import local_client
-from tests.server.test_api import assert_error, mail
-from tests.server.test_auth import ALICE, API_KEYS, BOB, bearer, task_keys
+from tests.helpers.api import (
+    ALICE,
+    API_KEYS,
+    BOB,
+    assert_error,
+    bearer,
+    local_client,
+    mail,
+    task_keys,
+)
 
 SEND = "/api/v1/email/received"
 BATCH = "/api/v1/emails/batch"
@@ -345,14 +351,12 @@ def test_malformed_cors_origins_are_refused(
 def test_redis_down_during_a_limit_check_is_503(
     make_settings: Callable[..., Settings], redis_factory: Callable[..., RedisServer]
 ) -> None:
-    server = redis_factory(port=free_port())
+    server = redis_factory()
     settings = make_settings(redis_url=server.url, api_keys=API_KEYS, trusted_proxies="10.0.0.1",
                              rate_limit_per_key="3/minute")  # fmt: skip
     with TestClient(form_app(settings), client=PROXY) as client:
         assert send(client).status_code == 202
         server.stop()
-        started = time.monotonic()
         for response in (send(client), client.post("/test-form/contact")):
             assert_error(response, 503, "service_unavailable")
             assert response.headers["Retry-After"] == "1"
-        assert time.monotonic() - started < 4  # refused quickly, not after a hang

@@ -25,7 +25,7 @@ from emailq.queue import Keys
 from emailq.settings import Settings
 from server.auth import OpenRelayRefused, is_loopback
 from server.main import create_app
-from tests.server.test_api import assert_error, mail
+from tests.helpers.api import assert_error, mail
 
 SEND = "/api/v1/email/received"
 BATCH = "/api/v1/emails/batch"

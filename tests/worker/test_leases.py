@@ -15,7 +15,7 @@ from typing import Any
 from emailq.models import TERMINAL, Job, Status
 from emailq.queue import Claim, Queue
 from emailq.settings import Settings
-from tests.smtpd import SlowReplyHandler, SmtpServer
+from tests.helpers.smtpd import SlowReplyHandler, SmtpServer
 from worker.loop import Worker
 from worker.sender import Sender, SmtpPool
 

@@ -6,120 +6,22 @@ import asyncio
 import logging
 import ssl
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from emailq.models import TERMINAL, Job, Status, TaskRecord
-from emailq.queue import Keys, Queue
-from emailq.redis_server import free_port
+from emailq.models import Status, TaskRecord
+from emailq.queue import Keys
 from emailq.settings import Settings
-from tests.smtpd import Authenticator, RecordingHandler, SmtpServer
-from worker.loop import Worker
-from worker.sender import Sender, SmtpPool
-
-Factory = Callable[..., SmtpServer]
-
-
-@dataclass
-class TrackingHandler(RecordingHandler):
-    """Also records every connection that reached DATA (accepted or not) and the most
-    DATA commands in progress at once."""
-
-    peers: set[tuple[str, int]] = field(default_factory=set)
-    in_flight: int = 0
-    max_in_flight: int = 0
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        with self.lock:
-            self.peers.add(session.peer)
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            return await super().handle_DATA(server, session, envelope)
-        finally:
-            with self.lock:
-                self.in_flight -= 1
-
-
-@dataclass
-class Running:
-    """A worker task and the queue it serves."""
-
-    queue: Queue
-    worker: Worker
-    task: asyncio.Task[None]
-
-    async def submit(self, count: int = 1, **job: Any) -> list[str]:
-        ids = [str(uuid.uuid4()) for _ in range(count)]
-        for task_id in ids:
-            fields = {"to": "user@example.com", "subject": "Hi", "text": "Hello", **job}
-            await self.queue.enqueue(task_id, Job(**fields), request_id=f"req-{task_id[:8]}")
-        return ids
-
-    async def settled(self, task_id: str, within: float = 20) -> TaskRecord:
-        """Poll until the task is terminal; the timeout only bounds a failing test."""
-        deadline = time.monotonic() + within
-        while True:
-            record = await self.queue.get(task_id)
-            if record is not None and record.status in TERMINAL:
-                return record
-            assert time.monotonic() < deadline, f"task {task_id} still {record}"
-            await asyncio.sleep(0.02)
-
-    async def state(self, task_id: str) -> tuple[Status, int] | None:
-        record = await self.queue.get(task_id)
-        return (record.status, record.attempts) if record else None
-
-    async def send(self, count: int = 1, **job: Any) -> list[TaskRecord]:
-        return [await self.settled(task_id) for task_id in await self.submit(count, **job)]
-
-    async def stop(self) -> None:
-        self.worker.stop()
-        await asyncio.wait_for(self.task, 30)
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Running]:
-    """A worker composed as ``python -m worker`` does, run as a task, stopped at the end."""
-    queue = Queue.from_url(settings.redis_url, timeout=2, read_timeout=10,
-                           max_attempts=settings.max_attempts,
-                           result_ttl_seconds=settings.result_ttl_seconds)  # fmt: skip
-    worker = Worker(queue, Sender(SmtpPool(settings, size=settings.worker_concurrency)), settings)
-    run = Running(queue, worker, asyncio.create_task(worker.run()))
-    try:
-        yield run
-    finally:
-        if not run.task.done():
-            await run.stop()
-        await queue.close()
-
-
-async def preload(settings: Settings, subjects: Iterable[str]) -> list[str]:
-    """Queue one mail per subject before any worker runs; returns their task ids in order."""
-    queue = Queue.from_url(settings.redis_url, timeout=2)
-    ids: list[str] = []
-    try:
-        for subject in subjects:
-            ids.append(str(uuid.uuid4()))
-            await queue.enqueue(ids[-1], Job(to="user@example.com", subject=subject, text="Hi"),
-                                request_id="req")  # fmt: skip
-    finally:
-        await queue.close()
-    return ids
-
-
-async def deliver(settings: Settings, count: int = 1, **job: Any) -> list[TaskRecord]:
-    """Send ``count`` jobs through a fresh worker and return their final records."""
-    async with running(settings) as run:
-        return await run.send(count, **job)
-
+from tests.helpers.polling import wait_for
+from tests.helpers.ports import port_of, refused_port
+from tests.helpers.queues import preload
+from tests.helpers.smtpd import Authenticator, SmtpServer
+from tests.helpers.workers import Factory, TrackingHandler, deliver, running, scripted
+from worker.__main__ import build_worker
 
 LogCapture = pytest.LogCaptureFixture
 
@@ -130,19 +32,8 @@ def worker_log(caplog: LogCapture) -> LogCapture:
     return caplog
 
 
-def scripted(factory: Factory, replies: Iterable[str] = (), delay: float = 0.0) -> SmtpServer:
-    return factory(handler=TrackingHandler(replies=list(replies), delay=delay))
-
-
 def codes(record: TaskRecord) -> list[int | None]:
     return [entry.code for entry in record.log]
-
-
-async def wait_for(check: Callable[[], bool], what: str, within: float = 20) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 # -- delivery ----------------------------------------------------------------------------
@@ -249,7 +140,9 @@ async def test_5xx_fails_at_once(
 async def test_refused_connection_is_retried_then_fails(
     make_settings: Callable[..., Settings],
 ) -> None:
-    [record] = await deliver(make_settings(smtp_port=free_port(), max_attempts=3))
+    with refused_port() as nothing_listens:
+        settings = make_settings(smtp_port=port_of(nothing_listens), max_attempts=3)
+        [record] = await deliver(settings)
 
     assert (record.status, record.attempts) == (Status.FAILED, 3)
     assert [e.outcome for e in record.log] == ["retry", "retry", "failed"]
@@ -495,13 +388,11 @@ async def test_a_crashed_claim_loop_ends_run_with_the_error(
     async def broken_claim(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("bug in claim")
 
-    settings = make_settings()
-    queue = Queue.from_url(settings.redis_url, timeout=2, read_timeout=10)
-    monkeypatch.setattr(queue, "claim", broken_claim)
-    worker = Worker(queue, Sender(SmtpPool(settings, size=1)), settings)
+    worker = build_worker(make_settings(worker_concurrency=1))
+    monkeypatch.setattr(worker.queue, "claim", broken_claim)
     try:
         # run() drains and re-raises, so `python -m worker` exits non-zero and is restarted.
         with pytest.raises(RuntimeError, match="bug in claim"):
             await asyncio.wait_for(worker.run(), 30)
     finally:
-        await queue.close()
+        await worker.queue.close()

@@ -1,18 +1,26 @@
-"""A real SMTP server for tests: aiosmtpd with a recording, scriptable handler."""
+"""A real SMTP server for tests: aiosmtpd with a recording, scriptable handler.
+
+Servers listen on port 0 (the kernel picks a free port, read back as ``port``), or on a
+socket the test already holds (``ports.refused_port``), never on a port chosen earlier and
+bound later.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import email
 import email.policy
+import socket
 import ssl
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from emailq.capture import BoundController
 
 
 @dataclass
@@ -120,6 +128,33 @@ class SlowReplyHandler(RecordingHandler):
             return [(r.mail_from, r.task_id) for r in self.received]
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What the SMTP server received, against what was accepted."""
+
+    accepted: int
+    delivered: int  # distinct accepted task ids received
+    lost: int
+    duplicated: int  # task ids received more than once
+
+    @classmethod
+    def of(cls, accepted: list[str], handler: RecordingHandler) -> Counts:
+        received = Counter(handler.task_ids())
+        assert set(received) <= set(accepted), "received a mail nobody enqueued"
+        return cls(
+            accepted=len(accepted),
+            delivered=len(received),
+            lost=len(set(accepted) - set(received)),
+            duplicated=sum(1 for n in received.values() if n > 1),
+        )
+
+    def report(self, label: str) -> Counts:
+        """Print the counts (``pytest -s``), so they can be quoted."""
+        print(f"{label}: accepted={self.accepted} delivered={self.delivered} "
+              f"lost={self.lost} duplicated={self.duplicated}")  # fmt: skip
+        return self
+
+
 class Authenticator:
     """Accepts one user/password pair, for AUTH tests."""
 
@@ -140,7 +175,7 @@ class Authenticator:
 class SmtpServer:
     """A running aiosmtpd controller and its handler."""
 
-    controller: Controller
+    controller: BoundController
     handler: RecordingHandler
     port: int
 
@@ -149,14 +184,14 @@ class SmtpServer:
 
 
 def start_smtp(
-    port: int,
     *,
+    sock: socket.socket | None = None,
     handler: RecordingHandler | None = None,
     starttls: ssl.SSLContext | None = None,
     implicit_tls: ssl.SSLContext | None = None,
     auth: Authenticator | None = None,
 ) -> SmtpServer:
-    """Start aiosmtpd on 127.0.0.1:``port`` in its own thread."""
+    """Start aiosmtpd in its own thread on 127.0.0.1, on port 0 or on ``sock`` (bound)."""
     handler = handler or RecordingHandler()
     kwargs: dict[str, Any] = {}
     if starttls is not None:
@@ -165,6 +200,9 @@ def start_smtp(
         kwargs.update(ssl_context=implicit_tls)
     if auth is not None:
         kwargs.update(authenticator=auth, auth_require_tls=starttls is not None)
-    controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
+    if sock is not None:
+        # The server owns the socket from now on; closing the holder's object is a no-op.
+        sock = socket.socket(fileno=sock.detach())
+    controller = BoundController(handler, hostname="127.0.0.1", port=0, sock=sock, **kwargs)
     controller.start()
-    return SmtpServer(controller, handler, port)
+    return SmtpServer(controller, handler, controller.port)

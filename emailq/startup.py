@@ -1,0 +1,93 @@
+"""What every entry point does first: build ``Settings``, or stop with one line and exit 2.
+
+The API, the worker, the CLI and the dev runner all start here, so a bad value reads the
+same everywhere: ``emailq: MAX_ATTEMPTS: must be an integer (got 'abc')``, exit code 2, no
+traceback. pydantic's ``ValidationError`` is converted where ``Settings`` is built, into a
+``ConfigError`` that names the environment variable, says what it must be and echoes the
+value (except for settings that may hold a secret).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from emailq.errors import ConfigError
+from emailq.settings import Settings
+
+# The exit status of a configuration error, like a command-line usage error.
+EXIT_CONFIG = 2
+
+# Never echoed back: a password, or a URL that may carry one.
+_SECRET = frozenset({"smtp_pass", "redis_url"})
+_LONGEST_ECHO = 60
+
+
+def _requirement(error: ErrorDetails) -> str:
+    """What the value must be, in words, for pydantic's common error types."""
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    words = {
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_parsing": "must be a number",
+        "bool_parsing": "must be true or false",
+        "greater_than_equal": f"must be at least {ctx.get('ge')}",
+        "greater_than": f"must be more than {ctx.get('gt')}",
+        "less_than_equal": f"must be at most {ctx.get('le')}",
+        "less_than": f"must be less than {ctx.get('lt')}",
+        "enum": f"must be one of {ctx.get('expected')}",
+        "literal_error": f"must be one of {ctx.get('expected')}",
+        "string_pattern_mismatch": f"must match {ctx.get('pattern')}",
+    }
+    if kind in words:
+        return words[kind]
+    # Our own validators already word their message, often starting with the name.
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _echo(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > _LONGEST_ECHO:
+        text = text[:_LONGEST_ECHO] + "..."
+    return repr(text)
+
+
+def describe(exc: ValidationError) -> str:
+    """One line for every problem in ``exc``: ``NAME: must be ... (got 'value')``."""
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = field.upper()
+        what = _requirement(error)
+        if not what.startswith(name):
+            what = f"{name}: {what}"
+        got = _echo(error["input"])
+        if field not in _SECRET and got not in what:  # some messages quote it already
+            what += f" (got {got})"
+        parts.append(" ".join(what.split()))  # a value with a line break stays on one line
+    return "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """``Settings`` from the environment and ``.env`` (``overrides`` win), or ``ConfigError``."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Turn a ``ConfigError`` raised inside into one line on stderr and exit code 2."""
+    try:
+        yield
+    except ConfigError as exc:
+        sys.stderr.write(f"emailq: {exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_CONFIG) from None
