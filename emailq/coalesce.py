@@ -4,7 +4,9 @@ Under load the API's cost per send is dominated by the Redis client, not by Redi
 takes a pooled connection, packs, writes, waits and parses on its own. Here every send that
 arrives while a store is in flight waits for the next one, and that next one stores all of
 them in one atomic ``enqueue`` call (group commit). An idle API still stores a lone send at
-once. Each caller awaits its own task's reply, so 202 still means stored.
+once. Each caller awaits its own task's reply, so 202 still means stored, and each is
+checked against the storage limits on its own: one sender over its quota fails only its
+own request.
 """
 
 from __future__ import annotations
@@ -69,7 +71,11 @@ class EnqueueCoalescer:
                     future.set_exception(exc)
             return
         for future, reply in zip(waiting, replies, strict=True):
-            if not future.done():  # its caller may have gone (client disconnected)
+            if future.done():  # its caller may have gone (client disconnected)
+                continue
+            if isinstance(reply, Exception):  # its request did not fit: it alone is refused
+                future.set_exception(reply)
+            else:
                 future.set_result(reply)
 
     def _encode(self, batch: Sequence[_Pending]) -> tuple[list[str], list[_Future]]:

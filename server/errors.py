@@ -2,7 +2,8 @@
 
     {"error": "<code>", "detail": "<what went wrong>", "request_id": "<id>", "fields": [...]}
 
-``fields`` appears on validation errors only, ``task_status`` on conflicts (409); a batch
+``fields`` appears on validation errors only, ``task_status`` on conflicts (409),
+``stored_bytes`` (``need``, ``held``, ``limit``) on ``quota_exceeded``; a batch
 with no valid message adds its per-message ``results``. Nothing else (no stack trace, no
 input echo) reaches the client; unexpected errors are logged with the request id and
 answered 500.
@@ -19,7 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from emailq.errors import InvalidMessage, MessageTooLarge, StoreUnavailable
+from emailq.errors import (
+    InvalidMessage,
+    MessageTooLarge,
+    QuotaExceeded,
+    StoreFull,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("emailq.api")
 
@@ -98,6 +105,21 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _store_full(request: Request, exc: Exception) -> JSONResponse:
+    # 507, not 503: Redis answers, and everything but new mail still works (results, admin
+    # calls, the workers); the detail names the limit that refused it.
+    log.warning("store full: %s", exc, extra={"request_id": request.state.request_id})
+    return error_response(request, 507, "storage_full", str(exc))
+
+
+async def _quota_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QuotaExceeded)
+    stored = {"need": exc.need, "held": exc.held, "limit": exc.limit}
+    if exc.never_fits:  # waiting will not help: say so with the status a client reads first
+        return error_response(request, 413, "payload_too_large", str(exc), stored_bytes=stored)
+    return error_response(request, 429, "quota_exceeded", str(exc), stored_bytes=stored)
+
+
 async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Conflict)
     return error_response(request, 409, "conflict", str(exc), task_status=exc.task_status)
@@ -127,6 +149,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidMessage, _invalid_message)
     app.add_exception_handler(MessageTooLarge, _too_large)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(StoreFull, _store_full)
+    app.add_exception_handler(QuotaExceeded, _quota_exceeded)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(IdempotencyConflict, _idempotency_conflict)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -15,7 +15,7 @@ from emailq.coalesce import EnqueueCoalescer
 from emailq.forms import load_forms
 from emailq.logs import configure_logging, redact_url
 from emailq.netlists import split_list
-from emailq.queue import Queue
+from emailq.queue import Queue, StoreLimits
 from emailq.settings import Settings
 from emailq.waiting import ResultWaiter
 from server.auth import relay_guard
@@ -48,6 +48,12 @@ def create_app(settings: Settings) -> FastAPI:
             prefix=settings.redis_key_prefix,
             max_attempts=settings.max_attempts,
             result_ttl_seconds=settings.result_ttl_seconds,
+            success_ttl_seconds=settings.result_ttl_success_seconds,
+            limits=StoreLimits(
+                settings.max_stored_bytes,
+                settings.max_stored_bytes_per_key,
+                settings.redis_memory_headroom,
+            ),
         )
         app.state.enqueuer = EnqueueCoalescer(app.state.queue)
         # One pub/sub subscription serves every `wait=` client of this process.

@@ -24,6 +24,7 @@ async def serve(settings: Settings) -> None:
         prefix=settings.redis_key_prefix,
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,
+        success_ttl_seconds=settings.result_ttl_success_seconds,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
     worker = Worker(queue, sender, settings)

@@ -181,7 +181,13 @@ async def _enqueue(
     fields = content_fields(submitted)
     job = form_job(form, fields, max_body_bytes=max_body_bytes)
     # uuid4: unguessable, since a form task's id is the only thing protecting its result.
-    item = EnqueueItem(str(uuid.uuid4()), job, request_id, key_id=OWNER_PREFIX + form.id)
+    item = EnqueueItem(
+        str(uuid.uuid4()),
+        job,
+        request_id,
+        key_id=OWNER_PREFIX + form.id,
+        quota=OWNER_PREFIX + form.id,
+    )  # one stored-bytes budget per form
     once = Idempotency(scope=OWNER_PREFIX + form.id,
                        key=submission_key(form.id, client, fields),
                        fingerprint="form", ttl_seconds=DUPLICATE_WINDOW_SECONDS)  # fmt: skip
