@@ -38,12 +38,20 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process with append-only persistence in ``data_dir``."""
+    """One redis-server process with append-only persistence in ``data_dir``.
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, fsync: str = "everysec") -> None:
+    ``maxmemory`` (bytes; 0: no limit) caps it as production should be capped: with
+    ``noeviction``, a full Redis refuses writes instead of dropping queued mail.
+    """
+
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, fsync: str = "everysec",
+        maxmemory: int = 0,
+    ) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.port = port or free_port()
         self.fsync = fsync
+        self.maxmemory = maxmemory
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,6 +71,7 @@ class RedisServer:
             "--appendfsync", self.fsync,
             "--save", "",
             "--maxmemory-policy", "noeviction",
+            "--maxmemory", str(self.maxmemory),
         ]  # fmt: skip
         # Own session: a Ctrl-C meant for the dev runner must not stop Redis before the
         # worker has drained.

@@ -61,8 +61,11 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     """Start extra Redis servers (for outage tests); all are stopped at teardown."""
     started: list[RedisServer] = []
 
-    def make(port: int | None = None, data_dir: Path | None = None) -> RedisServer:
-        server = RedisServer(data_dir or tmp_path / f"redis-{len(started)}", port, fsync="always")
+    def make(
+        port: int | None = None, data_dir: Path | None = None, *, maxmemory: int = 0
+    ) -> RedisServer:
+        server = RedisServer(data_dir or tmp_path / f"redis-{len(started)}", port,
+                             fsync="always", maxmemory=maxmemory)  # fmt: skip
         server.start()
         started.append(server)
         return server
