@@ -2,8 +2,7 @@
 
     {"error": "<code>", "detail": "<what went wrong>", "request_id": "<id>", "fields": [...]}
 
-``fields`` appears on validation errors only, ``task_status`` on conflicts (409),
-``stored_bytes`` (``need``, ``held``, ``limit``) on ``quota_exceeded``; a batch
+``fields`` appears on validation errors only, ``task_status`` on conflicts (409); a batch
 with no valid message adds its per-message ``results``. Nothing else (no stack trace, no
 input echo) reaches the client; unexpected errors are logged with the request id and
 answered 500.
@@ -113,11 +112,11 @@ async def _store_full(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _quota_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    # The detail names MAX_STORED_BYTES_PER_KEY and the bytes held, needed and allowed.
     assert isinstance(exc, QuotaExceeded)
-    stored = {"need": exc.need, "held": exc.held, "limit": exc.limit}
     if exc.never_fits:  # waiting will not help: say so with the status a client reads first
-        return error_response(request, 413, "payload_too_large", str(exc), stored_bytes=stored)
-    return error_response(request, 429, "quota_exceeded", str(exc), stored_bytes=stored)
+        return error_response(request, 413, "payload_too_large", str(exc))
+    return error_response(request, 429, "quota_exceeded", str(exc))
 
 
 async def _conflict(request: Request, exc: Exception) -> JSONResponse:
