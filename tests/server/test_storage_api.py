@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 
@@ -139,12 +140,16 @@ def test_a_contact_form_has_its_own_quota(
         assert set(stored(store)) == {"total", "form:contact", "address:testclient"}
 
 
+@pytest.mark.parametrize("rate_limit", ["", "1000/minute"], ids=["enqueue", "rate-limiter"])
 def test_a_full_redis_is_507_json_and_reads_still_work(
-    make_settings: Callable[..., Settings], redis_factory: Callable[..., RedisServer]
-) -> None:
+    make_settings: Callable[..., Settings], redis_factory: Callable[..., RedisServer],
+    rate_limit: str,
+) -> None:  # fmt: skip
     server = redis_factory(maxmemory=8 * 1024 * 1024)
-    # No headroom: Redis itself must refuse, and its OOM error must not become a 500.
-    with app(make_settings, redis_url=server.url, redis_memory_headroom=0) as client:
+    # No headroom: Redis itself must refuse, and its OOM error must not become a 500,
+    # whichever write meets it first (the rate limiter's, when it is on, or the enqueue).
+    with app(make_settings, redis_url=server.url, redis_memory_headroom=0,
+             rate_limit_per_key=rate_limit) as client:  # fmt: skip
         accepted = client.post(SEND, json=mail())
         assert accepted.status_code == 202
         fill_until_full(server.url)
