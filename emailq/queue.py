@@ -64,9 +64,10 @@ from emailq.models import (
 )  # fmt: skip
 
 Outcome = Literal["success", "retry", "failed"]
-# Measured with INFO memory on Redis 7.0 (see the README's memory sizing): what one small
-# queued task takes in Redis besides its job JSON.
-TASK_OVERHEAD_BYTES = 1024
+# What one queued task takes in Redis besides its job JSON (hash fields, lane entry,
+# idempotency record): 1.4-1.8 KB measured with INFO memory on Redis 6.2 and 7.0
+# (`python -m bench.memory`); the high end, for the headroom estimate.
+TASK_OVERHEAD_BYTES = 1800
 FAIR_EVERY = 10  # every 10th pop starts at a lower lane (see claim.lua)
 
 _STATUS_FIELDS = (
