@@ -315,3 +315,16 @@ async def test_a_full_redis_refuses_mail_but_still_records_outcomes(
         assert await stored(q) == {}
     finally:
         await q.close()
+
+
+async def test_successful_results_can_be_kept_for_less_time(redis_url: str) -> None:
+    q = Queue.from_url(redis_url, timeout=2, result_ttl_seconds=3600, success_ttl_seconds=60)
+    try:
+        await q.enqueue_all([(item("ok"), None), (item("bad"), None)])
+        held = await claim_ids(q)
+        await q.finish(held["ok"], "success", SUCCESS)
+        await q.finish(held["bad"], "failed", FAILED, reason="550")
+        assert 0 < await q.redis.ttl(q.keys.task("ok")) <= 60
+        assert 60 < await q.redis.ttl(q.keys.task("bad")) <= 3600  # kept for requeue
+    finally:
+        await q.close()
