@@ -2,10 +2,12 @@
 
 A real redis-server with a small ``maxmemory`` and ``noeviction``, the API and two workers
 as processes, an aiosmtpd server slow enough that mail piles up. Clients keep sending large
-mails until the API refuses them (``REDIS_MEMORY_HEADROOM``), then another client fills
-Redis past its limit while they keep sending, so the workers meet Redis's own OOM error.
-Then Redis is given room again. Counted at the SMTP server: nothing accepted is lost,
-nothing is delivered twice; the API answered only 202, 503 or 507, always with a response.
+mails until the API refuses them (``REDIS_MEMORY_HEADROOM``). Then Redis's limit drops
+below what it held empty, so that even sending the whole backlog cannot bring it back under
+(as when other data fills it): the backlog is sent and recorded in a Redis past maxmemory,
+the clients keep sending, and the idle workers' claims meet Redis's own OOM error. Then
+Redis is given room again. Counted at the SMTP server: nothing accepted is lost, nothing is
+delivered twice; the API answered only 202, 503 or 507, always with a response.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from tests.conftest import Procs, wait_for_log, wait_until
 from tests.e2e.test_faults import Api, Counts, all_succeeded, delayed_smtp
-from tests.emailq.test_storage import fill_until_full
 from tests.smtpd import SmtpServer
 
 pytestmark = pytest.mark.slow
@@ -88,13 +89,10 @@ def memory(url: str) -> tuple[int, int]:
         client.close()
 
 
-def make_room(url: str) -> None:
-    """What an operator does: drop what filled Redis, give back its limit."""
+def set_maxmemory(url: str, limit: int) -> None:
     client = redis.Redis.from_url(url)
     try:
-        for key in client.scan_iter(match="filler:*", count=1000):
-            client.delete(key)
-        client.config_set("maxmemory", MAXMEMORY)
+        client.config_set("maxmemory", limit)
     finally:
         client.close()
 
@@ -106,6 +104,7 @@ def test_a_full_redis_answers_507_loses_nothing_and_sends_nothing_twice(
     redis_factory: Callable[..., RedisServer],
 ) -> None:
     server = redis_factory(maxmemory=MAXMEMORY)
+    empty, _ = memory(server.url)
     smtp = delayed_smtp(smtp_factory, 0.2)  # drains ~20 mails/s: the API fills faster
     settings = make_settings(redis_url=server.url, smtp_port=smtp.port, worker_concurrency=2,
                              job_lease_seconds=2.0, redis_memory_headroom=0.1)  # fmt: skip
@@ -121,18 +120,17 @@ def test_a_full_redis_answers_507_loses_nothing_and_sends_nothing_twice(
     assert refused_at_headroom > 0
     assert len(load.accepted) > 0
 
-    # 2. Something else fills Redis past maxmemory: workers meet its OOM error, clients
-    # keep sending.
-    fill_until_full(server.url)
+    # 2. Redis past maxmemory, by more than the backlog will free: its mail is still sent
+    # and recorded (outcomes fit: see finish.lua), clients keep sending, and the workers'
+    # own claims then meet the OOM error.
+    set_maxmemory(server.url, empty // 2)
     load.run(until=lambda refused, _: refused >= 5)
     for worker in workers:
-        # Once the backlog is sent (outcomes and their refills still fit: see finish.lua),
-        # its own claims are refused, and it waits as for any outage.
-        wait_for_log(worker, "Redis is full", timeout=90)
+        wait_for_log(worker, "Redis is full", timeout=90)  # and it waited, as for an outage
     assert all(worker.poll() is None for worker in workers)
 
     # 3. Room again: everything accepted is delivered once, and new mail is accepted.
-    make_room(server.url)
+    set_maxmemory(server.url, MAXMEMORY)
     api = Api(load.base)
     results = api.wait_terminal(load.accepted)
     wait_until(lambda: len(set(smtp.handler.task_ids())) >= len(load.accepted),
