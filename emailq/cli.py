@@ -180,7 +180,7 @@ def _run_queue_command(args: argparse.Namespace) -> int:
 
 async def _session(settings: Settings, out: Output, command: Command) -> int:
     from emailq.commands import Context
-    from emailq.queue import Queue
+    from emailq.queue import Queue, StoreLimits
 
     queue = Queue.from_url(
         settings.redis_url,
@@ -192,6 +192,9 @@ async def _session(settings: Settings, out: Output, command: Command) -> int:
         prefix=settings.redis_key_prefix,
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,
+        success_ttl_seconds=settings.result_ttl_success_seconds,
+        # The operator's own sends draw on the total and the headroom, not on a key's quota.
+        limits=StoreLimits(settings.max_stored_bytes, 0, settings.redis_memory_headroom),
     )
     # Heartbeats within the last three lease periods count as a live worker.
     live_window_ms = int(3 * settings.job_lease_seconds * 1000)

@@ -4,7 +4,9 @@ Under load the API's cost per send is dominated by the Redis client, not by Redi
 takes a pooled connection, packs, writes, waits and parses on its own. Here every send that
 arrives while a store is in flight waits for the next one, and that next one stores all of
 them in one atomic ``enqueue`` call (group commit). An idle API still stores a lone send at
-once. Each caller awaits its own task's reply, so 202 still means stored.
+once. Each caller awaits its own task's reply, so 202 still means stored, and each is
+checked against the storage limits on its own: one sender over its quota fails only its
+own request.
 
 When Redis stalls, a caller waits for the call in flight and then its own, each bounded by
 the client's timeout, and never longer than ``budget_seconds`` in all. Its answer says what
@@ -107,7 +109,11 @@ class EnqueueCoalescer:
                     future.set_exception(exc)
             return not isinstance(exc, StoreUnavailable)
         for future, reply in zip(waiting, replies, strict=True):
-            if not future.done():  # its caller may have gone (client disconnected)
+            if future.done():  # its caller may have gone (client disconnected)
+                continue
+            if isinstance(reply, Exception):  # its request did not fit: it alone is refused
+                future.set_exception(reply)
+            else:
                 future.set_result(reply)
         return True
 

@@ -4,7 +4,10 @@
 
     EmailqError
     ├── StoreUnavailable     Redis unreachable or too slow   (API answers 503)
-    │   └── StoreOutcomeUnknown  a write was sent, its reply never came: it may have run
+    │   ├── StoreOutcomeUnknown  a write was sent, its reply never came: it may have run
+    │   └── StoreFull        no room for new mail: Redis at maxmemory or within
+    │                        REDIS_MEMORY_HEADROOM of it, or MAX_STORED_BYTES reached (507)
+    ├── QuotaExceeded        a sender's stored mail over MAX_STORED_BYTES_PER_KEY (429)
     ├── InvalidMessage       input that must not be sent      (API answers 422)
     │   └── HeaderInjection  a control character or line break in a header value
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
@@ -28,6 +31,29 @@ class StoreUnavailable(EmailqError):
 class StoreOutcomeUnknown(StoreUnavailable):
     """A write reached Redis's socket but no reply came (a timeout, a cut connection): Redis
     may have run it. Unlike its parent, which means nothing was sent, so nothing stored."""
+
+
+class StoreFull(StoreUnavailable):
+    """Redis has no room for new mail. A kind of outage: workers wait it out as they wait
+    out an unreachable Redis (their own writes still fit: see finish.lua), and the API
+    answers 507 instead of 503, since only sending new mail is refused."""
+
+
+class QuotaExceeded(EmailqError):
+    """One sender's pending and scheduled mail would hold more than its share of bytes.
+
+    ``need`` is what the refused request would have added, ``held`` what the sender holds
+    now, ``limit`` its budget; ``never_fits`` when the request alone is over it.
+    """
+
+    def __init__(self, message: str, *, need: int, held: int, limit: int) -> None:
+        super().__init__(message)
+        self.need, self.held, self.limit = need, held, limit
+
+    @property
+    def never_fits(self) -> bool:
+        """The request is larger than the whole budget: waiting will not help."""
+        return self.need > self.limit
 
 
 class InvalidMessage(EmailqError):

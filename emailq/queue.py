@@ -5,7 +5,11 @@ and the Lua scripts below may touch several of them atomically::
 
     {emailq}:task:<id>         hash  status, to, attempts, reason, timestamps, attempt log,
                                      lane, request id, schedule/expiry, lease token, and
-                                     the job until it is sent
+                                     the job until it is sent; its quota owner, and while
+                                     it waits to be sent the job bytes charged ('bytes')
+    {emailq}:stored            hash  job bytes of every task waiting to be sent: 'total',
+                                     and one field per quota owner (key:<id>,
+                                     address:<client>, form:<id>), dropped at zero
     {emailq}:queue:<lane>      list  ready task ids, oldest first; lanes high/default/low
     {emailq}:scheduled         zset  task id -> due time (ms): send_at, and retries' backoff
     {emailq}:leases            zset  task id -> lease deadline (ms): tasks being sent
@@ -23,7 +27,8 @@ and the Lua scripts below may touch several of them atomically::
                                      from client address + fields, kept 10 minutes
 
 A job moves lane -> leases -> (done | scheduled -> lane). Scripts take their time from the
-Redis server. Redis errors are converted to ``StoreUnavailable`` here, where they enter.
+Redis server. Redis errors are converted to ``StoreUnavailable`` here, where they enter, and
+a Redis at maxmemory (its OOM error) to ``StoreFull``.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from emailq.errors import StoreOutcomeUnknown, StoreUnavailable
+from emailq.errors import QuotaExceeded, StoreFull, StoreOutcomeUnknown, StoreUnavailable
 from emailq.models import (
     LANES,
     Attempt,
@@ -58,6 +64,10 @@ from emailq.models import (
 )  # fmt: skip
 
 Outcome = Literal["success", "retry", "failed"]
+# What one queued task takes in Redis besides its job JSON (hash fields, lane entry,
+# idempotency record): 1.4-1.8 KB measured with INFO memory on Redis 6.2 and 7.0
+# (`python -m bench.memory`); the high end, for the headroom estimate.
+TASK_OVERHEAD_BYTES = 1800
 FAIR_EVERY = 10  # every 10th pop starts at a lower lane (see claim.lua)
 
 _STATUS_FIELDS = (
@@ -90,6 +100,7 @@ class Keys:
         self.failed = f"{self.base}:failed"
         self.workers = f"{self.base}:workers"
         self.fairness = f"{self.base}:fairness"
+        self.stored = f"{self.base}:stored"
         self.done_channel = f"{self.base}:done"
 
     def task(self, task_id: str) -> str:
@@ -118,7 +129,8 @@ class Keys:
 
     def shared_keys(self) -> list[str]:
         """KEYS every script receives, in the order _prelude.lua reads them."""
-        return [self.scheduled, self.leases, self.wake, self.failed, self.workers, self.fairness]
+        return [self.scheduled, self.leases, self.wake, self.failed, self.workers, self.fairness,
+                self.stored]  # fmt: skip
 
     def shared_args(self) -> list[str | int]:
         """The first ARGV of every script: prefixes and the done channel."""
@@ -146,6 +158,42 @@ class Unreadable:
     error: str
 
 
+@dataclass(frozen=True)
+class StoreLimits:
+    """What new mail may take of Redis; enqueue.lua checks all three in the step that
+    stores, so concurrent requests cannot overshoot together. 0 turns a limit off."""
+
+    max_stored_bytes: int = 0  # job bytes of all mail waiting to be sent (MAX_STORED_BYTES)
+    max_stored_bytes_per_key: int = 0  # the same per quota owner (MAX_STORED_BYTES_PER_KEY)
+    memory_headroom: float = 0.0  # share of maxmemory kept for workers (REDIS_MEMORY_HEADROOM)
+    # Redis memory one task takes besides its job (hash fields, attempt log, lane entry,
+    # idempotency record), for the headroom estimate; measured (see the README).
+    task_overhead_bytes: int = TASK_OVERHEAD_BYTES
+
+
+def _refusal(kind: str, need: int, held: int, limit: int) -> StoreFull | QuotaExceeded:
+    """The error for a request enqueue.lua refused, naming the setting that refused it."""
+    if kind == "memory":
+        return StoreFull(
+            f"Redis is nearly full ({held} of {limit} bytes used; REDIS_MEMORY_HEADROOM keeps "
+            "the rest for sending queued mail); retry once queued mail is sent"
+        )
+    if kind == "total":
+        return StoreFull(
+            f"the queue holds {held} bytes of mail waiting to be sent, and this request needs "
+            f"{need} more: over MAX_STORED_BYTES ({limit}); retry once queued mail is sent"
+        )
+    setting = f"MAX_STORED_BYTES_PER_KEY ({limit})"
+    if need > limit:
+        text = f"this request needs {need} bytes of storage, over {setting}; send it in parts"
+    else:
+        text = (
+            f"this sender's mail waiting to be sent holds {held} bytes, and this request "
+            f"needs {need} more: over {setting}; retry once some of it is sent"
+        )
+    return QuotaExceeded(text, need=need, held=held, limit=limit)
+
+
 def _load_script(name: str) -> str:
     lua = resources.files("emailq") / "lua"
     return (lua / "_prelude.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
@@ -167,6 +215,18 @@ class _Pool(aioredis.BlockingConnectionPool):
             raise NotConnected(f"{exc.__class__.__name__}: {exc}") from exc
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether Redis refused a write because it is at maxmemory (noeviction)."""
+    # redis-py maps a plain "-OOM" reply to OutOfMemoryError (a ResponseError); from inside a
+    # script, Redis 6 wraps it as "ERR Error running script ...: -OOM command not allowed".
+    if isinstance(exc, OutOfMemoryError):
+        return True
+    return isinstance(exc, ResponseError) and "OOM command not allowed" in str(exc)
+
+
+FULL = "Redis is full (maxmemory reached); new mail is refused until queued mail is sent"
+
+
 @contextmanager
 def _store_errors(*, write: bool = False) -> Iterator[None]:
     """Redis errors as ``StoreUnavailable``. For a ``write``, an error after the command may
@@ -180,6 +240,10 @@ def _store_errors(*, write: bool = False) -> Iterator[None]:
         if write and not isinstance(exc, NotConnected):
             raise StoreOutcomeUnknown(f"Redis did not answer a write: {name}") from exc
         raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
+    except ResponseError as exc:
+        if is_out_of_memory(exc):
+            raise StoreFull(FULL) from exc
+        raise
 
 
 def _lane_stats(name: str, depth: int, oldest_ms: int, now_ms: int) -> LaneStats:
@@ -214,11 +278,17 @@ class Queue:
         prefix: str = "emailq",
         max_attempts: int = 3,
         result_ttl_seconds: int = 7 * 24 * 3600,
+        success_ttl_seconds: int | None = None,
+        limits: StoreLimits | None = None,
     ) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
         self.max_attempts = max_attempts
         self.result_ttl_seconds = result_ttl_seconds
+        # A success needs no requeue and is what most results are: keeping it for less
+        # time is what frees memory after a drain (RESULT_TTL_SUCCESS_SECONDS).
+        self.success_ttl_seconds = success_ttl_seconds or result_ttl_seconds
+        self.limits = limits or StoreLimits()
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load_script(name)) for name in _SCRIPTS
         }
@@ -283,20 +353,38 @@ class Queue:
         job = item.job
         return json.dumps([item.task_id, item.lane, job.to, job.model_dump_json(),
                            item.request_id, item.send_at_ms, item.expires_at_ms, *keyed,
-                           item.key_id])  # fmt: skip
+                           item.key_id, item.quota])  # fmt: skip
 
-    async def _enqueue_raw(self, encoded: Sequence[str]) -> list[Any]:
-        # write=True: a failure says whether Redis may have stored them (see _store_errors)
-        return list(await self._run("enqueue", *encoded, write=True))
+    async def _enqueue_raw(self, encoded: Sequence[str], *, together: bool) -> list[Any]:
+        limits = self.limits
+        return list(await self._run(
+            "enqueue", limits.max_stored_bytes, limits.max_stored_bytes_per_key,
+            repr(limits.memory_headroom), limits.task_overhead_bytes,
+            "all" if together else "each", *encoded,
+            write=True,  # a failure says whether Redis may have stored them (_store_errors)
+        ))  # fmt: skip
 
-    async def store_encoded(self, encoded: Sequence[str]) -> list[Replay | None]:
+    async def store_encoded(
+        self, encoded: Sequence[str], *, together: bool = False
+    ) -> list[Stored]:
         """``enqueue_all`` for tasks already passed through ``encode_task``: the coalescer
         encodes each task on its own, so one that cannot be encoded fails its request
-        alone, not the others stored in the same call."""
-        return [
-            Replay(task_id=str(r[0]), same_request=bool(r[1])) if isinstance(r, list) else None
-            for r in await self._enqueue_raw(encoded)
-        ]
+        alone, not the others stored in the same call.
+
+        Each task is a request of its own unless ``together``: then all are one request,
+        stored all or none. Returns, per task, None if stored, the earlier task its
+        idempotency key names, or the error its request was refused with (StoreFull,
+        QuotaExceeded) when it did not fit the StoreLimits.
+        """
+        replies: list[Stored] = []
+        for r in await self._enqueue_raw(encoded, together=together):
+            if not isinstance(r, list):
+                replies.append(None)
+            elif r[0] == "refused":
+                replies.append(_refusal(str(r[1]), int(r[2]), int(r[3]), int(r[4])))
+            else:
+                replies.append(Replay(task_id=str(r[0]), same_request=bool(r[1])))
+        return replies
 
     async def enqueue_all(
         self, entries: Sequence[tuple[EnqueueItem, Idempotency | None]]
@@ -306,9 +394,17 @@ class Queue:
 
         Each entry's idempotency key is checked and recorded in the same step, so duplicates
         (concurrent, or within ``entries``) create one task. Returns, per entry, None if it
-        was stored, or the earlier task its key names.
+        was stored, or the earlier task its key names. Raises StoreFull or QuotaExceeded,
+        having stored nothing, when the new tasks do not fit the StoreLimits together.
         """
-        return await self.store_encoded([self.encode_task(i, o) for i, o in entries])
+        replies = await self.store_encoded([self.encode_task(i, o) for i, o in entries],
+                                           together=True)  # fmt: skip
+        stored: list[Replay | None] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            stored.append(reply)
+        return stored
 
     async def enqueue(
         self,
@@ -323,7 +419,9 @@ class Queue:
     ) -> int:
         """Store the task and make it ready (or schedule it); returns its creation time."""
         item = EnqueueItem(task_id, job, request_id, lane, send_at_ms, expires_at_ms, key_id)
-        (created,) = await self._enqueue_raw([self.encode_task(item, None)])
+        (created,) = await self._enqueue_raw([self.encode_task(item, None)], together=True)
+        if isinstance(created, list):  # refused: enqueue.lua stored nothing
+            raise _refusal(str(created[1]), int(created[2]), int(created[3]), int(created[4]))
         return int(created)
 
     async def enqueue_once(
@@ -452,7 +550,7 @@ class Queue:
     ) -> list[str | int]:  # fmt: skip
         entry = attempt.model_dump_json(exclude_none=True)
         return [held.task_id, held.token, outcome, entry, reason, retry_in_ms,
-                self.result_ttl_seconds]  # fmt: skip
+                self.result_ttl_seconds, self.success_ttl_seconds]  # fmt: skip
 
     async def finish(
         self,
@@ -521,6 +619,9 @@ class EnqueueItem:
     send_at_ms: int = 0
     expires_at_ms: int = 0
     key_id: str = ""  # the API key that created it; only it (and admin keys) may read it
+    # Whose MAX_STORED_BYTES_PER_KEY budget it draws on: key:<id>, address:<client> without
+    # API_KEYS, form:<id>; "" (the CLI) draws on the total only.
+    quota: str = ""
 
 
 @dataclass(frozen=True)
@@ -548,3 +649,6 @@ class Replay:
 
     task_id: str
     same_request: bool
+
+
+Stored = Replay | None | StoreFull | QuotaExceeded  # one task's answer from enqueue.lua

@@ -55,15 +55,21 @@ class RedisServer:
 
     ``port``: a fixed port (the dev runner's 6379; a restart on an earlier server's port);
     without one, a free port, retried if taken meanwhile (``port`` is set once started).
+    ``maxmemory`` (bytes; 0: no limit) caps it as production should be capped: with
+    ``noeviction``, a full Redis refuses writes instead of dropping queued mail.
     """
 
     BIND_ATTEMPTS = 5
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, fsync: str = "everysec") -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, fsync: str = "everysec",
+        maxmemory: int = 0,
+    ) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.fixed_port = port
         self.port = port or 0
         self.fsync = fsync
+        self.maxmemory = maxmemory
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,6 +107,7 @@ class RedisServer:
             "--save", "",
             "--maxmemory-policy", "noeviction",
             "--logfile", str(self.log_path.resolve()),
+            "--maxmemory", str(self.maxmemory),
         ]  # fmt: skip
         # Own session: a Ctrl-C meant for the dev runner must not stop Redis before the
         # worker has drained.

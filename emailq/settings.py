@@ -87,7 +87,21 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(default=10.0, ge=1)
     worker_shutdown_grace_seconds: float = Field(default=25.0, ge=0)
     result_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    # How long successful results are kept, if not RESULT_TTL_SECONDS: most results are
+    # successes and they need no requeue, so a shorter time is what frees Redis after a
+    # busy day (about 1 KB each). Empty: RESULT_TTL_SECONDS.
+    result_ttl_success_seconds: int | None = Field(default=None, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Bytes of mail waiting to be sent (pending, scheduled, retrying: the stored jobs), in
+    # all (507 above it) and per API key, per client address without API_KEYS, per contact
+    # form (429 above it). Message rate limits do not bound bytes: 100 batches of large
+    # mail scheduled a month ahead would otherwise pin Redis memory. 0: no limit.
+    max_stored_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)
+    max_stored_bytes_per_key: int = Field(default=128 * 1024 * 1024, ge=0)
+    # Share of Redis maxmemory new mail may not use (507 once used_memory reaches the
+    # rest), so that claims, renewals and the outcomes of sent mail still fit. Checked in
+    # the step that stores; nothing to do when Redis has no maxmemory. 0: no check.
+    redis_memory_headroom: float = Field(default=0.1, ge=0, le=0.9)
 
     # API keys (see emailq.apikeys for the format). None: no authentication, and the admin
     # endpoints answer loopback clients only. NoDecode: the value is our format, not JSON.
@@ -121,7 +135,14 @@ class Settings(BaseSettings):
     # A standard level name; anything else would only fail later, inside logging's setup.
     log_level: str = "INFO"
 
-    @field_validator("smtp_user", "smtp_pass", "smtp_ca_file", "forms_file", mode="before")
+    @field_validator(
+        "smtp_user",
+        "smtp_pass",
+        "smtp_ca_file",
+        "forms_file",
+        "result_ttl_success_seconds",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.

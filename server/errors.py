@@ -19,7 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from emailq.errors import InvalidMessage, MessageTooLarge, StoreOutcomeUnknown, StoreUnavailable
+from emailq.errors import (
+    InvalidMessage,
+    MessageTooLarge,
+    QuotaExceeded,
+    StoreFull,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("emailq.api")
 
@@ -115,6 +122,21 @@ async def _store_outcome_unknown(request: Request, exc: Exception) -> JSONRespon
     return response
 
 
+async def _store_full(request: Request, exc: Exception) -> JSONResponse:
+    # 507, not 503: Redis answers, and everything but new mail still works (results, admin
+    # calls, the workers); the detail names the limit that refused it.
+    log.warning("store full: %s", exc, extra={"request_id": request.state.request_id})
+    return error_response(request, 507, "storage_full", str(exc))
+
+
+async def _quota_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    # The detail names MAX_STORED_BYTES_PER_KEY and the bytes held, needed and allowed.
+    assert isinstance(exc, QuotaExceeded)
+    if exc.never_fits:  # waiting will not help: say so with the status a client reads first
+        return error_response(request, 413, "payload_too_large", str(exc))
+    return error_response(request, 429, "quota_exceeded", str(exc))
+
+
 async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Conflict)
     return error_response(request, 409, "conflict", str(exc), task_status=exc.task_status)
@@ -177,6 +199,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MessageTooLarge, _too_large)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(StoreOutcomeUnknown, _store_outcome_unknown)
+    app.add_exception_handler(StoreFull, _store_full)
+    app.add_exception_handler(QuotaExceeded, _quota_exceeded)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(IdempotencyConflict, _idempotency_conflict)
     app.add_exception_handler(BodyTooDeep, _body_too_deep)

@@ -28,8 +28,8 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 
-from emailq.errors import StoreUnavailable
-from emailq.queue import Keys
+from emailq.errors import StoreFull, StoreUnavailable
+from emailq.queue import FULL, Keys, is_out_of_memory
 from emailq.settings import Settings
 from server.auth import Principal
 from server.clientaddr import client_key
@@ -90,6 +90,8 @@ class RateLimits:
             allowed = await self._limiter.hit(item, *identifiers, cost=cost)
             stats = await self._limiter.get_window_stats(item, *identifiers)
         except StorageError as exc:
+            if is_out_of_memory(exc.storage_error):  # 507, as the store itself answers
+                raise StoreFull(FULL) from exc
             name = exc.storage_error.__class__.__name__
             raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
         usage = Usage(limit=item.amount, remaining=max(0, stats.remaining),

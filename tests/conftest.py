@@ -60,9 +60,12 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     """Start extra Redis servers (for outage tests); all are stopped at teardown."""
     started: list[RedisServer] = []
 
-    def make(port: int | None = None, data_dir: Path | None = None) -> RedisServer:
+    def make(
+        port: int | None = None, data_dir: Path | None = None, *, maxmemory: int = 0
+    ) -> RedisServer:
         # port: only to restart a server on the port an earlier one had (outage tests).
-        server = RedisServer(data_dir or tmp_path / f"redis-{len(started)}", port, fsync="always")
+        server = RedisServer(data_dir or tmp_path / f"redis-{len(started)}", port,
+                             fsync="always", maxmemory=maxmemory)  # fmt: skip
         server.start()
         started.append(server)
         return server

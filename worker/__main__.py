@@ -34,6 +34,7 @@ def build_worker(settings: Settings) -> Worker:
         prefix=settings.redis_key_prefix,
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,
+        success_ttl_seconds=settings.result_ttl_success_seconds,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
     return Worker(queue, sender, settings)

@@ -52,7 +52,10 @@ def _until_redis_answers(
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         wait = state.next_action.sleep if state.next_action else 0
-        log.warning("Redis unavailable during %s; retrying in %.1fs", what, wait)
+        # Says which outage: unreachable, or full (StoreFull, Redis at maxmemory), which
+        # waits the same way: the outcome of a sent mail is kept here until Redis takes it.
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("Redis unavailable during %s (%s); retrying in %.1fs", what, error, wait)
 
     return tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(StoreUnavailable),

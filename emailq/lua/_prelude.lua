@@ -1,8 +1,8 @@
 -- Prepended to every script by emailq.queue. Every script is called with the same shared
 -- keys and prefixes first (Keys.shared_keys / Keys.shared_args in queue.py, the one place
 -- key names are made); its own arguments follow from ARGV[5].
-local K_SCHEDULED, K_LEASES, K_WAKE, K_FAILED, K_WORKERS, K_FAIRNESS =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_SCHEDULED, K_LEASES, K_WAKE, K_FAILED, K_WORKERS, K_FAIRNESS, K_STORED =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local TASK, LANE, STATS, DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 -- Time comes from the Redis server, so leases and schedules do not depend on the
@@ -29,12 +29,41 @@ local function count_finished(status, now)
   redis.call('EXPIRE', key, 7200)
 end
 
+-- Stored bytes: while a task waits to be sent (pending, scheduled, retrying, in flight) its
+-- job's size is charged to the total and to its quota owner (an API key, a client address,
+-- a form) in K_STORED, and kept on the task as 'bytes', so the refund is exact and happens
+-- once: whichever path ends the task refunds what is recorded there, and nothing else.
+local STORED_TOTAL = 'total'  -- owners are 'key:...', 'address:...', 'form:...'
+
+local function charge(task, owner, bytes)
+  redis.call('HSET', task, 'bytes', bytes)
+  redis.call('HINCRBY', K_STORED, STORED_TOTAL, bytes)
+  if owner and owner ~= '' then redis.call('HINCRBY', K_STORED, owner, bytes) end
+end
+
+local function refund_field(field, bytes)
+  if redis.call('HINCRBY', K_STORED, field, -bytes) <= 0 then
+    redis.call('HDEL', K_STORED, field)  -- an owner with nothing stored leaves no trace
+  end
+end
+
+local function refund(task)
+  local f = redis.call('HMGET', task, 'bytes', 'quota')
+  if not f[1] then return end
+  redis.call('HDEL', task, 'bytes')
+  refund_field(STORED_TOTAL, tonumber(f[1]))
+  if f[2] and f[2] ~= '' then refund_field(f[2], tonumber(f[1])) end
+end
+
 -- Final states keep the hash for RESULT_TTL_SECONDS; pending tasks never expire.
 -- Failed tasks are indexed by time (the dead-letter list); waiters hear of every end.
 local function finish_task(id, status, now, ttl, reason)
   local task = TASK .. id
   redis.call('ZREM', K_LEASES, id)
   redis.call('ZREM', K_SCHEDULED, id)
+  -- A failed task keeps its job (for requeue) until it expires, but no longer counts: it
+  -- cannot grow, and a key must not stay locked out by its dead letters for a week.
+  refund(task)
   if status == 'success' then
     redis.call('HSET', task, 'status', 'success', 'sent_at', now, 'updated_at', now)
     -- Content is not kept once delivered: it is no longer needed, and it is private.

@@ -1,25 +1,82 @@
 -- Store tasks and make each ready (or schedule it), all in one atomic step: 202 means stored.
 -- The API coalesces concurrent sends, and a batch sends its messages, as one call here.
--- ARGV[5..]: one JSON array per task (one argument, not eleven: the client packs each
+-- ARGV[5..9]: MAX_STORED_BYTES (0: none), MAX_STORED_BYTES_PER_KEY (0: none),
+--   REDIS_MEMORY_HEADROOM (fraction of maxmemory; 0: no check), estimated Redis bytes per
+--   task besides its job, and 'each' (every task is its own request: the coalescer) or
+--   'all' (the tasks are one request, stored all or none: a batch).
+-- ARGV[10..]: one JSON array per task (one argument, not twelve: the client packs each
 -- argument separately, and that dominated the API's cost of a coalesced call):
 --   [task id, lane, to, job json, request id, send_at ms (0: now), expires_at ms (0: never),
---    idempotency record key ('' for none), request fingerprint, record TTL (s), API key id]
--- Returns one reply per task: its creation time when stored, or, for an idempotency key
--- seen before, {the earlier task id, 1 if the fingerprint matches} and nothing stored.
+--    idempotency record key ('' for none), request fingerprint, record TTL (s), API key id,
+--    quota owner ('' for none: the CLI)]
+-- Returns one reply per task: its creation time when stored; for an idempotency key seen
+-- before, {the earlier task id, 1 if the fingerprint matches} and nothing stored; or, when
+-- its request does not fit, {'refused', what ('memory', 'total' or 'quota'), bytes needed,
+-- bytes held, limit} and nothing of that request stored.
 local now = now_ms()
+local max_total, max_owner = tonumber(ARGV[5]), tonumber(ARGV[6])
+local headroom, overhead, grouping = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local FIRST = 10
 
-local function enqueue(raw)
-  local t = cjson.decode(raw)
+-- Redis memory left before the headroom that claims, renewals and finishes need, read once
+-- per call (INFO costs tens of microseconds; one call stores up to hundreds of tasks).
+local memory_left, memory_used, memory_max = nil, 0, 0
+if headroom > 0 then
+  local info = redis.call('INFO', 'memory')
+  memory_max = tonumber(string.match(info, '\nmaxmemory:(%d+)') or '0')
+  if memory_max > 0 then
+    memory_used = tonumber(string.match(info, '\nused_memory:(%d+)') or '0')
+    memory_left = math.floor(memory_max * (1 - headroom)) - memory_used
+  end
+end
+
+local function stored_by(field)
+  return tonumber(redis.call('HGET', K_STORED, field) or '0')
+end
+
+-- Nil if `need` more job bytes (in `count` tasks) fit every limit, else the refusal.
+local function refusal(owner, need, count)
+  if count == 0 then return nil end
+  if memory_left then
+    local estimate = need + overhead * count
+    if estimate > memory_left then
+      return {'refused', 'memory', estimate, memory_used, memory_max}
+    end
+  end
+  local total = stored_by(STORED_TOTAL)
+  if max_total > 0 and total + need > max_total then
+    return {'refused', 'total', need, total, max_total}
+  end
+  if max_owner > 0 and owner ~= '' then
+    local held = stored_by(owner)
+    if held + need > max_owner then return {'refused', 'quota', need, held, max_owner} end
+  end
+  return nil
+end
+
+-- The same call run twice (a client's retry after a lost reply) stores its tasks once: a
+-- second copy in the lane would be claimed and sent twice. Such a task answers as stored
+-- and costs nothing against the limits.
+local function stored_before(t)
+  local created = redis.call('HGET', TASK .. t[1], 'created_at')
+  return created and tonumber(created) or nil
+end
+
+local function replay_of(t)
+  local created = stored_before(t)
+  if created then return created end
+  if t[8] == '' then return nil end
+  -- Earlier tasks of this same call are visible here, so duplicates within it fold too.
+  local seen = redis.call('HMGET', t[8], 'task_id', 'fingerprint')
+  if seen[1] then return {seen[1], seen[2] == t[9] and 1 or 0} end
+  return nil
+end
+
+local function store(t)
   local id, lane, to, job, request_id = t[1], t[2], t[3], t[4], t[5]
   local send_at, expires_at, idem, fingerprint, ttl, key_id = t[6], t[7], t[8], t[9], t[10], t[11]
-  -- The same call run twice (a client's retry after a lost reply) stores its tasks once:
-  -- a second copy in the lane would be claimed and sent twice.
-  local stored = redis.call('HGET', TASK .. id, 'created_at')
-  if stored then return tonumber(stored) end
+  local owner = t[12]
   if idem ~= '' then
-    -- Earlier tasks of this same call are visible here, so duplicates within it fold too.
-    local seen = redis.call('HMGET', idem, 'task_id', 'fingerprint')
-    if seen[1] then return {seen[1], seen[2] == fingerprint and 1 or 0} end
     redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', now)
     redis.call('EXPIRE', idem, ttl)
   end
@@ -28,6 +85,8 @@ local function enqueue(raw)
     'status', 'pending', 'to', to, 'attempts', 0, 'lane', lane,
     'job', job, 'request_id', request_id, 'created_at', now, 'updated_at', now)
   if key_id ~= '' then redis.call('HSET', task, 'key_id', key_id) end
+  if owner ~= '' then redis.call('HSET', task, 'quota', owner) end
+  charge(task, owner, #job)
   if expires_at > 0 then redis.call('HSET', task, 'expires_at', expires_at) end
   if send_at > now then
     redis.call('HSET', task, 'scheduled_at', send_at)
@@ -36,11 +95,35 @@ local function enqueue(raw)
   else
     make_ready(lane, id, false)
   end
+  if memory_left then memory_left = memory_left - #job - overhead end
   return now
 end
 
-local replies = {}
-for i = 5, #ARGV do
-  replies[#replies + 1] = enqueue(ARGV[i])
+-- One request: tasks[first..last], all from one quota owner. Replays cost nothing; the
+-- rest are stored only if all of them fit.
+local function request(tasks, first, last, replies)
+  local need, count = 0, 0
+  for i = first, last do
+    local replay = replay_of(tasks[i])
+    replies[i] = replay
+    if not replay then
+      need, count = need + #tasks[i][4], count + 1
+    end
+  end
+  local refused = refusal(tasks[first][12], need, count)
+  for i = first, last do
+    if not replies[i] then
+      -- Re-checked: two tasks of one request may carry the same idempotency key.
+      replies[i] = refused or replay_of(tasks[i]) or store(tasks[i])
+    end
+  end
+end
+
+local tasks, replies = {}, {}
+for i = FIRST, #ARGV do tasks[#tasks + 1] = cjson.decode(ARGV[i]) end
+if grouping == 'all' then
+  if #tasks > 0 then request(tasks, 1, #tasks, replies) end
+else
+  for i = 1, #tasks do request(tasks, i, i, replies) end
 end
 return replies

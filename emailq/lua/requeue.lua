@@ -12,6 +12,8 @@ for i = 5, #ARGV do
     redis.call('HDEL', task, 'reason', 'scheduled_at')  -- expires_at stays: a stale code stays stale
     redis.call('PERSIST', task)
     redis.call('ZREM', K_FAILED, id)
+    -- Counted again, never refused: the job never left Redis, so this adds no memory.
+    charge(task, redis.call('HGET', task, 'quota'), redis.call('HSTRLEN', task, 'job'))
     make_ready(redis.call('HGET', task, 'lane'), id, false)
     done[#done + 1] = id
   end

@@ -18,6 +18,7 @@ from server.auth import PrincipalDep, recipient_refusal
 from server.deps import QueueDep, RequestIdDep, SettingsDep
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import IdempotencyKeyDep, batch_once
+from server.quota import quota_owner
 from server.ratelimit import check_key_rate
 from server.schemas import BatchAccepted, BatchEntry, BatchRequest
 
@@ -28,7 +29,7 @@ BATCH_PATH = "/emails/batch"  # under the API prefix; the middleware gives it it
 
 
 def _prepare(
-    raw: Any, *, max_body_bytes: int, now: datetime, request_id: str, owner: str
+    raw: Any, *, max_body_bytes: int, now: datetime, request_id: str, owner: str, quota: str
 ) -> EnqueueItem:
     """One message as a task ready to store; raises what a single send would answer."""
     payload = EmailRequest.model_validate(raw)
@@ -36,7 +37,7 @@ def _prepare(
     when = schedule(payload, now)
     return EnqueueItem(task_id=str(uuid.uuid4()), job=job, request_id=request_id,
                        lane=when.lane, send_at_ms=when.send_at_ms,
-                       expires_at_ms=when.expires_at_ms, key_id=owner)  # fmt: skip
+                       expires_at_ms=when.expires_at_ms, key_id=owner, quota=quota)  # fmt: skip
 
 
 def _rejected(index: int, exc: Exception) -> BatchEntry:
@@ -71,10 +72,11 @@ async def send_batch(
     now = datetime.now(UTC)
     items: list[EnqueueItem] = []
     results: list[BatchEntry] = []
+    quota = quota_owner(request, principal)
     for index, raw in enumerate(body.messages):
         try:
             item = _prepare(raw, max_body_bytes=settings.max_body_bytes, now=now,
-                            request_id=request_id, owner=principal.owner)  # fmt: skip
+                            request_id=request_id, owner=principal.owner, quota=quota)  # fmt: skip
         except (ValidationError, InvalidMessage, MessageTooLarge) as exc:
             results.append(_rejected(index, exc))
             continue

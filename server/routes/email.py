@@ -16,6 +16,7 @@ from server.auth import Principal, PrincipalDep, check_recipients, is_loopback
 from server.clientaddr import client_address
 from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of
 from server.idempotency import IdempotencyKeyDep, send_once
+from server.quota import quota_owner
 from server.ratelimit import check_key_rate
 from server.schemas import Accepted, TaskResult
 
@@ -40,7 +41,8 @@ async def receive_email(
     await check_key_rate(request, response, principal)
     # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
     item = EnqueueItem(str(uuid.uuid4()), job, request_id, when.lane, when.send_at_ms,
-                       when.expires_at_ms, principal.owner)  # fmt: skip
+                       when.expires_at_ms, principal.owner,
+                       quota_owner(request, principal))  # fmt: skip
     return await send_once(request, response, enqueuer_of(request), item, idempotency_key)
 
 

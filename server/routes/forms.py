@@ -188,7 +188,13 @@ async def _enqueue(
 ) -> str:
     """Queue the mail, or return the task of the same submission in the last 10 minutes."""
     # uuid4: unguessable; it travels through the visitor's browser.
-    item = EnqueueItem(str(uuid.uuid4()), job, request_id, key_id=OWNER_PREFIX + form.id)
+    item = EnqueueItem(
+        str(uuid.uuid4()),
+        job,
+        request_id,
+        key_id=OWNER_PREFIX + form.id,
+        quota=OWNER_PREFIX + form.id,
+    )  # one stored-bytes budget per form
     once = Idempotency(scope=OWNER_PREFIX + form.id,
                        key=submission_key(form.id, client, fields),
                        fingerprint="form", ttl_seconds=DUPLICATE_WINDOW_SECONDS)  # fmt: skip

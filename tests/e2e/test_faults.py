@@ -28,7 +28,7 @@ from tests.helpers.api import Api, all_succeeded, outcomes
 from tests.helpers.polling import read_log, wait_for_log, wait_until
 from tests.helpers.ports import port_of, refused_port
 from tests.helpers.processes import Procs, sigkill
-from tests.helpers.smtpd import Counts, Received, RecordingHandler, SmtpServer
+from tests.helpers.smtpd import Counts, Received, RecordingHandler, SmtpServer, delayed_smtp
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,6 @@ def in_flight(handler: RecordingHandler) -> int:
 
 def wait_received(handler: RecordingHandler, count: int, proc: subprocess.Popen[bytes]) -> None:
     wait_until(lambda: len(handler.received) >= count, what=f"{count} mails received", proc=proc)
-
-
-def delayed_smtp(smtp_factory: Callable[..., SmtpServer], delay: float) -> SmtpServer:
-    return smtp_factory(handler=RecordingHandler(delay=delay))
 
 
 # -- 1. kill -9 while sends are in flight --------------------------------------------------

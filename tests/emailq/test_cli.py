@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from emailq.cli import _parser, main
 from emailq.output import Progress, table
@@ -396,3 +397,15 @@ def test_progress_draws_only_on_a_terminal() -> None:
     with Progress("work", 4, quiet, enabled=False) as bar:
         bar.advance(4)
     assert quiet.getvalue() == ""
+
+
+def test_a_full_store_exits_4_naming_the_limit(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    send(cli)
+    held = int(redis.Redis.from_url(redis_url).hget("{emailq}:stored", "total") or 0)
+    monkeypatch.setenv("MAX_STORED_BYTES", str(held + 10))  # no room for another
+    result = cli("send", "--to", "user@example.com", "--subject", "Hi", "--body", "more")
+    assert result.code == 4
+    assert "MAX_STORED_BYTES" in result.err
+    assert len(redis.Redis.from_url(redis_url).keys("{emailq}:task:*")) == 1

@@ -9,6 +9,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
+import redis
+
 from emailq.models import Job, Priority, Status, TaskRecord
 from emailq.queue import EnqueueItem, Queue
 from emailq.settings import Settings
@@ -105,3 +107,27 @@ async def settle(queue: Queue, ids: list[str]) -> dict[str, TaskRecord]:
 
     await eventually(all_final, f"{len(ids)} tasks final")
     return done
+
+
+def fill_until_full(url: str) -> int:
+    """Write filler keys until Redis refuses one with OOM, then keep it over its limit.
+
+    A refused write frees its own buffer, which leaves Redis just under maxmemory and a
+    small script would fit again; lowering maxmemory below what is used (as an operator
+    might, or as growing results do) keeps every write that can grow memory refused.
+    Returns how many filler keys it wrote.
+    """
+    client = redis.Redis.from_url(url)
+    n = 0
+    try:
+        while True:
+            try:
+                client.set(f"filler:{n}", b"x" * 2_000)
+            except redis.exceptions.OutOfMemoryError:
+                break
+            n += 1
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used - 64 * 1024)
+        return n
+    finally:
+        client.close()

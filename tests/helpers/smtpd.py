@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -206,3 +207,8 @@ def start_smtp(
     controller = BoundController(handler, hostname="127.0.0.1", port=0, sock=sock, **kwargs)
     controller.start()
     return SmtpServer(controller, handler, controller.port)
+
+
+def delayed_smtp(smtp_factory: Callable[..., SmtpServer], delay: float) -> SmtpServer:
+    """An SMTP server that takes ``delay`` seconds over each mail."""
+    return smtp_factory(handler=RecordingHandler(delay=delay))
