@@ -38,9 +38,10 @@ def create_app(settings: Settings) -> FastAPI:
     Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone, and
     ``FormsConfigError`` for an invalid ``FORMS_FILE``.
     """
-    relay_guard(settings)
-    # Read and checked now, so a bad FORMS_FILE stops the start with the form and field named.
+    # Read and checked now, so a bad FORMS_FILE stops the start with the form and field named
+    # (before the relay guard, which logs how the API may be reached once the start is sure).
     contact_forms = load_forms(settings.forms_file)
+    relay_guard(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

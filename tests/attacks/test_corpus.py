@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from emailq.redis_server import RedisServer, free_port
+from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from tests.helpers.polling import wait_until
 from tests.helpers.processes import FAST, Procs
@@ -64,7 +64,7 @@ def service(
     tmp = tmp_path_factory.mktemp("attacks")
     forms_file = tmp / "forms.json"
     forms_file.write_text(json.dumps({"forms": CORPUS.get("forms", [])}))
-    smtp = start_smtp(free_port())
+    smtp = start_smtp()
     values: dict[str, Any] = {**FAST, "redis_url": redis_server.url, "smtp_host": "127.0.0.1",
                               "smtp_port": smtp.port, "forms_file": forms_file,
                               **CORPUS.get("settings", {})}  # fmt: skip

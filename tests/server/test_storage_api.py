@@ -27,7 +27,7 @@ from emailq.queue import Keys
 from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from server.main import create_app
-from tests.helpers.api import assert_error
+from tests.helpers.api import assert_error, local_client
 from tests.helpers.queues import fill_until_full
 
 SEND = "/api/v1/email/received"
@@ -59,7 +59,7 @@ def stored(store: redis.Redis) -> dict[str, str]:
 
 def app(make_settings: Callable[..., Settings], **overrides: Any) -> TestClient:
     overrides.setdefault("max_body_bytes", 2048)
-    return TestClient(create_app(make_settings(**overrides)))
+    return local_client(create_app(make_settings(**overrides)))
 
 
 def test_a_client_over_its_quota_gets_429_and_stores_nothing(
@@ -72,7 +72,7 @@ def test_a_client_over_its_quota_gets_429_and_stores_nothing(
         body = assert_error(client.post(SEND, json=mail(2)), 429, "quota_exceeded")
         assert "MAX_STORED_BYTES_PER_KEY" in body["detail"]
         assert (tasks(store), stored(store)) == (before, counters)
-        assert set(counters) == {"total", "address:testclient"}
+        assert set(counters) == {"total", "address:127.0.0.1"}
 
 
 def test_each_key_has_its_own_quota(
@@ -137,7 +137,7 @@ def test_a_contact_form_has_its_own_quota(
         assert answers == [202, 202, 429]
         # The form's budget is not the caller's: the same address still sends.
         assert client.post(SEND, json=mail()).status_code == 202
-        assert set(stored(store)) == {"total", "form:contact", "address:testclient"}
+        assert set(stored(store)) == {"total", "form:contact", "address:127.0.0.1"}
 
 
 @pytest.mark.parametrize("rate_limit", ["", "1000/minute"], ids=["enqueue", "rate-limiter"])
