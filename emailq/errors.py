@@ -8,6 +8,10 @@
     │   └── HeaderInjection  CR, LF or NUL in a header value
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
     └── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
+        ├── RelayUnavailable the relay, not the mail: unreachable, TLS, login, greeting,
+        │                    a timeout or drop before DATA (no attempt is used up)
+        └── RelayThrottled   421/451/454 to MAIL, RCPT or DATA: the relay's rate limit
+                             (no attempt is used up; the shared send rate slows down)
 """
 
 from __future__ import annotations
@@ -52,3 +56,12 @@ class SendError(EmailqError):
     def __str__(self) -> str:
         text = super().__str__()
         return f"{self.code} {text}" if self.code is not None else text
+
+
+class RelayUnavailable(SendError):
+    """The relay could not be used at all, so the mail was never judged: connection
+    refused, DNS, TLS, login, a 4xx/5xx greeting, a timeout or a drop before DATA."""
+
+
+class RelayThrottled(SendError):
+    """The relay answered MAIL, RCPT or DATA with 421, 451 or 454: slow down, try later."""

@@ -1,7 +1,10 @@
 """SMTP sending over a small pool of reused connections.
 
 aiosmtplib's errors are converted to ``SendError`` here, where they enter: 5xx replies are
-permanent, everything else (4xx, refused connections, timeouts, drops) is transient.
+permanent, everything else (4xx, timeouts, drops) is transient. Two kinds say nothing
+about the mail and use up none of its attempts (see worker.relay): ``RelayUnavailable``
+(any failure to connect, greet, STARTTLS or log in; a timeout or drop before DATA) and
+``RelayThrottled`` (421, 451 or 454 to MAIL, RCPT or DATA).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
+from typing import Any
 
 import aiosmtplib
 
-from emailq.errors import SendError
+from emailq.errors import RelayThrottled, RelayUnavailable, SendError
 from emailq.settings import Settings, SmtpSecurity
 
 log = logging.getLogger("emailq.worker.smtp")
@@ -31,15 +35,51 @@ class Delivery:
     reply: str
 
 
-def convert_error(exc: BaseException) -> SendError:
-    """An aiosmtplib or socket error as a ``SendError`` with code and permanence."""
+# Replies with which relays (Gmail 421 4.7.0, Outlook 451 4.7.500, SES 454 "Throttling
+# failure") ask a client to slow down, rather than judge the mail.
+THROTTLE_CODES = frozenset({421, 451, 454})
+
+
+def convert_error(
+    exc: BaseException, *, connecting: bool = False, before_data: bool = False
+) -> SendError:
+    """An aiosmtplib or socket error as a ``SendError`` with code and permanence.
+
+    ``connecting``: it happened while connecting, greeting, STARTTLS or login.
+    ``before_data``: no DATA command was sent yet, so the relay has nothing of the mail.
+    """
+    if connecting:
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            return RelayUnavailable(exc.message, code=exc.code)
+        return RelayUnavailable(_text(exc))
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+        if 421 in codes or all(c in THROTTLE_CODES for c in codes):
+            return RelayThrottled(text, code=codes[0])
         return SendError(text, code=codes[0], permanent=all(c >= 500 for c in codes))
     if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if exc.code in THROTTLE_CODES:
+            return RelayThrottled(exc.message, code=exc.code)
         return SendError(exc.message, code=exc.code, permanent=500 <= exc.code < 600)
-    return SendError(f"{type(exc).__name__}: {exc}".rstrip(": "))
+    if before_data:
+        return RelayUnavailable(_text(exc))
+    return SendError(_text(exc))
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+class _SMTP(aiosmtplib.SMTP):
+    """Remembers whether the current transaction reached DATA: a failure before it left
+    the mail untouched, one after it may have delivered it."""
+
+    data_started = False
+
+    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.data_started = True
+        return await super().data(*args, **kwargs)
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -53,7 +93,7 @@ class Connection:
 
     def __init__(self, settings: Settings) -> None:
         secure = settings.smtp_security
-        self.smtp = aiosmtplib.SMTP(
+        self.smtp = _SMTP(
             hostname=settings.smtp_host,
             port=settings.smtp_port,
             username=settings.smtp_user,
@@ -73,7 +113,7 @@ class Connection:
             await self.smtp.connect()
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             self.smtp.close()
-            raise convert_error(exc) from exc
+            raise convert_error(exc, connecting=True) from exc
 
     async def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
         """One SMTP transaction. A reused connection the server dropped while idle gets one
@@ -89,6 +129,7 @@ class Connection:
             return await self._transaction(msg, sender, recipients)
 
     async def _transaction(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
+        self.smtp.data_started = False
         errors, reply = await self.smtp.send_message(msg, sender=sender, recipients=recipients)
         if errors:
             refused = "; ".join(f"{addr}: {r.code} {r.message}" for addr, r in errors.items())
@@ -176,7 +217,17 @@ class Sender:
             try:
                 yield conn
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                raise convert_error(exc) from exc
+                raise convert_error(exc, before_data=not conn.smtp.data_started) from exc
+
+    async def probe(self) -> None:
+        """Connect, STARTTLS and log in as a send would, then QUIT; no mail is involved.
+        Raises ``RelayUnavailable`` saying what failed."""
+        conn = Connection(self.pool.settings)
+        await conn.open()
+        try:
+            await conn.smtp.quit()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            conn.close()  # the relay let us in: that is all a probe asks
 
     async def close(self) -> None:
         """Close the pool."""

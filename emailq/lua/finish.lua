@@ -20,7 +20,8 @@ local function record()
   if outcome == 'retry' then
     local due = now + tonumber(ARGV[10])
     redis.call('ZREM', K_LEASES, id)
-    redis.call('HDEL', task, 'lease')
+    -- The relay answered about this mail: a later outage starts a new outage clock.
+    redis.call('HDEL', task, 'lease', 'outage_since')
     redis.call('HSET', task, 'updated_at', now, 'next_attempt_at', due)
     redis.call('ZADD', K_SCHEDULED, due, id)
     nudge()

@@ -318,7 +318,7 @@ def test_redis_outage_recovers_without_restarts(
 def test_crash_during_backoff_keeps_the_retry_and_its_count(
     procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
 ) -> None:
-    smtp = smtp_factory(handler=RecordingHandler(replies=["451 4.3.0 later"]))
+    smtp = smtp_factory(handler=RecordingHandler(replies=["450 4.2.1 mailbox busy"]))
     settings = make_settings(smtp_port=smtp.port, retry_backoff_seconds=2,
                              retry_backoff_max_seconds=2)  # fmt: skip
     api = Api(procs.api(settings))
