@@ -12,7 +12,11 @@
     │   └── HeaderInjection  a control character or line break in a header value
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
     ├── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
-    │   └── OutcomeUnknown   the message was sent, its final reply never came
+    │   ├── OutcomeUnknown   the message was sent, its final reply never came
+    │   ├── RelayUnavailable the relay, not the mail: unreachable, TLS, login, greeting,
+    │   │                    a timeout or drop before DATA (no attempt is used up)
+    │   └── RelayThrottled   421/451/454 to MAIL, RCPT or DATA: the relay's rate limit
+    │                        (no attempt is used up; the shared send rate slows down)
     ├── LeaseLost            the worker no longer owns the job it was about to send
     └── ConfigError          a setting or file the operator must fix (entry points exit 2)
 """
@@ -104,3 +108,12 @@ class ConfigError(EmailqError):
 
     Every entry point turns it into that line on stderr and exit code 2 (``emailq.startup``).
     """
+
+
+class RelayUnavailable(SendError):
+    """The relay could not be used at all, so the mail was never judged: connection
+    refused, DNS, TLS, login, a 4xx/5xx greeting, a timeout or a drop before DATA."""
+
+
+class RelayThrottled(SendError):
+    """The relay answered MAIL, RCPT or DATA with 421, 451 or 454: slow down, try later."""

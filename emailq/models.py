@@ -51,7 +51,7 @@ class Attempt(BaseModel):
 
     at: int = 0  # epoch milliseconds, stamped by the finish script from Redis server time
     attempt: int
-    outcome: str  # success | retry | failed | lease_expired
+    outcome: str  # success | retry | failed | lease_expired | deferred (relay's fault)
     code: int | None = None  # SMTP reply code, when the server gave one
     reply: str | None = None  # SMTP reply text, or the error
     duration_ms: float | None = None
@@ -85,6 +85,24 @@ class LaneStats(BaseModel):
     oldest_age_seconds: float | None
 
 
+class RelayState(StrEnum):
+    """A worker's circuit breaker over its SMTP relay."""
+
+    CLOSED = "closed"  # sending normally
+    OPEN = "open"  # the relay failed: not sending, probing it now and then
+    HALF_OPEN = "half_open"  # a probe is checking whether the relay is back
+
+
+class WorkerRelay(BaseModel):
+    """One live worker's view of the relay, as it publishes it with its heartbeat."""
+
+    worker_id: str
+    state: RelayState
+    since: int  # epoch ms of the last state change (worker clock)
+    error: str | None = None  # what opened the breaker
+    send_rate: float | None = None  # shared mails/s now (SMTP_MAX_PER_SECOND, after slowdowns)
+
+
 class QueueStats(BaseModel):
     """A snapshot of the queue for operators."""
 
@@ -97,6 +115,7 @@ class QueueStats(BaseModel):
     sent_last_hour: int
     failed_last_minute: int
     failed_last_hour: int
+    relay: list[WorkerRelay] = Field(default_factory=list)  # breaker state per live worker
 
 
 class ClaimedJob(BaseModel):

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TextIO
 
-from emailq.models import QueueStats, TaskRecord
+from emailq.models import QueueStats, RelayState, TaskRecord, WorkerRelay
 
 _TIME_FIELDS = ("created_at", "updated_at", "sent_at", "next_attempt_at", "scheduled_at",
                 "expires_at")  # fmt: skip
@@ -128,8 +128,23 @@ def stats_text(stats: QueueStats) -> str:
         ("dead letters", stats.failed),
         ("sent", f"{stats.sent_last_minute} last minute, {stats.sent_last_hour} last hour"),
         ("failed", f"{stats.failed_last_minute} last minute, {stats.failed_last_hour} last hour"),
+        ("relay", relay_text(stats.relay)),
     ]
     return lanes + "\n\n" + table(["COUNTER", "VALUE"], counters)
+
+
+def relay_text(workers: Sequence[WorkerRelay]) -> str:
+    """The workers' breakers in one line: "ok" while every one is closed."""
+    if not workers:
+        return "no worker reports"
+    down = [w for w in workers if w.state is not RelayState.CLOSED]
+    rate = next((w.send_rate for w in workers if w.send_rate is not None), None)
+    paced = f", {rate:g} mails/s" if rate is not None else ""
+    if not down:
+        return f"ok ({len(workers)} worker(s){paced})"
+    errors = sorted({w.error for w in down if w.error})
+    why = f": {_one_line(errors[0], 60)}" if errors else ""
+    return f"DOWN on {len(down)} of {len(workers)} worker(s){why}"
 
 
 # -- the streams -------------------------------------------------------------------------

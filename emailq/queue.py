@@ -19,6 +19,9 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:fairness          str   claim counter that gives lower lanes their share
     {emailq}:stats:<s>:<min>   str   tasks finished with status s in that minute (2 h)
     {emailq}:done              pub/sub channel: a task id each time one finishes
+    {emailq}:relay:rate        hash  the relay's shared send rate (send_rate.lua): current
+                                     rate, next free slot, last throttle cut (1 h)
+    {emailq}:relay:worker:<id> str   one worker's circuit breaker state, JSON (3 leases)
     {emailq}:authfail:<addr>   str   failed API authentications from one client address in
                                      the current fixed window (expires with the window)
     {emailq}:idem:<scope>:<h>  hash  an Idempotency-Key's task id, request fingerprint and
@@ -61,6 +64,7 @@ from emailq.models import (
     Priority,
     QueueStats,
     TaskRecord,
+    WorkerRelay,
 )  # fmt: skip
 
 Outcome = Literal["success", "retry", "failed"]
@@ -102,6 +106,8 @@ class Keys:
         self.fairness = f"{self.base}:fairness"
         self.stored = f"{self.base}:stored"
         self.done_channel = f"{self.base}:done"
+        self.relay_rate = f"{self.base}:relay:rate"
+        self.relay_state_prefix = f"{self.base}:relay:worker:"
 
     def task(self, task_id: str) -> str:
         """The status hash of one task."""
@@ -110,6 +116,10 @@ class Keys:
     def lane(self, name: str) -> str:
         """The ready list of one priority lane."""
         return self.lane_prefix + name
+
+    def relay_state(self, worker_id: str) -> str:
+        """One worker's published circuit breaker state."""
+        return self.relay_state_prefix + worker_id
 
     def idempotency(self, scope: str, client_key: str) -> str:
         """The record of one Idempotency-Key within one scope (an API key's id)."""
@@ -483,8 +493,8 @@ class Queue:
 
     async def stats(self, *, live_window_ms: int) -> QueueStats:
         """Depths, ages, workers and recent throughput, in one round trip."""
-        reply = await self._run("stats", live_window_ms, *LANES)
-        lanes, scheduled, in_flight, workers, failed, now, sent, failures = reply
+        reply = await self._run("stats", live_window_ms, self.keys.relay_state_prefix, *LANES)
+        lanes, scheduled, in_flight, workers, failed, now, sent, failures, relay = reply
         return QueueStats(
             lanes=[_lane_stats(name, depth, oldest, now) for name, depth, oldest in lanes],
             scheduled=scheduled,
@@ -495,6 +505,7 @@ class Queue:
             sent_last_hour=_sliding(sent, 60, now),
             failed_last_minute=_sliding(failures, 1, now),
             failed_last_hour=_sliding(failures, 60, now),
+            relay=[WorkerRelay.model_validate_json(state) for state in relay],
         )
 
     def done_listener(self) -> PubSub:

@@ -135,6 +135,19 @@ class Settings(BaseSettings):
     # A standard level name; anything else would only fail later, inside logging's setup.
     log_level: str = "INFO"
 
+    # -- When the relay fails (see "When the relay fails" in the README) ------------------
+    # How long a mail may wait on a relay that is unreachable or throttling before it fails.
+    # Counted per mail from its first relay-level failure (stored on the task, so restarts
+    # do not reset it). Hours, not seconds: an outage is not the mail's fault, and relays
+    # come back; a mail that waited this long is probably no longer wanted.
+    smtp_outage_max_seconds: float = Field(default=4 * 3600, gt=0)
+    # Longest pause (s) between probes of a relay that is down. Probes start at 0.5 s and
+    # double up to this, so a relay that returns is noticed within about this long.
+    smtp_probe_max_seconds: float = Field(default=30.0, gt=0)
+    # Most mails per second sent by all workers together (a token bucket in Redis), e.g. 14
+    # for a new Amazon SES account. 421/451/454 replies halve it for a while. 0: no limit.
+    smtp_max_per_second: float = Field(default=0.0, ge=0)
+
     @field_validator(
         "smtp_user",
         "smtp_pass",

@@ -1,7 +1,11 @@
 """``python -m worker``: run one worker process until SIGTERM or SIGINT.
 
-``python -m worker --check`` is the container health check: it exits 0 when a worker on
-this host has sent a heartbeat to Redis recently, 1 otherwise.
+``python -m worker --check`` is the container health check (liveness): it exits 0 when a
+worker on this host has sent a heartbeat to Redis recently, 1 otherwise. A relay that is
+down does not make it fail: restarting the worker would not bring the relay back.
+
+``python -m worker health`` (readiness): one line about this host's workers and their
+relay; exit 0 while they are alive and sending, 1 otherwise (the relay is down, say).
 """
 
 from __future__ import annotations
@@ -11,12 +15,16 @@ import asyncio
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import cast
 
+from emailq.errors import StoreUnavailable
 from emailq.logs import configure_logging, redact_url
+from emailq.models import RelayState
+from emailq.output import relay_text
 from emailq.queue import Queue
 from emailq.settings import Settings
-from emailq.startup import exit_on_config_error, load_settings
+from emailq.startup import EXIT_CONFIG, exit_on_config_error, load_settings
 from worker.loop import MAX_BLOCK_SECONDS, Worker, log
 from worker.sender import Sender, SmtpPool
 
@@ -34,14 +42,14 @@ def build_worker(settings: Settings) -> Worker:
         prefix=settings.redis_key_prefix,
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,
-        success_ttl_seconds=settings.result_ttl_success_seconds,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
     return Worker(queue, sender, settings)
 
 
-async def serve(settings: Settings) -> None:
-    """Run the worker ``build_worker`` composes until a stop signal."""
+async def serve(settings: Settings) -> int:
+    """Run the worker ``build_worker`` composes until a stop signal; returns the exit code
+    (2 when the relay's answer at startup proves a setting wrong: see worker.relaycheck)."""
     worker = build_worker(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,9 +57,12 @@ async def serve(settings: Settings) -> None:
     log.info("Redis at %s; SMTP %s:%d (%s)", redact_url(settings.redis_url), settings.smtp_host,
              settings.smtp_port, settings.smtp_security.value)  # fmt: skip
     try:
+        if not await worker.relay.check():
+            return EXIT_CONFIG
         await worker.run()
     finally:
         await worker.queue.close()
+    return 0
 
 
 async def heartbeat_age(settings: Settings, host: str) -> float | None:
@@ -73,7 +84,7 @@ async def heartbeat_age(settings: Settings, host: str) -> float | None:
 
 
 def check(settings: Settings) -> int:
-    """Exit status of the health check: 0 when this host's worker heartbeats, else 1."""
+    """Exit status of the liveness check: 0 when this host's worker heartbeats, else 1."""
     # The window `emailq stats` counts a worker as live in: three lease periods.
     window = 3 * settings.job_lease_seconds
     host = socket.gethostname()
@@ -90,9 +101,35 @@ def check(settings: Settings) -> int:
     return 0
 
 
+async def health(settings: Settings) -> int:
+    """Print this host's workers' relay state; 0 if at least one is live and all send."""
+    queue = Queue.from_url(settings.redis_url, timeout=settings.redis_timeout_seconds,
+                           prefix=settings.redis_key_prefix)  # fmt: skip
+    try:
+        stats = await queue.stats(live_window_ms=int(3 * settings.job_lease_seconds * 1000))
+    except StoreUnavailable as exc:
+        sys.stdout.write(f"unhealthy: {exc}\n")
+        return 1
+    finally:
+        await queue.close()
+    mine = [w for w in stats.relay if w.worker_id.startswith(socket.gethostname() + ":")]
+    sys.stdout.write(relay_text(mine) + "\n")
+    return 0 if mine and all(w.state is RelayState.CLOSED for w in mine) else 1
+
+
+def _run(command: Callable[[Settings], Awaitable[int]], settings: Settings) -> int:
+    try:
+        import uvloop  # optional: faster loop where installed
+    except ImportError:
+        return asyncio.run(command(settings))  # type: ignore[arg-type]
+    return uvloop.run(command(settings))  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m worker``."""
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("command", nargs="?", choices=["run", "health"], default="run",
+                        help="run a worker (default), or report the relay state")  # fmt: skip
     parser.add_argument("--check", action="store_true",
                         help="exit 0 if a worker on this host heartbeats, 1 if not")  # fmt: skip
     args = parser.parse_args(argv)
@@ -100,14 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
     if args.check:
         return check(settings)
+    if args.command == "health":
+        return _run(health, settings)
     configure_logging(settings.log_level)
-    try:
-        import uvloop  # optional: faster loop where installed
-    except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
-    return 0
+    return _run(serve, settings)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,20 @@ from typing import Any
 
 import tenacity
 
-from emailq.errors import LeaseLost, OutcomeUnknown, SendError, StoreUnavailable
+from emailq.errors import (
+    LeaseLost,
+    OutcomeUnknown,
+    RelayThrottled,
+    RelayUnavailable,
+    SendError,
+    StoreUnavailable,
+)
 from emailq.message import build_message
 from emailq.models import Attempt, ClaimedJob
 from emailq.queue import Claim, Outcome, Queue, Refill
+from emailq.relay import RelayStore
 from emailq.settings import Settings, UnknownOutcome
+from worker.relay import RelayGuard
 from worker.retry import RetryPolicy
 from worker.sender import Delivery, Sender
 
@@ -92,6 +101,8 @@ class Worker:
         self._lease_until: dict[str, float] = {}
         self._in_data: set[str] = set()  # message sent or being sent; no longer abortable
         self._abandoned: set[asyncio.Task[bool]] = set()  # cancelled BLPOPs still unwinding
+        # The relay's breaker, probes and shared send rate (see worker.relay).
+        self.relay = RelayGuard(RelayStore(queue), sender, settings, self.worker_id)
 
     def stop(self) -> None:
         """Ask the worker to stop claiming and drain (safe from a signal handler)."""
@@ -103,6 +114,7 @@ class Worker:
         log.info("worker %s started, concurrency %d", self.worker_id, self.concurrency)
         claimer = asyncio.create_task(self._claim_loop())
         renewer = asyncio.create_task(self._renew_loop())
+        relay = asyncio.create_task(self.relay.run())
         # Not cancelled: the claimer returns by itself at its next wait once stopping. A
         # cancel landing mid-claim loses the reply to a claim Redis already ran (those jobs
         # stay leased to nobody until the lease lapses), and on Python 3.11 a cancel that
@@ -112,8 +124,8 @@ class Worker:
             log.error("claim loop crashed (%r); draining, then exiting", outcome)
             self.stop()
         await self._drain()
-        renewer.cancel()
-        await asyncio.gather(renewer, return_exceptions=True)
+        await _cancel_all([renewer, relay])
+        await self.relay.retire()
         # Off the live-worker list now that no heartbeat can put us back on it.
         await _best_effort(lambda: self.queue.release([], worker_id=self.worker_id), "retire")
         # A BLPOP that lost its cancel (see _wait_for_work) is blocked in Redis by now, where
@@ -134,6 +146,8 @@ class Worker:
 
     async def _claim_forever(self) -> None:
         while True:
+            # While the relay is down, claiming would only hand the jobs straight back.
+            await self.relay.wait_until_accepting(self._stopping)
             free = await self._free_slots()
             if self._stopping.is_set():
                 return
@@ -234,14 +248,21 @@ class Worker:
             log.info("not sent: %s", exc, extra=ctx)
         except OutcomeUnknown as exc:
             await self._unknown(claimed, exc, started, ctx)
+        except (RelayUnavailable, RelayThrottled) as exc:
+            await self.relay.failed(exc)
+            await self._defer(claimed, exc, started, ctx)
         except SendError as exc:
+            if exc.code is not None:  # the relay answered about the mail: it works
+                self.relay.delivered()
             await self._failed(claimed, exc, started, ctx)
         else:
+            self.relay.delivered()
             await self._sent(claimed, delivery, started, ctx)
 
     async def _attempt(self, claimed: ClaimedJob, ctx: dict[str, Any]) -> Delivery:
         try:
             msg = build_message(claimed.task_id, claimed.job, self.settings.mail_from)
+            await self.relay.before_send()  # the shared send rate's slot, if it is limited
             guard = functools.partial(self._check_lease, claimed)
             async with self.sender.session() as conn:
                 self._started.add(claimed.task_id)
@@ -303,6 +324,28 @@ class Worker:
         log.warning("failed: %s", reason, extra=ctx)
         await self._record(claimed, "failed", entry, reason=reason)
 
+    async def _defer(
+        self, claimed: ClaimedJob, exc: SendError, started: float, ctx: dict[str, Any]
+    ) -> None:
+        """The relay failed, not the mail: back to the queue without using up an attempt,
+        unless the mail has waited on the relay for SMTP_OUTAGE_MAX_SECONDS."""
+        ms = (time.perf_counter() - started) * 1000
+        how = self.relay.deferral(exc)
+        entry = Attempt(attempt=claimed.attempt, outcome="deferred", code=exc.code,
+                        reply=str(exc), duration_ms=round(ms, 2))  # fmt: skip
+        self._recording.add(claimed.task_id)
+        applied = "deferred"
+        # Nothing was sent, but a lapsed lease would count the attempt: keep trying.
+        async for attempt in _until_redis_answers("defer"):
+            with attempt:
+                applied = await self.relay.store.defer(claimed, entry, how)
+        if applied == "failed":
+            log.warning("failed: %s", how.reason_if_expired, extra=ctx)
+        elif applied == "deferred":
+            log.debug("relay failed (%s); back in the queue, attempt not counted", exc, extra=ctx)
+        else:
+            log.warning("deferral not applied (%s): lease was lost", applied, extra=ctx)
+
     async def _record(
         self, claimed: ClaimedJob, outcome: Outcome, entry: Attempt, **kwargs: Any
     ) -> None:
@@ -349,8 +392,8 @@ class Worker:
     def _refill(self) -> Refill | None:
         """The claim to make with a finish: this slot's replacement, unless stopping, or
         unless our leases may have lapsed (see _claim_forever: the claim would put our own
-        in-flight jobs back)."""
-        if self._stopping.is_set() or self._renewal_is_stale():
+        in-flight jobs back), or unless the relay is down."""
+        if self._stopping.is_set() or self._renewal_is_stale() or not self.relay.accepting():
             return None
         return Refill(self.worker_id, 1, self.lease_ms)
 

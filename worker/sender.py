@@ -1,9 +1,12 @@
 """SMTP sending over a small pool of reused connections.
 
 aiosmtplib's errors are converted to ``SendError`` here, where they enter: 5xx replies are
-permanent, everything else (4xx, refused connections, timeouts, drops) is transient, except
-a timeout or drop while waiting for the reply to the end of DATA: the message was sent by
-then, so that is ``OutcomeUnknown`` (see ``TimedSMTP``).
+permanent, everything else (4xx, timeouts, drops) is transient. Two kinds say nothing
+about the mail and use up none of its attempts (see worker.relay): ``RelayUnavailable``
+(any failure to connect, greet, STARTTLS or log in; a timeout or drop before DATA) and
+``RelayThrottled`` (421, 451 or 454 to MAIL, RCPT or DATA). A timeout or drop while waiting
+for the reply to the end of DATA is ``OutcomeUnknown``: the message was sent by then (see
+``TimedSMTP``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
 from aiosmtplib.typing import Default
 
-from emailq.errors import OutcomeUnknown, SendError
+from emailq.errors import OutcomeUnknown, RelayThrottled, RelayUnavailable, SendError
 from emailq.settings import Settings, SmtpSecurity
 
 log = logging.getLogger("emailq.worker.smtp")
@@ -59,8 +62,13 @@ class TimedSMTP(aiosmtplib.SMTP):
     * a timeout or a dropped connection while waiting for that reply raises
       ``OutcomeUnknown``: the message was sent, and the relay may have delivered it;
     * ``guard`` is awaited before MAIL FROM, before DATA, and after the 354 just before the
-      message itself: the last moments a worker whose lease is gone can still not send.
+      message itself: the last moments a worker whose lease is gone can still not send;
+    * ``data_started`` says whether the current transaction reached DATA: a failure before
+      it left the mail untouched (the relay's fault, no attempt used), one after it may
+      have delivered it.
     """
+
+    data_started = False
 
     def __init__(self, *, data_timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -88,6 +96,7 @@ class TimedSMTP(aiosmtplib.SMTP):
     ) -> SMTPResponse:
         # ``timeout`` is send_message's one timeout for everything; ours are set per reply.
         await self.guard("DATA")
+        self.data_started = True
         start = await self.execute_command(b"DATA")
         if start.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -124,15 +133,40 @@ class Delivery:
     reply: str
 
 
-def convert_error(exc: BaseException) -> SendError:
-    """An aiosmtplib or socket error as a ``SendError`` with code and permanence."""
+# Replies with which relays (Gmail 421 4.7.0, Outlook 451 4.7.500, SES 454 "Throttling
+# failure") ask a client to slow down, rather than judge the mail.
+THROTTLE_CODES = frozenset({421, 451, 454})
+
+
+def convert_error(
+    exc: BaseException, *, connecting: bool = False, before_data: bool = False
+) -> SendError:
+    """An aiosmtplib or socket error as a ``SendError`` with code and permanence.
+
+    ``connecting``: it happened while connecting, greeting, STARTTLS or login.
+    ``before_data``: no DATA command was sent yet, so the relay has nothing of the mail.
+    """
+    if connecting:
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            return RelayUnavailable(exc.message, code=exc.code)
+        return RelayUnavailable(_text(exc))
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+        if 421 in codes or all(c in THROTTLE_CODES for c in codes):
+            return RelayThrottled(text, code=codes[0])
         return SendError(text, code=codes[0], permanent=all(c >= 500 for c in codes))
     if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if exc.code in THROTTLE_CODES:
+            return RelayThrottled(exc.message, code=exc.code)
         return SendError(exc.message, code=exc.code, permanent=500 <= exc.code < 600)
-    return SendError(f"{type(exc).__name__}: {exc}".rstrip(": "))
+    if before_data:
+        return RelayUnavailable(_text(exc))
+    return SendError(_text(exc))
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -167,7 +201,7 @@ class Connection:
             await self.smtp.connect()
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             self.smtp.close()
-            raise convert_error(exc) from exc
+            raise convert_error(exc, connecting=True) from exc
 
     async def send(
         self, msg: EmailMessage, sender: str, recipients: list[str], guard: Guard = no_guard
@@ -190,6 +224,7 @@ class Connection:
             self.smtp.guard = no_guard
 
     async def _transaction(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
+        self.smtp.data_started = False
         errors, reply = await self.smtp.send_message(msg, sender=sender, recipients=recipients)
         if errors:
             refused = "; ".join(f"{addr}: {r.code} {r.message}" for addr, r in errors.items())
@@ -277,7 +312,17 @@ class Sender:
             try:
                 yield conn
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                raise convert_error(exc) from exc
+                raise convert_error(exc, before_data=not conn.smtp.data_started) from exc
+
+    async def probe(self) -> None:
+        """Connect, STARTTLS and log in as a send would, then QUIT; no mail is involved.
+        Raises ``RelayUnavailable`` saying what failed."""
+        conn = Connection(self.pool.settings)
+        await conn.open()
+        try:
+            await conn.smtp.quit()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            conn.close()  # the relay let us in: that is all a probe asks
 
     async def close(self) -> None:
         """Close the pool."""

@@ -25,7 +25,8 @@ local function record()
   append_log(task, entry)
   if outcome == 'retry' then
     local due = now + tonumber(ARGV[10])
-    redis.call('HDEL', task, 'lease')
+    -- The relay answered about this mail: a later outage starts a new outage clock.
+    redis.call('HDEL', task, 'lease', 'outage_since')
     redis.call('HSET', task, 'updated_at', now, 'next_attempt_at', due)
     redis.call('ZADD', K_SCHEDULED, due, id)
     nudge()

@@ -9,7 +9,7 @@ for i = 5, #ARGV do
   if redis.call('HGET', task, 'status') == 'failed' and redis.call('HEXISTS', task, 'job') == 1 then
     append_log(task, {at = now, attempt = 0, outcome = 'requeued'})
     redis.call('HSET', task, 'status', 'pending', 'attempts', 0, 'updated_at', now)
-    redis.call('HDEL', task, 'reason', 'scheduled_at')  -- expires_at stays: a stale code stays stale
+    redis.call('HDEL', task, 'reason', 'scheduled_at', 'outage_since')  -- expires_at stays: a stale code stays stale
     redis.call('PERSIST', task)
     redis.call('ZREM', K_FAILED, id)
     -- Counted again, never refused: the job never left Redis, so this adds no memory.

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from emailq.redis_server import free_port
 from emailq.settings import Settings
 from tests.helpers.browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM
 from tests.helpers.polling import wait_until
+from tests.helpers.ports import port_of, refused_port
 from tests.helpers.processes import Procs
 
 REDOCLY_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
@@ -32,15 +32,16 @@ def offline_browser(tmp_path: Path) -> Iterator[object]:
     options.binary_location = CHROMIUM
     # Chromium goes direct to loopback only; anything else is sent to a port nobody listens
     # on, so a CDN reference would fail to load (and show in the log below) here too.
-    nowhere = f"http://127.0.0.1:{free_port()}"
-    for flag in [*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                 f"--proxy-server={nowhere}"]:  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    with refused_port() as dead:  # held, so nobody else listens there meanwhile
+        nowhere = f"http://127.0.0.1:{port_of(dead)}"
+        for flag in [*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                     f"--proxy-server={nowhere}"]:  # fmt: skip
+            options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        driver.set_page_load_timeout(30)
+        yield driver
+        driver.quit()
 
 
 def network_log(driver: object) -> tuple[dict[str, str], dict[str, str]]:

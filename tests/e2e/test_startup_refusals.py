@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from emailq.apikeys import hash_key
-from emailq.redis_server import free_port
 from emailq.settings import Settings
 from tests.helpers.polling import wait_until
 from tests.helpers.processes import settings_env
@@ -35,7 +34,7 @@ def test_the_api_process_refuses_to_start(
     env = settings_env(make_settings())
     env[name] = value
     args = [sys.executable, "-m", "uvicorn", "server.main:app",
-            "--host", "127.0.0.1", "--port", str(free_port())]  # fmt: skip
+            "--host", "127.0.0.1", "--port", "0"]  # fmt: skip
     log = tmp_path / "api.log"
     # cwd: a folder without a .env file.
     with log.open("wb") as out:

@@ -13,6 +13,7 @@ import email.policy
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class Received:
     rcpt_tos: list[str]
     raw: bytes
     peer: tuple[str, int]
+    at: float = field(default_factory=time.monotonic)  # when the server accepted it
 
     @property
     def message(self) -> EmailMessage:
@@ -156,6 +158,30 @@ class Counts:
         return self
 
 
+@dataclass
+class ThrottlingHandler(RecordingHandler):
+    """A relay that rate-limits: while ``throttling`` is set, every DATA is answered with
+    ``throttle_reply`` (421, as Gmail does) and nothing is recorded; ``throttled`` counts
+    those answers."""
+
+    throttle_reply: str = "421 4.7.0 Try again later, closing connection"
+    throttling: threading.Event = field(default_factory=threading.Event)
+    throttled: int = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if self.throttling.is_set():
+            with self.lock:
+                self.data_calls += 1
+                self.throttled += 1
+            return self.throttle_reply
+        return await super().handle_DATA(server, session, envelope)
+
+    def times(self) -> list[float]:
+        """When each accepted message arrived (monotonic), in order."""
+        with self.lock:
+            return sorted(r.at for r in self.received)
+
+
 class Authenticator:
     """Accepts one user/password pair, for AUTH tests."""
 
@@ -181,7 +207,9 @@ class SmtpServer:
     port: int
 
     def stop(self) -> None:
-        self.controller.stop()
+        """Stop the server; again does nothing (a test may stop it before teardown)."""
+        if self.controller._thread is not None:  # aiosmtpd has no public "running" flag
+            self.controller.stop()
 
 
 def start_smtp(

@@ -17,7 +17,6 @@ import redis
 from fastapi.testclient import TestClient
 
 from emailq.apikeys import hash_key
-from emailq.redis_server import free_port
 from emailq.settings import Settings
 from server.main import create_app
 from tests.helpers.forms import FORM, FORMS_TOML, VISITOR, Verifier, captcha_config, tasks
@@ -110,7 +109,7 @@ def test_a_bad_submission_is_refused_alike_with_the_honeypot_filled(
 
 @pytest.fixture
 def verify_url() -> Iterator[str]:
-    server = HTTPServer(("127.0.0.1", free_port()), Verifier)
+    server = HTTPServer(("127.0.0.1", 0), Verifier)  # port 0: server_port is the one it got
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/siteverify"
     server.shutdown()

@@ -1,0 +1,40 @@
+-- Give back a claimed task whose send failed for a relay-level reason (unreachable,
+-- throttling): nothing was said about the mail, so the attempt is not counted. The task's
+-- outage clock starts at its first relay-level failure ('outage_since', cleared when the
+-- relay next answers about the mail); once it reaches the ceiling the task fails with the
+-- reason the worker gave.
+-- ARGV[5..11]: task id, lease token, attempt-log entry json, reason if it fails now,
+-- ceiling ms, delay ms (0: front of its lane), ttl s.
+-- Returns 'deferred', 'failed', 'stale' or 'ignored'.
+local id, token = ARGV[5], ARGV[6]
+local ceiling, delay, ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local task = TASK .. id
+local now = now_ms()
+if redis.call('HGET', task, 'status') ~= 'pending' then return 'ignored' end
+if redis.call('HGET', task, 'lease') ~= token then return 'stale' end
+redis.call('HINCRBY', task, 'attempts', -1)
+local since = tonumber(redis.call('HGET', task, 'outage_since') or '')
+if not since then
+  since = now
+  redis.call('HSET', task, 'outage_since', now)
+end
+local entry = cjson.decode(ARGV[7])
+entry['at'] = now
+redis.call('ZREM', K_LEASES, id)
+redis.call('HDEL', task, 'lease')
+if now - since >= ceiling then
+  entry['outcome'] = 'failed'
+  append_log(task, entry)
+  finish_task(id, 'failed', now, ttl, ARGV[8])
+  return 'failed'
+end
+append_log(task, entry)
+redis.call('HSET', task, 'updated_at', now)
+if delay > 0 then
+  redis.call('HSET', task, 'next_attempt_at', now + delay)
+  redis.call('ZADD', K_SCHEDULED, now + delay, id)
+  nudge()
+else
+  make_ready(redis.call('HGET', task, 'lane'), id, true)  -- it has waited longest
+end
+return 'deferred'
