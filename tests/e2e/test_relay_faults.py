@@ -19,7 +19,7 @@ import pytest
 from emailq.settings import Settings
 from tests.helpers.api import Api, all_succeeded, outcomes
 from tests.helpers.polling import read_log, wait_for_log, wait_until
-from tests.helpers.ports import port_of, refused_port
+from tests.helpers.ports import port_of, reclaim_port, refused_port
 from tests.helpers.processes import Procs, settings_env
 from tests.helpers.smtpd import (
     Authenticator,
@@ -110,7 +110,7 @@ def test_relay_down_for_a_while_fails_and_repeats_nothing(
     smtp.stop()  # the worker's pooled connections die with it
     during = api.enqueue(10)
     wait_for_log(worker, "pausing sends")
-    smtp_factory(port=smtp.port, handler=handler)
+    smtp_factory(sock=reclaim_port(smtp.port), handler=handler)  # back on the same port
 
     delivered_once(api, before + during, handler, "relay down, then back")
     assert any("deferred" in outcomes(r) for r in api.results(during).values())

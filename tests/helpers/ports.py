@@ -32,3 +32,13 @@ def refused_redis_url() -> Iterator[str]:
     """A Redis URL on which connections are refused (a Redis that is down), held meanwhile."""
     with refused_port() as sock:
         yield f"redis://127.0.0.1:{port_of(sock)}/0"
+
+
+def reclaim_port(port: int) -> socket.socket:
+    """A socket bound again to ``port``, which a server of the test just gave up (to bring
+    it back "on the same port" through ``start_smtp(sock=...)``). SO_REUSEADDR, as servers
+    set it: the old server's closed connections may still be in TIME_WAIT there."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
