@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from emailq.compose import EmailRequest, compose, schedule
 from emailq.errors import InvalidMessage, MessageTooLarge
 from emailq.queue import EnqueueItem
-from server.auth import PrincipalDep, recipient_refusal
+from emailq.submit import recipient_refusal
+from server.auth import PrincipalDep
 from server.deps import QueueDep, RequestIdDep, SettingsDep
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import IdempotencyKeyDep, batch_once
@@ -80,7 +81,7 @@ async def send_batch(
         except (ValidationError, InvalidMessage, MessageTooLarge) as exc:
             results.append(_rejected(index, exc))
             continue
-        refusal = recipient_refusal(principal, settings, item.job)
+        refusal = recipient_refusal(item.job, principal, settings)
         if refusal is not None:  # as a single send would answer: 403 forbidden
             results.append(BatchEntry(index=index, error="forbidden", detail=refusal))
             continue
