@@ -181,6 +181,7 @@ def _run_queue_command(args: argparse.Namespace) -> int:
 async def _session(settings: Settings, out: Output, command: Command) -> int:
     from emailq.commands import Context
     from emailq.queue import Queue
+    from emailq.submit import OperatorLimits
 
     # The operator's own sends have no quota owner: they draw on MAX_STORED_BYTES and the
     # headroom, never on a key's MAX_STORED_BYTES_PER_KEY (see enqueue.lua).
@@ -194,7 +195,8 @@ async def _session(settings: Settings, out: Output, command: Command) -> int:
     # Heartbeats within the last three lease periods count as a live worker.
     live_window_ms = int(3 * settings.job_lease_seconds * 1000)
     try:
-        return await command(Context(queue, out, settings.max_body_bytes, live_window_ms))
+        limits = OperatorLimits(settings.max_body_bytes)
+        return await command(Context(queue, out, limits, live_window_ms))
     finally:
         await queue.close()
 
