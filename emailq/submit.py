@@ -1,14 +1,19 @@
 """The one submission pipeline: how a send request becomes a task, for every entry point.
 
 The API's single send and each message of a batch, the CLI's ``send`` and ``send --file``
-call ``prepare``; a contact form, whose mail ``emailq.forms`` lays out itself, calls
-``task``. So a new field or check of a send is made in one place. The steps, in order:
+call ``prepare``; a contact form's submission goes through ``prepare_form``. So a new
+field or check of a send is made in one place. The steps, in order:
 
 1. ``compose``: render and check the content (subject, body, recipients' count, size);
 2. ``check_recipients``: may this principal send to them (ALLOWED_RECIPIENTS, its key's
    domains);
 3. ``schedule``: lane, send_at and expiry against ``now``;
 4. ``task``: the ``EnqueueItem``, under a new unguessable id.
+
+A form's mail is laid out by ``emailq.forms.form_job`` with the same subject and body
+checks (``compose.render_subject``, ``compose.check_body``), sent at once in the default
+lane, as the form (``form:<id>``, its own owner and quota owner). Its recipients are the
+operator's, from FORMS_FILE: neither ALLOWED_RECIPIENTS nor a key's domains apply to them.
 
 Each refusal raises one of ``REJECTED``; an entry point turns it into its own answer (the
 API a 4xx in its error shape, a batch a per-message entry, the CLI exit code 1). What is
@@ -19,6 +24,7 @@ the shape of an answer. The pipeline is synchronous and stores nothing.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -28,6 +34,7 @@ from pydantic import ValidationError
 from emailq.apikeys import Principal, Scope, in_allow_list, in_domains
 from emailq.compose import EmailRequest, Schedule, compose, schedule
 from emailq.errors import Forbidden, InvalidMessage, MessageTooLarge
+from emailq.forms import OWNER_PREFIX, Form, form_job
 from emailq.models import Job, Priority
 from emailq.queue import EnqueueItem
 
@@ -114,3 +121,13 @@ def prepare(
     check_recipients(job, principal, limits)
     when = schedule(request, now)
     return task(job, principal, request_id=request_id, quota=quota, when=when)
+
+
+def prepare_form(
+    form: Form, fields: Mapping[str, str], limits: Limits, *, request_id: str
+) -> EnqueueItem:
+    """A contact form's submission (its content ``fields``) as a task of the form's; raises
+    ``InvalidMessage`` or ``MessageTooLarge``."""
+    job = form_job(form, fields, max_body_bytes=limits.max_body_bytes)
+    owner = OWNER_PREFIX + form.id  # one stored-bytes budget per form
+    return task(job, Principal(owner, Scope.SEND), request_id=request_id, quota=owner)

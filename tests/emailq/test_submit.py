@@ -10,8 +10,9 @@ import pytest
 from emailq.apikeys import ANONYMOUS, Principal, Scope
 from emailq.compose import EmailRequest
 from emailq.errors import Forbidden, InvalidMessage, MessageTooLarge
+from emailq.forms import Form
 from emailq.models import Priority
-from emailq.submit import OPERATOR, REJECTED, OperatorLimits, prepare
+from emailq.submit import OPERATOR, REJECTED, OperatorLimits, prepare, prepare_form
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 LIMITS = OperatorLimits(max_body_bytes=4096)
@@ -75,3 +76,14 @@ def test_every_refusal_is_one_of_rejected(fields: dict[str, Any], error: type[Ex
     with pytest.raises(error) as info:
         prepare(request(**fields), ANONYMOUS, NOW, LIMITS, request_id="r")
     assert isinstance(info.value, REJECTED)
+
+
+def test_a_form_submission_is_a_task_of_the_form_sent_at_once() -> None:
+    form = Form(id="contact", to=["owner@example.com"], subject="From {name}", redirect="/ok")
+    item = prepare_form(form, {"name": "Kim", "message": "Hi"}, LIMITS, request_id="r")
+
+    assert (item.job.to, item.job.subject) == ("owner@example.com", "From Kim")
+    assert (item.key_id, item.quota) == ("form:contact", "form:contact")
+    assert (item.lane, item.send_at_ms, item.expires_at_ms) == (Priority.DEFAULT, 0, 0)
+    with pytest.raises(REJECTED):
+        prepare_form(form, {"name": "a\r\nBcc: x@evil.example.org"}, LIMITS, request_id="r")
