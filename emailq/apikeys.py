@@ -1,4 +1,5 @@
-"""API keys and recipient allow-lists as configured: parsing, hashing, matching.
+"""API keys and recipient allow-lists as configured: parsing, hashing, matching; and the
+``Principal`` a request is sent as.
 
 An ``API_KEYS`` entry is ``<id>:<scope>:<sha256 hex of the key>[:<domain>,<domain>...]``;
 entries are separated by whitespace or ``;`` (commas belong to the domain list), or the
@@ -61,6 +62,38 @@ class ApiKey:
         """This key as an ``API_KEYS`` entry."""
         tail = ":" + ",".join(sorted(self.domains)) if self.domains else ""
         return f"{self.id}:{self.scope}:{self.digest}{tail}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: a configured key, or ``anonymous`` when no keys are configured."""
+
+    key_id: str
+    scope: Scope
+    domains: frozenset[str] = frozenset()  # recipient domains it may send to; empty: any
+    anonymous: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        """May read any task and use the admin endpoints."""
+        return self.scope == Scope.ADMIN and not self.anonymous
+
+    @property
+    def may_read_all(self) -> bool:
+        """May read every task (no keys configured, or an admin key)."""
+        return self.anonymous or self.is_admin
+
+    def may_read(self, owner: str | None) -> bool:
+        """May this caller see a task created by the key ``owner``?"""
+        return self.may_read_all or owner == self.key_id
+
+    @property
+    def owner(self) -> str:
+        """What a task created by this caller stores as ``key_id`` ('' when anonymous)."""
+        return "" if self.anonymous else self.key_id
+
+
+ANONYMOUS = Principal("anonymous", Scope.SEND, anonymous=True)
 
 
 def parse_domains(text: str) -> frozenset[str]:

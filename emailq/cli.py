@@ -180,26 +180,23 @@ def _run_queue_command(args: argparse.Namespace) -> int:
 
 async def _session(settings: Settings, out: Output, command: Command) -> int:
     from emailq.commands import Context
-    from emailq.queue import Queue, StoreLimits
+    from emailq.queue import Queue
+    from emailq.submit import OperatorLimits
 
-    queue = Queue.from_url(
-        settings.redis_url,
-        timeout=settings.redis_timeout_seconds,
+    # The operator's own sends have no quota owner: they draw on MAX_STORED_BYTES and the
+    # headroom, never on a key's MAX_STORED_BYTES_PER_KEY (see enqueue.lua).
+    queue = Queue.from_settings(
+        settings,
         # Connecting stays bounded so a down Redis fails fast, but an operator's bulk step
         # may take longer to answer than the API's 503 bound allows.
         read_timeout=settings.redis_timeout_seconds + 10,
         max_connections=4,
-        prefix=settings.redis_key_prefix,
-        max_attempts=settings.max_attempts,
-        result_ttl_seconds=settings.result_ttl_seconds,
-        success_ttl_seconds=settings.result_ttl_success_seconds,
-        # The operator's own sends draw on the total and the headroom, not on a key's quota.
-        limits=StoreLimits(settings.max_stored_bytes, 0, settings.redis_memory_headroom),
     )
     # Heartbeats within the last three lease periods count as a live worker.
     live_window_ms = int(3 * settings.job_lease_seconds * 1000)
     try:
-        return await command(Context(queue, out, settings.max_body_bytes, live_window_ms))
+        limits = OperatorLimits(settings.max_body_bytes)
+        return await command(Context(queue, out, limits, live_window_ms))
     finally:
         await queue.close()
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from emailq import output
-from emailq.compose import EmailRequest, compose, schedule
-from emailq.errors import InvalidMessage, MessageTooLarge, StoreUnavailable
+from emailq import output, submit
+from emailq.compose import EmailRequest
+from emailq.errors import StoreUnavailable
 from emailq.models import Status, TaskRecord
 from emailq.output import Output, Progress
 from emailq.queue import EnqueueItem, Queue
@@ -32,8 +32,6 @@ from emailq.waiting import ResultWaiter
 
 CHUNK = 500  # tasks per Redis round trip in bulk sends and requeues
 CHUNK_BYTES = 8 * 1024 * 1024  # and at most this much mail content per round trip
-
-Rejected = (ValidationError, InvalidMessage, MessageTooLarge)
 
 
 class ExitCode(IntEnum):
@@ -52,7 +50,7 @@ class Context:
 
     queue: Queue
     out: Output
-    max_body_bytes: int
+    limits: submit.Limits  # what bounds the operator's mail (MAX_BODY_BYTES)
     live_window_ms: int  # a worker is live if it sent a heartbeat this recently
     # One per invocation: every task a run queues shares it, so their logs correlate.
     request_id: str = field(default_factory=lambda: "cli-" + uuid.uuid4().hex)
@@ -68,14 +66,11 @@ def reason(exc: Exception) -> str:
     return str(exc)
 
 
-def prepare(request: EmailRequest, ctx: Context, now: datetime) -> EnqueueItem:
-    """Compose and schedule ``request`` as the API does; raise ``InvalidMessage`` or
-    ``MessageTooLarge``."""
-    job = compose(request, max_body_bytes=ctx.max_body_bytes)
-    plan = schedule(request, now)
-    # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
-    return EnqueueItem(str(uuid.uuid4()), job, ctx.request_id, plan.lane, plan.send_at_ms,
-                       plan.expires_at_ms)  # fmt: skip
+def prepare(request: EmailRequest, ctx: Context) -> EnqueueItem:
+    """``request`` as the operator's task, through the pipeline the API runs; raises one of
+    ``submit.REJECTED``."""
+    return submit.prepare(request, submit.OPERATOR, datetime.now(UTC), ctx.limits,
+                          request_id=ctx.request_id)  # fmt: skip
 
 
 # -- send --------------------------------------------------------------------------------
@@ -84,8 +79,8 @@ def prepare(request: EmailRequest, ctx: Context, now: datetime) -> EnqueueItem:
 async def send(ctx: Context, fields: dict[str, Any]) -> int:
     """Queue one message given as request fields; print its task id."""
     try:
-        item = prepare(EmailRequest.model_validate(fields), ctx, datetime.now(UTC))
-    except Rejected as exc:
+        item = prepare(EmailRequest.model_validate(fields), ctx)
+    except submit.REJECTED as exc:
         ctx.out.error(f"not queued: {reason(exc)}")
         return ExitCode.FAILED
     await ctx.queue.enqueue(
@@ -122,9 +117,8 @@ class _FileSender:
             self.bar.advance(1)
             return
         try:
-            request = EmailRequest.model_validate_json(text)
-            item = prepare(request, self.ctx, datetime.now(UTC))
-        except Rejected as exc:
+            item = prepare(EmailRequest.model_validate_json(text), self.ctx)
+        except submit.REJECTED as exc:
             self.report.rejected.append((number, reason(exc)))
             self.bar.advance(1)
             return

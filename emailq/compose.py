@@ -7,6 +7,7 @@ before anything is stored: a request either becomes a complete, safe ``Job`` or 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated
@@ -83,33 +84,55 @@ class EmailRequest(BaseModel):
             values["username"] = self.username
         return values
 
+    def variable_field(self, name: str) -> str:
+        """The request field a placeholder value came from, as errors name it."""
+        return name if name == "username" and self.username is not None else f"variables.{name}"
+
+
+def render_subject(
+    template: str, values: Mapping[str, str], *, field_of: Callable[[str], str] = str
+) -> str:
+    """``template`` with ``values`` substituted, checked as a subject: the one subject check,
+    which the send request's subject and a contact form's both pass.
+
+    The template, every value it uses and the result must be safe in a header; the result
+    valid Unicode of at most ``MAX_SUBJECT_CHARS``. Raises ``InvalidMessage`` (a value is
+    named ``field_of(name)``, so the caller knows what to fix) or ``MessageTooLarge``.
+    """
+    check_header(template, "subject", tab=True)
+    for name in placeholders(template, values):
+        check_header(values[name], field_of(name), tab=True)
+    subject = render(template, values, limit=MAX_SUBJECT_CHARS * 4)
+    check_header(subject, "subject", tab=True)
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise InvalidMessage(
+            f"subject is over {MAX_SUBJECT_CHARS} characters after substitution", field="subject"
+        )
+    return check_text(subject, "subject")
+
+
+def check_body(text: str, html: str | None, *, max_body_bytes: int, field: str = "body") -> None:
+    """The checks every mail body passes however it was made: valid Unicode, text and HTML
+    within ``max_body_bytes`` together, no NUL. ``field`` names the text in errors."""
+    check_text(text, field)
+    if html is not None:
+        check_text(html, "html")
+    size = len(text.encode()) + (len(html.encode()) if html else 0)
+    if size > max_body_bytes:
+        raise MessageTooLarge(f"{field} is {size} bytes; the limit is {max_body_bytes} bytes")
+    if "\0" in text or (html and "\0" in html):
+        raise InvalidMessage(f"{field} must not contain NUL characters", field=field)
+
 
 def compose(request: EmailRequest, *, max_body_bytes: int) -> Job:
     """Render and check ``request``; raise ``InvalidMessage`` or ``MessageTooLarge``."""
     if 1 + len(request.cc) + len(request.bcc) > MAX_RECIPIENTS:
         raise InvalidMessage(f"at most {MAX_RECIPIENTS} recipients in to, cc and bcc together")
     values = request.placeholder_values()
-    check_header(request.subject, "subject", tab=True)
-    # A value that feeds the subject is named itself, so the caller knows what to fix.
-    for name in placeholders(request.subject, values):
-        field = name if name == "username" and request.username is not None else f"variables.{name}"
-        check_header(values[name], field, tab=True)
-    subject = render(request.subject, values, limit=MAX_SUBJECT_CHARS * 4)
-    check_header(subject, "subject", tab=True)
-    if len(subject) > MAX_SUBJECT_CHARS:
-        raise InvalidMessage(
-            f"subject is over {MAX_SUBJECT_CHARS} characters after substitution", field="subject"
-        )
-    check_text(subject, "subject")
-    text = check_text(render(request.body, values, limit=max_body_bytes), "body")
+    subject = render_subject(request.subject, values, field_of=request.variable_field)
+    text = render(request.body, values, limit=max_body_bytes)
     html = render(request.html, values, limit=max_body_bytes) if request.html else None
-    if html is not None:
-        check_text(html, "html")
-    size = len(text.encode()) + (len(html.encode()) if html else 0)
-    if size > max_body_bytes:
-        raise MessageTooLarge(f"body is {size} bytes; the limit is {max_body_bytes} bytes")
-    if "\0" in text or (html and "\0" in html):
-        raise InvalidMessage("body must not contain NUL characters", field="body")
+    check_body(text, html, max_body_bytes=max_body_bytes)
     return Job(
         to=request.to,
         subject=subject,

@@ -11,6 +11,7 @@
     ├── InvalidMessage       input that must not be sent      (API answers 422)
     │   └── HeaderInjection  a control character or line break in a header value
     ├── MessageTooLarge      content over MAX_BODY_BYTES      (API answers 413)
+    ├── Forbidden            the caller may not send this mail (API answers 403)
     ├── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
     │   ├── OutcomeUnknown   the message was sent, its final reply never came
     │   ├── RelayUnavailable the relay, not the mail: unreachable, TLS, login, greeting,
@@ -74,6 +75,11 @@ class HeaderInjection(InvalidMessage):
 
 class MessageTooLarge(EmailqError):
     """Message content (or the HTTP body carrying it) is over the configured limit."""
+
+
+class Forbidden(EmailqError):
+    """The caller may not send this mail: a recipient outside ALLOWED_RECIPIENTS or its
+    key's domains. The message says which rule refused it."""
 
 
 class SendError(EmailqError):

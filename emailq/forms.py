@@ -20,10 +20,16 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from emailq.compose import MAX_SUBJECT_CHARS, Address, normalize_address
-from emailq.errors import ConfigError, InvalidMessage, MessageTooLarge
+from emailq.compose import (
+    MAX_SUBJECT_CHARS,
+    Address,
+    check_body,
+    normalize_address,
+    render_subject,
+)
+from emailq.errors import ConfigError, InvalidMessage
 from emailq.models import Job
-from emailq.templating import check_header, check_text, placeholders, render
+from emailq.templating import check_header
 
 HONEYPOT = "_gotcha"
 # Fields a page may send that are never part of the mail (the CAPTCHA tokens and the
@@ -212,22 +218,11 @@ def form_job(form: Form, fields: Mapping[str, str], *, max_body_bytes: int) -> J
         except ValueError as exc:
             raise InvalidMessage(f"email: {exc}", field="email") from exc
     # A value with a line break or control character cannot reach the header: it is
-    # refused here (422), named by its field.
-    for name in placeholders(form.subject, fields):
-        check_header(fields[name], name, tab=True)
-    # Values are rendered as given: render() substitutes {name} only, never evaluates.
-    subject = render(form.subject, fields, limit=MAX_SUBJECT_CHARS * 4)
-    check_header(subject, "subject", tab=True)
-    if len(subject) > MAX_SUBJECT_CHARS:
-        raise InvalidMessage(f"subject is over {MAX_SUBJECT_CHARS} characters", field="subject")
-    check_text(subject, "subject")
-    text = check_text(_text_body(form, fields), "fields")
-    body_html = _html_body(form, fields)
-    size = len(text.encode()) + len(body_html.encode())
-    if size > max_body_bytes:
-        raise MessageTooLarge(f"submission is {size} bytes; the limit is {max_body_bytes} bytes")
-    if "\0" in text:
-        raise InvalidMessage("fields must not contain NUL characters")
+    # refused (422), named by its field. Values are rendered as given: render()
+    # substitutes {name} only, never evaluates.
+    subject = render_subject(form.subject, fields)
+    text, body_html = _text_body(form, fields), _html_body(form, fields)
+    check_body(text, body_html, max_body_bytes=max_body_bytes, field="submission")
     return Job(to=form.to[0], cc=form.to[1:], subject=subject, text=text, html=body_html,
                reply_to=reply_to)  # fmt: skip
 

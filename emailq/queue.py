@@ -66,6 +66,7 @@ from emailq.models import (
     TaskRecord,
     WorkerRelay,
 )  # fmt: skip
+from emailq.settings import Settings
 
 Outcome = Literal["success", "retry", "failed"]
 # What one queued task takes in Redis besides its job JSON (hash fields, lane entry,
@@ -335,6 +336,30 @@ class Queue:
             health_check_interval=30,
         )
         return cls(aioredis.Redis(connection_pool=pool), **kwargs)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, read_timeout: float | None = None, max_connections: int = 64
+    ) -> Queue:
+        """The queue ``settings`` describe: the one way an entry point builds it (the API,
+        the worker, the CLI), so none can drift from the others on prefix, attempts, result
+        TTLs or storage limits. ``read_timeout`` and ``max_connections`` are how the caller
+        uses it (see ``from_url``), not configuration."""
+        return cls.from_url(
+            settings.redis_url,
+            timeout=settings.redis_timeout_seconds,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+            prefix=settings.redis_key_prefix,
+            max_attempts=settings.max_attempts,
+            result_ttl_seconds=settings.result_ttl_seconds,
+            success_ttl_seconds=settings.result_ttl_success_seconds,
+            limits=StoreLimits(
+                settings.max_stored_bytes,
+                settings.max_stored_bytes_per_key,
+                settings.redis_memory_headroom,
+            ),
+        )
 
     async def close(self) -> None:
         """Close the client and its pool."""

@@ -1,4 +1,5 @@
-"""Who is calling, what they may send, and the guard against running as an open relay.
+"""Who is calling, and the guard against running as an open relay (what a caller may send
+is decided with the rest of a send, in ``emailq.submit``).
 
 ``Authorization: Bearer <key>`` is hashed with SHA-256 and compared, in constant time, with
 every configured ``API_KEYS`` digest. Only key ids are ever logged, never keys. Without
@@ -16,15 +17,14 @@ import ipaddress
 import logging
 import math
 import re
-from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 
-from emailq.apikeys import ApiKey, Scope, hash_key, in_allow_list, in_domains
+from emailq.apikeys import ANONYMOUS, ApiKey, hash_key
+from emailq.apikeys import Principal as Principal  # the core's; routes import it from here
 from emailq.errors import ConfigError
-from emailq.models import Job
 from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
@@ -38,38 +38,6 @@ AUTH_FAILURE_WINDOW_MS = 60_000  # AUTH_FAILURE_LIMIT counts failures per fixed 
 
 class OpenRelayRefused(ConfigError, RuntimeError):
     """The configuration would let anyone who reaches the API send mail anywhere."""
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The caller: a configured key, or ``anonymous`` when no keys are configured."""
-
-    key_id: str
-    scope: Scope
-    domains: frozenset[str] = frozenset()  # recipient domains it may send to; empty: any
-    anonymous: bool = False
-
-    @property
-    def is_admin(self) -> bool:
-        """May read any task and use the admin endpoints."""
-        return self.scope == Scope.ADMIN and not self.anonymous
-
-    @property
-    def may_read_all(self) -> bool:
-        """May read every task (no keys configured, or an admin key)."""
-        return self.anonymous or self.is_admin
-
-    def may_read(self, owner: str | None) -> bool:
-        """May this caller see a task created by the key ``owner``?"""
-        return self.may_read_all or owner == self.key_id
-
-    @property
-    def owner(self) -> str:
-        """What a task created by this caller stores as ``key_id`` ('' when anonymous)."""
-        return "" if self.anonymous else self.key_id
-
-
-ANONYMOUS = Principal("anonymous", Scope.SEND, anonymous=True)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -248,21 +216,3 @@ async def require_admin(request: Request, principal: PrincipalDep, settings: Set
 
 
 AdminDep = Depends(require_admin)
-
-
-def recipient_refusal(principal: Principal, settings: Settings, job: Job) -> str | None:
-    """Why ``job`` may not be sent by ``principal`` (ALLOWED_RECIPIENTS, then the key's
-    domains), or None if it may. To, Cc and Bcc are all checked."""
-    for address in job.recipients:
-        if settings.allowed_recipients and not in_allow_list(address, settings.allowed_recipients):
-            return f"recipient {address} is not in ALLOWED_RECIPIENTS"
-        if principal.domains and not in_domains(address, principal.domains):
-            return f"key {principal.key_id!r} may not send to the domain of {address}"
-    return None
-
-
-def check_recipients(principal: Principal, settings: Settings, job: Job) -> None:
-    """403 unless every recipient of ``job`` is allowed."""
-    refusal = recipient_refusal(principal, settings, job)
-    if refusal is not None:
-        raise HTTPException(403, refusal)

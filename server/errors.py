@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emailq.errors import (
+    Forbidden,
     InvalidMessage,
     MessageTooLarge,
     QuotaExceeded,
@@ -98,6 +99,10 @@ async def _invalid_message(request: Request, exc: Exception) -> JSONResponse:
 
 async def _too_large(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 413, "payload_too_large", str(exc))
+
+
+async def _forbidden(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(request, 403, "forbidden", str(exc))
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -197,6 +202,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(InvalidMessage, _invalid_message)
     app.add_exception_handler(MessageTooLarge, _too_large)
+    app.add_exception_handler(Forbidden, _forbidden)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(StoreOutcomeUnknown, _store_outcome_unknown)
     app.add_exception_handler(StoreFull, _store_full)

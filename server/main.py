@@ -15,7 +15,7 @@ from emailq.coalesce import EnqueueCoalescer
 from emailq.forms import load_forms
 from emailq.logs import configure_logging, redact_url
 from emailq.netlists import split_list
-from emailq.queue import Queue, StoreLimits
+from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.startup import exit_on_config_error, load_settings
 from emailq.waiting import ResultWaiter
@@ -45,19 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.queue = Queue.from_url(
-            settings.redis_url,
-            timeout=settings.redis_timeout_seconds,
-            prefix=settings.redis_key_prefix,
-            max_attempts=settings.max_attempts,
-            result_ttl_seconds=settings.result_ttl_seconds,
-            success_ttl_seconds=settings.result_ttl_success_seconds,
-            limits=StoreLimits(
-                settings.max_stored_bytes,
-                settings.max_stored_bytes_per_key,
-                settings.redis_memory_headroom,
-            ),
-        )
+        app.state.queue = Queue.from_settings(settings)
         # The README's bound on a 503: a wait for the call in flight, then its own call.
         app.state.enqueuer = EnqueueCoalescer(
             app.state.queue, budget_seconds=2 * settings.redis_timeout_seconds

@@ -32,16 +32,12 @@ from worker.sender import Sender, SmtpPool
 def build_worker(settings: Settings) -> Worker:
     """The queue, sender and worker composed from ``settings``: what ``python -m worker``
     runs, and what the tests run in-process (one function, so they cannot drift apart)."""
-    queue = Queue.from_url(
-        settings.redis_url,
-        timeout=settings.redis_timeout_seconds,
+    queue = Queue.from_settings(
+        settings,
         # Blocking waits read nothing until they end, so reads may take that long.
         read_timeout=MAX_BLOCK_SECONDS + settings.redis_timeout_seconds + 1,
         # One blocking wait, one renewal, one finish per send in flight, and spare.
         max_connections=settings.worker_concurrency + 4,
-        prefix=settings.redis_key_prefix,
-        max_attempts=settings.max_attempts,
-        result_ttl_seconds=settings.result_ttl_seconds,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
     return Worker(queue, sender, settings)
@@ -67,8 +63,7 @@ async def serve(settings: Settings) -> int:
 
 async def heartbeat_age(settings: Settings, host: str) -> float | None:
     """Seconds since the freshest heartbeat of a worker on ``host``; None if it has none."""
-    queue = Queue.from_url(settings.redis_url, timeout=settings.redis_timeout_seconds,
-                           prefix=settings.redis_key_prefix)  # fmt: skip
+    queue = Queue.from_settings(settings)
     try:
         # Worker ids are "host:pid:random" (worker.loop.new_worker_id); the time is Redis's.
         beats = cast(  # members are str: the queue's client decodes responses
@@ -103,8 +98,7 @@ def check(settings: Settings) -> int:
 
 async def health(settings: Settings) -> int:
     """Print this host's workers' relay state; 0 if at least one is live and all send."""
-    queue = Queue.from_url(settings.redis_url, timeout=settings.redis_timeout_seconds,
-                           prefix=settings.redis_key_prefix)  # fmt: skip
+    queue = Queue.from_settings(settings)
     try:
         stats = await queue.stats(live_window_ms=int(3 * settings.job_lease_seconds * 1000))
     except StoreUnavailable as exc:

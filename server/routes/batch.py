@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from emailq.compose import EmailRequest, compose, schedule
-from emailq.errors import InvalidMessage, MessageTooLarge
+from emailq.compose import EmailRequest
+from emailq.errors import Forbidden, InvalidMessage
 from emailq.queue import EnqueueItem
-from server.auth import PrincipalDep, recipient_refusal
+from emailq.submit import REJECTED, prepare
+from server.auth import PrincipalDep
 from server.deps import QueueDep, RequestIdDep, SettingsDep
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import IdempotencyKeyDep, batch_once
@@ -28,19 +27,8 @@ log = logging.getLogger("emailq.api")
 BATCH_PATH = "/emails/batch"  # under the API prefix; the middleware gives it its own size cap
 
 
-def _prepare(
-    raw: Any, *, max_body_bytes: int, now: datetime, request_id: str, owner: str, quota: str
-) -> EnqueueItem:
-    """One message as a task ready to store; raises what a single send would answer."""
-    payload = EmailRequest.model_validate(raw)
-    job = compose(payload, max_body_bytes=max_body_bytes)
-    when = schedule(payload, now)
-    return EnqueueItem(task_id=str(uuid.uuid4()), job=job, request_id=request_id,
-                       lane=when.lane, send_at_ms=when.send_at_ms,
-                       expires_at_ms=when.expires_at_ms, key_id=owner, quota=quota)  # fmt: skip
-
-
 def _rejected(index: int, exc: Exception) -> BatchEntry:
+    """A message's refusal (one of ``REJECTED``) as a single send would answer it."""
     if isinstance(exc, ValidationError):
         fields = validation_fields(exc.errors())
         return BatchEntry(index=index, error="validation_error",
@@ -48,6 +36,8 @@ def _rejected(index: int, exc: Exception) -> BatchEntry:
     if isinstance(exc, InvalidMessage):
         fields = [{"loc": [exc.field], "msg": str(exc)}] if exc.field else []
         return BatchEntry(index=index, error="invalid_message", detail=str(exc), fields=fields)
+    if isinstance(exc, Forbidden):  # a single send answers 403 forbidden
+        return BatchEntry(index=index, error="forbidden", detail=str(exc))
     return BatchEntry(index=index, error="payload_too_large", detail=str(exc))
 
 
@@ -75,14 +65,10 @@ async def send_batch(
     quota = quota_owner(request, principal)
     for index, raw in enumerate(body.messages):
         try:
-            item = _prepare(raw, max_body_bytes=settings.max_body_bytes, now=now,
-                            request_id=request_id, owner=principal.owner, quota=quota)  # fmt: skip
-        except (ValidationError, InvalidMessage, MessageTooLarge) as exc:
+            item = prepare(EmailRequest.model_validate(raw), principal, now, settings,
+                           request_id=request_id, quota=quota)  # fmt: skip
+        except REJECTED as exc:
             results.append(_rejected(index, exc))
-            continue
-        refusal = recipient_refusal(principal, settings, item.job)
-        if refusal is not None:  # as a single send would answer: 403 forbidden
-            results.append(BatchEntry(index=index, error="forbidden", detail=refusal))
             continue
         items.append(item)
         results.append(BatchEntry(index=index, task_id=item.task_id, status="queued"))

@@ -9,10 +9,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from emailq.compose import EmailRequest, compose, schedule
+from emailq.compose import EmailRequest
 from emailq.forms import OWNER_PREFIX
-from emailq.queue import EnqueueItem
-from server.auth import Principal, PrincipalDep, check_recipients, is_loopback
+from emailq.submit import prepare
+from server.auth import Principal, PrincipalDep, is_loopback
 from server.clientaddr import client_address
 from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of
 from server.idempotency import IdempotencyKeyDep, send_once
@@ -33,16 +33,11 @@ async def receive_email(
 ) -> Accepted:  # fmt: skip
     """Accept an email for sending. Answers 202 once it is stored in Redis."""
     # Accessors, not dependencies, on this hot path: see server/deps.py.
-    settings, request_id = settings_of(request), request_id_of(request)
-    job = compose(payload, max_body_bytes=settings.max_body_bytes)
-    check_recipients(principal, settings, job)
-    when = schedule(payload, datetime.now(UTC))
+    quota = quota_owner(request, principal)
+    item = prepare(payload, principal, datetime.now(UTC), settings_of(request),
+                   request_id=request_id_of(request), quota=quota)  # fmt: skip
     # Counted once it would be stored: a refused request costs neither us nor its budget.
     await check_key_rate(request, response, principal)
-    # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
-    item = EnqueueItem(str(uuid.uuid4()), job, request_id, when.lane, when.send_at_ms,
-                       when.expires_at_ms, principal.owner,
-                       quota_owner(request, principal))  # fmt: skip
     return await send_once(request, response, enqueuer_of(request), item, idempotency_key)
 
 

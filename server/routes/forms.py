@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -27,11 +26,10 @@ from emailq.forms import (
     Captcha,
     Form,
     content_fields,
-    form_job,
     submission_key,
 )  # fmt: skip
-from emailq.models import Job
 from emailq.queue import EnqueueItem, Idempotency
+from emailq.submit import prepare_form
 from server.clientaddr import client_address
 from server.deps import QueueDep, RequestIdDep, SettingsDep
 from server.errors import BodyTooDeep
@@ -163,14 +161,14 @@ async def submit_form(
         token = submitted.get(form.captcha.token_field, "")
         await _verify_captcha(request.app.state.http, form.captcha, token, client)
     fields = content_fields(submitted)
-    job = form_job(form, fields, max_body_bytes=settings.max_body_bytes)
+    item = prepare_form(form, fields, settings, request_id=request_id)
     if submitted.get(HONEYPOT):
-        # Its made-up id then reads as a real form task's does: 404 to all but the operator
-        # (see the result route).
+        # Never stored: its id, unguessable like any, then reads as a real form task's
+        # does: 404 to all but the operator (see the result route).
         log.info("honeypot filled", extra={"request_id": request_id})
-        task_id = str(uuid.uuid4())
+        task_id = item.task_id
     else:
-        task_id = await _enqueue(form, job, fields, client, queue, request_id)
+        task_id = await _enqueue(form, item, fields, client, queue)
     response = _answer(form, task_id, wants_json)
     _cors(form, request, response)
     response.headers.update(rate)
@@ -184,22 +182,14 @@ async def _form_rate(request: Request, form_id: str) -> dict[str, str]:
 
 
 async def _enqueue(
-    form: Form, job: Job, fields: dict[str, str], client: str, queue: QueueDep, request_id: str
+    form: Form, item: EnqueueItem, fields: dict[str, str], client: str, queue: QueueDep
 ) -> str:
     """Queue the mail, or return the task of the same submission in the last 10 minutes."""
-    # uuid4: unguessable; it travels through the visitor's browser.
-    item = EnqueueItem(
-        str(uuid.uuid4()),
-        job,
-        request_id,
-        key_id=OWNER_PREFIX + form.id,
-        quota=OWNER_PREFIX + form.id,
-    )  # one stored-bytes budget per form
     once = Idempotency(scope=OWNER_PREFIX + form.id,
                        key=submission_key(form.id, client, fields),
                        fingerprint="form", ttl_seconds=DUPLICATE_WINDOW_SECONDS)  # fmt: skip
     replay = await queue.enqueue_once(item, once)
     task_id = item.task_id if replay is None else replay.task_id
     log.info("form queued" if replay is None else "form duplicate dropped",
-             extra={"request_id": request_id, "task_id": task_id})  # fmt: skip
+             extra={"request_id": item.request_id, "task_id": task_id})  # fmt: skip
     return task_id

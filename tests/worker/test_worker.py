@@ -269,6 +269,19 @@ async def test_message_id_is_the_task_id_and_done_tasks_are_not_resent(
     assert state == (Status.SUCCESS, 1)
 
 
+async def test_the_worker_keeps_a_success_for_result_ttl_success_seconds(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    # The worker writes the final status, so it is the one that must know this setting.
+    settings = make_settings(result_ttl_seconds=3600, result_ttl_success_seconds=60)
+    async with running(settings) as run:
+        [record] = await run.send()
+        ttl = await run.queue.redis.ttl(run.queue.keys.task(record.task_id))
+
+    assert record.status is Status.SUCCESS
+    assert 0 < ttl <= 60
+
+
 async def test_log_lines_of_a_task_carry_its_request_id(
     make_settings: Callable[..., Settings], smtp_factory: Factory, worker_log: LogCapture
 ) -> None:
