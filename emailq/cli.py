@@ -193,6 +193,7 @@ async def _session(settings: Settings, out: Output, command: Command) -> int:
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,
         success_ttl_seconds=settings.result_ttl_success_seconds,
+        events_maxlen=settings.event_stream_maxlen,
         # The operator's own sends draw on the total and the headroom, not on a key's quota.
         limits=StoreLimits(settings.max_stored_bytes, 0, settings.redis_memory_headroom),
     )

@@ -52,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_attempts=settings.max_attempts,
             result_ttl_seconds=settings.result_ttl_seconds,
             success_ttl_seconds=settings.result_ttl_success_seconds,
+            events_maxlen=settings.event_stream_maxlen,
             limits=StoreLimits(
                 settings.max_stored_bytes,
                 settings.max_stored_bytes_per_key,

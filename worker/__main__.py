@@ -42,6 +42,7 @@ def build_worker(settings: Settings) -> Worker:
         prefix=settings.redis_key_prefix,
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,
+        events_maxlen=settings.event_stream_maxlen,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
     return Worker(queue, sender, settings)
