@@ -26,12 +26,14 @@ from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.startup import EXIT_CONFIG, exit_on_config_error, load_settings
 from worker.loop import MAX_BLOCK_SECONDS, Worker, log
+from worker.observer import WorkerObserver
 from worker.sender import Sender, SmtpPool
 
 
-def build_worker(settings: Settings) -> Worker:
+def build_worker(settings: Settings, observer: WorkerObserver | None = None) -> Worker:
     """The queue, sender and worker composed from ``settings``: what ``python -m worker``
-    runs, and what the tests run in-process (one function, so they cannot drift apart)."""
+    runs, and what the tests run in-process (one function, so they cannot drift apart).
+    ``observer`` hears of every claim, send and outcome (see worker.observer)."""
     queue = Queue.from_url(
         settings.redis_url,
         timeout=settings.redis_timeout_seconds,
@@ -45,7 +47,7 @@ def build_worker(settings: Settings) -> Worker:
         events_maxlen=settings.event_stream_maxlen,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
-    return Worker(queue, sender, settings)
+    return Worker(queue, sender, settings, observer)
 
 
 async def serve(settings: Settings) -> int:
