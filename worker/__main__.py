@@ -18,10 +18,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from emailq.cli.output import relay_text
 from emailq.errors import StoreUnavailable
 from emailq.logs import configure_logging, redact_url
 from emailq.models import RelayState
-from emailq.output import relay_text
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.startup import EXIT_CONFIG, exit_on_config_error, load_settings

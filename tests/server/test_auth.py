@@ -32,8 +32,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from emailq import cli
 from emailq.apikeys import ApiKey, hash_key, parse_api_keys
+from emailq.cli import main as cli
 from emailq.queue import Keys
 from emailq.settings import Settings
 from server.main import create_app

@@ -22,11 +22,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from emailq import output
+from emailq.cli import output
+from emailq.cli.output import Output, Progress
 from emailq.compose import EmailRequest, compose, schedule
 from emailq.errors import InvalidMessage, MessageTooLarge, StoreUnavailable
 from emailq.models import Status, TaskRecord
-from emailq.output import Output, Progress
 from emailq.queue import EnqueueItem, Queue
 from emailq.waiting import ResultWaiter
 
