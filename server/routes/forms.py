@@ -33,7 +33,7 @@ from emailq.forms import (
 from emailq.models import Job
 from emailq.queue import EnqueueItem, Idempotency
 from server.clientaddr import client_address
-from server.deps import QueueDep, RequestIdDep, SettingsDep
+from server.deps import QueueDep, RequestIdDep, SettingsDep, forms_of, http_of
 from server.errors import BodyTooDeep
 from server.ratelimit import check_form_rate
 from server.schemas import Accepted
@@ -47,7 +47,7 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 async def get_form(request: Request, form_id: str) -> Form:
     """The configured form ``form_id``; 404 when there is none."""
-    form: Form | None = request.app.state.forms.get(form_id)
+    form = forms_of(request).get(form_id)
     if form is None:
         raise HTTPException(404, f"no form {form_id!r}")
     return form
@@ -161,7 +161,7 @@ async def submit_form(
     # that the field is a trap. Only storing and sending are skipped.
     if form.captcha is not None:
         token = submitted.get(form.captcha.token_field, "")
-        await _verify_captcha(request.app.state.http, form.captcha, token, client)
+        await _verify_captcha(http_of(request), form.captcha, token, client)
     fields = content_fields(submitted)
     job = form_job(form, fields, max_body_bytes=settings.max_body_bytes)
     if submitted.get(HONEYPOT):
