@@ -34,13 +34,24 @@ end
 -- refused only at its first write that can grow memory (see finish.lua), so the append
 -- never stops an outcome from being recorded.
 -- E (optional): attempt (default: the task's count), code (SMTP), reason, worker.
-local REASON_MAX = 200  -- a reason is a summary here; the task's attempt log has it whole
+local REASON_MAX = 200  -- bytes: a reason is a summary here; the task's hash has it whole
+
+-- The first `max` bytes of `text`, cut at a character boundary: half a UTF-8 character
+-- would make the entry unreadable to a client that decodes replies.
+local function clip(text, max)
+  if #text <= max then return text end
+  local cut = max
+  -- While the first byte dropped continues a character (10xxxxxx), drop that one too.
+  while cut > 0 and string.byte(text, cut + 1) >= 128 and string.byte(text, cut + 1) < 192 do
+    cut = cut - 1
+  end
+  return string.sub(text, 1, cut)
+end
 
 local function emit(kind, id, now, E)
   E = E or {}
   local f = redis.call('HMGET', TASK .. id, 'lane', 'attempts', 'request_id')
-  local reason = E.reason or ''
-  if #reason > REASON_MAX then reason = string.sub(reason, 1, REASON_MAX) end
+  local reason = clip(E.reason or '', REASON_MAX)
   redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*',
     'type', kind, 'task_id', id, 'time', now, 'lane', f[1] or '',
     'attempt', E.attempt or f[2] or 0, 'code', E.code or '', 'reason', reason,

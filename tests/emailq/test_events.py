@@ -107,3 +107,14 @@ async def test_the_stream_is_capped_near_its_maxlen(redis_url: str) -> None:
         assert newest.task_id == "m599"
     finally:
         await q.close()
+
+
+async def test_a_long_reason_is_clipped_at_a_character_boundary(queue: Queue) -> None:
+    await add(queue, "u")
+    claim = await queue.claim("w", 1, LONG)
+    reason = "x" * 199 + "é" * 50  # byte 200 is the first half of an é
+    entry = Attempt(attempt=1, outcome="failed", reply=reason)
+    await queue.finish(claim.jobs[0], "failed", entry, reason=reason)
+    failed = (await queue.events())[-1]  # decodes: no half character in the entry
+    assert failed.reason == "x" * 199
+    assert (await queue.get(failed.task_id)).reason == reason  # type: ignore[union-attr]
