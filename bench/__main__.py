@@ -16,7 +16,7 @@ import uvloop
 from bench import drain, http
 from bench.common import ROOT, exe, spawn, stop
 from bench.sink import smtp_sink_path, start_smtp_sink
-from emailq.redis_server import RedisServer, free_port
+from emailq.devtools.redis_server import RedisServer, free_port
 
 
 def _sink(tmp: Path) -> tuple[Any, int, str]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.common import ROOT, settings_env
 from bench.http import BODY
-from emailq.redis_server import RedisServer
+from emailq.devtools.redis_server import RedisServer
 
 VARIANTS = ("bare", "route", "await", "emailq")
 PATH = "/api/v1/email/received"

@@ -17,7 +17,7 @@ import redis
 
 from bench.common import exe, settings_env, spawn, stop, wait_until
 from bench.sink import Arrivals, start_python_sink
-from emailq.redis_server import free_port
+from emailq.devtools.redis_server import free_port
 
 BODY = ('{"to":"user@example.com","subject":"Hello {username}",'
         '"body":"{username}님 안녕하세요!","username":"홍길동"}')  # fmt: skip

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import redis
 
+from emailq.devtools.redis_server import RedisServer
 from emailq.models import Attempt, Job
 from emailq.queue import EnqueueItem, Idempotency, Outcome, Queue
-from emailq.redis_server import RedisServer
 
 N = 2_000
 SIZES = {"small (300 B text)": 300, "10 KB text + 10 KB html": 10_000}

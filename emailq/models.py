@@ -57,6 +57,41 @@ class Attempt(BaseModel):
     duration_ms: float | None = None
 
 
+class EventType(StrEnum):
+    """What happened to a task, as the event stream records it (see ``Queue.events``)."""
+
+    ACCEPTED = "accepted"  # stored by the API, a batch, a form or the CLI
+    CLAIMED = "claimed"  # a worker took it under a lease for one attempt
+    SENT = "sent"  # the relay accepted it: final (success)
+    RETRY = "retry"  # the attempt failed; scheduled again after a backoff
+    DEFERRED = "deferred"  # the relay failed, not the mail: back in the queue, uncounted
+    LEASE_EXPIRED = "lease_expired"  # its worker stopped renewing (crashed, cut off)
+    RELEASED = "released"  # claimed by a stopping worker and given back unstarted
+    FAILED = "failed"  # final: permanent error, out of attempts, unreadable, outage ceiling
+    CANCELLED = "cancelled"  # final: an admin cancelled it before it was sent
+    EXPIRED = "expired"  # final: its expires_at passed before it could be sent
+    REQUEUED = "requeued"  # a dead letter put back in its lane with fresh attempts
+
+
+FINAL_EVENTS = frozenset({EventType.SENT, EventType.FAILED, EventType.CANCELLED,
+                          EventType.EXPIRED})  # fmt: skip
+
+
+class Event(BaseModel):
+    """One entry of the event stream: a state change, written by the script that made it."""
+
+    id: str  # the stream entry id, "<ms>-<seq>": read on from here (Queue.events(after_id))
+    type: EventType
+    task_id: str
+    time: int  # epoch milliseconds, Redis server time
+    lane: str = ""
+    attempt: int = 0  # the attempt this event is about (0 before the first claim)
+    code: int | None = None  # SMTP reply code, when the relay gave one
+    reason: str = ""  # why it failed, was retried or deferred (first 200 characters)
+    request_id: str = ""  # joins the API's request with every worker line for the task
+    worker: str = ""  # the worker that claimed or released it
+
+
 class TaskRecord(BaseModel):
     """What the status hash holds for one task."""
 

@@ -19,6 +19,9 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:fairness          str   claim counter that gives lower lanes their share
     {emailq}:stats:<s>:<min>   str   tasks finished with status s in that minute (2 h)
     {emailq}:done              pub/sub channel: a task id each time one finishes
+    {emailq}:events            stream every state change of every task (EventType), written
+                                     by the script that makes it; capped near
+                                     EVENT_STREAM_MAXLEN entries
     {emailq}:relay:rate        hash  the relay's shared send rate (send_rate.lua): current
                                      rate, next free slot, last throttle cut (1 h)
     {emailq}:relay:worker:<id> str   one worker's circuit breaker state, JSON (3 leases)
@@ -42,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -59,6 +62,7 @@ from emailq.models import (
     LANES,
     Attempt,
     ClaimedJob,
+    Event,
     Job,
     LaneStats,
     Priority,
@@ -74,6 +78,7 @@ Outcome = Literal["success", "retry", "failed"]
 # (`python -m bench.memory`); the high end, for the headroom estimate.
 TASK_OVERHEAD_BYTES = 1800
 FAIR_EVERY = 10  # every 10th pop starts at a lower lane (see claim.lua)
+EVENTS_MAXLEN = 100_000  # EVENT_STREAM_MAXLEN's default
 
 _STATUS_FIELDS = (
     "status", "to", "attempts", "reason", "request_id", "created_at", "updated_at",
@@ -107,6 +112,7 @@ class Keys:
         self.fairness = f"{self.base}:fairness"
         self.stored = f"{self.base}:stored"
         self.done_channel = f"{self.base}:done"
+        self.events = f"{self.base}:events"
         self.relay_rate = f"{self.base}:relay:rate"
         self.relay_state_prefix = f"{self.base}:relay:worker:"
 
@@ -141,11 +147,12 @@ class Keys:
     def shared_keys(self) -> list[str]:
         """KEYS every script receives, in the order _prelude.lua reads them."""
         return [self.scheduled, self.leases, self.wake, self.failed, self.workers, self.fairness,
-                self.stored]  # fmt: skip
+                self.stored, self.events]  # fmt: skip
 
-    def shared_args(self) -> list[str | int]:
-        """The first ARGV of every script: prefixes and the done channel."""
-        return [self.task_prefix, self.lane_prefix, self.stats_prefix, self.done_channel]
+    def shared_args(self, events_maxlen: int) -> list[str | int]:
+        """The first ARGV of every script: prefixes, the done channel, the event stream's cap."""
+        return [self.task_prefix, self.lane_prefix, self.stats_prefix, self.done_channel,
+                events_maxlen]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,11 @@ def _sliding(per_minute: list[int], minutes: int, now_ms: int) -> int:
     return round(whole + per_minute[minutes] * (1 - elapsed))
 
 
+def _event(entry_id: str, fields: dict[str, str]) -> Event:
+    values: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
+    return Event.model_validate({"id": entry_id, **values})
+
+
 def _record(task_id: str, raw: dict[str, Any]) -> TaskRecord:
     values = {k: v for k, v in raw.items() if v is not None}
     values["log"] = json.loads(values.get("log") or "[]")
@@ -291,6 +303,7 @@ class Queue:
         result_ttl_seconds: int = 7 * 24 * 3600,
         success_ttl_seconds: int | None = None,
         limits: StoreLimits | None = None,
+        events_maxlen: int = EVENTS_MAXLEN,
     ) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
@@ -300,6 +313,7 @@ class Queue:
         # time is what frees memory after a drain (RESULT_TTL_SUCCESS_SECONDS).
         self.success_ttl_seconds = success_ttl_seconds or result_ttl_seconds
         self.limits = limits or StoreLimits()
+        self.events_maxlen = events_maxlen
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load_script(name)) for name in _SCRIPTS
         }
@@ -354,6 +368,7 @@ class Queue:
             max_attempts=settings.max_attempts,
             result_ttl_seconds=settings.result_ttl_seconds,
             success_ttl_seconds=settings.result_ttl_success_seconds,
+            events_maxlen=settings.event_stream_maxlen,
             limits=StoreLimits(
                 settings.max_stored_bytes,
                 settings.max_stored_bytes_per_key,
@@ -372,10 +387,16 @@ class Queue:
             await self.redis.ping()
 
     async def _run(self, script: str, *args: str | int | float, write: bool = False) -> Any:
+        return await self.run_script(self._scripts[script], *args, write=write)
+
+    async def run_script(
+        self, script: AsyncScript, *args: str | int | float, write: bool = False
+    ) -> Any:
+        """Call a script made with ``_load_script`` (the prelude's shared keys and
+        arguments first, then ``args``), with Redis errors converted (see _store_errors)."""
+        shared = self.keys.shared_args(self.events_maxlen)
         with _store_errors(write=write):
-            return await self._scripts[script](
-                self.keys.shared_keys(), [*self.keys.shared_args(), *args]
-            )
+            return await script(self.keys.shared_keys(), [*shared, *args])
 
     # -- producing ----------------------------------------------------------------------
 
@@ -532,6 +553,23 @@ class Queue:
             failed_last_hour=_sliding(failures, 60, now),
             relay=[WorkerRelay.model_validate_json(state) for state in relay],
         )
+
+    async def events(
+        self, after_id: str = "0", *, count: int = 100, block_ms: int | None = None
+    ) -> list[Event]:
+        """Up to ``count`` events after stream entry ``after_id`` ("0": from the oldest
+        kept), oldest first. Pass the last one's ``id`` to read on; nothing is lost between
+        reads unless the stream's cap trims it first. With ``block_ms``, wait up to that long
+        for one when there are none (the client's read timeout must allow for it)."""
+        with _store_errors():
+            if block_ms is None:
+                reply: Any = await self.redis.xrange(self.keys.events, f"({after_id}", "+", count)
+            else:
+                reply = await self.redis.xread({self.keys.events: after_id}, count, block_ms)
+                reply = reply[0][1] if reply else []
+        # Entry ids and fields are str: the queue's client decodes responses.
+        rows = cast("list[tuple[str, dict[str, str]]]", reply)
+        return [_event(entry_id, fields) for entry_id, fields in rows]
 
     def done_listener(self) -> PubSub:
         """A pub/sub connection for the channel that names each task as it finishes."""

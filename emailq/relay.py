@@ -45,9 +45,7 @@ class RelayStore:
         args: list[str | int] = [claimed.task_id, claimed.token, log_entry,
                                  how.reason_if_expired, how.ceiling_ms, how.delay_ms,
                                  self.queue.result_ttl_seconds]  # fmt: skip
-        with _store_errors():
-            reply = await self._defer(self.keys.shared_keys(), [*self.keys.shared_args(), *args])
-        return str(reply)
+        return str(await self.queue.run_script(self._defer, *args))
 
     async def expire_waiting(self, ceiling_ms: int, reason: str) -> int:
         """Fail ready mail that has waited ``ceiling_ms`` or longer; returns how many.
@@ -56,10 +54,7 @@ class RelayStore:
         while True:
             args: list[str | int] = [ceiling_ms, reason, self.queue.result_ttl_seconds, SWEEP_LIMIT,
                     self.queue.max_attempts, *LANES]  # fmt: skip
-            with _store_errors():
-                failed, popped = await self._expire(
-                    self.keys.shared_keys(), [*self.keys.shared_args(), *args]
-                )
+            failed, popped = await self.queue.run_script(self._expire, *args)
             total += int(failed)
             if int(popped) < SWEEP_LIMIT:
                 return total

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     # successes and they need no requeue, so a shorter time is what frees Redis after a
     # busy day (about 1 KB each). Empty: RESULT_TTL_SECONDS.
     result_ttl_success_seconds: int | None = Field(default=None, ge=1)
+    # Entries kept in the event stream (every accept, claim, send, retry, failure...), for
+    # consumers that read it from where they left off (metrics, dashboard, webhooks). About
+    # 150 bytes each: 100,000 is ~15 MB of Redis, hours of history at a busy service.
+    event_stream_maxlen: int = Field(default=100_000, ge=1000)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Bytes of mail waiting to be sent (pending, scheduled, retrying: the stored jobs), in
     # all (507 above it) and per API key, per client address without API_KEYS, per contact

@@ -26,7 +26,7 @@ import re
 from fastapi import Request
 
 from emailq.netlists import IPNetwork, parse_networks
-from emailq.settings import Settings
+from server.deps import settings_of
 
 log = logging.getLogger("emailq.api")
 
@@ -107,7 +107,7 @@ def _warn_rewrite() -> None:
 def client_address(request: Request) -> str:
     """The client's address, canonical, or ``unknown`` (see the module doc)."""
     peer = request.client.host if request.client else UNKNOWN
-    settings: Settings = request.app.state.settings
+    settings = settings_of(request)
     proxies = parse_networks(settings.trusted_proxies)
     headers = request.headers.getlist("X-Forwarded-For")
     # From a trusted peer the walk below reads the header anyway; from any other, a peer
@@ -142,5 +142,5 @@ def arrived_through_proxy(request: Request) -> bool:
     if not any(name in headers for name in ("x-forwarded-for", "forwarded", "x-real-ip")):
         return False
     peer = request.client.host if request.client else UNKNOWN
-    settings: Settings = request.app.state.settings
+    settings = settings_of(request)
     return not _trusted(parse_address(peer), parse_networks(settings.trusted_proxies))

@@ -1,4 +1,5 @@
-"""What the lifespan opened, for routes: plain accessors and ``Annotated`` dependencies.
+"""The app's state (``server.state.AppState``) for routes and middleware: the only module
+that reads it off the app. Plain accessors, and ``Annotated`` dependencies.
 
 The dependencies are ``async def`` although none awaits: FastAPI runs a plain ``def``
 dependency in its thread pool (three thread hand-offs per send, before this was changed).
@@ -10,32 +11,65 @@ bench/api_cost.py and the README).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Request
+import httpx
+from fastapi import Depends, FastAPI, Request
 
 from emailq.coalesce import EnqueueCoalescer
+from emailq.forms import Form
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.waiting import ResultWaiter
+from server.state import AppState
+
+if TYPE_CHECKING:  # server.ratelimit reads its limiter through here
+    from server.ratelimit import RateLimits
+
+
+def attach_state(app: FastAPI, state: AppState) -> None:
+    """Give ``app`` its state (``create_app`` does; so may a test's bare app)."""
+    app.state.emailq = state
+
+
+def state_of(app: FastAPI) -> AppState:
+    """The state ``attach_state`` gave ``app``."""
+    state: AppState = app.state.emailq
+    return state
+
+
+def _state(request: Request) -> AppState:
+    return state_of(request.app)
 
 
 def queue_of(request: Request) -> Queue:
     """The queue opened by the lifespan."""
-    queue: Queue = request.app.state.queue
-    return queue
+    return _state(request).queue
 
 
 def enqueuer_of(request: Request) -> EnqueueCoalescer:
     """Stores single sends, grouping concurrent ones into one Redis call."""
-    enqueuer: EnqueueCoalescer = request.app.state.enqueuer
-    return enqueuer
+    return _state(request).enqueuer
 
 
 def settings_of(request: Request) -> Settings:
     """The settings the app was built with."""
-    settings: Settings = request.app.state.settings
-    return settings
+    return _state(request).settings
+
+
+def rate_limits_of(request: Request) -> RateLimits:
+    """The rate limiter opened by the lifespan."""
+    return _state(request).rate_limits
+
+
+def forms_of(request: Request) -> dict[str, Form]:
+    """The contact forms (FORMS_FILE) by id."""
+    return _state(request).forms
+
+
+def http_of(request: Request) -> httpx.AsyncClient:
+    """The pooled HTTP client for CAPTCHA verification."""
+    return _state(request).http
 
 
 def request_id_of(request: Request) -> str:
@@ -51,8 +85,7 @@ async def get_queue(request: Request) -> Queue:
 
 async def get_waiter(request: Request) -> ResultWaiter:
     """The result waiter started by the lifespan: one subscription for every waiting client."""
-    waiter: ResultWaiter = request.app.state.waiter
-    return waiter
+    return _state(request).waiter
 
 
 async def get_settings(request: Request) -> Settings:

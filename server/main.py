@@ -22,10 +22,12 @@ from emailq.waiting import ResultWaiter
 from server import docs
 from server.auth import relay_guard
 from server.cors import ApiCorsMiddleware
+from server.deps import attach_state
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
 from server.ratelimit import RateLimits
 from server.routes import admin, batch, dev, email, forms, health
+from server.state import AppState
 
 log = logging.getLogger("emailq.api")
 
@@ -43,28 +45,30 @@ def create_app(settings: Settings) -> FastAPI:
     contact_forms = load_forms(settings.forms_file)
     relay_guard(settings)
 
+    state = AppState(settings, contact_forms)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.queue = Queue.from_settings(settings)
+        state.queue = Queue.from_settings(settings)
         # The README's bound on a 503: a wait for the call in flight, then its own call.
-        app.state.enqueuer = EnqueueCoalescer(
-            app.state.queue, budget_seconds=2 * settings.redis_timeout_seconds
+        state.enqueuer = EnqueueCoalescer(
+            state.queue, budget_seconds=2 * settings.redis_timeout_seconds
         )
         # One pub/sub subscription serves every `wait=` client of this process.
-        app.state.waiter = ResultWaiter(app.state.queue)
-        await app.state.waiter.start()
-        app.state.rate_limits = RateLimits(settings)
+        state.waiter = ResultWaiter(state.queue)
+        await state.waiter.start()
+        state.rate_limits = RateLimits(settings)
         # One pooled client for CAPTCHA verification, not a new one (and TLS handshake) per
         # form submission.
-        app.state.http = httpx.AsyncClient()
+        state.http = httpx.AsyncClient()
         log.info("API ready; Redis at %s", redact_url(settings.redis_url))
         try:
             yield
         finally:
-            await app.state.waiter.stop()
-            await app.state.rate_limits.close()
-            await app.state.http.aclose()
-            await app.state.queue.close()
+            await state.waiter.stop()
+            await state.rate_limits.close()
+            await state.http.aclose()
+            await state.queue.close()
 
     app = FastAPI(
         title="emailq",
@@ -76,7 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
         openapi_url=docs.OPENAPI_URL if settings.api_docs else None,
     )
-    app.state.settings = settings
+    attach_state(app, state)
     app.add_middleware(
         RequestContextMiddleware,
         max_request_bytes=settings.max_request_bytes,
@@ -91,7 +95,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(forms.router, prefix=API_PREFIX)
-    app.state.forms = contact_forms
     if settings.dev_pages:
         app.include_router(dev.router)
     app.include_router(health.router)

@@ -33,6 +33,7 @@ from emailq.queue import FULL, Keys, is_out_of_memory
 from emailq.settings import Settings
 from server.auth import Principal
 from server.clientaddr import client_key
+from server.deps import rate_limits_of
 
 log = logging.getLogger("emailq.api")
 
@@ -110,17 +111,11 @@ def _too_many(usage: Usage, cost: int) -> HTTPException:
     return HTTPException(429, detail, headers={"Retry-After": retry_after, **usage.headers})
 
 
-def get_rate_limits(request: Request) -> RateLimits:
-    """The limiter opened by the lifespan."""
-    rate_limits: RateLimits = request.app.state.rate_limits
-    return rate_limits
-
-
 async def check_key_rate(
     request: Request, response: Response, principal: Principal, *, cost: int = 1
 ) -> Usage | None:
     """Count a send of ``cost`` messages against the caller's RATE_LIMIT_PER_KEY budget."""
-    rate_limits = get_rate_limits(request)
+    rate_limits = rate_limits_of(request)
     if rate_limits.per_key is None:
         return None
     # Without API_KEYS every caller is `anonymous`: one budget for all would let one client
@@ -139,7 +134,7 @@ async def check_form_rate(
     429 when over RATE_LIMIT_PER_FORM_ADDRESS; None when that limit is off. The RateLimit-*
     headers go on ``response`` when given, else take them from the returned ``Usage``.
     """
-    rate_limits = get_rate_limits(request)
+    rate_limits = rate_limits_of(request)
     if rate_limits.per_form_address is None:
         return None
     item = rate_limits.per_form_address

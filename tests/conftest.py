@@ -16,8 +16,8 @@ import pytest
 import redis
 import trustme
 
+from emailq.devtools.redis_server import RedisServer
 from emailq.queue import Queue
-from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from tests.helpers.polling import read_log, wait_for_log, wait_until
 from tests.helpers.processes import FAST, Procs, settings_env

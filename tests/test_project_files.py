@@ -3,6 +3,7 @@ commands match the README, the compose file gives every setting to the container
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -74,10 +75,10 @@ def test_dockerfile_is_slim_non_root_and_installs_from_the_lock() -> None:
 
 def test_every_launcher_runs_the_api_as_python_m_server() -> None:
     # Bare uvicorn believes X-Forwarded-For from loopback peers; `python -m server` does not.
-    for path in ("emailq/dev.py", "tests/helpers/processes.py"):
+    for path in ("emailq/devtools/runner.py", "tests/helpers/processes.py"):
         text = (ROOT / path).read_text()
         assert '"-m", "server"' in text or '("server",)' in text, path
-    assert '"uvicorn", "server.main:app"' not in (ROOT / "emailq/dev.py").read_text()
+    assert '"uvicorn", "server.main:app"' not in (ROOT / "emailq/devtools/runner.py").read_text()
 
 
 def test_dockerfile_has_a_healthcheck_and_pins_its_build_backend() -> None:
@@ -176,3 +177,35 @@ def test_docker_compose_config_with_the_example_env_keeps_the_stack_working(
         assert env["WORKER_CONCURRENCY"] == "5"
         assert env["RATE_LIMIT_PER_KEY"] == ""  # empty means off, not the default
         Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules ``path`` imports, at any depth (lazy imports inside functions count)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _importers(package: str, *forbidden: str) -> dict[str, set[str]]:
+    """Modules under ``package`` that import any of ``forbidden`` (or their submodules)."""
+    bad: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        hits = {m for m in _imports(path) for f in forbidden if m == f or m.startswith(f + ".")}
+        if hits:
+            bad[str(path.relative_to(ROOT))] = hits
+    return bad
+
+
+def test_the_core_never_imports_the_apps_on_top_of_it() -> None:
+    # STYLE.md "The house": the core never imports server/ or worker/; the CLI and the dev
+    # tooling sit on top of it, so the core's own modules do not import them either.
+    assert _importers("emailq", "server", "worker") == {}
+    core = {p: m for p, m in _importers("emailq", "emailq.cli", "emailq.devtools").items()
+            if not p.startswith(("emailq/cli/", "emailq/devtools/"))}  # fmt: skip
+    assert core == {}
+    assert _importers("server", "worker", "emailq.devtools") == {}
+    assert _importers("worker", "server", "emailq.devtools") == {}

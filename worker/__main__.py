@@ -18,20 +18,22 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from emailq.cli.output import relay_text
 from emailq.errors import StoreUnavailable
 from emailq.logs import configure_logging, redact_url
 from emailq.models import RelayState
-from emailq.output import relay_text
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.startup import EXIT_CONFIG, exit_on_config_error, load_settings
 from worker.loop import MAX_BLOCK_SECONDS, Worker, log
+from worker.observer import WorkerObserver
 from worker.sender import Sender, SmtpPool
 
 
-def build_worker(settings: Settings) -> Worker:
+def build_worker(settings: Settings, observer: WorkerObserver | None = None) -> Worker:
     """The queue, sender and worker composed from ``settings``: what ``python -m worker``
-    runs, and what the tests run in-process (one function, so they cannot drift apart)."""
+    runs, and what the tests run in-process (one function, so they cannot drift apart).
+    ``observer`` hears of every claim, send and outcome (see worker.observer)."""
     queue = Queue.from_settings(
         settings,
         # Blocking waits read nothing until they end, so reads may take that long.
@@ -40,7 +42,7 @@ def build_worker(settings: Settings) -> Worker:
         max_connections=settings.worker_concurrency + 4,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
-    return Worker(queue, sender, settings)
+    return Worker(queue, sender, settings, observer)
 
 
 async def serve(settings: Settings) -> int:

@@ -17,7 +17,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, ParamSpec
 
 import tenacity
 
@@ -34,6 +34,7 @@ from emailq.models import Attempt, ClaimedJob
 from emailq.queue import Claim, Outcome, Queue, Refill
 from emailq.relay import RelayStore
 from emailq.settings import Settings, UnknownOutcome
+from worker.observer import NoObserver, WorkerObserver
 from worker.relay import RelayGuard
 from worker.retry import RetryPolicy
 from worker.sender import Delivery, Sender
@@ -47,6 +48,8 @@ MAX_BLOCK_SECONDS = 5.0  # longest BLPOP; wake tokens make it end early when wor
 LEASE_SAFETY = 0.2
 LOST = float("-inf")  # the lease deadline of a job whose lease Redis says is gone
 RECORD_ON_EXIT_SECONDS = 2.0  # longest wait to record a send the drain cut off
+
+P = ParamSpec("P")
 
 
 def new_worker_id() -> str:
@@ -78,10 +81,17 @@ def _until_redis_answers(
 class Worker:
     """Runs until ``stop()``; then stops claiming, drains within the grace period, returns."""
 
-    def __init__(self, queue: Queue, sender: Sender, settings: Settings) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        sender: Sender,
+        settings: Settings,
+        observer: WorkerObserver | None = None,
+    ) -> None:
         self.queue = queue
         self.sender = sender
         self.settings = settings
+        self.observer: WorkerObserver = observer or NoObserver()
         self.worker_id = new_worker_id()
         self.concurrency = settings.worker_concurrency
         self.lease_ms = int(settings.job_lease_seconds * 1000)
@@ -204,6 +214,8 @@ class Worker:
 
     async def _take(self, claim: Claim, sent: float) -> None:
         """Start the jobs of a claim that was sent at monotonic time ``sent``."""
+        _notify(self.observer.on_claim, len(claim.jobs) + len(claim.unreadable),
+                time.monotonic() - sent)  # fmt: skip
         late = self._claim_is_late(claim, sent)
         if (self._stopping.is_set() or late) and claim.jobs:
             # A claim that was on its way when stop() came (a finish's refill, typically):
@@ -220,9 +232,11 @@ class Worker:
             # It can never be sent; failing it keeps it from coming back on every claim.
             log.error("failing task %s: %s", lost.task_id, lost.error)
             await _best_effort(functools.partial(self.queue.fail_unreadable, lost), "fail")
+            _notify(self.observer.on_failed, lost, None, lost.error, 0.0)
 
     def _start(self, claimed: ClaimedJob) -> None:
         self._inflight[claimed.task_id] = claimed
+        _notify(self.observer.on_claimed, claimed)
         task = asyncio.create_task(self._process(claimed))
         self._tasks[claimed.task_id] = task
         task.add_done_callback(lambda _: self._forget(claimed.task_id))
@@ -246,6 +260,7 @@ class Worker:
         except LeaseLost as exc:
             # Nothing was sent and nothing is recorded: the job is its new owner's.
             log.info("not sent: %s", exc, extra=ctx)
+            _notify(self.observer.on_lease_lost, claimed, str(exc))
         except OutcomeUnknown as exc:
             await self._unknown(claimed, exc, started, ctx)
         except (RelayUnavailable, RelayThrottled) as exc:
@@ -285,6 +300,7 @@ class Worker:
         entry = Attempt(attempt=claimed.attempt, outcome="success", code=delivery.code,
                         reply=delivery.reply, duration_ms=round(ms, 2))  # fmt: skip
         await self._record(claimed, "success", entry)
+        _notify(self.observer.on_sent, claimed, delivery.code, ms / 1000)
 
     async def _failed(
         self, claimed: ClaimedJob, exc: SendError, started: float, ctx: dict[str, Any]
@@ -298,10 +314,12 @@ class Worker:
             reason = f"{kind} after {claimed.attempt} attempt(s): {exc}"
             log.warning("failed: %s", reason, extra=ctx)
             await self._record(claimed, "failed", entry, reason=reason)
+            _notify(self.observer.on_failed, claimed, exc.code, reason, ms / 1000)
         else:
             log.info("attempt %d of %d failed (%s); retry in %.1fs", claimed.attempt,
                      self.policy.max_attempts, exc, delay, extra=ctx)  # fmt: skip
             await self._record(claimed, "retry", entry, retry_in_ms=int(delay * 1000))
+            _notify(self.observer.on_retry, claimed, exc.code, delay, ms / 1000)
 
     async def _unknown(
         self, claimed: ClaimedJob, exc: OutcomeUnknown, started: float, ctx: dict[str, Any]
@@ -318,11 +336,15 @@ class Worker:
                         "again in %.1fs, a possible duplicate", claimed.attempt, exc, delay,
                         extra=ctx)  # fmt: skip
             await self._record(claimed, "retry", entry, retry_in_ms=int(delay * 1000))
+            _notify(self.observer.on_unknown_outcome, claimed, ms / 1000)
+            _notify(self.observer.on_retry, claimed, None, delay, ms / 1000)
             return
         why = "ON_UNKNOWN_OUTCOME=fail" if policy is UnknownOutcome.FAIL else "out of attempts"
         reason = f"outcome unknown after {claimed.attempt} attempt(s) ({why}): {exc}"
         log.warning("failed: %s", reason, extra=ctx)
         await self._record(claimed, "failed", entry, reason=reason)
+        _notify(self.observer.on_unknown_outcome, claimed, ms / 1000)
+        _notify(self.observer.on_failed, claimed, None, reason, ms / 1000)
 
     async def _defer(
         self, claimed: ClaimedJob, exc: SendError, started: float, ctx: dict[str, Any]
@@ -341,10 +363,13 @@ class Worker:
                 applied = await self.relay.store.defer(claimed, entry, how)
         if applied == "failed":
             log.warning("failed: %s", how.reason_if_expired, extra=ctx)
+            _notify(self.observer.on_failed, claimed, exc.code, how.reason_if_expired, ms / 1000)
         elif applied == "deferred":
             log.debug("relay failed (%s); back in the queue, attempt not counted", exc, extra=ctx)
+            _notify(self.observer.on_deferred, claimed, exc.code, ms / 1000)
         else:
             log.warning("deferral not applied (%s): lease was lost", applied, extra=ctx)
+            _notify(self.observer.on_lease_lost, claimed, f"deferral not applied ({applied})")
 
     async def _record(
         self, claimed: ClaimedJob, outcome: Outcome, entry: Attempt, **kwargs: Any
@@ -417,6 +442,7 @@ class Worker:
         lost = await self.queue.renew(held, self.lease_ms, worker_id=self.worker_id)
         self._renewed_at = sent
         self._note_renewal([c.task_id for c in held], set(lost), sent)
+        _notify(self.observer.on_renewal, len(held), len(lost))
 
     def _note_renewal(self, renewed: list[str], lost: set[str], sent: float) -> None:
         """Move each renewed job's lease deadline on; a lost one is not sent any more (its
@@ -498,6 +524,14 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECORD_ON_EXIT_SECONDS):
                     await self._unknown(claimed, cut, time.perf_counter(), ctx)
+
+
+def _notify(hook: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:
+    """Call an observer hook; a failing observer is logged, never the worker's failure."""
+    try:
+        hook(*args, **kwargs)
+    except Exception:
+        log.exception("observer hook %s failed", getattr(hook, "__name__", hook))
 
 
 async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:

@@ -1,9 +1,12 @@
 -- Prepended to every script by emailq.queue. Every script is called with the same shared
 -- keys and prefixes first (Keys.shared_keys / Keys.shared_args in queue.py, the one place
 -- key names are made); its own arguments follow from ARGV[5].
-local K_SCHEDULED, K_LEASES, K_WAKE, K_FAILED, K_WORKERS, K_FAIRNESS, K_STORED =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local K_SCHEDULED, K_LEASES, K_WAKE, K_FAILED, K_WORKERS, K_FAIRNESS, K_STORED, K_EVENTS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local TASK, LANE, STATS, DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- The event stream's cap is the last shared argument; taken off ARGV here, so that every
+-- script's own arguments start at ARGV[5] and its '#ARGV' counts only them.
+local EVENTS_MAXLEN = table.remove(ARGV, 5)
 
 -- Time comes from the Redis server, so leases and schedules do not depend on the
 -- clocks of the API and worker machines agreeing.
@@ -20,6 +23,44 @@ local function append_log(task, entry)
   log[#log + 1] = entry
   while #log > 50 do table.remove(log, 1) end
   redis.call('HSET', task, 'log', cjson.encode(log))
+end
+
+-- The durable event stream: every state change that matters is appended here by the script
+-- that makes it, in the same atomic step, so a consumer (metrics, the dashboard, webhooks)
+-- that reads it from where it left off misses nothing, unlike the 'done' pub/sub, which
+-- only live waiters hear. Capped near EVENT_STREAM_MAXLEN entries ('~': whole nodes are
+-- trimmed, which is cheap). Every entry has the same fields, so Redis stores their names
+-- once per node. Called after the step's first write: in a Redis at maxmemory a script is
+-- refused only at its first write that can grow memory (see finish.lua), so the append
+-- never stops an outcome from being recorded.
+-- E (optional): attempt (default: the task's count), code (SMTP), reason, worker.
+local REASON_MAX = 200  -- bytes: a reason is a summary here; the task's hash has it whole
+
+-- The first `max` bytes of `text`, cut at a character boundary: half a UTF-8 character
+-- would make the entry unreadable to a client that decodes replies.
+local function clip(text, max)
+  if #text <= max then return text end
+  local cut = max
+  -- While the first byte dropped continues a character (10xxxxxx), drop that one too.
+  while cut > 0 and string.byte(text, cut + 1) >= 128 and string.byte(text, cut + 1) < 192 do
+    cut = cut - 1
+  end
+  return string.sub(text, 1, cut)
+end
+
+local function emit(kind, id, now, E)
+  E = E or {}
+  local f = redis.call('HMGET', TASK .. id, 'lane', 'attempts', 'request_id')
+  local reason = clip(E.reason or '', REASON_MAX)
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*',
+    'type', kind, 'task_id', id, 'time', now, 'lane', f[1] or '',
+    'attempt', E.attempt or f[2] or 0, 'code', E.code or '', 'reason', reason,
+    'request_id', f[3] or '', 'worker', E.worker or '')
+end
+
+-- The worker a lease token names (tokens are '<worker id>:<attempt>', see claim_ready).
+local function token_worker(token)
+  return string.match(token or '', '^(.*):%d+$') or ''
 end
 
 -- Per-minute counters of finished tasks, for the stats endpoint (kept two hours).
@@ -57,7 +98,9 @@ end
 
 -- Final states keep the hash for RESULT_TTL_SECONDS; pending tasks never expire.
 -- Failed tasks are indexed by time (the dead-letter list); waiters hear of every end.
-local function finish_task(id, status, now, ttl, reason)
+-- E: the event's fields (see emit); E.type names a failure that is not a plain 'failed'
+-- ('cancelled', 'expired'). A success is 'sent'.
+local function finish_task(id, status, now, ttl, reason, E)
   local task = TASK .. id
   redis.call('ZREM', K_LEASES, id)
   redis.call('ZREM', K_SCHEDULED, id)
@@ -76,6 +119,9 @@ local function finish_task(id, status, now, ttl, reason)
   end
   redis.call('EXPIRE', task, ttl)
   count_finished(status, now)
+  E = E or {}
+  if status ~= 'success' then E.reason = reason end
+  emit(status == 'success' and 'sent' or E.type or 'failed', id, now, E)
   redis.call('PUBLISH', DONE, id)
 end
 
@@ -121,6 +167,7 @@ local function claim_ready(C, now)
       redis.call('HDEL', task, 'lease')
       append_log(task, {at = now, attempt = attempts, outcome = 'lease_expired',
                         reply = 'worker stopped renewing its lease'})
+      emit('lease_expired', id, now, {reason = 'worker stopped renewing its lease'})
       if attempts >= max_attempts then
         finish_task(id, 'failed', now, ttl,
           'lease expired on attempt ' .. attempts .. ' of ' .. max_attempts .. ' (worker lost)')
@@ -161,13 +208,14 @@ local function claim_ready(C, now)
     if expires_at > 0 and now >= expires_at then
       local attempts = tonumber(redis.call('HGET', task, 'attempts') or '0')
       append_log(task, {at = now, attempt = attempts, outcome = 'expired'})
-      finish_task(id, 'failed', now, ttl, 'expired')
+      finish_task(id, 'failed', now, ttl, 'expired', {type = 'expired'})
       return nil
     end
     local attempt = redis.call('HINCRBY', task, 'attempts', 1)
     local token = worker .. ':' .. attempt
     redis.call('HSET', task, 'lease', token, 'updated_at', now)
     redis.call('ZADD', K_LEASES, now + lease_ms, id)
+    emit('claimed', id, now, {worker = worker})
     local f = redis.call('HMGET', task, 'job', 'request_id')
     return {id, token, attempt, f[1], f[2] or ''}
   end

@@ -11,5 +11,5 @@ local now = now_ms()
 redis.call('LREM', LANE .. redis.call('HGET', task, 'lane'), 0, id)
 append_log(task, {at = now, attempt = tonumber(redis.call('HGET', task, 'attempts')),
                   outcome = 'cancelled'})
-finish_task(id, 'failed', now, tonumber(ARGV[6]), 'cancelled')
+finish_task(id, 'failed', now, tonumber(ARGV[6]), 'cancelled', {type = 'cancelled'})
 return 'cancelled'

@@ -22,13 +22,16 @@ local entry = cjson.decode(ARGV[7])
 entry['at'] = now
 redis.call('ZREM', K_LEASES, id)
 redis.call('HDEL', task, 'lease')
+local event = {attempt = entry['attempt'], code = entry['code'], reason = entry['reply'],
+               worker = token_worker(token)}
 if now - since >= ceiling then
   entry['outcome'] = 'failed'
   append_log(task, entry)
-  finish_task(id, 'failed', now, ttl, ARGV[8])
+  finish_task(id, 'failed', now, ttl, ARGV[8], event)
   return 'failed'
 end
 append_log(task, entry)
+emit('deferred', id, now, event)
 redis.call('HSET', task, 'updated_at', now)
 if delay > 0 then
   redis.call('HSET', task, 'next_attempt_at', now + delay)

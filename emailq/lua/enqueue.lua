@@ -95,6 +95,7 @@ local function store(t)
   else
     make_ready(lane, id, false)
   end
+  emit('accepted', id, now)
   if memory_left then memory_left = memory_left - #job - overhead end
   return now
 end

@@ -23,6 +23,7 @@ local function record()
   local entry = cjson.decode(ARGV[8])
   entry['at'] = now
   append_log(task, entry)
+  local event = {attempt = entry['attempt'], code = entry['code'], worker = token_worker(token)}
   if outcome == 'retry' then
     local due = now + tonumber(ARGV[10])
     -- The relay answered about this mail: a later outage starts a new outage clock.
@@ -30,10 +31,12 @@ local function record()
     redis.call('HSET', task, 'updated_at', now, 'next_attempt_at', due)
     redis.call('ZADD', K_SCHEDULED, due, id)
     nudge()
+    event.reason = entry['reply']
+    emit('retry', id, now, event)
     return 'retry'
   end
   local ttl = tonumber(outcome == 'success' and ARGV[12] or ARGV[11])
-  finish_task(id, outcome, now, ttl, ARGV[9])
+  finish_task(id, outcome, now, ttl, ARGV[9], event)
   return outcome
 end
 

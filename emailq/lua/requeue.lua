@@ -15,6 +15,7 @@ for i = 5, #ARGV do
     -- Counted again, never refused: the job never left Redis, so this adds no memory.
     charge(task, redis.call('HGET', task, 'quota'), redis.call('HSTRLEN', task, 'job'))
     make_ready(redis.call('HGET', task, 'lane'), id, false)
+    emit('requeued', id, now)
     done[#done + 1] = id
   end
 end

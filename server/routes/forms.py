@@ -31,7 +31,7 @@ from emailq.forms import (
 from emailq.queue import EnqueueItem, Idempotency
 from emailq.submit import prepare_form
 from server.clientaddr import client_address
-from server.deps import QueueDep, RequestIdDep, SettingsDep
+from server.deps import QueueDep, RequestIdDep, SettingsDep, forms_of, http_of
 from server.errors import BodyTooDeep
 from server.ratelimit import check_form_rate
 from server.schemas import Accepted
@@ -45,7 +45,7 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 async def get_form(request: Request, form_id: str) -> Form:
     """The configured form ``form_id``; 404 when there is none."""
-    form: Form | None = request.app.state.forms.get(form_id)
+    form = forms_of(request).get(form_id)
     if form is None:
         raise HTTPException(404, f"no form {form_id!r}")
     return form
@@ -159,7 +159,7 @@ async def submit_form(
     # that the field is a trap. Only storing and sending are skipped.
     if form.captcha is not None:
         token = submitted.get(form.captcha.token_field, "")
-        await _verify_captcha(request.app.state.http, form.captcha, token, client)
+        await _verify_captcha(http_of(request), form.captcha, token, client)
     fields = content_fields(submitted)
     item = prepare_form(form, fields, settings, request_id=request_id)
     if submitted.get(HONEYPOT):

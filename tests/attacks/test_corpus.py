@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from emailq.redis_server import RedisServer
+from emailq.devtools.redis_server import RedisServer
 from emailq.settings import Settings
 from tests.helpers.polling import wait_until
 from tests.helpers.processes import FAST, Procs

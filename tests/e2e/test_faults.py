@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from emailq.redis_server import RedisServer
+from emailq.devtools.redis_server import RedisServer
 from emailq.settings import Settings
 from tests.helpers.api import Api, all_succeeded, outcomes
 from tests.helpers.polling import read_log, wait_for_log, wait_until

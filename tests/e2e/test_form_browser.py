@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emailq.dev import DEV_FORMS
+from emailq.devtools.runner import DEV_FORMS
 from emailq.settings import Settings
 from tests.helpers.browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM
 from tests.helpers.polling import wait_until

@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 
+from emailq.devtools.redis_server import RedisServer
 from emailq.queue import Keys
-from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from tests.helpers.api import Api, all_succeeded
 from tests.helpers.polling import wait_for_log, wait_until

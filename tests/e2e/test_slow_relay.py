@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from emailq.redis_server import RedisServer
+from emailq.devtools.redis_server import RedisServer
 from emailq.settings import Settings
 from tests.helpers.api import Api, all_succeeded, outcomes
 from tests.helpers.polling import read_log, wait_until

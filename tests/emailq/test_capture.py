@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emailq.capture import BoundController, CaptureHandler
+from emailq.devtools.capture import BoundController, CaptureHandler
 from tests.helpers.polling import wait_until
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from emailq.cli import _parser, main
-from emailq.output import Progress, table
+from emailq.cli.main import _parser, main
+from emailq.cli.output import Progress, table
 from emailq.settings import Settings
 from tests.helpers.ports import refused_redis_url
 from tests.helpers.processes import Procs
@@ -163,7 +163,7 @@ def test_send_file_in_text_mode_prints_a_table_and_draws_progress(
 def test_send_file_enqueues_in_chunks(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from emailq import commands
+    from emailq.cli import commands
 
     calls: list[int] = []
     original = commands.Queue.enqueue_many
@@ -290,7 +290,7 @@ def test_bulk_requeue_goes_in_chunks_with_progress(
     ids = [send(cli, f"u{i}@example.com") for i in range(5)]
     for task_id in ids:
         assert cli("cancel", task_id).code == 0
-    from emailq import commands
+    from emailq.cli import commands
 
     calls: list[int] = []
     original = commands.Queue.requeue

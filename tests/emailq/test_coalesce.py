@@ -11,10 +11,10 @@ from collections.abc import Callable
 import pytest
 
 from emailq.coalesce import EnqueueCoalescer
+from emailq.devtools.redis_server import RedisServer
 from emailq.errors import StoreOutcomeUnknown, StoreUnavailable
 from emailq.models import Job
 from emailq.queue import EnqueueItem, Idempotency, Queue, Replay
-from emailq.redis_server import RedisServer
 from tests.helpers.ports import refused_redis_url
 
 

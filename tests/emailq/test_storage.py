@@ -17,10 +17,10 @@ import pytest
 import redis
 
 from emailq.coalesce import EnqueueCoalescer
+from emailq.devtools.redis_server import RedisServer
 from emailq.errors import QuotaExceeded, StoreFull, StoreUnavailable
 from emailq.models import Attempt, ClaimedJob, Job
 from emailq.queue import EnqueueItem, Idempotency, Queue, StoreLimits
-from emailq.redis_server import RedisServer
 from tests.helpers.queues import fill_until_full
 
 LONG = 60_000  # a lease that never lapses during a test (ms)

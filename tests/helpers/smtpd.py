@@ -22,7 +22,7 @@ from typing import Any
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from emailq.capture import BoundController
+from emailq.devtools.capture import BoundController
 
 
 @dataclass

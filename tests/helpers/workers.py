@@ -16,6 +16,7 @@ from tests.helpers.polling import eventually
 from tests.helpers.smtpd import RecordingHandler, SmtpServer
 from worker.__main__ import build_worker
 from worker.loop import Worker
+from worker.observer import WorkerObserver
 
 Factory = Callable[..., SmtpServer]
 
@@ -87,10 +88,12 @@ class Running:
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Running]:
+async def running(
+    settings: Settings, observer: WorkerObserver | None = None
+) -> AsyncIterator[Running]:
     """The worker ``python -m worker`` would run (``build_worker``), as a task of this
     loop; stopped, and its queue closed, at the end."""
-    worker = build_worker(settings)
+    worker = build_worker(settings, observer)
     run = Running(worker.queue, worker, asyncio.create_task(worker.run()))
     try:
         yield run

@@ -14,8 +14,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from emailq.devtools.redis_server import RedisServer
 from emailq.queue import Keys
-from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from server.main import create_app
 from tests.helpers.api import MAX_BODY, assert_error, local_client, mail

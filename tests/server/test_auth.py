@@ -32,10 +32,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from emailq import cli
 from emailq.apikeys import ApiKey, hash_key, parse_api_keys
+from emailq.cli import main as cli
 from emailq.queue import Keys
 from emailq.settings import Settings
+from server.deps import state_of
 from server.main import create_app
 from server.routes.email import MAX_WAIT_SECONDS
 from tests.helpers.api import (
@@ -212,7 +213,7 @@ def test_waiting_on_another_keys_task_answers_404_at_once(
     task_id = send(client, ALICE).json()["task_id"]  # no worker: it stays pending
     # Not timed: the request must never reach the result waiter (waiting, then answering
     # 404, would reveal the task by its delay). The real waiter still serves every call.
-    waiter = client.app.state.waiter  # type: ignore[attr-defined]
+    waiter = state_of(client.app).waiter
     waits: list[str] = []
     real_wait = waiter.wait
 

@@ -26,7 +26,9 @@ from server.clientaddr import (
     parse_address,
     rewritten_by_server,
 )
+from server.deps import attach_state
 from server.main import create_app
+from server.state import AppState
 from tests.helpers.api import assert_error, local_client, mail
 
 PROXIES = parse_networks("10.0.0.0/8, 127.0.0.1")
@@ -109,7 +111,7 @@ def test_a_peer_rewritten_from_the_header_is_recognised() -> None:
 
 def _echo_app(settings: Settings) -> FastAPI:
     app = FastAPI()
-    app.state.settings = settings
+    attach_state(app, AppState(settings))
 
     @app.get("/who")
     async def who(request: Request) -> dict[str, str]:

@@ -23,6 +23,7 @@ from emailq.message import build_message
 from emailq.models import Attempt, Job
 from emailq.queue import Queue
 from emailq.settings import Settings
+from server.deps import state_of
 from server.main import create_app
 from tests.helpers.api import local_client
 from tests.helpers.forms import (
@@ -234,7 +235,7 @@ def test_a_lone_surrogate_in_a_field_is_422_and_stores_nothing(
 def local_operator(client: TestClient) -> Iterator[TestClient]:
     """The same API, reached from loopback: whoever may read form tasks while API_KEYS is
     unset (tests/server/test_honeypot.py checks that nobody else can)."""
-    with local_client(create_app(client.app.state.settings)) as local:
+    with local_client(create_app(state_of(client.app).settings)) as local:
         yield local
 
 

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from emailq.apikeys import hash_key
 from emailq.queue import Keys, Queue
 from emailq.settings import Settings
+from server.deps import state_of
 from server.main import create_app
 from tests.helpers.api import MAX_BODY, assert_error, local_client, mail
 
@@ -178,7 +179,7 @@ def test_wait_returns_once_the_task_is_final(client: TestClient, app: FastAPI) -
     waiting = threading.Thread(target=lambda: answers.append(result(client, task_id, wait=20)))
     waiting.start()
     deadline = time.monotonic() + 10  # bounds a failing test only
-    while app.state.waiter.waiting == 0 and time.monotonic() < deadline:
+    while state_of(app).waiter.waiting == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
 
     assert client.post(f"{ADMIN}/tasks/{task_id}/cancel").status_code == 200
@@ -186,7 +187,7 @@ def test_wait_returns_once_the_task_is_final(client: TestClient, app: FastAPI) -
 
     # Woken by the finish, well before its 20 s: otherwise it would still say pending.
     assert (answers[0]["status"], answers[0]["reason"]) == ("failed", "cancelled")
-    assert app.state.waiter.waiting == 0
+    assert state_of(app).waiter.waiting == 0
 
 
 # -- batch -------------------------------------------------------------------------------

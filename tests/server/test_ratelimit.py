@@ -27,9 +27,9 @@ from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 from starlette.responses import PlainTextResponse
 
+from emailq.devtools.redis_server import RedisServer
 from emailq.netlists import parse_networks
 from emailq.queue import Keys
-from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from server.clientaddr import forwarded_client
 from server.cors import ApiCorsMiddleware

@@ -23,8 +23,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from emailq.apikeys import hash_key
+from emailq.devtools.redis_server import RedisServer
 from emailq.queue import Keys
-from emailq.redis_server import RedisServer
 from emailq.settings import Settings
 from server.main import create_app
 from tests.helpers.api import assert_error, local_client

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from emailq.commands import Context
-    from emailq.output import Output
+    from emailq.cli.commands import Context
+    from emailq.cli.output import Output
     from emailq.settings import Settings
 
 # Only what parsing needs is imported at the top: each command pulls in what it runs, so
@@ -108,7 +108,7 @@ def _count_lines(path: str) -> int:
 
 
 def _send_command(args: argparse.Namespace, files: ExitStack) -> Command:
-    from emailq import commands
+    from emailq.cli import commands
 
     if args.file is None:
         return lambda ctx: commands.send(ctx, _send_fields(args))
@@ -123,7 +123,7 @@ def _send_command(args: argparse.Namespace, files: ExitStack) -> Command:
 
 def _command(args: argparse.Namespace, files: ExitStack) -> Command:
     """The chosen queue command, with its arguments bound."""
-    from emailq import commands
+    from emailq.cli import commands
 
     if args.command == "send":
         return _send_command(args, files)
@@ -153,10 +153,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _run_queue_command(args: argparse.Namespace) -> int:
     """Compose settings, queue and output for one queue command, and run it."""
-    from emailq.commands import ExitCode
+    from emailq.cli.commands import ExitCode
+    from emailq.cli.output import Output
     from emailq.errors import StoreUnavailable
     from emailq.logs import redact_url
-    from emailq.output import Output
     from emailq.startup import exit_on_config_error, load_settings
 
     out = Output(json_mode=args.json, stdout=sys.stdout, stderr=sys.stderr,
@@ -179,7 +179,7 @@ def _run_queue_command(args: argparse.Namespace) -> int:
 
 
 async def _session(settings: Settings, out: Output, command: Command) -> int:
-    from emailq.commands import Context
+    from emailq.cli.commands import Context
     from emailq.queue import Queue
     from emailq.submit import OperatorLimits
 
@@ -232,19 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     _check(parser, args)
     # Imports stay inside the branches: each command pulls in only what it runs.
     if args.command == "dev":
-        from emailq.dev import DevConfig, run
+        from emailq.devtools.runner import DevConfig, run
 
         cfg = DevConfig(args.data_dir, args.port, args.smtp_port, args.redis_port)
         return run(cfg)
     if args.command == "keygen":
         return _keygen(parser, args)
     if args.command == "capture":
-        from emailq.capture import serve
+        from emailq.devtools.capture import serve
 
         serve(args.host, args.port, args.out)
         return 0
     return _run_queue_command(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -22,11 +22,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from emailq import output, submit
+from emailq import submit
+from emailq.cli import output
+from emailq.cli.output import Output, Progress
 from emailq.compose import EmailRequest
 from emailq.errors import StoreUnavailable
 from emailq.models import Status, TaskRecord
-from emailq.output import Output, Progress
 from emailq.queue import EnqueueItem, Queue
 from emailq.waiting import ResultWaiter
 

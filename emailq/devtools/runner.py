@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from emailq.devtools.redis_server import RedisServer
 from emailq.errors import ConfigError
-from emailq.redis_server import RedisServer
 from emailq.startup import exit_on_config_error, load_settings
 
 HOST = "127.0.0.1"
