@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,12 @@ def wait_until(check: Callable[[], bool], timeout: float = 300, every: float = 0
             raise TimeoutError("benchmark step did not finish")
         time.sleep(every)
     return time.perf_counter()
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
