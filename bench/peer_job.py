@@ -67,8 +67,10 @@ class Clock:
         self.done += 1
         self.last = time.perf_counter()
 
-    def result(self, settings: dict[str, Any]) -> str:
-        """The one JSON line the harness reads back."""
+    def result(self, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+        """The one JSON line the harness reads back. The rate counts distinct mails: a job
+        run twice costs its peer time but delivers nothing new."""
         elapsed = self.last - (self.first or self.last)
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        return json.dumps({"rate": rate, "complete": self.done, "settings": settings})
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        return json.dumps({"rate": rate, "complete": self.done, "settings": settings,
+                           **(extra or {})})  # fmt: skip

@@ -29,6 +29,11 @@ def settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items() if k != "peer")
 
 
+def _twice(run: dict[str, Any]) -> str:
+    extra = run.get("runs_beyond_n", 0)
+    return f"; {extra} jobs run twice" if extra else ""
+
+
 def best_peers(peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each peer's fastest run, in the order the peers ran."""
     best: dict[str, dict[str, Any]] = {}
@@ -61,8 +66,8 @@ def _peer_rows(r: dict[str, Any]) -> list[str]:
         if plain:
             ratio += f"; {run['rate'] / plain:.2f}x plain"
         rows.append(_row(name, f"{run['rate']:,.0f} mails/s; "
-                         f"{run['commands_per_mail']:.1f} Redis commands/mail", ratio,
-                         "emailq >= 1.5x"))  # fmt: skip
+                         f"{run['commands_per_mail']:.1f} Redis commands/mail{_twice(run)}",
+                         ratio, "emailq >= 1.5x"))  # fmt: skip
     return rows
 
 
@@ -98,6 +103,8 @@ def _cost_rows(r: dict[str, Any]) -> list[str]:
         _row("Redis memory per queued mail", f"{one['memory_per_queued']:,.0f} B", "", ""),
         _row("Redis memory per finished status", f"{one['memory_per_finished']:,.0f} B", "", ""),
         _row("worker RSS after the run", f"{one['rss_mb']:.0f} MB", "", "<= 80 MB"),
+        _row("worker CPU per mail (1 process)", f"{one['cpu_us_per_mail']:.0f} us",
+             f"{one['cpu_share']:.2f} cores while draining", ""),
     ]  # fmt: skip
 
 
@@ -112,17 +119,22 @@ def _relay_rows(s: dict[str, Any]) -> list[str]:
              f"{s['pipelined_s_per_mail'] * 1000:.1f} ms/mail",
              f"limit for {c}: {s['pipelined_limit']:,.0f} mails/s", ""),
         _row(f"relay {d}: plain aiosmtplib loop, {c} connections, 1 process",
-             f"{s['plain_rate']:,.0f} mails/s", f"{s['plain_rate'] / limit:.2f}x limit", ""),
+             f"{s['plain_rate']:,.0f} mails/s",
+             f"{s['plain_rate'] / limit:.2f}x limit; CPU: sender {s['plain_cpu_share']:.2f}, "
+             f"sink {s['plain_sink_cpu_share']:.2f} cores", ""),
         _row(f"relay {d}: emailq worker, 1 process, WORKER_CONCURRENCY={c}",
              f"{ours['rate']:,.0f} mails/s",
              f"**{ours['rate'] / limit:.2f}x limit**; RSS {ours['rss_mb']:.0f} MB; "
-             f"{round_trips(ours, s['n']):.2f} Redis round trips/mail",
+             f"{round_trips(ours, s['n']):.2f} Redis round trips/mail; CPU: worker "
+             f"{ours['cpu_share']:.2f} ({ours['cpu_us_per_mail']:.0f} us/mail), "
+             f"sink {s['emailq_sink_cpu_share']:.2f} cores",
              ">= 0.9x limit"),
     ]  # fmt: skip
     for name, run in (s.get("peers") or {}).items():
         if run:
             rows.append(_row(f"relay {d}: {run['settings']['peer']} "
-                             f"({settings_text(run['settings'])})", f"{run['rate']:,.0f} mails/s",
+                             f"({settings_text(run['settings'])})",
+                             f"{run['rate']:,.0f} mails/s{_twice(run)}",
                              f"{run['rate'] / limit:.2f}x limit; emailq "
                              f"{ours['rate'] / run['rate']:.2f}x {name}", ""))  # fmt: skip
     return rows

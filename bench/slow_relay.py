@@ -31,6 +31,7 @@ from bench import drain
 from bench.common import (
     MAIL_FROM,
     ROOT,
+    cpu_seconds,
     exe,
     job,
     listening,
@@ -90,6 +91,25 @@ async def pipelined_connection(port: int, count: int) -> float:
     return elapsed / count
 
 
+class Cpu:
+    """CPU share (CPU seconds per wall second) of this process and of the sink over a step:
+    near 1.0 is a process that is the limit, whatever the relay's latency."""
+
+    def __init__(self, sink_pid: int) -> None:
+        self.sink_pid = sink_pid
+        self.own = self.sink = 0.0
+
+    def __enter__(self) -> Cpu:
+        self._start = (time.perf_counter(), time.process_time(), cpu_seconds(self.sink_pid))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, own, sink = self._start
+        elapsed = time.perf_counter() - wall
+        self.own = (time.process_time() - own) / elapsed
+        self.sink = (cpu_seconds(self.sink_pid) - sink) / elapsed
+
+
 def one_delay(redis_url: str, delay_ms: float, n: int, connections: int, tmp: Path,
               peers: bool) -> dict[str, Any]:  # fmt: skip
     port = free_port()
@@ -101,13 +121,17 @@ def one_delay(redis_url: str, delay_ms: float, n: int, connections: int, tmp: Pa
         count = max(5, int(2000 / (4 * delay_ms)))
         per_mail = uvloop.run(one_connection(port, count))
         pipelined = uvloop.run(pipelined_connection(port, count))
-        plain = uvloop.run(drain.plain_loop(port, n, connections))
-        ours = drain.emailq_drain(redis_url, port, n, 1, connections, tmp)
+        with Cpu(sink.pid) as plain_cpu:
+            plain = uvloop.run(drain.plain_loop(port, n, connections))
+        with Cpu(sink.pid) as ours_cpu:
+            ours = drain.emailq_drain(redis_url, port, n, 1, connections, tmp)
         result: dict[str, Any] = {
             "delay_ms": delay_ms, "connections": connections, "n": n,
             "one_connection_s_per_mail": per_mail, "pipelined_s_per_mail": pipelined,
             "limit": connections / per_mail, "pipelined_limit": connections / pipelined,
             "plain_rate": plain, "emailq": ours,
+            "plain_cpu_share": plain_cpu.own, "plain_sink_cpu_share": plain_cpu.sink,
+            "emailq_sink_cpu_share": ours_cpu.sink,
         }  # fmt: skip
         if peers:
             result["peers"] = {
