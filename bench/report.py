@@ -17,12 +17,12 @@ def round_trips(run: dict[str, Any], n: int) -> float:
     calls = {**run["enqueue_calls"]}
     for name, count in run["drain_calls"].items():
         calls[name] = calls.get(name, 0) + count
-    return sum(calls.get(c, 0) for c in CLIENT_CALLS) / n
+    return float(sum(calls.get(c, 0) for c in CLIENT_CALLS)) / n
 
 
 def commands(run: dict[str, Any], n: int) -> float:
     """Redis commands per mail, counting those inside scripts and MULTI."""
-    return (sum(run["drain_calls"].values()) + sum(run["enqueue_calls"].values())) / n
+    return float(sum(run["drain_calls"].values()) + sum(run["enqueue_calls"].values())) / n
 
 
 def settings_text(settings: dict[str, Any]) -> str:
