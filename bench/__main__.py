@@ -15,12 +15,12 @@ from typing import Any
 
 import uvloop
 
-from bench import drain, http, slow_relay
+from bench import drain, http, scaling, slow_relay
 from bench.common import ROOT, exe, listening, spawn, stop, wait_until
 from bench.sink import smtp_sink_path, start_smtp_sink
 from emailq.redis_server import RedisServer, free_port
 
-PARTS = ("drain", "peers", "http", "relay")
+PARTS = ("drain", "peers", "http", "relay", "scaling")
 
 
 def _sink(tmp: Path) -> tuple[Any, int, str]:
@@ -59,6 +59,9 @@ def _fast(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         if "http" in args.parts:
             rate = out["emailq_1"]["rate"] if "emailq_1" in out else 500.0
             out["http"] = http.run_all(url, port, tmp, seconds=args.http_seconds, drain_rate=rate)
+        if "scaling" in args.parts:
+            out["scaling"] = scaling.run(url, port, tmp, sizes=args.scaling_sizes,
+                                         sample=args.scaling_sample, concurrency=c)  # fmt: skip
     finally:
         stop(sink)
     return out
@@ -105,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--relay-connections", type=int, default=256)
     parser.add_argument("--relay-no-peers", action="store_true",
                         help="skip arq and SAQ against the slow relay")  # fmt: skip
+    parser.add_argument("--scaling-sizes", type=lambda t: [int(x) for x in t.split(",") if x],
+                        default=[10_000, 100_000, 1_000_000],
+                        help="backlog sizes (mails queued) for the scaling rows")  # fmt: skip
+    parser.add_argument("--scaling-sample", type=int, default=10_000,
+                        help="mails drained from each backlog for its drain rate")  # fmt: skip
     return parser
 
 

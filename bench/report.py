@@ -140,6 +140,20 @@ def _relay_rows(s: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _scaling_rows(rows_in: list[dict[str, Any]]) -> list[str]:
+    first = rows_in[0]["drain_rate"]
+    rows = []
+    for s in rows_in:
+        lat = s["result_latency"]
+        rows.append(_row(
+            f"backlog {s['size']:,}: Redis memory per queued mail; drain of its first "
+            f"{s['sample']:,}", f"{s['memory_per_queued']:,.0f} B; {s['drain_rate']:,.0f} mails/s",
+            f"drain {s['drain_rate'] / first:.2f}x the {rows_in[0]['size']:,} row; GET /result "
+            f"during it p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms; stored at "
+            f"{s['store_rate']:,.0f}/s", ""))  # fmt: skip
+    return rows
+
+
 def table(r: dict[str, Any]) -> str:
     rows = [
         f"Machine: {r['machine']}; {r['n']} mails, concurrency {r['concurrency']}, "
@@ -156,6 +170,8 @@ def table(r: dict[str, Any]) -> str:
         rows += _http_rows(r["http"])
     for setting in r.get("relay", []):
         rows += _relay_rows(setting)
+    if r.get("scaling"):
+        rows += _scaling_rows(r["scaling"])
     if "emailq_1" in r:
         rows += _cost_rows(r)
     tried = [p for p in r.get("peers", []) if p not in best_peers(r["peers"])]
