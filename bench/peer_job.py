@@ -12,6 +12,7 @@ aiosmtplib and the standard library are needed here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -44,8 +45,8 @@ class Connections:
         return smtp
 
     async def close(self) -> None:
-        for smtp in self._idle:
-            await smtp.quit()
+        """QUIT every connection at once: one by one is a round trip each to a slow relay."""
+        await asyncio.gather(*(smtp.quit() for smtp in self._idle), return_exceptions=True)
 
 
 class Clock:
