@@ -40,14 +40,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The arq peer needs redis<6, so it gets its own venv from its own lock.
-ARQ_STAMP := .venv-arq/.installed
-$(ARQ_STAMP): bench/requirements-arq.lock
-	test -x .venv-arq/bin/python || $(PYTHON) -m venv .venv-arq
-	.venv-arq/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r bench/requirements-arq.lock
-	touch $(ARQ_STAMP)
+# The peers pin redis below ours (arq 0.28: redis<6; saq 0.26: redis<8), so each gets its
+# own venv from its own hashed lock. bench/drain.py skips a peer whose venv is missing.
+PEERS := arq saq
+PEER_STAMPS := $(foreach p,$(PEERS),.venv-$(p)/.installed)
+.venv-%/.installed: bench/requirements-%.lock
+	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r $<
+	touch $@
 
-bench: $(STAMP) $(ARQ_STAMP)  ## figures as ratios to references measured in the same run
+bench: $(STAMP) $(PEER_STAMPS)  ## figures as ratios to references measured in the same run
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.api_cost
 
@@ -59,8 +61,9 @@ lock:
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements.lock pyproject.toml
 	sed -i -e '/^emailq @ file:/d' -e '/^# WARNING: pip install will require/d' \
 	    -e '/^# Consider using a hashable URL/d' requirements-dev.lock requirements.lock
-	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o bench/requirements-arq.lock bench/requirements-arq.in
+	for p in $(PEERS); do $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	    -o bench/requirements-$$p.lock bench/requirements-$$p.in; done
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements-build.lock requirements-build.in
 
 clean:
-	rm -rf $(VENV) .venv-arq .emailq-dev .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(foreach p,$(PEERS),.venv-$(p)) .emailq-dev .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,7 @@
-"""``make bench``: drain, peer, enqueue, latency, cost and scaling figures, as ratios against
-references measured in the same run. Prints a table; writes bench/results/<time>.json."""
+"""``make bench``: drain, peer, enqueue, latency, slow-relay and cost figures, as ratios
+against references measured in the same run. Prints a table; writes
+bench/results/<time>.json. ``python -m bench --help`` for a shorter run (smaller -n, a
+subset of --parts)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from typing import Any
 
 import uvloop
 
-from bench import drain, http
-from bench.common import ROOT, exe, spawn, stop
+from bench import drain, http, scaling, slow_relay
+from bench.common import ROOT, exe, listening, spawn, stop, wait_until
 from bench.sink import smtp_sink_path, start_smtp_sink
 from emailq.devtools.redis_server import RedisServer, free_port
+
+PARTS = ("drain", "peers", "http", "relay", "scaling")
 
 
 def _sink(tmp: Path) -> tuple[Any, int, str]:
@@ -27,42 +31,97 @@ def _sink(tmp: Path) -> tuple[Any, int, str]:
     else:
         proc = spawn([exe(), "-m", "bench.sink", str(port)], {"PYTHONPATH": str(ROOT)},
                      tmp / "sink.log")  # fmt: skip
-        name = "bench/sink.py (asyncio)"
-    time.sleep(0.5)
+        name = "bench/sink.py (asyncio on uvloop)"
+    wait_until(lambda: listening(port), timeout=30, every=0.02)
     return proc, port, name
 
 
-def run(n: int, concurrency: int, http_seconds: int) -> dict[str, Any]:
+def _peers(url: str, port: int, args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """Every peer at each setting worth trying; the table shows each peer's best."""
+    runs = [drain.peer_drain("arq", url, port, args.n, args.concurrency, tmp, str(delay))
+            for delay in args.arq_poll_delays]  # fmt: skip
+    runs.append(drain.peer_drain("saq", url, port, args.n, args.concurrency, tmp))
+    return [r for r in runs if r is not None]
+
+
+def _fast(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    sink, port, sink_name = _sink(tmp)
+    n, c = args.n, args.concurrency
+    out: dict[str, Any] = {"sink": sink_name}
+    try:
+        if "drain" in args.parts:
+            # On uvloop, as the worker: the reference is the best one Python process can do.
+            out["plain_rate"] = uvloop.run(drain.plain_loop(port, n, c))
+            out["emailq_1"] = drain.emailq_drain(url, port, n, 1, c, tmp)
+            out["emailq_2"] = drain.emailq_drain(url, port, n, 2, c, tmp)
+        if "peers" in args.parts:
+            out["peers"] = _peers(url, port, args, tmp)
+        if "http" in args.parts:
+            rate = out["emailq_1"]["rate"] if "emailq_1" in out else 500.0
+            out["http"] = http.run_all(url, port, tmp, seconds=args.http_seconds, drain_rate=rate)
+        if "scaling" in args.parts:
+            out["scaling"] = scaling.run(url, port, tmp, sizes=args.scaling_sizes,
+                                         sample=args.scaling_sample, concurrency=c)  # fmt: skip
+    finally:
+        stop(sink)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="emailq-bench-"))
     redis_server = RedisServer(tmp / "redis")
     redis_server.start()
-    sink, port, sink_name = _sink(tmp)
     url = redis_server.url
-    try:
-        # On uvloop, as the worker: the reference is the best one Python process can do.
-        plain = uvloop.run(drain.plain_loop(port, n, concurrency))
-        one = drain.emailq_drain(url, port, n, 1, concurrency, tmp)
-        two = drain.emailq_drain(url, port, n, 2, concurrency, tmp)
-        arq = drain.arq_drain(url, port, n, concurrency, tmp)
-        web = http.run_all(url, port, tmp, seconds=http_seconds, drain_rate=one["rate"])
-    finally:
-        stop(sink)
-        redis_server.stop()
-    return {
+    result: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.machine()}, {platform.python_version()}",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "n": n, "concurrency": concurrency, "sink": sink_name,
-        "plain_rate": plain, "emailq_1": one, "emailq_2": two, "arq_rate": arq, "http": web,
+        "n": args.n, "concurrency": args.concurrency, "parts": args.parts,
     }  # fmt: skip
+    try:
+        result.update(_fast(url, args, tmp))
+        if "relay" in args.parts:
+            result["relay"] = slow_relay.run(url, tmp, delays_ms=args.relay_delays,
+                                             n=args.relay_n, connections=args.relay_connections,
+                                             peers=not args.relay_no_peers)  # fmt: skip
+    finally:
+        redis_server.stop()
+    return result
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("-n", type=int, default=20_000, help="mails per drain run")
+    parser.add_argument("-c", "--concurrency", type=int, default=8,
+                        help="WORKER_CONCURRENCY, and every peer's concurrency")  # fmt: skip
+    parser.add_argument("--http-seconds", type=int, default=10)
+    parser.add_argument("--parts", type=lambda t: t.split(","), default=list(PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)}")  # fmt: skip
+    parser.add_argument("--arq-poll-delays", type=_floats, default=[0.01, 0.05],
+                        help="arq poll_delay values (s); the table shows the best")  # fmt: skip
+    parser.add_argument("--relay-delays", type=_floats, default=[20.0, 100.0],
+                        help="slow-relay reply delays (ms)")  # fmt: skip
+    parser.add_argument("--relay-n", type=int, default=10_000, help="mails per slow-relay run")
+    parser.add_argument("--relay-connections", type=int, default=256)
+    parser.add_argument("--relay-no-peers", action="store_true",
+                        help="skip arq and SAQ against the slow relay")  # fmt: skip
+    parser.add_argument("--scaling-sizes", type=lambda t: [int(x) for x in t.split(",") if x],
+                        default=[10_000, 100_000, 1_000_000],
+                        help="backlog sizes (mails queued) for the scaling rows")  # fmt: skip
+    parser.add_argument("--scaling-sample", type=int, default=10_000,
+                        help="mails drained from each backlog for its drain rate")  # fmt: skip
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("-n", type=int, default=20_000, help="mails per drain run")
-    parser.add_argument("-c", "--concurrency", type=int, default=8)
-    parser.add_argument("--http-seconds", type=int, default=10)
-    args = parser.parse_args()
-    result = run(args.n, args.concurrency, args.http_seconds)
+    args = _parser().parse_args()
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))}")
+    result = run(args)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -15,6 +15,7 @@ from bench.common import (
     MAIL_FROM,
     ROOT,
     RedisStats,
+    cpu_seconds,
     exe,
     job,
     new_task_id,
@@ -64,7 +65,8 @@ def _drained(client: redis.Redis) -> bool:
 
 def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: int,
                  tmp: Path) -> dict[str, Any]:  # fmt: skip
-    """Preload ``n`` mails, start ``workers`` processes, time until the queue is empty."""
+    """Preload ``n`` mails, start ``workers`` processes, time from the first claim to the
+    empty queue (process start-up is not counted, as it is not for the peers)."""
     client = redis.Redis.from_url(redis_url)
     client.flushall()
     stats = RedisStats(client)
@@ -73,8 +75,11 @@ def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: i
     loaded = stats.snapshot()
     env = settings_env(redis_url, port, concurrency, LOG_LEVEL="WARNING")
     procs = [spawn([exe(), "-m", "worker"], env, tmp / f"worker-{i}.log") for i in range(workers)]
-    started = time.perf_counter()
+    lane = Keys().lane("default")
+    started = wait_until(lambda: client.llen(lane) < n, timeout=60, every=0.002)
+    cpu_before = sum(cpu_seconds(p.pid) for p in procs)
     done = wait_until(lambda: _drained(client))
+    cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
     after = stats.snapshot()
     rss = max(rss_mb(p.pid) for p in procs)
     for p in procs:
@@ -82,25 +87,42 @@ def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: i
     enqueue_cost, drain_cost = RedisStats.delta(before, loaded), RedisStats.delta(loaded, after)
     client.close()
     return {
-        "rate": n / (done - started), "rss_mb": rss,
+        "rate": n / (done - started), "rss_mb": rss, "workers": workers,
+        # CPU the worker processes used while draining: a share of 1.0 per process is a
+        # worker that is CPU-bound, whatever the relay's latency.
+        "cpu_share": cpu / (done - started), "cpu_us_per_mail": cpu / n * 1e6,
+        "settings": {"WORKER_CONCURRENCY": concurrency, "LOG_LEVEL": "WARNING"},
         "enqueue_calls": enqueue_cost["calls"], "drain_calls": drain_cost["calls"],
         "memory_per_queued": enqueue_cost["memory"] / n,
         "memory_per_finished": (enqueue_cost["memory"] + drain_cost["memory"]) / n,
     }  # fmt: skip
 
 
-def arq_drain(redis_url: str, port: int, n: int, concurrency: int, tmp: Path) -> float | None:
-    """arq on the identical job, in its own venv (.venv-arq); None if that venv is missing."""
-    python = ROOT / ".venv-arq" / "bin" / "python"
+def peer_drain(peer: str, redis_url: str, port: int, n: int, concurrency: int, tmp: Path,
+               *extra: str) -> dict[str, Any] | None:  # fmt: skip
+    """A peer queue (bench/<peer>_peer.py) on the identical job, in its own venv
+    (.venv-<peer>); None if that venv is missing. ``extra``: the peer's own arguments."""
+    python = ROOT / f".venv-{peer}" / "bin" / "python"
     if not python.exists():
         return None
     client = redis.Redis.from_url(redis_url)
     client.flushall()
-    client.close()
+    stats = RedisStats(client)
+    before = stats.snapshot()
     env = settings_env(redis_url, port, concurrency)
-    peer = [str(python), "-m", "bench.arq_peer", redis_url, str(port), str(n), str(concurrency)]
-    proc = spawn(peer, env, tmp / "arq.log")
-    proc.wait(timeout=600)
-    lines = (tmp / "arq.log").read_text().strip().splitlines()
-    result = json.loads(lines[-1])
-    return float(result["rate"])
+    log = tmp / f"{peer}-{'-'.join(extra) or 'default'}.log"
+    args = [str(python), "-m", f"bench.{peer}_peer", redis_url, str(port), str(n),
+            str(concurrency), *extra]  # fmt: skip
+    proc = spawn(args, env, log)
+    if proc.wait(timeout=900) != 0:
+        raise RuntimeError(f"{peer} peer failed; see {log}")
+    calls = RedisStats.delta(before, stats.snapshot())["calls"]
+    client.close()
+    result: dict[str, Any] = json.loads(log.read_text().strip().splitlines()[-1])
+    if result["complete"] < n:
+        raise RuntimeError(f"{peer} peer completed {result['complete']} of {n}; see {log}")
+    result["runs_beyond_n"] = result["complete"] - n  # jobs run twice (sent twice)
+    # Every command a peer sent, enqueue included: its calls counted as round trips would
+    # flatter nobody, since a peer's pipelines count one call per command here.
+    result["commands_per_mail"] = sum(calls.values()) / n
+    return result

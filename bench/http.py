@@ -27,7 +27,7 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
-def _serve(app: str, env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def serve(app: str, env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     args = [exe(), "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning", "--no-access-log"]  # fmt: skip
@@ -68,7 +68,7 @@ def enqueue_rates(redis_url: str, smtp_port: int, tmp: Path, seconds: int) -> di
     env = settings_env(redis_url, smtp_port, 8, LOG_LEVEL="WARNING")
     results = {}
     for name, app in (("bare", "bench.bare_app:app"), ("emailq", "server.main:app")):
-        proc, base = _serve(app, env, tmp)
+        proc, base = serve(app, env, tmp)
         try:
             results[name] = _wrk(base, seconds, tmp)
         finally:
@@ -91,16 +91,24 @@ class RawClient:
 
     async def post(self, path: str, body: bytes) -> bytes:
         """POST JSON; returns the response body (one connection per request in flight)."""
-        reader, writer = self._idle.pop() if self._idle else \
-            await asyncio.open_connection(self.host, self.port)  # fmt: skip
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
                 f"\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
-        writer.write(head.encode() + body)
+        return await self._request("POST", path, head.encode() + body)
+
+    async def get(self, path: str) -> bytes:
+        """GET; returns the response body."""
+        head = f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n"
+        return await self._request("GET", path, head.encode())
+
+    async def _request(self, method: str, path: str, request: bytes) -> bytes:
+        reader, writer = self._idle.pop() if self._idle else \
+            await asyncio.open_connection(self.host, self.port)  # fmt: skip
+        writer.write(request)
         answer = await reader.readuntil(b"\r\n\r\n")
         length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", answer)
         reply = await reader.readexactly(int(length.group(1)) if length else 0)
         if not answer.startswith(b"HTTP/1.1 2"):
-            raise RuntimeError(f"POST {path} answered {answer.splitlines()[0]!r}: {reply!r}")
+            raise RuntimeError(f"{method} {path} answered {answer.splitlines()[0]!r}: {reply!r}")
         self._idle.append((reader, writer))
         return reply
 
@@ -133,7 +141,7 @@ async def _latencies(base: str, arrivals: Arrivals, rate: float, count: int) -> 
     return [(arrivals.at[t] - s) * 1000 for t, s in sent.items() if t in arrivals.at]
 
 
-def _pcts(values: list[float]) -> dict[str, float]:
+def pcts(values: list[float]) -> dict[str, float]:
     q = statistics.quantiles(values, n=100)
     return {"p50_ms": statistics.median(values), "p99_ms": q[98], "n": len(values)}
 
@@ -147,13 +155,13 @@ async def _e2e(redis_url: str, tmp: Path, drain_rate: float) -> dict[str, Any]:
     port = free_port()
     sink = await start_python_sink(port, arrivals)
     env = settings_env(redis_url, port, 8, LOG_LEVEL="WARNING")
-    api, base = await asyncio.to_thread(_serve, "server.main:app", env, tmp)
+    api, base = await asyncio.to_thread(serve, "server.main:app", env, tmp)
     worker = spawn([exe(), "-m", "worker"], env, tmp / "latency-worker.log")
     await asyncio.sleep(1.5)
     try:
-        idle = _pcts(await _latencies(base, arrivals, rate=20, count=200))
+        idle = pcts(await _latencies(base, arrivals, rate=20, count=200))
         half = drain_rate / 2
-        loaded = _pcts(await _latencies(base, arrivals, rate=half, count=int(half * 5)))
+        loaded = pcts(await _latencies(base, arrivals, rate=half, count=int(half * 5)))
     finally:
         stop(worker)
         stop(api)
