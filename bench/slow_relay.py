@@ -40,8 +40,8 @@ from bench.common import (
     stop,
     wait_until,
 )
+from emailq.devtools.redis_server import free_port
 from emailq.message import build_message
-from emailq.redis_server import free_port
 
 SENDER = "noreply@example.com"
 
