@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from emailq import output, submit
-from emailq.compose import EmailRequest
+from emailq.compose import EmailRequest, TemplateRenderer
 from emailq.errors import StoreUnavailable
 from emailq.models import Status, TaskRecord
 from emailq.output import Output, Progress
@@ -52,6 +52,7 @@ class Context:
     out: Output
     limits: submit.Limits  # what bounds the operator's mail (MAX_BODY_BYTES)
     live_window_ms: int  # a worker is live if it sent a heartbeat this recently
+    templates: TemplateRenderer | None = None  # TEMPLATES_DIR's, for `send`
     # One per invocation: every task a run queues shares it, so their logs correlate.
     request_id: str = field(default_factory=lambda: "cli-" + uuid.uuid4().hex)
 
@@ -70,7 +71,7 @@ def prepare(request: EmailRequest, ctx: Context) -> EnqueueItem:
     """``request`` as the operator's task, through the pipeline the API runs; raises one of
     ``submit.REJECTED``."""
     return submit.prepare(request, submit.OPERATOR, datetime.now(UTC), ctx.limits,
-                          request_id=ctx.request_id)  # fmt: skip
+                          request_id=ctx.request_id, templates=ctx.templates)  # fmt: skip
 
 
 # -- send --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from emailq.coalesce import EnqueueCoalescer
 from emailq.queue import Queue
 from emailq.settings import Settings
+from emailq.templates import Templates
 from emailq.waiting import ResultWaiter
 
 
@@ -36,6 +37,12 @@ def settings_of(request: Request) -> Settings:
     """The settings the app was built with."""
     settings: Settings = request.app.state.settings
     return settings
+
+
+def templates_of(request: Request) -> Templates:
+    """The stored templates, loaded and checked when the app was built (TEMPLATES_DIR)."""
+    templates: Templates = request.app.state.templates
+    return templates
 
 
 def request_id_of(request: Request) -> str:
@@ -60,6 +67,11 @@ async def get_settings(request: Request) -> Settings:
     return settings_of(request)
 
 
+async def get_templates(request: Request) -> Templates:
+    """Dependency form of ``templates_of``."""
+    return templates_of(request)
+
+
 async def get_request_id(request: Request) -> str:
     """Dependency form of ``request_id_of``."""
     return request_id_of(request)
@@ -69,3 +81,4 @@ QueueDep = Annotated[Queue, Depends(get_queue)]
 WaiterDep = Annotated[ResultWaiter, Depends(get_waiter)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+TemplatesDep = Annotated[Templates, Depends(get_templates)]
