@@ -283,6 +283,12 @@ _REFUSED: dict[type[nodes.Node], str] = {
     nodes.EvalContextModifier: "{% autoescape %} is not supported: HTML parts always escape",
     nodes.ScopedEvalContextModifier: "{% autoescape %} is not supported: HTML parts always escape",
 }
+# Jinja globals left out, named so a template using one is refused at load, not taken for a
+# variable the caller forgot.
+_WITHHELD = {
+    "namespace": "namespace() is not provided (it carries values across loop iterations)",
+    "lipsum": "lipsum() is not provided (its output has no bound)",
+}
 
 
 def check_and_bound(template: nodes.Template) -> nodes.Template:
@@ -292,6 +298,8 @@ def check_and_bound(template: nodes.Template) -> nodes.Template:
         reason = _REFUSED.get(type(node))
         if reason is None and isinstance(node, nodes.For) and node.recursive:
             reason = "recursive loops are not supported (their depth is not bounded)"
+        if reason is None and isinstance(node, nodes.Name) and node.ctx == "load":
+            reason = _WITHHELD.get(node.name)
         if reason is not None:
             raise TemplateAssertionError(reason, node.lineno)
     for loop in template.find_all(nodes.For):

@@ -119,6 +119,9 @@ class Templates:
 
     def _named(self, name: str) -> StoredTemplate:
         found = self._templates.get(name)
+        if not self._templates:
+            raise InvalidMessage("no templates here: TEMPLATES_DIR is not set, or holds none",
+                                 field="template")  # fmt: skip
         if found is None:
             raise InvalidMessage(f"no template {name!r} in TEMPLATES_DIR", field="template")
         return found
