@@ -52,7 +52,9 @@ def templates_dir(tmp_path: Path) -> Path:
     for part in ("subject.txt", "body.txt", "body.html"):
         (root / "otp").mkdir(parents=True, exist_ok=True)
         (root / "otp" / part).write_bytes((EXAMPLES / "otp" / part).read_bytes())
-    escapes = {f"escape-{i}": {"subject": "s", "body": src} for i, src in enumerate(ESCAPES.values())}
+    escapes = {
+        f"escape-{i}": {"subject": "s", "body": src} for i, src in enumerate(ESCAPES.values())
+    }
     return write_templates(root, {
         **escapes,
         "greet": {"subject": "Hi {{ name }}", "body": "Hello {{ name }}",
@@ -90,23 +92,25 @@ def test_a_send_with_a_template_stores_the_rendered_mail(
     assert response.status_code == 202, response.text
     job = stored_job(store, response.json()["task_id"])
     assert (job.subject, job.text) == (OTP_SUBJECT, otp_text("493817"))
-    assert job.html is not None and ">493817</span>" in job.html
+    assert job.html is not None
+    assert ">493817</span>" in job.html
 
 
 def test_each_message_of_a_batch_may_name_a_template(
     client: TestClient, store: redis.Redis
 ) -> None:
+    greet = {"to": "c@example.com", "template": "greet", "variables": {"name": "<Kim>"}}
     messages = [otp(), otp(variables={}), {"to": "b@example.com", "subject": "s", "body": "b"},
-                {"to": "c@example.com", "template": "greet", "variables": {"name": "<Kim>"}}]  # fmt: skip
+                greet]  # fmt: skip
     response = client.post(BATCH, json={"messages": messages})
     assert response.status_code == 202, response.text
     results = response.json()["results"]
     assert [r.get("status") for r in results] == ["queued", None, "queued", "queued"]
     assert results[1]["error"] == "invalid_message"
     assert results[1]["fields"][0]["loc"] == ["variables.code"]
-    greet = stored_job(store, results[3]["task_id"])
-    assert (greet.subject, greet.text, greet.html) == ("Hi <Kim>", "Hello <Kim>",
-                                                       "<p>Hello &lt;Kim&gt;</p>")  # fmt: skip
+    job = stored_job(store, results[3]["task_id"])
+    assert (job.subject, job.text, job.html) == ("Hi <Kim>", "Hello <Kim>",
+                                                 "<p>Hello &lt;Kim&gt;</p>")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -131,9 +135,7 @@ def test_a_refused_template_send_is_422_and_stores_nothing(
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "otp/../otp", "otp.txt", "", "a" * 65])
-def test_a_template_name_is_never_a_path(
-    client: TestClient, store: redis.Redis, name: str
-) -> None:
+def test_a_template_name_is_never_a_path(client: TestClient, store: redis.Redis, name: str) -> None:
     before = keys(store)
     body = assert_error(client.post(SEND, json=otp(template=name)), 422, "validation_error")
     assert body["fields"][0]["loc"] == ["body", "template"]
