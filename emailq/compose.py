@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, NamedTuple, Protocol
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
@@ -39,6 +39,7 @@ def normalize_address(value: str) -> str:
 
 Address = Annotated[str, AfterValidator(normalize_address)]
 VariableName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+TEMPLATE_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # a stored template's name: its directory's name
 
 
 class EmailRequest(BaseModel):
@@ -59,14 +60,20 @@ class EmailRequest(BaseModel):
     )
 
     to: Address
-    subject: str = Field(max_length=MAX_SUBJECT_CHARS)
-    body: str
+    # Required unless `template` names a stored template, which gives all three (compose).
+    subject: str | None = Field(default=None, max_length=MAX_SUBJECT_CHARS)
+    body: str | None = None
     username: str | None = Field(default=None, max_length=256)
     html: str | None = None
     reply_to: Address | None = None
     cc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     bcc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     variables: dict[VariableName, str] = Field(default_factory=dict, max_length=100)
+    template: str | None = Field(
+        default=None, pattern=TEMPLATE_NAME,
+        description="a stored template (TEMPLATES_DIR) that gives subject, body and html, "
+                    "rendered with `variables`",
+    )  # fmt: skip
     priority: Priority = Priority.DEFAULT
     send_at: AwareDatetime | None = Field(default=None, description="RFC 3339; up to 30 days")
     expires_at: AwareDatetime | None = Field(
@@ -102,7 +109,12 @@ def render_subject(
     check_header(template, "subject", tab=True)
     for name in placeholders(template, values):
         check_header(values[name], field_of(name), tab=True)
-    subject = render(template, values, limit=MAX_SUBJECT_CHARS * 4)
+    return check_subject(render(template, values, limit=MAX_SUBJECT_CHARS * 4))
+
+
+def check_subject(subject: str) -> str:
+    """``subject`` if it is a safe, valid subject of at most ``MAX_SUBJECT_CHARS``, however
+    it was made (placeholders, a stored template); raises ``InvalidMessage``."""
     check_header(subject, "subject", tab=True)
     if len(subject) > MAX_SUBJECT_CHARS:
         raise InvalidMessage(
@@ -124,14 +136,59 @@ def check_body(text: str, html: str | None, *, max_body_bytes: int, field: str =
         raise InvalidMessage(f"{field} must not contain NUL characters", field=field)
 
 
-def compose(request: EmailRequest, *, max_body_bytes: int) -> Job:
-    """Render and check ``request``; raise ``InvalidMessage`` or ``MessageTooLarge``."""
-    if 1 + len(request.cc) + len(request.bcc) > MAX_RECIPIENTS:
-        raise InvalidMessage(f"at most {MAX_RECIPIENTS} recipients in to, cc and bcc together")
+class Content(NamedTuple):
+    """A mail's rendered subject, text and HTML (None: text only)."""
+
+    subject: str
+    text: str
+    html: str | None
+
+
+class TemplateRenderer(Protocol):
+    """Renders stored templates by name (``emailq.templates.Templates`` is one)."""
+
+    def render(self, name: str, values: Mapping[str, str], *, max_body_bytes: int) -> Content:
+        """The template's parts rendered with ``values``; raises ``InvalidMessage`` or
+        ``MessageTooLarge``."""
+
+
+def _placeholder_content(request: EmailRequest, *, max_body_bytes: int) -> Content:
+    """The request's own subject, body and html with ``{name}`` placeholders filled."""
+    if request.subject is None or request.body is None:
+        missing = "subject" if request.subject is None else "body"
+        raise InvalidMessage(f"{missing} is required (or a template)", field=missing)
     values = request.placeholder_values()
     subject = render_subject(request.subject, values, field_of=request.variable_field)
     text = render(request.body, values, limit=max_body_bytes)
     html = render(request.html, values, limit=max_body_bytes) if request.html else None
+    return Content(subject, text, html)
+
+
+def _template_content(
+    request: EmailRequest, templates: TemplateRenderer | None, *, max_body_bytes: int
+) -> Content:
+    """The stored template's parts, rendered with the request's variables."""
+    assert request.template is not None
+    given = [f for f in ("subject", "body", "html") if getattr(request, f) is not None]
+    if given:  # one source of content: which would win is not for us to guess
+        raise InvalidMessage(f"give a template or {'/'.join(given)}, not both", field=given[0])
+    if templates is None:
+        raise InvalidMessage("no templates here: TEMPLATES_DIR is not set", field="template")
+    values = request.placeholder_values()
+    return templates.render(request.template, values, max_body_bytes=max_body_bytes)
+
+
+def compose(
+    request: EmailRequest, *, max_body_bytes: int, templates: TemplateRenderer | None = None
+) -> Job:
+    """Render and check ``request`` (its own content, or the stored template it names from
+    ``templates``); raise ``InvalidMessage`` or ``MessageTooLarge``."""
+    if 1 + len(request.cc) + len(request.bcc) > MAX_RECIPIENTS:
+        raise InvalidMessage(f"at most {MAX_RECIPIENTS} recipients in to, cc and bcc together")
+    if request.template is not None:
+        subject, text, html = _template_content(request, templates, max_body_bytes=max_body_bytes)
+    else:
+        subject, text, html = _placeholder_content(request, max_body_bytes=max_body_bytes)
     check_body(text, html, max_body_bytes=max_body_bytes)
     return Job(
         to=request.to,

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
 
     # Contact forms (see emailq.forms): a TOML file, or JSON by extension. Empty: no forms.
     forms_file: Path | None = None
+    # Stored templates (see emailq.templates): a directory holding one directory per template
+    # (otp/subject.txt, otp/body.txt, otp/body.html), all checked at startup. Empty: none.
+    templates_dir: Path | None = None
     # Serve the static contact-form test page at /dev/contact (`emailq dev` turns it on).
     dev_pages: bool = False
     # Serve /docs (Swagger UI), /redoc and /openapi.json, assets included (no CDN). false:
@@ -157,6 +160,7 @@ class Settings(BaseSettings):
         "smtp_pass",
         "smtp_ca_file",
         "forms_file",
+        "templates_dir",
         "result_ttl_success_seconds",
         mode="before",
     )

@@ -4,7 +4,8 @@ The API's single send and each message of a batch, the CLI's ``send`` and ``send
 call ``prepare``; a contact form's submission goes through ``prepare_form``. So a new
 field or check of a send is made in one place. The steps, in order:
 
-1. ``compose``: render and check the content (subject, body, recipients' count, size);
+1. ``compose``: render and check the content (subject, body, recipients' count, size),
+   from the request's own fields or the stored template it names (``templates``);
 2. ``check_recipients``: may this principal send to them (ALLOWED_RECIPIENTS, its key's
    domains);
 3. ``schedule``: lane, send_at and expiry against ``now``;
@@ -32,7 +33,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from emailq.apikeys import Principal, Scope, in_allow_list, in_domains
-from emailq.compose import EmailRequest, Schedule, compose, schedule
+from emailq.compose import EmailRequest, Schedule, TemplateRenderer, compose, schedule
 from emailq.errors import Forbidden, InvalidMessage, MessageTooLarge
 from emailq.forms import OWNER_PREFIX, Form, form_job
 from emailq.models import Job, Priority
@@ -114,10 +115,12 @@ def prepare(
     *,
     request_id: str,
     quota: str = "",
+    templates: TemplateRenderer | None = None,
 ) -> EnqueueItem:
     """``request``, sent by ``principal`` at ``now``, as a task ready to store; raises one
-    of ``REJECTED`` (see the module docstring for the steps)."""
-    job = compose(request, max_body_bytes=limits.max_body_bytes)
+    of ``REJECTED`` (see the module docstring for the steps). ``templates``: the stored
+    templates a request may name (TEMPLATES_DIR), if any."""
+    job = compose(request, max_body_bytes=limits.max_body_bytes, templates=templates)
     check_recipients(job, principal, limits)
     when = schedule(request, now)
     return task(job, principal, request_id=request_id, quota=quota, when=when)

@@ -20,6 +20,7 @@ from emailq.coalesce import EnqueueCoalescer
 from emailq.forms import Form
 from emailq.queue import Queue
 from emailq.settings import Settings
+from emailq.templates import Templates
 from emailq.waiting import ResultWaiter
 from server.state import AppState
 
@@ -72,6 +73,13 @@ def http_of(request: Request) -> httpx.AsyncClient:
     return _state(request).http
 
 
+def templates_of(request: Request) -> Templates:
+    """The stored templates, loaded and checked when the app was built (TEMPLATES_DIR)."""
+    templates = _state(request).templates
+    assert templates is not None  # create_app always loads them (an empty set without a dir)
+    return templates
+
+
 def request_id_of(request: Request) -> str:
     """The id the request-context middleware assigned to this request."""
     request_id: str = request.state.request_id
@@ -93,6 +101,11 @@ async def get_settings(request: Request) -> Settings:
     return settings_of(request)
 
 
+async def get_templates(request: Request) -> Templates:
+    """Dependency form of ``templates_of``."""
+    return templates_of(request)
+
+
 async def get_request_id(request: Request) -> str:
     """Dependency form of ``request_id_of``."""
     return request_id_of(request)
@@ -102,3 +115,4 @@ QueueDep = Annotated[Queue, Depends(get_queue)]
 WaiterDep = Annotated[ResultWaiter, Depends(get_waiter)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+TemplatesDep = Annotated[Templates, Depends(get_templates)]

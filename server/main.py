@@ -18,6 +18,7 @@ from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.startup import exit_on_config_error, load_settings
+from emailq.templates import load_templates
 from emailq.waiting import ResultWaiter
 from server import docs
 from server.auth import relay_guard
@@ -26,7 +27,7 @@ from server.deps import attach_state
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
 from server.ratelimit import RateLimits
-from server.routes import admin, batch, dev, email, forms, health
+from server.routes import admin, batch, dev, email, forms, health, templates
 from server.state import AppState
 
 log = logging.getLogger("emailq.api")
@@ -37,15 +38,17 @@ API_PREFIX = "/api/v1"
 def create_app(settings: Settings) -> FastAPI:
     """Build the app for ``settings``; the Redis client opens in the lifespan.
 
-    Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone, and
-    ``FormsConfigError`` for an invalid ``FORMS_FILE``.
+    Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone,
+    ``FormsConfigError`` for an invalid ``FORMS_FILE`` and ``TemplatesConfigError`` for a
+    template of ``TEMPLATES_DIR`` that does not parse or uses what cannot be bounded.
     """
     # Read and checked now, so a bad FORMS_FILE stops the start with the form and field named
     # (before the relay guard, which logs how the API may be reached once the start is sure).
     contact_forms = load_forms(settings.forms_file)
+    stored_templates = load_templates(settings.templates_dir)  # likewise, file and line
     relay_guard(settings)
 
-    state = AppState(settings, contact_forms)
+    state = AppState(settings, contact_forms, stored_templates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(forms.router, prefix=API_PREFIX)
+    app.include_router(templates.router, prefix=API_PREFIX)
     if settings.dev_pages:
         app.include_router(dev.router)
     app.include_router(health.router)
@@ -105,8 +109,8 @@ def create_app(settings: Settings) -> FastAPI:
 
 @functools.cache
 def _app_from_environment() -> FastAPI:
-    # A bad setting, FORMS_FILE or open-relay configuration is one line and exit code 2,
-    # not a traceback from inside uvicorn's import of this module.
+    # A bad setting, FORMS_FILE, TEMPLATES_DIR or open-relay configuration is one line and
+    # exit code 2, not a traceback from inside uvicorn's import of this module.
     with exit_on_config_error():
         settings = load_settings()
         configure_logging(settings.log_level)

@@ -18,16 +18,19 @@ if TYPE_CHECKING:  # annotations only: server.ratelimit itself reads the state v
     from emailq.forms import Form
     from emailq.queue import Queue
     from emailq.settings import Settings
+    from emailq.templates import Templates
     from emailq.waiting import ResultWaiter
     from server.ratelimit import RateLimits
 
 
 @dataclass(eq=False, repr=False)
 class AppState:
-    """What the app holds: settings and forms from ``create_app``, clients from the lifespan."""
+    """What the app holds: settings, forms and templates from ``create_app``, clients from
+    the lifespan."""
 
     settings: Settings
     forms: dict[str, Form] = field(default_factory=dict)  # contact forms by id (FORMS_FILE)
+    templates: Templates | None = None  # stored templates (TEMPLATES_DIR), checked at start
     # Opened by the lifespan, closed when it ends.
     queue: Queue = field(init=False)
     enqueuer: EnqueueCoalescer = field(init=False)  # groups concurrent sends (coalesce.py)

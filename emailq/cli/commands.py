@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from emailq import submit
 from emailq.cli import output
 from emailq.cli.output import Output, Progress
-from emailq.compose import EmailRequest
+from emailq.compose import EmailRequest, TemplateRenderer
 from emailq.errors import StoreUnavailable
 from emailq.models import Status, TaskRecord
 from emailq.queue import EnqueueItem, Queue
@@ -53,6 +53,7 @@ class Context:
     out: Output
     limits: submit.Limits  # what bounds the operator's mail (MAX_BODY_BYTES)
     live_window_ms: int  # a worker is live if it sent a heartbeat this recently
+    templates: TemplateRenderer | None = None  # TEMPLATES_DIR's, for `send`
     # One per invocation: every task a run queues shares it, so their logs correlate.
     request_id: str = field(default_factory=lambda: "cli-" + uuid.uuid4().hex)
 
@@ -71,7 +72,7 @@ def prepare(request: EmailRequest, ctx: Context) -> EnqueueItem:
     """``request`` as the operator's task, through the pipeline the API runs; raises one of
     ``submit.REJECTED``."""
     return submit.prepare(request, submit.OPERATOR, datetime.now(UTC), ctx.limits,
-                          request_id=ctx.request_id)  # fmt: skip
+                          request_id=ctx.request_id, templates=ctx.templates)  # fmt: skip
 
 
 # -- send --------------------------------------------------------------------------------

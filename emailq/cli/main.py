@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from emailq.cli.commands import Context
     from emailq.cli.output import Output
     from emailq.settings import Settings
+    from emailq.templates import Templates
 
 # Only what parsing needs is imported at the top: each command pulls in what it runs, so
 # `emailq dev` and `emailq capture` stay light.
@@ -39,7 +40,9 @@ def _add_send(sub: Any, common: argparse.ArgumentParser) -> None:
     send.add_argument("--bcc", action="append", metavar="ADDR", help="repeatable")
     send.add_argument("--reply-to", metavar="ADDR")
     send.add_argument("--var", action="append", type=_variable, metavar="NAME=VALUE",
-                      help="fills {NAME}; repeatable")  # fmt: skip
+                      help="fills {NAME}, or a template's {{ NAME }}; repeatable")  # fmt: skip
+    send.add_argument("--template", metavar="NAME",
+                      help="a stored template (TEMPLATES_DIR), for --subject/--body")  # fmt: skip
     send.add_argument("--priority", choices=["high", "default", "low"])
     send.add_argument("--send-at", metavar="RFC3339", help="e.g. 2030-01-01T09:00:00+09:00")
     send.add_argument("--ttl", type=int, metavar="SECONDS", help="not sent after this long")
@@ -98,6 +101,7 @@ def _send_fields(args: argparse.Namespace) -> dict[str, Any]:
         "html": args.html, "cc": args.cc, "bcc": args.bcc, "reply_to": args.reply_to,
         "variables": dict(args.var) if args.var else None, "priority": args.priority,
         "send_at": args.send_at, "ttl_seconds": args.ttl, "expires_at": args.expires_at,
+        "template": args.template,
     }  # fmt: skip
     return {name: value for name, value in fields.items() if value is not None}
 
@@ -140,11 +144,14 @@ def _command(args: argparse.Namespace, files: ExitStack) -> Command:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command == "send":
-        flags = any(getattr(args, name) is not None for name in ("to", "subject", "body"))
+        flags = any(getattr(args, name) is not None for name in ("to", "subject", "body",
+                                                                 "template"))  # fmt: skip
         if args.file is not None and flags:
             parser.error("send: give --file, or --to/--subject/--body, not both")
-        if args.file is None and None in (args.to, args.subject, args.body):
-            parser.error("send: --to, --subject and --body are required (or --file)")
+        content = (args.subject, args.body) if args.template is None else ()
+        if args.file is None and None in (args.to, *content):
+            parser.error("send: --to, --subject and --body are required (or --to and "
+                         "--template, or --file)")  # fmt: skip
     if args.command == "requeue" and bool(args.task_ids) == bool(args.all):
         parser.error("requeue: give TASK_ID ... or --all")
     if args.command == "failed" and (args.limit < 1 or args.offset < 0):
@@ -163,6 +170,7 @@ def _run_queue_command(args: argparse.Namespace) -> int:
                  progress_bars=sys.stderr.isatty())  # fmt: skip
     with exit_on_config_error():
         settings = load_settings()
+        templates = _templates(args, settings)
     with ExitStack() as files:
         try:
             command = _command(args, files)
@@ -170,7 +178,7 @@ def _run_queue_command(args: argparse.Namespace) -> int:
             out.error(str(exc))
             return ExitCode.FAILED
         try:
-            return asyncio.run(_session(settings, out, command))
+            return asyncio.run(_session(settings, out, command, templates))
         except StoreUnavailable as exc:
             # Name the URL tried: the usual cause is a REDIS_URL that points elsewhere.
             out.error(f"{exc} at REDIS_URL={redact_url(settings.redis_url)}; is Redis "
@@ -178,7 +186,19 @@ def _run_queue_command(args: argparse.Namespace) -> int:
             return ExitCode.UNAVAILABLE
 
 
-async def _session(settings: Settings, out: Output, command: Command) -> int:
+def _templates(args: argparse.Namespace, settings: Settings) -> Templates | None:
+    """TEMPLATES_DIR's templates for ``send`` (checked as the API checks them at startup);
+    other commands never render, so a bad template does not stop ``stats`` or ``requeue``."""
+    if args.command != "send":
+        return None
+    from emailq.templates import load_templates
+
+    return load_templates(settings.templates_dir)
+
+
+async def _session(
+    settings: Settings, out: Output, command: Command, templates: Templates | None = None
+) -> int:
     from emailq.cli.commands import Context
     from emailq.queue import Queue
     from emailq.submit import OperatorLimits
@@ -196,7 +216,7 @@ async def _session(settings: Settings, out: Output, command: Command) -> int:
     live_window_ms = int(3 * settings.job_lease_seconds * 1000)
     try:
         limits = OperatorLimits(settings.max_body_bytes)
-        return await command(Context(queue, out, limits, live_window_ms))
+        return await command(Context(queue, out, limits, live_window_ms, templates=templates))
     finally:
         await queue.close()
 

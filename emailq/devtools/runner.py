@@ -30,7 +30,9 @@ from types import FrameType
 
 from emailq.devtools.redis_server import RedisServer
 from emailq.errors import ConfigError
+from emailq.settings import Settings
 from emailq.startup import exit_on_config_error, load_settings
+from emailq.templates import load_templates
 
 HOST = "127.0.0.1"
 
@@ -134,15 +136,37 @@ def _overrides(cfg: DevConfig) -> dict[str, str]:
     }
 
 
+def example_templates() -> Path | None:
+    """The repository's ``examples/templates`` (the original service's Korean OTP mail),
+    found from this file wherever the module lives; None outside a checkout."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "pyproject.toml").is_file():
+            found = parent / "examples" / "templates"
+            return found if found.is_dir() else None
+    return None
+
+
 def redis_url(port: int) -> str:
     """The URL of the dev Redis, as the banner tells the CLI to export it."""
     return f"redis://{HOST}:{port}/0"
 
 
-def _check_settings(overrides: dict[str, str]) -> None:
+def _check_settings(overrides: dict[str, str]) -> Settings:
     """Raise ``ConfigError`` for a setting the children would refuse, before any starts."""
     # Built as the children will build theirs: environment and .env, under our overrides.
-    load_settings(**{name.lower(): value for name, value in overrides.items()})
+    return load_settings(**{name.lower(): value for name, value in overrides.items()})
+
+
+def _with_templates(overrides: dict[str, str], settings: Settings) -> Path | None:
+    """Give the children the example templates unless TEMPLATES_DIR names the user's own;
+    check them as the API will (``TemplatesConfigError``). Returns the directory used."""
+    templates = settings.templates_dir
+    if templates is None:
+        templates = example_templates()
+        if templates is not None:
+            overrides["TEMPLATES_DIR"] = str(templates)
+    load_templates(templates)
+    return templates
 
 
 @dataclass
@@ -236,7 +260,19 @@ def _wait_listening(children: dict[str, subprocess.Popen[bytes]], ports: dict[st
     return None
 
 
-def _banner(cfg: DevConfig, redis: RedisServer) -> str:
+def _template_hint(api: str, templates: Path | None) -> list[str]:
+    if templates is None or not (templates / "otp").is_dir():
+        return []
+    example = '{"to":"user@example.com","template":"otp","variables":{"code":"123456"}}'
+    return [
+        f"  a template:   curl -s -X POST {api}/api/v1/email/received \\",
+        f"         -H 'Content-Type: application/json' -d '{example}'",
+        f"  (templates in {templates}; list: {api}/api/v1/templates)",
+        "",
+    ]
+
+
+def _banner(cfg: DevConfig, redis: RedisServer, templates: Path | None = None) -> str:
     api = f"http://{HOST}:{cfg.api_port}"
     mail_dir = cfg.data_dir / "mail"
     example = (
@@ -256,6 +292,7 @@ def _banner(cfg: DevConfig, redis: RedisServer) -> str:
         f"  try: curl -s -X POST {api}/api/v1/email/received \\",
         f"         -H 'Content-Type: application/json' -d '{example}'",
         "",
+        *_template_hint(api, templates),
         "  The CLI talks to this Redis. In another shell:",
         f"    export REDIS_URL={redis.url}",
         "    .venv/bin/emailq stats        (or: make cli ARGS=stats)",
@@ -269,7 +306,7 @@ def run(cfg: DevConfig) -> int:
     """Run until Ctrl-C or a child dies; returns the exit code (2: bad port or setting)."""
     overrides = _overrides(cfg)
     with exit_on_config_error():
-        _check_settings(overrides)
+        templates = _with_templates(overrides, _check_settings(overrides))
         check_ports(cfg)
     console = _Console()
     signals = _Signals()
@@ -280,7 +317,7 @@ def run(cfg: DevConfig) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
         redis.start()
-        return _supervise(cfg, redis, env, children, console, signals)
+        return _supervise(cfg, redis, env, children, console, signals, templates)
     finally:
         console.say("\nstopping: API, worker, capture server, Redis ...")
         for name in ("API", "worker", "capture server"):
@@ -291,7 +328,7 @@ def run(cfg: DevConfig) -> int:
 
 def _supervise(cfg: DevConfig, redis: RedisServer, env: dict[str, str],
                children: dict[str, subprocess.Popen[bytes]], console: _Console,
-               signals: _Signals) -> int:  # fmt: skip
+               signals: _Signals, templates: Path | None = None) -> int:  # fmt: skip
     py = sys.executable
     children["capture server"] = _spawn([py, "-m", "emailq.cli", "capture", "--port",
                                          str(cfg.smtp_port), "--out", str(cfg.data_dir / "mail")],
@@ -306,7 +343,7 @@ def _supervise(cfg: DevConfig, redis: RedisServer, env: dict[str, str],
         console.say(f"emailq dev: {problem}")
         return 1
     if not signals.stopping:
-        console.say(_banner(cfg, redis))
+        console.say(_banner(cfg, redis, templates))
     while not signals.stopping:
         for name, child in children.items():
             if child.poll() is not None:

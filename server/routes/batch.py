@@ -14,7 +14,7 @@ from emailq.errors import Forbidden, InvalidMessage
 from emailq.queue import EnqueueItem
 from emailq.submit import REJECTED, prepare
 from server.auth import PrincipalDep
-from server.deps import QueueDep, RequestIdDep, SettingsDep
+from server.deps import QueueDep, RequestIdDep, SettingsDep, TemplatesDep
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import IdempotencyKeyDep, batch_once
 from server.quota import quota_owner
@@ -56,6 +56,7 @@ async def send_batch(
     queue: QueueDep,
     settings: SettingsDep,
     request_id: RequestIdDep,
+    templates: TemplatesDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> BatchAccepted | JSONResponse:
     """Accept up to 100 emails; each is queued or rejected on its own (422 if none is valid)."""
@@ -66,7 +67,7 @@ async def send_batch(
     for index, raw in enumerate(body.messages):
         try:
             item = prepare(EmailRequest.model_validate(raw), principal, now, settings,
-                           request_id=request_id, quota=quota)  # fmt: skip
+                           request_id=request_id, quota=quota, templates=templates)  # fmt: skip
         except REJECTED as exc:
             results.append(_rejected(index, exc))
             continue

@@ -14,7 +14,7 @@ from emailq.forms import OWNER_PREFIX
 from emailq.submit import prepare
 from server.auth import Principal, PrincipalDep, is_loopback
 from server.clientaddr import client_address
-from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of
+from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of, templates_of
 from server.idempotency import IdempotencyKeyDep, send_once
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
@@ -35,7 +35,8 @@ async def receive_email(
     # Accessors, not dependencies, on this hot path: see server/deps.py.
     quota = quota_owner(request, principal)
     item = prepare(payload, principal, datetime.now(UTC), settings_of(request),
-                   request_id=request_id_of(request), quota=quota)  # fmt: skip
+                   request_id=request_id_of(request), quota=quota,
+                   templates=templates_of(request))  # fmt: skip
     # Counted once it would be stored: a refused request costs neither us nor its budget.
     await check_key_rate(request, response, principal)
     return await send_once(request, response, enqueuer_of(request), item, idempotency_key)

@@ -29,6 +29,7 @@ from emailq.settings import Settings
 from tests.helpers.polling import wait_until
 from tests.helpers.processes import FAST, Procs
 from tests.helpers.smtpd import Received, SmtpServer, start_smtp
+from tests.helpers.templates import write_templates
 
 CORPUS = tomllib.loads(Path(__file__).with_name("corpus.toml").read_text())
 ENTRIES: list[dict[str, Any]] = CORPUS["attack"]
@@ -39,8 +40,9 @@ RUNNER_HEADERS = {"Authorization": f"Bearer {CORPUS['admin_key']}"} if "admin_ke
 # Every header emailq writes; anything else in a mail was planted.
 OUR_HEADERS = {"from", "to", "cc", "reply-to", "subject", "date", "message-id", "mime-version",
                "content-type", "content-transfer-encoding"}  # fmt: skip
-# Keys the worker writes on its own (heartbeats, counters, claim fairness): not "stored".
-WORKER_KEYS = re.compile(r"^\{emailq\}:(workers|stats:.*|fairness)$")
+# Keys the worker writes on its own (heartbeats, counters, claim fairness, its relay state
+# and send rate): not "stored".
+WORKER_KEYS = re.compile(r"^\{emailq\}:(workers|stats:.*|fairness|relay:.*)$")
 _WORD_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -64,9 +66,11 @@ def service(
     tmp = tmp_path_factory.mktemp("attacks")
     forms_file = tmp / "forms.json"
     forms_file.write_text(json.dumps({"forms": CORPUS.get("forms", [])}))
+    templates_dir = write_templates(tmp / "templates", CORPUS.get("templates", {}))
     smtp = start_smtp()
     values: dict[str, Any] = {**FAST, "redis_url": redis_server.url, "smtp_host": "127.0.0.1",
                               "smtp_port": smtp.port, "forms_file": forms_file,
+                              "templates_dir": templates_dir,
                               **CORPUS.get("settings", {})}  # fmt: skip
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
     procs = Procs(tmp)
@@ -225,6 +229,7 @@ def check_wanted(mail: Received, want: dict[str, Any]) -> None:
     if "reply_to" in want:
         assert addresses(msg, "Reply-To") == [want["reply_to"]]
     check_body(text, want)
+    check_html(msg, want)
 
 
 def check_body(text: str, want: dict[str, Any]) -> None:
@@ -234,6 +239,15 @@ def check_body(text: str, want: dict[str, Any]) -> None:
         assert part in text, text
     for start in want.get("no_line_starts", []):
         assert not [line for line in text.splitlines() if line.startswith(start)], text
+
+
+def check_html(msg: EmailMessage, want: dict[str, Any]) -> None:
+    if "html_contains" in want:
+        part = msg.get_body(("html",))
+        assert part is not None
+        html = str(part.get_content())
+        for fragment in want["html_contains"]:
+            assert fragment in html, html
 
 
 def settled(service: Service) -> bool:

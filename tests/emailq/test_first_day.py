@@ -20,6 +20,7 @@ from contextlib import ExitStack, contextmanager
 from email.message import EmailMessage
 from pathlib import Path
 
+import httpx
 import pytest
 
 from emailq.settings import Settings
@@ -228,6 +229,10 @@ def test_ctrl_c_after_the_console_pipe_closed_stops_every_child(tmp_path: Path) 
         assert f"export REDIS_URL=redis://127.0.0.1:{dev.redis}/0" in banner
         assert f"PORT={dev.api}" in banner
         assert f"SMTP_PORT={dev.smtp}" in banner
+        # The example templates (the original's Korean OTP mail) are served, and shown.
+        assert '"template":"otp"' in banner
+        listed = httpx.get(f"http://127.0.0.1:{dev.api}/api/v1/templates", timeout=BOUND)
+        assert [t["name"] for t in listed.json()["templates"]] == ["otp"]
         children = dev.children()
         assert len(children) == 4  # Redis, capture server, API, worker
 

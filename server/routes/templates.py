@@ -1,0 +1,109 @@
+"""Stored templates: list them, and preview one without sending (``TEMPLATES_DIR``).
+
+Both need what a send needs (the same authentication: a key of any scope, or, without
+API_KEYS, a local client), since a preview shows what a send would put in a mail.
+Sending with a template is the send endpoints' ``"template"`` field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from emailq.compose import TEMPLATE_NAME, VariableName
+from emailq.errors import InvalidMessage
+from emailq.templates import PartResult
+from server.auth import PrincipalDep
+from server.deps import SettingsDep, TemplatesDep
+from server.errors import error_response
+
+router = APIRouter(prefix="/templates", tags=["templates"])
+
+
+class TemplateInfo(BaseModel):
+    """One stored template."""
+
+    name: str = Field(description="what a send gives as `template`")
+    parts: list[str] = Field(description="subject, body and, if it has one, html")
+    variables: list[str] = Field(description="every variable its parts read")
+
+
+class TemplateList(BaseModel):
+    """Every stored template, by name."""
+
+    templates: list[TemplateInfo]
+
+
+class PreviewRequest(BaseModel):
+    """The values to render with, as a send's `variables`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variables: dict[VariableName, str] = Field(default_factory=dict, max_length=100)
+
+
+class PartPreview(BaseModel):
+    """One part rendered: its text, or the error that stopped it."""
+
+    content: str | None = None
+    error: str | None = None
+    field: str | None = Field(default=None, description="`variables.<name>` or `template`")
+    line: int | None = Field(default=None, description="the line of the part's file")
+
+
+class Preview(BaseModel):
+    """What a send with these variables would put in the mail."""
+
+    template: str
+    parts: dict[str, PartPreview]
+
+
+def _part(result: PartResult) -> PartPreview:
+    if result.error is None:
+        return PartPreview(content=result.content)
+    field = result.error.field if isinstance(result.error, InvalidMessage) else None
+    return PartPreview(error=str(result.error), field=field,
+                       line=getattr(result.error, "line", None))  # fmt: skip
+
+
+@router.get("", response_model=TemplateList)
+async def list_templates(principal: PrincipalDep, templates: TemplatesDep) -> TemplateList:
+    """The stored templates, each with its parts and the variables it reads."""
+    return TemplateList(templates=[
+        TemplateInfo(name=t.name, parts=[p.name for p in t.parts], variables=t.variables)
+        for t in templates.all()
+    ])  # fmt: skip
+
+
+@router.post(
+    "/{name}/preview",
+    response_model=Preview,
+    response_model_exclude_none=True,
+    responses={422: {"description": "a part could not be rendered: see `parts`"}},
+)
+async def preview_template(
+    name: Annotated[str, Path(pattern=TEMPLATE_NAME)],
+    body: PreviewRequest,
+    principal: PrincipalDep,
+    request: Request,
+    templates: TemplatesDep,
+    settings: SettingsDep,
+) -> Preview | JSONResponse:
+    """Render a template without sending it: 200 with every part, or 422 with each part's
+    text or error."""
+    if templates.get(name) is None:
+        raise HTTPException(404, f"no template {name!r}")
+    results = templates.preview(name, body.variables, max_body_bytes=settings.max_body_bytes)
+    answer = Preview(template=name, parts={r.part: _part(r) for r in results})
+    failed = [r.error for r in results if r.error is not None]
+    if not failed:
+        return answer
+    fields: list[dict[str, Any]] = [
+        {"loc": ["body", e.field], "msg": str(e)}
+        for e in failed if isinstance(e, InvalidMessage) and e.field
+    ]  # fmt: skip
+    return error_response(request, 422, "invalid_message", str(failed[0]), fields=fields,
+                          **answer.model_dump(exclude_none=True))  # fmt: skip
