@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from emailq.cli import main
+from emailq.cli.main import main
 from emailq.models import Job
 from emailq.queue import Keys
 from tests.helpers.templates import EXAMPLES, OTP_SUBJECT, otp_text, write_templates
