@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, NamedTuple, Protocol
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
 from emailq.errors import InvalidMessage, MessageTooLarge
 from emailq.models import Job, Priority
@@ -37,7 +37,11 @@ def normalize_address(value: str) -> str:
         raise ValueError(str(exc)) from exc
 
 
-Address = Annotated[str, AfterValidator(normalize_address)]
+# "format": "email" tells clients (and schema-driven fuzzers) what is expected; the
+# validator is what decides (no quoted local parts, no "=?", no special-use domains).
+Address = Annotated[
+    str, AfterValidator(normalize_address), Field(json_schema_extra={"format": "email"})
+]
 VariableName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 TEMPLATE_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # a stored template's name: its directory's name
 
@@ -59,27 +63,42 @@ class EmailRequest(BaseModel):
         },
     )
 
-    to: Address
+    to: Address = Field(description="the recipient's address")
     # Required unless `template` names a stored template, which gives all three (compose).
-    subject: str | None = Field(default=None, max_length=MAX_SUBJECT_CHARS)
-    body: str | None = None
-    username: str | None = Field(default=None, max_length=256)
-    html: str | None = None
-    reply_to: Address | None = None
-    cc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
-    bcc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
-    variables: dict[VariableName, str] = Field(default_factory=dict, max_length=100)
+    subject: str | None = Field(
+        default=None, max_length=MAX_SUBJECT_CHARS,
+        description="with {name} placeholders; required unless `template` is given",
+    )  # fmt: skip
+    body: str | None = Field(
+        default=None,
+        description="the text body, with {name} placeholders; required unless `template` is given",
+    )
+    username: str | None = Field(default=None, max_length=256, description="fills {username}")
+    html: str | None = Field(default=None, description="an HTML body beside the text one")
+    reply_to: Address | None = Field(default=None, description="the Reply-To address")
+    cc: list[Address] = Field(
+        default_factory=list,
+        max_length=MAX_RECIPIENTS,
+        description=f"Cc recipients ({MAX_RECIPIENTS} in all at most)",
+    )
+    bcc: list[Address] = Field(
+        default_factory=list, max_length=MAX_RECIPIENTS, description="Bcc recipients, in no header"
+    )
+    variables: dict[VariableName, str] = Field(
+        default_factory=dict, max_length=100,
+        description="fill {name} as username does, or a stored template's variables",
+    )  # fmt: skip
     template: str | None = Field(
         default=None, pattern=TEMPLATE_NAME,
         description="a stored template (TEMPLATES_DIR) that gives subject, body and html, "
                     "rendered with `variables`",
     )  # fmt: skip
-    priority: Priority = Priority.DEFAULT
+    priority: Priority = Field(default=Priority.DEFAULT, description="the lane it waits in")
     send_at: AwareDatetime | None = Field(default=None, description="RFC 3339; up to 30 days")
     expires_at: AwareDatetime | None = Field(
         default=None, description="not sent after this: it fails as 'expired'"
     )
-    ttl_seconds: int | None = Field(
+    ttl_seconds: StrictInt | None = Field(
         default=None, ge=1, le=int(MAX_AHEAD.total_seconds()),
         description="like expires_at, counted from send_at if given, else from now",
     )  # fmt: skip

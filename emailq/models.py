@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Status(StrEnum):
@@ -115,9 +115,9 @@ class TaskRecord(BaseModel):
 class LaneStats(BaseModel):
     """One priority lane in the queue statistics."""
 
-    priority: Priority
-    depth: int
-    oldest_age_seconds: float | None
+    priority: Priority = Field(description="the lane")
+    depth: int = Field(description="tasks ready to be claimed")
+    oldest_age_seconds: float | None = Field(description="how long its oldest has waited")
 
 
 class RelayState(StrEnum):
@@ -131,26 +131,40 @@ class RelayState(StrEnum):
 class WorkerRelay(BaseModel):
     """One live worker's view of the relay, as it publishes it with its heartbeat."""
 
-    worker_id: str
-    state: RelayState
-    since: int  # epoch ms of the last state change (worker clock)
-    error: str | None = None  # what opened the breaker
-    send_rate: float | None = None  # shared mails/s now (SMTP_MAX_PER_SECOND, after slowdowns)
+    worker_id: str = Field(description="the worker's id")
+    state: RelayState = Field(description="its circuit breaker over the relay")
+    since: int = Field(description="epoch ms of the last state change (worker clock)")
+    error: str | None = Field(default=None, description="what opened the breaker")
+    send_rate: float | None = Field(
+        default=None, description="shared mails/s now (SMTP_MAX_PER_SECOND, after slowdowns)"
+    )
 
 
 class QueueStats(BaseModel):
     """A snapshot of the queue for operators."""
 
-    lanes: list[LaneStats]
-    scheduled: int  # waiting for send_at or for a retry's backoff
-    in_flight: int  # claimed by a worker, under a lease
-    live_workers: int  # heartbeats within the last three lease periods
-    failed: int  # dead letters still kept (RESULT_TTL_SECONDS)
-    sent_last_minute: int
-    sent_last_hour: int
-    failed_last_minute: int
-    failed_last_hour: int
-    relay: list[WorkerRelay] = Field(default_factory=list)  # breaker state per live worker
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "lanes": [{"priority": "high", "depth": 0, "oldest_age_seconds": None},
+                  {"priority": "default", "depth": 3, "oldest_age_seconds": 0.8},
+                  {"priority": "low", "depth": 0, "oldest_age_seconds": None}],
+        "scheduled": 1, "in_flight": 2, "live_workers": 1, "failed": 0,
+        "sent_last_minute": 40, "sent_last_hour": 1200, "failed_last_minute": 0,
+        "failed_last_hour": 2,
+        "relay": [{"worker_id": "w-1", "state": "closed", "since": 1738314000000}],
+    }]})  # fmt: skip
+
+    lanes: list[LaneStats] = Field(description="each priority lane, highest first")
+    scheduled: int = Field(description="waiting for send_at or for a retry's backoff")
+    in_flight: int = Field(description="claimed by a worker, under a lease")
+    live_workers: int = Field(description="heartbeats within the last three lease periods")
+    failed: int = Field(description="dead letters still kept (RESULT_TTL_SECONDS)")
+    sent_last_minute: int = Field(description="mails the relay accepted in the last minute")
+    sent_last_hour: int = Field(description="mails the relay accepted in the last hour")
+    failed_last_minute: int = Field(description="tasks that failed in the last minute")
+    failed_last_hour: int = Field(description="tasks that failed in the last hour")
+    relay: list[WorkerRelay] = Field(
+        default_factory=list, description="each live worker's circuit breaker"
+    )
 
 
 class ClaimedJob(BaseModel):

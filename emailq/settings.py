@@ -117,9 +117,14 @@ class Settings(BaseSettings):
     # Failed authentications per client address per minute before it gets 429.
     auth_failure_limit: int = Field(default=20, ge=1)
     # Sends per API key id (per client address while API_KEYS is unset), in the `limits`
-    # notation ("120/minute", "10/second; 1000/hour"); a batch counts its messages. "": off.
-    rate_limit_per_key: str = "120/minute"
-    # Contact-form submissions per client address per form. "": off.
+    # notation ("120/minute", "10/second"); a batch counts its messages. "": off.
+    # Off by default: a queue exists to absorb bursts (120/minute refused the 121st mail of
+    # a notification burst), the operator owns the relay (SMTP_MAX_PER_SECOND paces it),
+    # and MAX_STORED_BYTES_PER_KEY already bounds what one key can make Redis hold. Set it
+    # to cap what a leaked key could send.
+    rate_limit_per_key: str = ""
+    # Contact-form submissions per client address per form. "": off. On by default: a form
+    # is open to the whole web, and no person submits a form more often than this.
     rate_limit_per_form_address: str = "5/minute"
     # Reverse proxies (IPs and CIDRs, comma or space separated) whose X-Forwarded-For is
     # believed. Empty: the socket peer is the client, whatever the header says.

@@ -173,9 +173,10 @@ async def _refuse(request: Request, settings: Settings, queue: Queue) -> HTTPExc
     log.warning("authentication failed from %s (%d this minute)", client, count,
                 extra={"request_id": request.state.request_id})  # fmt: skip
     if count > settings.auth_failure_limit:
-        retry_after = str(max(1, math.ceil(left_ms / 1000)))
-        return HTTPException(429, "too many failed authentications from this address; retry "
-                                  "later", headers={"Retry-After": retry_after})  # fmt: skip
+        retry_after = max(1, math.ceil(left_ms / 1000))
+        detail = (f"over AUTH_FAILURE_LIMIT ({settings.auth_failure_limit}/minute) of failed "
+                  f"authentications from this address; retry in {retry_after} s")  # fmt: skip
+        return HTTPException(429, detail, headers={"Retry-After": str(retry_after)})
     return HTTPException(401, "a valid API key is required: 'Authorization: Bearer <key>'",
                          headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emailq.errors import (
@@ -31,8 +32,45 @@ from emailq.errors import (
 
 log = logging.getLogger("emailq.api")
 
-_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "payload_too_large", 429: "too_many_requests"}  # fmt: skip
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+          405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+          415: "unsupported_media_type", 429: "too_many_requests"}  # fmt: skip
+
+
+class FieldError(BaseModel):
+    """One problem of an invalid request."""
+
+    loc: list[str | int] = Field(
+        description='where: "body", "query", "path" or "header", then the field\'s path'
+    )
+    msg: str = Field(description="what is wrong with it")
+    type: str | None = Field(default=None, description="pydantic's error type, when it gave one")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the API (this module's doc)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "error": "validation_error", "detail": "to: value is not a valid email address",
+        "request_id": "5f0c6a1e9b8d4c2fa7e3d1b0c9a8e7f6",
+        "fields": [{"loc": ["body", "to"], "msg": "value is not a valid email address",
+                    "type": "value_error"}],
+    }]})  # fmt: skip
+
+    error: str = Field(
+        description="a stable code: validation_error, invalid_message, unauthorized, forbidden, "
+        "not_found, conflict, idempotency_conflict, payload_too_large, unsupported_media_type, "
+        "too_many_requests, quota_exceeded, bad_request, service_unavailable, "
+        "store_outcome_unknown, storage_full, method_not_allowed or internal_error"
+    )
+    detail: str = Field(description="what went wrong, for a person")
+    request_id: str = Field(description="this request's id, as in X-Request-ID and the logs")
+    fields: list[FieldError] | None = Field(
+        default=None, description="each problem of an invalid request (422 only)"
+    )
+    task_status: str | None = Field(
+        default=None, description="the state of the task that forbade the request (409 only)"
+    )
 
 
 class Conflict(Exception):
@@ -83,8 +121,29 @@ def validation_detail(fields: list[dict[str, Any]]) -> str:
     return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
+def _json_media(request: Request) -> bool:
+    media = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+# What pydantic says of a body FastAPI did not decode as JSON (it was given the raw text).
+_NOT_AN_OBJECT = {"model_attributes_type", "dict_type"}
+
+
+def _undecoded_body(request: Request, errors: Sequence[Any]) -> bool:
+    """Is this a JSON endpoint's body sent as another media type (curl's -d without -H)?"""
+    return not _json_media(request) and any(
+        tuple(e.get("loc", ())) == ("body",) and e.get("type") in _NOT_AN_OBJECT for e in errors
+    )
+
+
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    if _undecoded_body(request, exc.errors()):
+        # 415 naming the fix, rather than pydantic's "a valid dictionary" about a body that
+        # may be perfectly good JSON.
+        detail = "send the body as JSON, with 'Content-Type: application/json'"
+        return error_response(request, 415, "unsupported_media_type", detail)
     fields = validation_fields(exc.errors())
     return error_response(
         request, 422, "validation_error", validation_detail(fields), fields=fields

@@ -38,6 +38,7 @@ IdempotencyKeyDep = Annotated[
         # Printable ASCII only: the key is compared byte for byte and may be logged.
         pattern=r"^[\x20-\x7e]+$",
         description="1-256 printable ASCII characters; a repeat within 24 h sends nothing",
+        examples=["order-1234-receipt"],
     ),
 ]
 

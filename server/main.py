@@ -26,6 +26,7 @@ from server.cors import ApiCorsMiddleware
 from server.deps import attach_state
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
+from server.openapi import install_openapi
 from server.ratelimit import RateLimits
 from server.routes import admin, batch, dev, email, forms, health, templates
 from server.state import AppState
@@ -102,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.dev_pages:
         app.include_router(dev.router)
     app.include_router(health.router)
+    install_openapi(app, settings)
     if settings.api_docs:
         docs.install_docs(app)
     return app

@@ -1,6 +1,7 @@
 """Rate limits kept in Redis, so every API replica draws on the same budgets.
 
-Two limits, each in the ``limits`` notation (``"120/minute"``; ``""`` turns it off):
+Two limits, each in the ``limits`` notation (``"120/minute"``; ``""`` turns it off); a 429
+names the setting, its window and whose budget it was, and when to retry:
 
 * ``RATE_LIMIT_PER_KEY`` on the send endpoints, per API key id (per client address while
   ``API_KEYS`` is unset). A batch costs its number of messages: the limit is on mail, and a
@@ -39,6 +40,22 @@ log = logging.getLogger("emailq.api")
 
 
 @dataclass(frozen=True)
+class Budget:
+    """One configured limit: what it is called, as the operator set it, and its parsed form.
+
+    A 429 names the setting and the window it hit, so the reader knows what to raise."""
+
+    setting: str  # the environment name, RATE_LIMIT_PER_KEY
+    text: str  # as configured, "120/minute"
+    item: limits.RateLimitItem
+
+    @classmethod
+    def of(cls, setting: str, value: str) -> Budget | None:
+        """The budget configured as ``value`` (settings checked its notation); None if off."""
+        return cls(setting, value, limits.parse(value)) if value else None
+
+
+@dataclass(frozen=True)
 class Usage:
     """Where one budget stands after a request was counted against it."""
 
@@ -51,11 +68,6 @@ class Usage:
         """The RateLimit-* headers describing this budget."""
         return {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
                 "RateLimit-Reset": str(self.reset_seconds)}  # fmt: skip
-
-
-def _parse(value: str) -> limits.RateLimitItem | None:
-    # Settings checked it is one limit in the `limits` notation.
-    return limits.parse(value) if value else None
 
 
 class RateLimits:
@@ -78,15 +90,19 @@ class RateLimits:
             connection_pool=self._pool,  # type: ignore[arg-type]
         )
         self._limiter = MovingWindowRateLimiter(storage)
-        self.per_key = _parse(settings.rate_limit_per_key)
-        self.per_form_address = _parse(settings.rate_limit_per_form_address)
+        self.per_key = Budget.of("RATE_LIMIT_PER_KEY", settings.rate_limit_per_key)
+        self.per_form_address = Budget.of(
+            "RATE_LIMIT_PER_FORM_ADDRESS", settings.rate_limit_per_form_address
+        )
 
     async def close(self) -> None:
         """Close the Redis connections."""
         await self._pool.aclose()
 
-    async def hit(self, item: limits.RateLimitItem, *identifiers: str, cost: int = 1) -> Usage:
-        """Count ``cost`` against one budget; 429 when it would go over."""
+    async def hit(self, budget: Budget, *identifiers: str, whose: str, cost: int = 1) -> Usage:
+        """Count ``cost`` against ``budget``; 429 when it would go over, naming the setting,
+        its window and ``whose`` budget it is ("key 'website'")."""
+        item = budget.item
         try:
             allowed = await self._limiter.hit(item, *identifiers, cost=cost)
             stats = await self._limiter.get_window_stats(item, *identifiers)
@@ -98,17 +114,19 @@ class RateLimits:
         usage = Usage(limit=item.amount, remaining=max(0, stats.remaining),
                       reset_seconds=max(0, math.ceil(stats.reset_time - time.time())))  # fmt: skip
         if not allowed:
-            raise _too_many(usage, cost)
+            raise _too_many(budget, usage, cost, whose)
         return usage
 
 
-def _too_many(usage: Usage, cost: int) -> HTTPException:
-    if cost > usage.limit:
-        detail = f"this request counts {cost} against a limit of {usage.limit}; send fewer"
+def _too_many(budget: Budget, usage: Usage, cost: int, whose: str) -> HTTPException:
+    retry_after = max(1, usage.reset_seconds)
+    over = f"over {budget.setting} ({budget.text}) for {whose}"
+    if cost > usage.limit:  # waiting will not help
+        detail = (f"{over}: this request counts {cost} against a limit of {usage.limit}; "
+                  "send fewer at a time")  # fmt: skip
     else:
-        detail = f"rate limit of {usage.limit} exceeded; retry after the Retry-After seconds"
-    retry_after = str(max(1, usage.reset_seconds))
-    return HTTPException(429, detail, headers={"Retry-After": retry_after, **usage.headers})
+        detail = f"{over}; retry in {retry_after} s"
+    return HTTPException(429, detail, headers={"Retry-After": str(retry_after), **usage.headers})
 
 
 async def check_key_rate(
@@ -121,7 +139,9 @@ async def check_key_rate(
     # Without API_KEYS every caller is `anonymous`: one budget for all would let one client
     # starve the rest, so the address (an IPv6 client's /64) is the budget.
     who = ("address", client_key(request)) if principal.anonymous else ("key", principal.key_id)
-    usage = await rate_limits.hit(rate_limits.per_key, "send", *who, cost=cost)
+    # Key ids are the operator's own names ([A-Za-z0-9_.-]); the address is the caller's own.
+    whose = f"{who[0]} {who[1]!r}" if who[0] == "key" else "this address"
+    usage = await rate_limits.hit(rate_limits.per_key, "send", *who, whose=whose, cost=cost)
     response.headers.update(usage.headers)
     return usage
 
@@ -137,8 +157,10 @@ async def check_form_rate(
     rate_limits = rate_limits_of(request)
     if rate_limits.per_form_address is None:
         return None
-    item = rate_limits.per_form_address
-    usage = await rate_limits.hit(item, "form", form_id, "address", client_key(request))
+    whose = f"form {form_id!r} from this address"
+    budget = rate_limits.per_form_address
+    usage = await rate_limits.hit(budget, "form", form_id, "address", client_key(request),
+                                  whose=whose)  # fmt: skip
     if response is not None:
         response.headers.update(usage.headers)
     return usage

@@ -133,6 +133,10 @@ def _overrides(cfg: DevConfig) -> dict[str, str]:
         "SMTP_SECURITY": "none",
         "SMTP_USER": "",
         "SMTP_PASS": "",
+        # Trying things out means sending and submitting the form again and again: the
+        # limits, meant for a public deployment, would only get in the way here.
+        "RATE_LIMIT_PER_KEY": "",
+        "RATE_LIMIT_PER_FORM_ADDRESS": "",
     }
 
 

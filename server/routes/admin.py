@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from emailq.models import QueueStats, Status
 from server.auth import AdminDep
 from server.deps import QueueDep, SettingsDep
 from server.errors import Conflict
+from server.openapi import errors
 from server.schemas import Cancelled, FailedPage, Requeued, RequeueRequest, TaskResult
 
 router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[AdminDep],
-    responses={401: {"description": "API_KEYS is set and no valid key was given"},
-               403: {"description": "not an admin key; or API_KEYS is unset and the request "
-                                    "is not local (a loopback client, a local Host, no "
-                                    "other page's Origin)"}},
+    responses=errors(why={403: "not an admin key; or API_KEYS is unset and the request is "
+                               "not local (a loopback client, a local Host, no other page's "
+                               "Origin)"}),
 )  # fmt: skip
-TASK_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "unknown task"},
-    409: {"description": "the task's state forbids it; task_status names that state"},
-}
+TASK_ERRORS = errors(why={
+    404: "no such task (unknown, or expired after RESULT_TTL_SECONDS)",
+    409: "the task's state forbids it; `task_status` names that state",
+})  # fmt: skip
+TaskId = Annotated[uuid.UUID, Path(description="the task's id, as the send returned it",
+                                   examples=["3f2b8c1e-6d4a-4e8b-9c7f-1a2b3c4d5e6f"])]  # fmt: skip
 
 REQUEUE_CHUNK = 500  # ids per requeue script call: one call must not hold Redis for long
 
@@ -46,8 +48,10 @@ async def failed(
     queue: QueueDep,
     # A billion: more dead letters than a Redis holds (each keeps its record), and far from
     # overflowing Redis's 64-bit range end (offset + limit), which answered 500.
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[
+        int, Query(ge=0, le=1_000_000_000, description="dead letters to skip, newest first")
+    ] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="dead letters on this page")] = 50,
 ) -> FailedPage:
     """Failed tasks (dead letters), newest first, with reason and attempt log."""
     # One more than asked tells whether a next page exists without counting them all.
@@ -58,7 +62,7 @@ async def failed(
 
 
 @router.post("/tasks/{task_id}/requeue", responses=TASK_ERRORS)
-async def requeue_task(task_id: uuid.UUID, queue: QueueDep) -> Requeued:
+async def requeue_task(task_id: TaskId, queue: QueueDep) -> Requeued:
     """Send one failed task again with fresh attempts, keeping its attempt log."""
     record = await queue.get(str(task_id))
     if record is None:
@@ -82,7 +86,7 @@ async def requeue_failed(body: RequeueRequest, queue: QueueDep) -> Requeued:
 
 
 @router.post("/tasks/{task_id}/cancel", responses=TASK_ERRORS)
-async def cancel_task(task_id: uuid.UUID, queue: QueueDep) -> Cancelled:
+async def cancel_task(task_id: TaskId, queue: QueueDep) -> Cancelled:
     """Cancel a pending or scheduled task: it ends failed, reason 'cancelled', never sent."""
     outcome = await queue.cancel(str(task_id))
     if outcome == "missing":

@@ -17,9 +17,11 @@ from server.auth import PrincipalDep
 from server.deps import QueueDep, RequestIdDep, SettingsDep, TemplatesDep
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import IdempotencyKeyDep, batch_once
+from server.openapi import errors
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
-from server.schemas import BatchAccepted, BatchEntry, BatchRequest
+from server.routes.email import SEND_ERRORS
+from server.schemas import BatchAccepted, BatchEntry, BatchErrorBody, BatchRequest
 
 router = APIRouter(prefix="/emails", tags=["email"])
 log = logging.getLogger("emailq.api")
@@ -46,8 +48,13 @@ def _rejected(index: int, exc: Exception) -> BatchEntry:
     status_code=202,
     response_model=BatchAccepted,
     response_model_exclude_none=True,
-    responses={422: {"description": "the batch is malformed, or none of its messages is valid"}},
-)
+    responses=SEND_ERRORS | errors(model=BatchErrorBody, why={
+        403: "no message may be sent to its recipients (`results` says why for each); or, "
+             "while API_KEYS is unset, the request is not a local one",
+        422: "the batch is malformed, or none of its messages is valid (`results` says why "
+             "for each)",
+    }),
+)  # fmt: skip
 async def send_batch(
     principal: PrincipalDep,
     body: BatchRequest,

@@ -16,6 +16,7 @@ from server.auth import Principal, PrincipalDep, is_loopback
 from server.clientaddr import client_address
 from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of, templates_of
 from server.idempotency import IdempotencyKeyDep, send_once
+from server.openapi import errors
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
 from server.schemas import Accepted, TaskResult
@@ -24,9 +25,18 @@ router = APIRouter(prefix="/email", tags=["email"])
 log = logging.getLogger("emailq.api")
 
 MAX_WAIT_SECONDS = 30
+# What a send may answer besides 202, beyond what authenticating and validating imply
+# (server/openapi.py); the batch answers the same.
+SEND_ERRORS = errors(409, 413, 429, 507, why={
+    403: "a recipient is outside the key's domains or ALLOWED_RECIPIENTS; or, while "
+         "API_KEYS is unset, the request is not a local one",
+    409: "this Idempotency-Key was used with a different body",
+    422: "the request is invalid (`fields` names each problem), or the mail it makes is: "
+         "a subject or placeholder value with a line break, send_at too far ahead ...",
+})  # fmt: skip
 
 
-@router.post("/received", status_code=202)
+@router.post("/received", status_code=202, responses=SEND_ERRORS)
 async def receive_email(
     principal: PrincipalDep, payload: EmailRequest,
     request: Request, response: Response, idempotency_key: IdempotencyKeyDep = None,
@@ -60,15 +70,32 @@ def _may_read(principal: Principal, request: Request, owner: str | None) -> bool
     return principal.may_read(owner)
 
 
-@router.get("/result", response_model_exclude_none=True)
+@router.get(
+    "/result",
+    response_model_exclude_none=True,
+    responses=errors(why={404: "no such task, one this caller may not read, or one expired "
+                               "after RESULT_TTL_SECONDS"}),
+)  # fmt: skip
 async def email_result(
-    task_id: Annotated[uuid.UUID, Query(description="the id returned by the send")],
+    task_id: Annotated[
+        uuid.UUID,
+        Query(
+            description="the id returned by the send",
+            examples=["3f2b8c1e-6d4a-4e8b-9c7f-1a2b3c4d5e6f"],
+        ),
+    ],
     principal: PrincipalDep,
     request: Request,
     queue: QueueDep,
     waiter: WaiterDep,
     wait: Annotated[
-        float, Query(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for a final status")
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            examples=[10],
+            description="seconds to wait for a final status (0: answer at once)",
+        ),
     ] = 0,
 ) -> TaskResult:
     """The status of a send, at once or as soon as it is final within ``wait`` seconds."""

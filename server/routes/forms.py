@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import httpx
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from emailq.errors import InvalidMessage
@@ -33,6 +33,7 @@ from emailq.submit import prepare_form
 from server.clientaddr import client_address
 from server.deps import QueueDep, RequestIdDep, SettingsDep, forms_of, http_of
 from server.errors import BodyTooDeep
+from server.openapi import errors
 from server.ratelimit import check_form_rate
 from server.schemas import Accepted
 
@@ -43,7 +44,10 @@ CAPTCHA_TIMEOUT_SECONDS = 5.0
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 
-async def get_form(request: Request, form_id: str) -> Form:
+FormId = Annotated[str, Path(description="the form's id in FORMS_FILE", examples=["contact"])]
+
+
+async def get_form(request: Request, form_id: FormId) -> Form:
     """The configured form ``form_id``; 404 when there is none."""
     form = forms_of(request).get(form_id)
     if form is None:
@@ -137,12 +141,51 @@ async def form_preflight(form: FormDep, request: Request) -> Response:
     return response
 
 
-_SEE_OTHER: dict[int | str, dict[str, Any]] = {
-    303: {"description": "a plain form post: to the form's thank-you page"}
+# The route reads the body itself (urlencoded or JSON, see `_fields`), so FastAPI cannot
+# say what it takes: this does. Field names are the page's own; these are the usual ones.
+def _fields_schema(value: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": f"the form's fields (at most {MAX_FIELDS}, names up to 64 characters); "
+        "each becomes a line of the mail. `email` becomes Reply-To; `_gotcha` is the "
+        "honeypot, left empty by people; a CAPTCHA's token field is checked, never mailed",
+        "properties": {
+            "name": {**value, "description": "the visitor's name"},
+            "email": {**value, "description": "the visitor's address: the Reply-To"},
+            "message": {**value, "description": "the message, last in the mail"},
+            HONEYPOT: {**value, "description": "the honeypot: must stay empty"},
+        },
+        "additionalProperties": {**value, "description": "any other field"},
+        "examples": [{"name": "Ada", "email": "ada@example.com", "message": "Hello!"}],
+    }
+
+
+_FORM_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            FORM_CONTENT_TYPE: {"schema": _fields_schema({"type": "string"})},
+            # A JSON number or boolean is taken as its JSON text (`_scalar`).
+            "application/json": {
+                "schema": _fields_schema({"type": ["string", "number", "boolean"]})
+            },
+        },
+    }
 }
+_SEE_OTHER = {"description": "a plain form post: to the form's configured thank-you page",
+              "headers": {"Location": {"description": "the thank-you page",
+                                       "schema": {"type": "string"}}}}  # fmt: skip
+_FORM_ANSWERS = {303: _SEE_OTHER} | errors(400, 413, 415, 429, 507, why={
+    404: "no form of that id in FORMS_FILE",
+    422: "a field is invalid (`detail` names it): a line break in a field the subject "
+         "uses, a bad `email`, too many fields ...",
+    429: "over RATE_LIMIT_PER_FORM_ADDRESS for this address and form (`detail` names the "
+         "window), or over the form's share of MAX_STORED_BYTES_PER_KEY",
+})  # fmt: skip
 
 
-@router.post("/{form_id}", status_code=202, response_model=Accepted, responses=_SEE_OTHER)
+@router.post("/{form_id}", status_code=202, response_model=Accepted, responses=_FORM_ANSWERS,
+             openapi_extra=_FORM_DOCS)  # fmt: skip
 async def submit_form(
     form: FormDep, request: Request, queue: QueueDep, settings: SettingsDep,
     request_id: RequestIdDep,

@@ -5,18 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.deps import QueueDep
+from server.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
+async def health() -> Health:
     """Liveness: the process answers."""
-    return {"status": "ok"}
+    return Health()
 
 
 @router.get("/ready")
-async def ready(queue: QueueDep) -> dict[str, str]:
+async def ready(queue: QueueDep) -> Ready:
     """Readiness: Redis answers (503 otherwise)."""
     await queue.ping()
-    return {"status": "ready"}
+    return Ready()

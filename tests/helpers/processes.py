@@ -97,7 +97,4 @@ FAST = {
     "smtp_security": "none",
     "mail_from": "emailq <noreply@example.com>",
     "smtp_timeout_seconds": 5.0,
-    # Bulk tests send hundreds a minute from one address; tests/server/test_ratelimit.py
-    # sets the limits it tests.
-    "rate_limit_per_key": "",
 }

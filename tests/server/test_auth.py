@@ -256,8 +256,10 @@ def test_repeated_failures_from_one_address_get_429(settings: Settings) -> None:
                          "unauthorized")  # fmt: skip
         for _ in range(2):
             limited = attacker.post(SEND, json=mail(), headers=bearer("guess"))
-            assert_error(limited, 429, "too_many_requests")
+            detail = assert_error(limited, 429, "too_many_requests")["detail"]
             assert 1 <= int(limited.headers["Retry-After"]) <= 60
+            assert detail.startswith("over AUTH_FAILURE_LIMIT (3/minute) of failed auth")
+            assert detail.endswith(f"retry in {limited.headers['Retry-After']} s")
         # A valid key is never throttled: behind a proxy everyone shares one address.
         assert attacker.post(SEND, json=mail(), headers=bearer(ALICE)).status_code == 202
     with TestClient(app, client=("203.0.113.10", 4000)) as neighbour:

@@ -17,6 +17,7 @@ Attacks tried, and what they get:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -95,6 +96,34 @@ def test_over_the_limit_is_429_with_headers_and_stores_nothing(
     assert send(client, BOB).status_code == 202  # another key, its own budget
 
 
+def test_a_429_names_the_setting_its_window_and_whose_budget(client: TestClient) -> None:
+    for _ in range(3):
+        assert send(client).status_code == 202
+    refused = send(client)
+    detail = assert_error(refused, 429, "too_many_requests")["detail"]
+    match = re.fullmatch(r"over RATE_LIMIT_PER_KEY \(3/minute\) for key 'alice'; retry in (\d+) s",
+                         detail)  # fmt: skip
+    assert match is not None, detail
+    assert match.group(1) == refused.headers["Retry-After"]
+
+
+def test_the_default_lets_a_notification_burst_through(
+    make_settings: Callable[..., Settings], store: redis.Redis
+) -> None:
+    # The old default (120/minute) refused the 121st mail of a burst: the queue exists to
+    # absorb one, and MAX_STORED_BYTES_PER_KEY bounds what a key may hold.
+    default = Settings.model_fields["rate_limit_per_key"].default  # make_settings sets its own
+    with TestClient(
+        create_app(make_settings(api_keys=API_KEYS, rate_limit_per_key=default))
+    ) as client:
+        for _ in range(2):
+            batch = client.post(BATCH, json={"messages": [mail()] * 100}, headers=bearer(ALICE))
+            assert batch.status_code == 202, batch.text
+            assert "RateLimit-Limit" not in batch.headers
+        assert send(client).status_code == 202
+    assert len(task_keys(store)) == 201
+
+
 def test_a_batch_counts_its_messages(client: TestClient, store: redis.Redis) -> None:
     two = client.post(BATCH, json={"messages": [mail(), mail()]}, headers=bearer(ALICE))
     assert two.status_code == 202, two.text
@@ -104,7 +133,9 @@ def test_a_batch_counts_its_messages(client: TestClient, store: redis.Redis) -> 
     assert len(task_keys(store)) == 2  # all or nothing: no part of the refused batch queued
     assert send(client).status_code == 202  # the one left
     huge = client.post(BATCH, json={"messages": [mail()] * 4}, headers=bearer(BOB))
-    assert "limit of 3" in assert_error(huge, 429, "too_many_requests")["detail"]
+    detail = assert_error(huge, 429, "too_many_requests")["detail"]
+    assert detail.startswith("over RATE_LIMIT_PER_KEY (3/minute) for key 'bob': this request "
+                             "counts 4 against a limit of 3")  # fmt: skip
 
 
 def test_refused_requests_do_not_count(client: TestClient) -> None:
@@ -130,7 +161,9 @@ def test_without_keys_the_budget_is_per_address(make_settings: Callable[..., Set
     with TestClient(app, client=("203.0.113.1", 1)) as first:
         assert send(first, key=None).status_code == 202
         assert send(first, key=None).status_code == 202
-        assert_limited(send(first, key=None), 2)
+        limited = send(first, key=None)
+        assert_limited(limited, 2)
+        assert "for this address;" in limited.json()["detail"]  # no key to name
         # A forged X-Forwarded-For from an untrusted peer is no way to a fresh budget.
         assert_limited(send(first, key=None, **{"X-Forwarded-For": "198.51.100.7"}), 2)
     with TestClient(app, client=("203.0.113.2", 1)) as second:
@@ -178,7 +211,12 @@ def test_form_submissions_are_limited_per_address_per_form(
         visitor = {"X-Forwarded-For": "198.51.100.1"}
         for _ in range(2):
             assert proxy.post("/test-form/contact", headers=visitor).status_code == 200
-        assert_limited(proxy.post("/test-form/contact", headers=visitor), 2)
+        limited = proxy.post("/test-form/contact", headers=visitor)
+        assert_limited(limited, 2)
+        assert limited.json()["detail"].startswith(
+            "over RATE_LIMIT_PER_FORM_ADDRESS (2/minute) for form 'contact' from this address; "
+            "retry in "
+        )
         assert proxy.post("/test-form/other", headers=visitor).status_code == 200
         neighbour = {"X-Forwarded-For": "198.51.100.2"}
         ok = proxy.post("/test-form/contact", headers=neighbour)

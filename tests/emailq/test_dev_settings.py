@@ -1,0 +1,24 @@
+"""`make dev` turns the rate limits off for its children, whatever the environment says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from emailq.devtools.runner import DevConfig, _overrides
+
+from emailq.startup import load_settings
+
+
+def test_make_dev_runs_without_rate_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a user's shell or .env might have them for their deployment.
+    monkeypatch.setenv("RATE_LIMIT_PER_KEY", "10/minute")
+    monkeypatch.setenv("RATE_LIMIT_PER_FORM_ADDRESS", "1/minute")
+    monkeypatch.chdir(tmp_path)  # no .env of the worktree
+    overrides = _overrides(DevConfig(data_dir=tmp_path / "dev"))
+    # The children read their environment with these on top, as the runner starts them.
+    for name, value in overrides.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.rate_limit_per_key == ""
+    assert settings.rate_limit_per_form_address == ""
