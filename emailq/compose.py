@@ -87,6 +87,8 @@ class EmailRequest(BaseModel):
     variables: dict[VariableName, str] = Field(
         default_factory=dict, max_length=100,
         description="fill {name} as username does, or a stored template's variables",
+        # patternProperties alone would let the schema allow any other key and value.
+        json_schema_extra={"additionalProperties": False},
     )  # fmt: skip
     template: str | None = Field(
         default=None, pattern=TEMPLATE_NAME,

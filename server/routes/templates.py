@@ -18,13 +18,19 @@ from emailq.errors import InvalidMessage
 from emailq.templates import PartResult
 from server.auth import PrincipalDep
 from server.deps import SettingsDep, TemplatesDep
-from server.errors import error_response
+from server.errors import ErrorBody, error_response
+from server.openapi import errors
+from server.schemas import _example
 
 router = APIRouter(prefix="/templates", tags=["templates"])
 
 
 class TemplateInfo(BaseModel):
     """One stored template."""
+
+    model_config = _example(
+        {"name": "otp", "parts": ["subject", "body", "html"], "variables": ["code", "username"]}
+    )
 
     name: str = Field(description="what a send gives as `template`")
     parts: list[str] = Field(description="subject, body and, if it has one, html")
@@ -34,22 +40,34 @@ class TemplateInfo(BaseModel):
 class TemplateList(BaseModel):
     """Every stored template, by name."""
 
-    templates: list[TemplateInfo]
+    model_config = _example(
+        {"templates": [{"name": "otp", "parts": ["subject", "body"], "variables": ["code"]}]}
+    )
+
+    templates: list[TemplateInfo] = Field(description="each template of TEMPLATES_DIR")
 
 
 class PreviewRequest(BaseModel):
     """The values to render with, as a send's `variables`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"variables": {"code": "482913"}}]}
+    )
 
-    variables: dict[VariableName, str] = Field(default_factory=dict, max_length=100)
+    variables: dict[VariableName, str] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="the values the template reads",
+        # patternProperties alone would let the schema allow any other key and value.
+        json_schema_extra={"additionalProperties": False},
+    )
 
 
 class PartPreview(BaseModel):
     """One part rendered: its text, or the error that stopped it."""
 
-    content: str | None = None
-    error: str | None = None
+    content: str | None = Field(default=None, description="the rendered text of the part")
+    error: str | None = Field(default=None, description="why the part could not be rendered")
     field: str | None = Field(default=None, description="`variables.<name>` or `template`")
     line: int | None = Field(default=None, description="the line of the part's file")
 
@@ -57,8 +75,27 @@ class PartPreview(BaseModel):
 class Preview(BaseModel):
     """What a send with these variables would put in the mail."""
 
-    template: str
-    parts: dict[str, PartPreview]
+    model_config = _example({
+        "template": "otp",
+        "parts": {"subject": {"content": "Your code"}, "body": {"content": "Code: 482913"}},
+    })  # fmt: skip
+
+    template: str = Field(description="the template's name")
+    parts: dict[str, PartPreview] = Field(description="subject, body and html, by name")
+
+
+class PreviewError(ErrorBody):
+    """The error shape; a preview that could not render every part adds each part (a request
+    that is itself invalid does not)."""
+
+    template: str | None = Field(default=None, description="the template's name")
+    parts: dict[str, PartPreview] | None = Field(
+        default=None, description="each part's text or error"
+    )
+
+
+TemplateName = Annotated[str, Path(pattern=TEMPLATE_NAME, description="the template's name",
+                                   examples=["otp"])]  # fmt: skip
 
 
 def _part(result: PartResult) -> PartPreview:
@@ -82,10 +119,14 @@ async def list_templates(principal: PrincipalDep, templates: TemplatesDep) -> Te
     "/{name}/preview",
     response_model=Preview,
     response_model_exclude_none=True,
-    responses={422: {"description": "a part could not be rendered: see `parts`"}},
+    responses=errors(
+        404,
+        why={404: "no such template", 422: "a part could not be rendered: see `parts`"},
+        model=PreviewError,
+    ),
 )
 async def preview_template(
-    name: Annotated[str, Path(pattern=TEMPLATE_NAME)],
+    name: TemplateName,
     body: PreviewRequest,
     principal: PrincipalDep,
     request: Request,

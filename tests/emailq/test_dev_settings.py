@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from emailq.devtools.runner import DevConfig, _overrides
 
+from emailq.devtools.runner import DevConfig, _overrides
 from emailq.startup import load_settings
 
 

@@ -179,6 +179,7 @@ def test_a_json_body_sent_as_another_type_is_415_and_stores_nothing(
 
 
 def test_a_json_content_type_with_parameters_is_still_json(client: TestClient) -> None:
-    response = client.post("/api/v1/email/received", content=b'{"to": "a@example.com"}',
+    body = b'{"to": "not an address", "subject": "Hi", "body": "Hello"}'
+    response = client.post("/api/v1/email/received", content=body,
                            headers={"Content-Type": "application/json; charset=utf-8"})  # fmt: skip
-    assert_error(response, 422, "validation_error")  # read as JSON: subject and body missing
+    assert_error(response, 422, "validation_error")  # read as JSON: the address is checked
