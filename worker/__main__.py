@@ -42,6 +42,9 @@ def build_worker(settings: Settings) -> Worker:
         prefix=settings.redis_key_prefix,
         max_attempts=settings.max_attempts,
         result_ttl_seconds=settings.result_ttl_seconds,
+        # The worker is what records successes: without this, RESULT_TTL_SUCCESS_SECONDS
+        # would be read by the API and CLI only, and never shorten anything.
+        success_ttl_seconds=settings.result_ttl_success_seconds,
     )
     sender = Sender(SmtpPool(settings, size=settings.worker_concurrency))
     return Worker(queue, sender, settings)

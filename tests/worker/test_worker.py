@@ -245,6 +245,23 @@ async def test_a_busy_worker_needs_about_one_script_call_per_mail(
     assert calls <= 40 + 10  # 40 finishes; first claim, renewals and the last empty claims
 
 
+async def test_result_ttl_success_seconds_shortens_what_the_worker_records(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    # The worker records every success, so it is the one that must apply the shorter TTL.
+    server = scripted(smtp_factory, ["550 5.1.1 no such user"])
+    settings = make_settings(smtp_port=server.port, result_ttl_seconds=3600,
+                             result_ttl_success_seconds=60)  # fmt: skip
+    async with running(settings) as run:
+        records = [await run.settled(t) for t in await run.submit(2)]  # one gets the 550
+        ttl = {r.status: await run.queue.redis.ttl(run.queue.keys.task(r.task_id))
+               for r in records}  # fmt: skip
+
+    assert set(ttl) == {Status.FAILED, Status.SUCCESS}
+    assert 60 < ttl[Status.FAILED] <= 3600  # a dead letter is kept for requeue
+    assert 0 < ttl[Status.SUCCESS] <= 60
+
+
 # -- identity, duplicates, logs ----------------------------------------------------------
 
 
