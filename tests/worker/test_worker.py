@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from emailq.models import Status, TaskRecord
+from emailq.models import RelayState, Status, TaskRecord
 from emailq.queue import Keys
 from emailq.settings import Settings
 from tests.helpers.polling import wait_for
@@ -145,6 +145,31 @@ async def test_5xx_fails_at_once(
     assert (record.status, record.attempts, codes(record)) == (Status.FAILED, 1, [550])
     assert "550" in (record.reason or "")
     assert server.handler.data_calls == 1
+
+
+async def test_a_non_ascii_address_the_relay_cannot_take_fails_alone_and_pauses_nothing(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    # Without SMTPUTF8 such a mail can never be sent through this relay: it is the mail's
+    # problem, not the relay's. Taken for an outage, it paused every send each time it was
+    # claimed and waited out SMTP_OUTAGE_MAX_SECONDS.
+    server = smtp_factory(handler=TrackingHandler(), smtputf8=False)
+    settings = make_settings(smtp_port=server.port, **SHORT_OUTAGE)
+    async with running(settings) as run:
+        [poison] = await run.submit(to="用户@example.com")
+        [plain] = await run.submit(to="user@example.com")
+        records = {t: await run.settled(t) for t in (poison, plain)}
+        breaker = run.worker.relay.breaker
+
+    assert (records[poison].status, records[poison].attempts) == (Status.FAILED, 1)
+    assert records[poison].reason is not None
+    assert records[poison].reason.startswith("permanent error after 1 attempt(s): ")
+    assert "SMTPUTF8" in records[poison].reason
+    assert [e.outcome for e in records[poison].log] == ["failed"]  # never "deferred"
+    assert records[plain].status is Status.SUCCESS
+    assert breaker.state is RelayState.CLOSED
+    assert breaker.error is None
+    assert server.handler.task_ids() == [plain]
 
 
 async def test_refused_connection_uses_no_attempt_and_fails_at_the_outage_ceiling(
