@@ -22,6 +22,7 @@ from tests.helpers.queues import preload
 from tests.helpers.smtpd import Authenticator, SmtpServer
 from tests.helpers.workers import Factory, TrackingHandler, deliver, running, scripted
 from worker.__main__ import build_worker
+from worker.loop import _cancel_all
 
 # A relay outage fails waiting mail after 1 s, probed every half second.
 SHORT_OUTAGE = {"smtp_outage_max_seconds": 1, "smtp_probe_max_seconds": 0.5}
@@ -450,3 +451,30 @@ async def test_a_crashed_claim_loop_ends_run_with_the_error(
             await asyncio.wait_for(worker.run(), 30)
     finally:
         await worker.queue.close()
+
+
+async def test_stopping_ends_a_loop_whose_cancel_was_lost() -> None:
+    # On Python 3.11 a cancel that races a timeout inside redis-py or asyncio.wait_for can
+    # come out as a TimeoutError; the renewer and relay loops take that for an outage and
+    # go on. Cancelled once, such a loop kept Worker.run() from returning: after SIGSTOP and
+    # SIGCONT (every timer due at once) `python -m worker` then ignored SIGTERM for good.
+    cancels = 0
+
+    async def loop_that_loses_one_cancel() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels > 1:
+                    raise
+                # taken for a timeout, as the race does
+
+    task = asyncio.create_task(loop_that_loses_one_cancel())
+    await asyncio.sleep(0)  # let it start waiting
+
+    await asyncio.wait_for(_cancel_all([task]), 30)  # bounds a failure only
+
+    assert task.cancelled()
+    assert cancels == 2
