@@ -48,6 +48,7 @@ MAX_BLOCK_SECONDS = 5.0  # longest BLPOP; wake tokens make it end early when wor
 LEASE_SAFETY = 0.2
 LOST = float("-inf")  # the lease deadline of a job whose lease Redis says is gone
 RECORD_ON_EXIT_SECONDS = 2.0  # longest wait to record a send the drain cut off
+RECANCEL_SECONDS = 0.5  # a task still running this long after a cancel is cancelled again
 
 P = ParamSpec("P")
 
@@ -535,8 +536,17 @@ def _notify(hook: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:
 
 
 async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    for task in tasks:
-        task.cancel()
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again while any runs.
+
+    On Python 3.11 a cancel that lands as a timeout fires inside redis-py or
+    ``asyncio.wait_for`` can come out as a TimeoutError, which the loops here take for an
+    outage and go on (after SIGSTOP/SIGCONT every timer fires at once): a single cancel
+    then left ``run()`` waiting for the relay task forever, and the process never exited."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_SECONDS)
     await asyncio.gather(*tasks, return_exceptions=True)
 
 

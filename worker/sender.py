@@ -1,7 +1,8 @@
 """SMTP sending over a small pool of reused connections.
 
 aiosmtplib's errors are converted to ``SendError`` here, where they enter: 5xx replies are
-permanent, everything else (4xx, timeouts, drops) is transient. Two kinds say nothing
+permanent, and so is a mail the relay cannot take at all (a non-ASCII address without
+SMTPUTF8); everything else (4xx, timeouts, drops) is transient. Two kinds say nothing
 about the mail and use up none of its attempts (see worker.relay): ``RelayUnavailable``
 (any failure to connect, greet, STARTTLS or log in; a timeout or drop before DATA) and
 ``RelayThrottled`` (421, 451 or 454 to MAIL, RCPT or DATA). A timeout or drop while waiting
@@ -150,12 +151,14 @@ def convert_error(
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             return RelayUnavailable(exc.message, code=exc.code)
         return RelayUnavailable(_text(exc))
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        # Raised by aiosmtplib before MAIL FROM when this mail needs an extension the relay
+        # lacks (SMTPUTF8, for a non-ASCII address): about this mail, and the same on every
+        # retry. As a relay-level failure it opened the breaker each time the mail was
+        # claimed, paused everyone's mail, and failed only at SMTP_OUTAGE_MAX_SECONDS.
+        return SendError(_text(exc), permanent=True)
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        codes = [r.code for r in exc.recipients]
-        text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
-        if 421 in codes or all(c in THROTTLE_CODES for c in codes):
-            return RelayThrottled(text, code=codes[0])
-        return SendError(text, code=codes[0], permanent=all(c >= 500 for c in codes))
+        return _recipients_refused(exc)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         if exc.code in THROTTLE_CODES:
             return RelayThrottled(exc.message, code=exc.code)
@@ -163,6 +166,14 @@ def convert_error(
     if before_data:
         return RelayUnavailable(_text(exc))
     return SendError(_text(exc))
+
+
+def _recipients_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> SendError:
+    codes = [r.code for r in exc.recipients]
+    text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+    if 421 in codes or all(c in THROTTLE_CODES for c in codes):
+        return RelayThrottled(text, code=codes[0])
+    return SendError(text, code=codes[0], permanent=all(c >= 500 for c in codes))
 
 
 def _text(exc: BaseException) -> str:

@@ -12,8 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from emailq.compose import EmailRequest
 from emailq.forms import OWNER_PREFIX
 from emailq.submit import prepare
-from server.auth import Principal, PrincipalDep, is_loopback
-from server.clientaddr import client_address
+from server.auth import Principal, PrincipalDep, local_refusal
 from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of, templates_of
 from server.idempotency import IdempotencyKeyDep, send_once
 from server.openapi import errors
@@ -60,13 +59,16 @@ def _may_read(principal: Principal, request: Request, owner: str | None) -> bool
     """May this caller see a task created by ``owner``?
 
     A contact form's task belongs to the site owner, not to whoever holds its id: only
-    those who may use the admin endpoints (an admin key; a loopback client while API_KEYS
-    is unset) see it. Everyone else gets the 404 of an unknown task, which is also what the
+    those who may use the admin endpoints (an admin key; a local request while API_KEYS is
+    unset) see it. Everyone else gets the 404 of an unknown task, which is also what the
     made-up id given to a honeypot-filling bot answers, so a bot cannot tell the two apart.
+    The admin endpoints' own rule, whole: with ALLOWED_RECIPIENTS or ALLOW_OPEN_RELAY set,
+    nothing before this checked Host, Origin or forwarding headers, and a loopback peer
+    alone (a local reverse proxy, a DNS-rebinding page) read form tasks.
     """
     if (owner or "").startswith(OWNER_PREFIX):
-        local_operator = principal.anonymous and is_loopback(client_address(request))
-        return principal.is_admin or local_operator
+        local = local_refusal(request, settings_of(request)) is None
+        return principal.is_admin or (principal.anonymous and local)
     return principal.may_read(owner)
 
 

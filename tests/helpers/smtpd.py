@@ -219,10 +219,12 @@ def start_smtp(
     starttls: ssl.SSLContext | None = None,
     implicit_tls: ssl.SSLContext | None = None,
     auth: Authenticator | None = None,
+    smtputf8: bool = True,
 ) -> SmtpServer:
-    """Start aiosmtpd in its own thread on 127.0.0.1, on port 0 or on ``sock`` (bound)."""
+    """Start aiosmtpd in its own thread on 127.0.0.1, on port 0 or on ``sock`` (bound).
+    ``smtputf8=False``: a relay that does not offer SMTPUTF8 (many do not)."""
     handler = handler or RecordingHandler()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
     if starttls is not None:
         kwargs.update(tls_context=starttls, require_starttls=True)
     if implicit_tls is not None:

@@ -91,6 +91,28 @@ def test_a_send_key_polls_both_alike_and_an_admin_key_reads_the_real_one(
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [{"Host": "rebind.evil.example"}, {"X-Forwarded-For": STRANGER[0]},
+     {"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}],
+    ids=["dns-rebinding-host", "untrusted-local-proxy", "cross-origin", "cross-site-fetch"],
+)  # fmt: skip
+@pytest.mark.parametrize("opened", [{"allowed_recipients": "@site.example"},
+                                    {"allow_open_relay": True}])  # fmt: skip
+def test_without_keys_only_a_local_request_reads_a_form_task(
+    forms_settings: Callable[..., Settings], headers: dict[str, str], opened: dict[str, Any]
+) -> None:
+    # With sending opened to everyone, authentication checks nothing local; reading a form
+    # task must still take the admin endpoints' whole rule, not just a loopback peer.
+    app = create_app(forms_settings(**opened))
+    with TestClient(app, base_url="http://localhost", client=("127.0.0.1", 4000)) as http:
+        real, fake = (http.post(FORM, json=body).json()["task_id"] for body in (VISITOR, BOT))
+        assert http.get(RESULT, params={"task_id": real}).status_code == 200  # the operator
+        http.headers.update(headers)
+        assert http.get("/api/v1/admin/stats").status_code == 403
+        poll_both(http, real, fake)
+
+
+@pytest.mark.parametrize(
     "bad",
     [{"email": "not an address"}, {"name": "Ada\r\nBcc: victim@evil.example"},
      {"message": "x" * 5000}, {"tags": ["a"]}, {"x" * 65: "long name"}],

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from emailq.models import Status, TaskRecord
+from emailq.models import RelayState, Status, TaskRecord
 from emailq.queue import Keys
 from emailq.settings import Settings
 from tests.helpers.polling import wait_for
@@ -22,6 +22,7 @@ from tests.helpers.queues import preload
 from tests.helpers.smtpd import Authenticator, SmtpServer
 from tests.helpers.workers import Factory, TrackingHandler, deliver, running, scripted
 from worker.__main__ import build_worker
+from worker.loop import _cancel_all
 
 # A relay outage fails waiting mail after 1 s, probed every half second.
 SHORT_OUTAGE = {"smtp_outage_max_seconds": 1, "smtp_probe_max_seconds": 0.5}
@@ -147,6 +148,31 @@ async def test_5xx_fails_at_once(
     assert server.handler.data_calls == 1
 
 
+async def test_a_non_ascii_address_the_relay_cannot_take_fails_alone_and_pauses_nothing(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    # Without SMTPUTF8 such a mail can never be sent through this relay: it is the mail's
+    # problem, not the relay's. Taken for an outage, it paused every send each time it was
+    # claimed and waited out SMTP_OUTAGE_MAX_SECONDS.
+    server = smtp_factory(handler=TrackingHandler(), smtputf8=False)
+    settings = make_settings(smtp_port=server.port, **SHORT_OUTAGE)
+    async with running(settings) as run:
+        [poison] = await run.submit(to="用户@example.com")
+        [plain] = await run.submit(to="user@example.com")
+        records = {t: await run.settled(t) for t in (poison, plain)}
+        breaker = run.worker.relay.breaker
+
+    assert (records[poison].status, records[poison].attempts) == (Status.FAILED, 1)
+    assert records[poison].reason is not None
+    assert records[poison].reason.startswith("permanent error after 1 attempt(s): ")
+    assert "SMTPUTF8" in records[poison].reason
+    assert [e.outcome for e in records[poison].log] == ["failed"]  # never "deferred"
+    assert records[plain].status is Status.SUCCESS
+    assert breaker.state is RelayState.CLOSED
+    assert breaker.error is None
+    assert server.handler.task_ids() == [plain]
+
+
 async def test_refused_connection_uses_no_attempt_and_fails_at_the_outage_ceiling(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -243,6 +269,23 @@ async def test_a_busy_worker_needs_about_one_script_call_per_mail(
     assert {r.status for r in records} == {Status.SUCCESS}
     assert sorted(m.task_id for m in smtp.handler.received) == sorted(ids)
     assert calls <= 40 + 10  # 40 finishes; first claim, renewals and the last empty claims
+
+
+async def test_result_ttl_success_seconds_shortens_what_the_worker_records(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    # The worker records every success, so it is the one that must apply the shorter TTL.
+    server = scripted(smtp_factory, ["550 5.1.1 no such user"])
+    settings = make_settings(smtp_port=server.port, result_ttl_seconds=3600,
+                             result_ttl_success_seconds=60)  # fmt: skip
+    async with running(settings) as run:
+        records = [await run.settled(t) for t in await run.submit(2)]  # one gets the 550
+        ttl = {r.status: await run.queue.redis.ttl(run.queue.keys.task(r.task_id))
+               for r in records}  # fmt: skip
+
+    assert set(ttl) == {Status.FAILED, Status.SUCCESS}
+    assert 60 < ttl[Status.FAILED] <= 3600  # a dead letter is kept for requeue
+    assert 0 < ttl[Status.SUCCESS] <= 60
 
 
 # -- identity, duplicates, logs ----------------------------------------------------------
@@ -421,3 +464,30 @@ async def test_a_crashed_claim_loop_ends_run_with_the_error(
             await asyncio.wait_for(worker.run(), 30)
     finally:
         await worker.queue.close()
+
+
+async def test_stopping_ends_a_loop_whose_cancel_was_lost() -> None:
+    # On Python 3.11 a cancel that races a timeout inside redis-py or asyncio.wait_for can
+    # come out as a TimeoutError; the renewer and relay loops take that for an outage and
+    # go on. Cancelled once, such a loop kept Worker.run() from returning: after SIGSTOP and
+    # SIGCONT (every timer due at once) `python -m worker` then ignored SIGTERM for good.
+    cancels = 0
+
+    async def loop_that_loses_one_cancel() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels > 1:
+                    raise
+                # taken for a timeout, as the race does
+
+    task = asyncio.create_task(loop_that_loses_one_cancel())
+    await asyncio.sleep(0)  # let it start waiting
+
+    await asyncio.wait_for(_cancel_all([task]), 30)  # bounds a failure only
+
+    assert task.cancelled()
+    assert cancels == 2
