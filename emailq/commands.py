@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from emailq import output, submit
 from emailq.compose import EmailRequest
 from emailq.errors import StoreUnavailable
+from emailq.labels import LabelFilter
 from emailq.models import Status, TaskRecord
 from emailq.output import Output, Progress
 from emailq.queue import EnqueueItem, Queue
@@ -202,10 +203,20 @@ async def stats(ctx: Context) -> int:
     return ExitCode.OK
 
 
-async def failed(ctx: Context, *, offset: int = 0, limit: int = 50) -> int:
-    """List dead letters, newest first."""
-    records = await ctx.queue.failed(offset=offset, limit=limit)
-    data = {"offset": offset, "limit": limit, "tasks": [output.record_json(r) for r in records]}
+async def failed(
+    ctx: Context, *, offset: int = 0, limit: int = 50, keep: LabelFilter | None = None
+) -> int:
+    """List dead letters, newest first; with ``keep``, only those with its tags and
+    metadata (``offset`` then counts every dead letter, matching or not)."""
+    data: dict[str, Any] = {"offset": offset, "limit": limit}
+    if keep:
+        records, data["next_offset"] = await ctx.queue.failed_matching(
+            lambda r: keep.matches(r.tags, r.metadata), offset=offset, limit=limit,
+            max_scan=1_000_000_000,  # the operator asked for them all, however many it reads
+        )  # fmt: skip
+    else:
+        records = await ctx.queue.failed(offset=offset, limit=limit)
+    data["tasks"] = [output.record_json(r) for r in records]
     ctx.out.emit(data, output.failed_text(records))
     return ExitCode.OK
 
