@@ -73,6 +73,8 @@ class TaskResult(BaseModel):
     scheduled_at: str | None = None
     expires_at: str | None = None
     request_id: str | None = None
+    metadata: dict[str, str] | None = Field(default=None, description="as sent; absent if none")
+    tags: list[str] | None = Field(default=None, description="as sent; absent if none")
     attempt_log: list[AttemptOut]
 
     @classmethod
@@ -96,6 +98,8 @@ class TaskResult(BaseModel):
             scheduled_at=iso(record.scheduled_at),
             expires_at=iso(record.expires_at),
             request_id=record.request_id,
+            metadata=record.metadata or None,
+            tags=record.tags or None,
             attempt_log=[AttemptOut.of(a, private=private) for a in record.log],
         )
 
@@ -137,7 +141,9 @@ class FailedPage(BaseModel):
     tasks: list[TaskResult]
     offset: int
     limit: int
-    next_offset: int | None = Field(description="offset of the next page; absent on the last")
+    next_offset: int | None = Field(description="offset of the next page; absent on the last. "
+                                    "With a tag or metadata filter, the position in the whole "
+                                    "dead-letter list to go on from")  # fmt: skip
 
 
 class RequeueRequest(BaseModel):

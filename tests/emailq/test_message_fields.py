@@ -8,6 +8,7 @@ import base64
 import email
 import email.policy
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.message import EmailMessage
@@ -21,9 +22,11 @@ from emailq.apikeys import ANONYMOUS, ApiKey, Principal, Scope
 from emailq.compose import EmailRequest, compose
 from emailq.errors import Forbidden, InvalidMessage, MessageTooLarge
 from emailq.message import MAX_LINE, build_message, disposition, envelope_sender
-from emailq.models import Attachment, Mailbox
+from emailq.models import Attachment, Mailbox, TaskRecord
+from emailq.queue import EnqueueItem, Queue
 from emailq.settings import Settings
 from emailq.submit import OPERATOR, OperatorLimits, prepare
+from tests.helpers.queues import job
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 SHOP = frozenset({"@shop.example.com", "billing@example.org"})
@@ -135,7 +138,7 @@ def test_without_allowed_senders_only_mail_froms_domain_is_allowed() -> None:
     prepare(request(**{"from": "shop@example.com"}), ANONYMOUS, NOW, settings, request_id="r")
     with pytest.raises(Forbidden):
         prepare(request(**{"from": "shop@other.org"}), ANONYMOUS, NOW, settings, request_id="r")
-    listed = Settings(_env_file=None, allowed_senders="@shop.example.com")  # type: ignore[call-arg]
+    listed = Settings(_env_file=None, allowed_senders="@shop.example.com")  # type: ignore[call-arg, arg-type]
     assert listed.sender_allow_list == frozenset({"@shop.example.com"})
 
 
@@ -152,7 +155,7 @@ def test_an_api_keys_entry_may_list_its_senders(
     entry: str, domains: set[str], senders: set[str]
 ) -> None:
     key = ApiKey.parse(entry)
-    assert (key.domains, key.senders) == (domains, senders)
+    assert (set(key.domains), set(key.senders)) == (domains, senders)
     assert ApiKey.parse(key.entry()) == key  # printed as it is parsed
 
 
@@ -375,3 +378,46 @@ def test_the_worker_refuses_a_stored_hostile_attachment() -> None:
                            content="aGk=")):  # fmt: skip
         with pytest.raises(InvalidMessage):
             build_message("t", job.model_copy(update={"attachments": [bad]}), "a@example.com")
+
+
+# -- labels in Redis -----------------------------------------------------------------------
+
+
+async def cancelled(queue: Queue, name: str, tags: list[str], **metadata: str) -> str:
+    """A dead letter with these labels: queued, then cancelled (it ends failed)."""
+    item = EnqueueItem(name, job(name), "r", labels=labels.encode(metadata, tags))
+    await queue.enqueue_many([item])
+    assert await queue.cancel(name) == "cancelled"
+    return name
+
+
+async def test_labels_outlive_the_job_and_filter_the_dead_letters(queue: Queue) -> None:
+    # Newest first: c, b, a.
+    a = await cancelled(queue, "a", ["shop"], order="1")
+    b = await cancelled(queue, "b", ["news"])
+    c = await cancelled(queue, "c", ["shop", "vip"], order="2")
+    record = await queue.get(a)
+    assert record is not None
+    assert (record.tags, record.metadata) == (["shop"], {"order": "1"})
+
+    def only(*tags: str, **metadata: str) -> Callable[[TaskRecord], bool]:
+        keep = labels.LabelFilter.parse(tags, metadata.items())
+        return lambda r: keep.matches(r.tags, r.metadata)
+
+    async def ids(keep: Callable[[TaskRecord], bool], **page: int) -> tuple[list[str], int | None]:
+        found, next_offset = await queue.failed_matching(
+            keep, **{"offset": 0, "limit": 50, "max_scan": 100, **page}
+        )
+        return [r.task_id for r in found], next_offset
+
+    assert await ids(only("shop")) == ([c, a], None)
+    assert await ids(only("shop", "vip")) == ([c], None)
+    assert await ids(only(order="1")) == ([a], None)
+    assert await ids(only("none")) == ([], None)
+    # A page ends where its last task was found; the next one starts after it.
+    assert await ids(only("shop"), limit=1) == ([c], 1)
+    assert await ids(only("shop"), limit=1, offset=1) == ([a], None)
+    # A call reads at most max_scan entries, and says where to go on.
+    assert await ids(only(order="1"), max_scan=2) == ([], 2)
+    assert await ids(only(order="1"), offset=2, max_scan=2) == ([a], None)
+    assert b not in (await ids(only("shop")))[0]
