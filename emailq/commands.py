@@ -84,14 +84,7 @@ async def send(ctx: Context, fields: dict[str, Any]) -> int:
     except submit.REJECTED as exc:
         ctx.out.error(f"not queued: {reason(exc)}")
         return ExitCode.FAILED
-    await ctx.queue.enqueue(
-        item.task_id,
-        item.job,
-        request_id=item.request_id,
-        lane=item.lane,
-        send_at_ms=item.send_at_ms,
-        expires_at_ms=item.expires_at_ms,
-    )
+    await ctx.queue.enqueue_many([item])  # the whole item: its labels too
     ctx.out.emit({"task_id": item.task_id, "status": "queued"}, item.task_id)
     return ExitCode.OK
 

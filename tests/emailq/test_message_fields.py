@@ -124,7 +124,7 @@ def test_a_from_inside_the_allowed_senders_and_the_keys_own_is_taken() -> None:
     web = Principal("web", Scope.SEND, senders=frozenset({"news@shop.example.com"}))
     item = prepare(request(**{"from": "News <News@shop.example.com>"}), web, NOW, LIMITS,
                    request_id="r")  # fmt: skip
-    # Normalized as every address is (email-validator): the local part in lower case here.
+    # Normalized as every address is: email-validator lower-cases role names (RFC 2142).
     assert item.job.sender == Mailbox(name="News", address="news@shop.example.com")
     assert envelope_sender(item.job, "noreply@example.com") == "news@shop.example.com"
     without = prepare(request(), web, NOW, LIMITS, request_id="r")
