@@ -369,11 +369,17 @@ def test_a_long_filename_is_folded_in_rfc2231_pieces(name: str) -> None:
     assert part.get_filename() == name
 
 
+# What CPython's own add_attachment(filename=...) turned into a second header line on an
+# unpatched 3.11 (3.11.7 here): its parser decodes the word inside the quoted parameter.
+CRLF_WORD = "=?utf-8?b?" + b64(b'a.txt"\r\nBcc: x@evil.test\r\nX: "') + "?="
+
+
 def test_the_worker_refuses_a_stored_hostile_attachment() -> None:
     # A task written by an older version, or by hand: never sent as it is.
     job = compose(request(), max_body_bytes=4096)
     for bad in (Attachment(filename="a\r\nBcc: x@evil.test", content_type="text/plain",
                            content="aGk="),
+                Attachment(filename=CRLF_WORD, content_type="text/plain", content="aGk="),
                 Attachment(filename="a.txt", content_type="text/plain\r\nBcc: x@evil.test",
                            content="aGk=")):  # fmt: skip
         with pytest.raises(InvalidMessage):
