@@ -1,9 +1,12 @@
 """API keys and recipient allow-lists as configured: parsing, hashing, matching; and the
 ``Principal`` a request is sent as.
 
-An ``API_KEYS`` entry is ``<id>:<scope>:<sha256 hex of the key>[:<domain>,<domain>...]``;
-entries are separated by whitespace or ``;`` (commas belong to the domain list), or the
-whole value is a JSON list of entry strings. Only hashes are configured: a leaked
+An ``API_KEYS`` entry is ``<id>:<scope>:<sha256 hex of the key>[:<domains>[:<senders>]]``:
+``<domains>`` (``a.com,b.com``) limits the recipients' domains, ``<senders>``
+(``shop@a.com,@b.com``) the ``from`` addresses the key may use; either may be empty
+(``id:send:<sha256>::@shop.example.com``: any recipient, one sender domain). Entries are
+separated by whitespace or ``;`` (commas belong to the lists), or the whole value is a JSON
+list of entry strings. Only hashes are configured: a leaked
 ``.env`` does not leak a usable key. ``emailq keygen`` prints a new key and its entry.
 """
 
@@ -38,13 +41,16 @@ class ApiKey:
     scope: Scope
     digest: str
     domains: frozenset[str] = frozenset()  # empty: any recipient domain
+    senders: frozenset[str] = frozenset()  # addresses and @domains for `from`; empty: no limit
 
     @classmethod
     def parse(cls, entry: str) -> ApiKey:
-        """One ``id:scope:sha256[:domains]`` entry; raises ``ValueError`` naming the problem."""
+        """One ``id:scope:sha256[:domains[:senders]]`` entry; raises ``ValueError`` naming
+        the problem."""
         parts = entry.strip().split(":")
-        if len(parts) not in (3, 4):
-            raise ValueError(f"API_KEYS entry {parts[0]!r}: expected id:scope:sha256[:domains]")
+        if len(parts) not in (3, 4, 5):
+            raise ValueError(f"API_KEYS entry {parts[0]!r}: expected "
+                             "id:scope:sha256[:domains[:senders]]")  # fmt: skip
         key_id, scope, digest = parts[0], parts[1], parts[2].lower()
         if not _ID.match(key_id) or key_id == "anonymous":
             raise ValueError(
@@ -55,12 +61,18 @@ class ApiKey:
             raise ValueError(f"API_KEYS entry {key_id!r}: scope must be 'send' or 'admin'")
         if not _HEX.match(digest):
             raise ValueError(f"API_KEYS entry {key_id!r}: expected a SHA-256 hex digest")
-        domains = parse_domains(parts[3]) if len(parts) == 4 else frozenset()
-        return cls(key_id, Scope(scope), digest, domains)
+        domains, senders = frozenset[str](), frozenset[str]()
+        if len(parts) == 4 or (len(parts) == 5 and parts[3]):  # "id:send:<sha>::<senders>"
+            domains = parse_domains(parts[3])
+        if len(parts) == 5:
+            senders = parse_address_list(parts[4], f"API_KEYS entry {key_id!r}: senders")
+        return cls(key_id, Scope(scope), digest, domains, senders)
 
     def entry(self) -> str:
         """This key as an ``API_KEYS`` entry."""
         tail = ":" + ",".join(sorted(self.domains)) if self.domains else ""
+        if self.senders:
+            tail = f":{tail[1:]}:" + ",".join(sorted(self.senders))
         return f"{self.id}:{self.scope}:{self.digest}{tail}"
 
 
@@ -72,6 +84,7 @@ class Principal:
     scope: Scope
     domains: frozenset[str] = frozenset()  # recipient domains it may send to; empty: any
     anonymous: bool = False
+    senders: frozenset[str] = frozenset()  # `from` addresses and @domains; empty: no own limit
 
     @property
     def is_admin(self) -> bool:
@@ -133,14 +146,27 @@ def parse_api_keys(value: str) -> tuple[ApiKey, ...]:
     return keys
 
 
-def parse_allowed_recipients(value: str) -> frozenset[str]:
-    """The ``ALLOWED_RECIPIENTS`` setting: lower-case addresses and ``@domain`` entries."""
+def parse_address_list(value: str, setting: str) -> frozenset[str]:
+    """Lower-case addresses and ``@domain`` entries, comma-, ``;``- or space-separated (or a
+    JSON list); ``setting`` names the list in errors."""
     entries = frozenset(e.lower() for e in split_entries(value, ",;"))
     for entry in entries:
         ok = _DOMAIN.match(entry[1:]) if entry.startswith("@") else _ADDRESS.match(entry)
         if not ok:
-            raise ValueError(f"ALLOWED_RECIPIENTS: {entry!r} is neither an address nor @domain")
+            raise ValueError(f"{setting}: {entry!r} is neither an address nor @domain")
+    if not entries and not value.strip().startswith("["):
+        raise ValueError(f"{setting}: expected addresses or @domains, got {value!r}")
     return entries
+
+
+def parse_allowed_recipients(value: str) -> frozenset[str]:
+    """The ``ALLOWED_RECIPIENTS`` setting: lower-case addresses and ``@domain`` entries."""
+    return parse_address_list(value, "ALLOWED_RECIPIENTS") if value.strip() else frozenset()
+
+
+def parse_allowed_senders(value: str) -> frozenset[str]:
+    """The ``ALLOWED_SENDERS`` setting: lower-case addresses and ``@domain`` entries."""
+    return parse_address_list(value, "ALLOWED_SENDERS") if value.strip() else frozenset()
 
 
 def hash_key(key: str) -> str:

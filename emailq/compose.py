@@ -7,17 +7,31 @@ before anything is stored: a request either becomes a complete, safe ``Job`` or 
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, NamedTuple, Protocol
+from typing import Annotated, Literal, NamedTuple, Protocol
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StrictInt,
+    WithJsonSchema,
+)
 
+from emailq.attachments import MAX_ATTACHMENTS, AttachmentIn, decoded_size
 from emailq.errors import InvalidMessage, MessageTooLarge
-from emailq.models import Job, Priority
-from emailq.templating import check_header, check_text, placeholders, render
+from emailq.labels import Metadata, Tags
+from emailq.models import Job, Mailbox, Priority
+from emailq.templating import check_header, check_text, placeholders, render, unfilled
 
 MAX_RECIPIENTS = 50
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit; longer subjects are folded, not cut
@@ -44,6 +58,58 @@ Address = Annotated[
 ]
 VariableName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 TEMPLATE_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # a stored template's name: its directory's name
+
+MAX_DISPLAY_NAME = 200
+# "Name <address>", the form Resend and Postmark take; a bare address has no angle brackets.
+_NAME_ADDR = re.compile(r"(?P<name>[^<>]*)<(?P<address>[^<>]*)>")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _display_name(text: str) -> str:
+    """A display name as plain text: one pair of surrounding quotes (``"Shop, Inc."``) is
+    taken as quoting and removed; everything else is the name as written."""
+    # Cc/Zl/Zp would break or forge the header; Cf (bidi overrides, zero-width marks) would
+    # make the From line read other than it is, as MAIL_FROM's own check refuses. Checked
+    # before anything is stripped: strip() drops U+2028 and friends at the ends.
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs")),
+               None)  # fmt: skip
+    if bad is not None:
+        raise ValueError(f"the display name must not contain control or format characters "
+                         f"(found U+{ord(bad):04X})")  # fmt: skip
+    name = text.strip(" ")
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        name = _QUOTED_PAIR.sub(r"\1", name[1:-1])
+    if len(name) > MAX_DISPLAY_NAME:
+        raise ValueError(f"the display name is over {MAX_DISPLAY_NAME} characters")
+    return name
+
+
+def parse_mailbox(value: object) -> Mailbox:
+    """``from`` as a request gives it, ``Shop <shop@example.com>`` or a bare address, as a
+    ``Mailbox``. The name is plain text (``emailq.message`` encodes it); the address is
+    validated as ``to`` is. Raises ``ValueError``, so pydantic answers 422 naming ``from``."""
+    if isinstance(value, Mailbox):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("from must be a string such as 'Shop <shop@example.com>'")
+    if len(value) > 998:
+        raise ValueError("from is over 998 characters")
+    found = _NAME_ADDR.fullmatch(value.strip())
+    if found is None and ("<" in value or ">" in value):
+        raise ValueError("from must be 'Name <address>' or an address; '<' and '>' only "
+                         "around the address")  # fmt: skip
+    name, address = (found["name"], found["address"]) if found else ("", value)
+    return Mailbox(name=_display_name(name), address=normalize_address(address.strip()))
+
+
+FromAddress = Annotated[
+    Mailbox,
+    PlainValidator(parse_mailbox),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["Shop <shop@example.com>"], "description": (
+        "the sender, 'Name <address>' or an address (default: MAIL_FROM); limited to "
+        "ALLOWED_SENDERS (default: MAIL_FROM's domain) and the key's senders, else 403")}),
+]  # fmt: skip
 
 
 class EmailRequest(BaseModel):
@@ -103,6 +169,19 @@ class EmailRequest(BaseModel):
     ttl_seconds: StrictInt | None = Field(
         default=None, ge=1, le=int(MAX_AHEAD.total_seconds()),
         description="like expires_at, counted from send_at if given, else from now",
+    )  # fmt: skip
+    # -- what users of Resend and Postmark expect (see the README's table) --
+    from_: FromAddress | None = Field(default=None, alias="from")
+    placeholders: Literal["on", "off"] = Field(
+        default="on", description="'on': every {name} in subject, body and html needs a value "
+        "(422 naming it otherwise); 'off': the text is sent as written, braces and all",
+    )  # fmt: skip
+    metadata: Metadata = Field(default_factory=dict)
+    tags: Tags = Field(default_factory=list)
+    attachments: list[AttachmentIn] = Field(
+        default_factory=list, max_length=MAX_ATTACHMENTS,
+        description=f"up to {MAX_ATTACHMENTS} files; their decoded bytes count in "
+        "MAX_BODY_BYTES with the text and html",
     )  # fmt: skip
 
     def placeholder_values(self) -> dict[str, str]:
@@ -173,12 +252,42 @@ class TemplateRenderer(Protocol):
         ``MessageTooLarge``."""
 
 
+def placeholder_values(request: EmailRequest) -> dict[str, str]:
+    """The values ``{name}`` placeholders take: none at all with ``"placeholders": "off"``
+    (every brace is text), else ``username`` and ``variables``, each placeholder of the
+    subject, body and html needing one."""
+    if request.placeholders == "off":
+        return {}
+    values = request.placeholder_values()
+    parts = (("subject", request.subject), ("body", request.body), ("html", request.html))
+    for field, template in parts:
+        missing = unfilled(template or "", values)
+        if missing:
+            raise InvalidMessage(
+                f"{field} uses {{{missing[0]}}}, which has no value: give it in variables "
+                '(or username), or send "placeholders": "off" to send braces as written',
+                field=field,
+            )
+    return values
+
+
+def check_size(job: Job, *, max_body_bytes: int) -> None:
+    """Text, html and the attachments' decoded bytes together within ``max_body_bytes``."""
+    attached = decoded_size(job.attachments)
+    if not attached:
+        return  # text and html alone: check_body has counted them
+    size = len(job.text.encode()) + len((job.html or "").encode()) + attached
+    if size > max_body_bytes:
+        raise MessageTooLarge(f"text, html and attachments are {size} bytes; the limit is "
+                              f"{max_body_bytes} bytes (MAX_BODY_BYTES)")  # fmt: skip
+
+
 def _placeholder_content(request: EmailRequest, *, max_body_bytes: int) -> Content:
     """The request's own subject, body and html with ``{name}`` placeholders filled."""
     if request.subject is None or request.body is None:
         missing = "subject" if request.subject is None else "body"
         raise InvalidMessage(f"{missing} is required (or a template)", field=missing)
-    values = request.placeholder_values()
+    values = placeholder_values(request)
     subject = render_subject(request.subject, values, field_of=request.variable_field)
     text = render(request.body, values, limit=max_body_bytes)
     html = render(request.html, values, limit=max_body_bytes) if request.html else None
@@ -211,7 +320,7 @@ def compose(
     else:
         subject, text, html = _placeholder_content(request, max_body_bytes=max_body_bytes)
     check_body(text, html, max_body_bytes=max_body_bytes)
-    return Job(
+    job = Job(
         to=request.to,
         subject=subject,
         text=text,
@@ -219,7 +328,11 @@ def compose(
         cc=request.cc,
         bcc=request.bcc,
         reply_to=request.reply_to,
+        sender=request.from_,
+        attachments=[item.attachment() for item in request.attachments],
     )
+    check_size(job, max_body_bytes=max_body_bytes)
+    return job
 
 
 @dataclass(frozen=True)

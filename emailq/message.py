@@ -1,7 +1,8 @@
 """Build the MIME message for a job.
 
-Every header that carries request or operator text (From, To, Cc, Reply-To, Subject, and
-Message-ID, which holds MAIL_FROM's domain) is written here in its final wire form and
+Every header that carries request or operator text (From, To, Cc, Reply-To, Subject, an
+attachment's Content-Disposition, and Message-ID, which holds MAIL_FROM's domain) is
+written here in its final wire form and
 stored as a ``WireHeader``; CPython's header parser never sees that text. It must not:
 ``msg["Subject"] = value`` parses ``value`` and decodes RFC 2047 encoded words in it, and
 before 3.11.10 / 3.12.5 (CVE-2024-6923) the generator wrote the decoded CR/LF out as they
@@ -18,15 +19,17 @@ import re
 from datetime import UTC, datetime
 from email.header import Header
 from email.headerregistry import BaseHeader, HeaderRegistry
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
-from typing import Any
+from typing import Any, cast
+from urllib.parse import quote
 
 from email_validator import EmailNotValidError, validate_email
 
+from emailq.attachments import check_content_type, check_filename
 from emailq.errors import HeaderInjection
-from emailq.models import Job
+from emailq.models import Attachment, Job
 from emailq.templating import check_header
 
 
@@ -197,6 +200,13 @@ def mailbox(name: str, value: str) -> WireHeader:
     control character. Cached: every message of a worker has the same sender.
     """
     display, address = parseaddr(value)
+    return named_address(name, display, address)
+
+
+def named_address(name: str, display: str, address: str) -> WireHeader:
+    """A one-mailbox header from its parts: ``display`` as plain text (an atom sequence, a
+    quoted string or encoded words) and ``address`` as a bare addr-spec. A request's
+    ``from`` comes here as the two parts it was validated as, never as text to parse."""
     ascii_address, utf8_address = _address_forms(address)
     if not display:
         return WireHeader(name, address, ascii_address, utf8_address)
@@ -220,14 +230,91 @@ def message_id(task_id: str, mail_from: str) -> str:
     return f"<{task_id}@{domain if ok else _PLACEHOLDER_DOMAIN}>"
 
 
+def from_header(job: Job, mail_from: str) -> WireHeader:
+    """``From``: the job's own sender if the request gave one, else MAIL_FROM."""
+    if job.sender is None:
+        return mailbox("From", mail_from)
+    return named_address("From", job.sender.name, job.sender.address)
+
+
+def envelope_sender(job: Job, mail_from_address: str) -> str:
+    """MAIL FROM: the address of the job's ``from``, else MAIL_FROM's.
+
+    It follows the From header so that SPF is checked on the From domain, which DMARC
+    wants aligned (a relay that sends for several domains, as Resend and Postmark do, uses
+    the From domain too); bounces then go to that domain, whose owner listed it in
+    ALLOWED_SENDERS. Within MAIL_FROM's domain (the default) both choices are the same.
+    """
+    return job.sender.address if job.sender is not None else mail_from_address
+
+
+# RFC 2231 attribute-char: printable ASCII but space, '*', "'", '%' and the tspecials.
+_ATTR_SAFE = "!#$&+-.^_`|~"
+# A name written as a quoted string: characters no reader mistakes for the end of the
+# string or of the parameter (no quotes, backslashes, ';', '=' or '%'); else RFC 2231.
+_PLAIN_FILENAME = re.compile(r"[A-Za-z0-9 ._()\[\]+!#$&@^~,-]+")
+_FIRST_PIECE = "utf-8''"  # RFC 2231: charset, empty language, then the encoded text
+_DISPOSITION_PREFIX = len('Content-Disposition: attachment; filename=""')
+
+
+def _rfc2231_chunks(text: str, width: int) -> list[str]:
+    """``text`` percent-encoded (UTF-8) in pieces of at most ``width`` characters. A piece
+    ends between two characters, never inside one's ``%XX%XX``: readers that decode each
+    piece on its own still get whole characters."""
+    chunks = [""]
+    for char in text:
+        encoded = quote(char, safe=_ATTR_SAFE)
+        if len(chunks[-1]) + len(encoded) > width:
+            chunks.append("")
+        chunks[-1] += encoded
+    return chunks
+
+
+def disposition(filename: str) -> WireHeader:
+    """``Content-Disposition: attachment`` with ``filename`` written by us: a quoted string
+    when it is short plain ASCII, else RFC 2231 (``filename*=utf-8''...``, in numbered
+    pieces on lines of their own when long). Percent-encoding leaves nothing of the name
+    that a reader could take for a quote, a parameter, an encoded word or a line break.
+    Raises ``HeaderInjection`` for a name validation should have refused."""
+    try:
+        check_filename(check_header(filename, "filename"))
+    except ValueError as exc:
+        raise HeaderInjection(f"attachment filename: {exc}", field="filename") from None
+    if _PLAIN_FILENAME.fullmatch(filename) and _DISPOSITION_PREFIX + len(filename) <= MAX_LINE:
+        form = f'attachment; filename="{filename}"'
+    else:
+        # 55: " filename*0*=utf-8''" and a piece of 55 make 75 columns, ";" included.
+        chunks = _rfc2231_chunks(filename, 55)
+        if len(chunks) == 1:
+            form = f"attachment;\n filename*={_FIRST_PIECE}{chunks[0]}"
+        else:
+            chunks[0] = _FIRST_PIECE + chunks[0]
+            pieces = [f"filename*{i}*={chunk}" for i, chunk in enumerate(chunks)]
+            form = "attachment;\n " + ";\n ".join(pieces)
+    return WireHeader("Content-Disposition", form.replace("\n", ""), form)
+
+
+def attachment_part(item: Attachment) -> MIMEPart:
+    """One attachment: its exact bytes in base64, its type, its name (``disposition``)."""
+    try:
+        maintype, subtype = check_content_type(item.content_type).split("/")
+    except ValueError as exc:
+        raise HeaderInjection(f"attachment content type: {exc}", field="content_type") from None
+    part = MIMEPart(policy=_POLICY)  # a part: no MIME-Version of its own
+    part.set_content(item.data, maintype, subtype, cte="base64")
+    part.set_raw("Content-Disposition", disposition(item.filename))
+    return part
+
+
 def build_message(task_id: str, job: Job, mail_from: str) -> EmailMessage:
-    """The message as sent: UTF-8 bodies, RFC 2047 headers, Bcc only in the envelope.
+    """The message as sent: UTF-8 bodies, RFC 2047 headers, Bcc only in the envelope,
+    attachments (if any) after the text in multipart/mixed.
 
     Raises ``HeaderInjection`` for a header value that validation should have refused (a
     task stored by an older version): such a task can never be sent safely.
     """
     msg = EmailMessage(policy=_POLICY)
-    msg.set_raw("From", mailbox("From", mail_from))
+    msg.set_raw("From", from_header(job, mail_from))
     msg.set_raw("To", addresses("To", [job.to]))
     if job.cc:
         msg.set_raw("Cc", addresses("Cc", job.cc))
@@ -240,4 +327,9 @@ def build_message(task_id: str, job: Job, mail_from: str) -> EmailMessage:
     msg.set_content(job.text, charset="utf-8")
     if job.html:
         msg.add_alternative(job.html, subtype="html", charset="utf-8")
+    if job.attachments:
+        msg.make_mixed()
+        for item in job.attachments:
+            # typeshed types attach() as taking an EmailMessage; any MIMEPart is a part.
+            msg.attach(cast(EmailMessage, attachment_part(item)))
     return msg

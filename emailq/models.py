@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,32 @@ class Priority(StrEnum):
 LANES: tuple[Priority, ...] = (Priority.HIGH, Priority.DEFAULT, Priority.LOW)
 
 
+class Mailbox(BaseModel):
+    """A sender as a request gave it: a plain-text display name ('' for none) and a bare,
+    validated address. ``emailq.message`` writes the header; nothing parses it again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = ""
+    address: str
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.address}>" if self.name else self.address
+
+
+class Attachment(BaseModel):
+    """A validated attachment: a safe file name, a ``type/subtype`` and the bytes, base64."""
+
+    filename: str
+    content_type: str
+    content: str  # base64 of the exact bytes, no line breaks
+
+    @property
+    def data(self) -> bytes:
+        """The bytes as the recipient gets them."""
+        return base64.b64decode(self.content, validate=True)
+
+
 class Job(BaseModel):
     """A rendered, validated message: everything the worker needs and nothing to evaluate."""
 
@@ -39,6 +66,9 @@ class Job(BaseModel):
     cc: list[str] = Field(default_factory=list)
     bcc: list[str] = Field(default_factory=list)
     reply_to: str | None = None
+    # The request's `from`; None: MAIL_FROM. Its address is the envelope sender too.
+    sender: Mailbox | None = None
+    attachments: list[Attachment] = Field(default_factory=list)
 
     @property
     def recipients(self) -> list[str]:
@@ -110,6 +140,8 @@ class TaskRecord(BaseModel):
     expires_at: int | None = None
     log: list[Attempt] = Field(default_factory=list)
     key_id: str | None = None  # the API key that created it, when keys are configured
+    metadata: dict[str, str] = Field(default_factory=dict)  # the caller's labels (emailq.labels)
+    tags: list[str] = Field(default_factory=list)
 
 
 class LaneStats(BaseModel):

@@ -6,7 +6,8 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:task:<id>         hash  status, to, attempts, reason, timestamps, attempt log,
                                      lane, request id, schedule/expiry, lease token, and
                                      the job until it is sent; its quota owner, and while
-                                     it waits to be sent the job bytes charged ('bytes')
+                                     it waits to be sent the job bytes charged ('bytes');
+                                     the caller's metadata and tags ('labels', JSON)
     {emailq}:stored            hash  job bytes of every task waiting to be sent: 'total',
                                      and one field per quota owner (key:<id>,
                                      address:<client>, form:<id>), dropped at zero
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -57,6 +58,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from emailq import labels
 from emailq.errors import QuotaExceeded, StoreFull, StoreOutcomeUnknown, StoreUnavailable
 from emailq.models import (
     LANES,
@@ -83,6 +85,7 @@ EVENTS_MAXLEN = 100_000  # EVENT_STREAM_MAXLEN's default
 _STATUS_FIELDS = (
     "status", "to", "attempts", "reason", "request_id", "created_at", "updated_at",
     "sent_at", "next_attempt_at", "lane", "scheduled_at", "expires_at", "log", "key_id",
+    "labels",
 )  # fmt: skip
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600  # how long an Idempotency-Key is remembered (as Stripe)
 # One key, so no shared keys: count, and start the window's expiry with its first failure.
@@ -286,6 +289,7 @@ def _event(entry_id: str, fields: dict[str, str]) -> Event:
 def _record(task_id: str, raw: dict[str, Any]) -> TaskRecord:
     values = {k: v for k, v in raw.items() if v is not None}
     values["log"] = json.loads(values.get("log") or "[]")
+    values.update(labels.decode(values.pop("labels", None)))
     if "lane" in values:
         values["priority"] = values.pop("lane")
     return TaskRecord.model_validate({"task_id": task_id, **values})
@@ -409,7 +413,7 @@ class Queue:
         job = item.job
         return json.dumps([item.task_id, item.lane, job.to, job.model_dump_json(),
                            item.request_id, item.send_at_ms, item.expires_at_ms, *keyed,
-                           item.key_id, item.quota])  # fmt: skip
+                           item.key_id, item.quota, item.labels])  # fmt: skip
 
     async def _enqueue_raw(self, encoded: Sequence[str], *, together: bool) -> list[Any]:
         limits = self.limits
@@ -521,15 +525,46 @@ class Queue:
         """Dead letters, newest first."""
         with _store_errors():
             found = await self.redis.zrevrange(self.keys.failed, offset, offset + limit - 1)
-            ids = [str(task_id) for task_id in found]
-            pipe = self.redis.pipeline(transaction=False)
-            for task_id in ids:
-                pipe.hmget(self.keys.task(task_id), list(_STATUS_FIELDS))
-            rows = await pipe.execute()
+            return await self._records([str(task_id) for task_id in found])
+
+    async def _records(self, ids: list[str]) -> list[TaskRecord]:
+        """The records of ``ids`` in order, leaving out any that expired meanwhile."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(self.keys.task(task_id), list(_STATUS_FIELDS))
+        rows = await pipe.execute()
         pairs = zip(ids, rows, strict=True)
         return [
             _record(t, dict(zip(_STATUS_FIELDS, row, strict=True))) for t, row in pairs if row[0]
         ]
+
+    async def failed_matching(
+        self, keep: Callable[[TaskRecord], bool], *, offset: int, limit: int, max_scan: int
+    ) -> tuple[list[TaskRecord], int | None]:
+        """Dead letters that ``keep`` accepts, newest first, read from position ``offset`` of
+        the whole list: up to ``limit`` of them, reading at most ``max_scan`` entries (a
+        rare label must not make one call read a week of dead letters). Returns them and the
+        position to go on from, None once the list is read to its end."""
+        found: list[TaskRecord] = []
+        position, end = offset, offset + max_scan
+        with _store_errors():
+            total = int(await self.redis.zcard(self.keys.failed))
+            while position < min(end, total) and len(found) < limit:
+                stop = min(position + 500, end, total)
+                ids = [str(t) for t in await self.redis.zrevrange(self.keys.failed, position,
+                                                                  stop - 1)]  # fmt: skip
+                if not ids:  # the list shrank meanwhile (expired or requeued dead letters)
+                    total = position
+                    break
+                records = {r.task_id: r for r in await self._records(ids)}
+                for task_id in ids:
+                    position += 1
+                    record = records.get(task_id)
+                    if record is not None and keep(record):
+                        found.append(record)
+                        if len(found) == limit:
+                            break
+        return found, (position if position < total else None)
 
     async def failed_ids(self) -> list[str]:
         """Every dead letter's id, oldest first (for bulk requeue)."""
@@ -696,6 +731,7 @@ class EnqueueItem:
     # Whose MAX_STORED_BYTES_PER_KEY budget it draws on: key:<id>, address:<client> without
     # API_KEYS, form:<id>; "" (the CLI) draws on the total only.
     quota: str = ""
+    labels: str = ""  # metadata and tags as emailq.labels.encode stores them; '' for none
 
 
 @dataclass(frozen=True)

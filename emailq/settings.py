@@ -7,6 +7,7 @@ directly. Names match the original service's ``.env`` (``SMTP_HOST`` ...).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -20,7 +21,13 @@ import limits
 from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_api_keys
+from emailq.apikeys import (
+    ApiKey,
+    domain_of,
+    parse_allowed_recipients,
+    parse_allowed_senders,
+    parse_api_keys,
+)
 from emailq.netlists import IPNetwork, parse_networks, split_list
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -28,7 +35,15 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LIST_PARSERS: dict[str | None, Callable[[str], object]] = {
     "api_keys": parse_api_keys,
     "allowed_recipients": parse_allowed_recipients,
+    "allowed_senders": parse_allowed_senders,
 }
+# File types that run code when opened on a common desktop (Windows first: that is where a
+# double-click executes), close to the list Gmail refuses outright: a relay such as Gmail
+# or Microsoft 365 would bounce the mail anyway, later and less clearly than a 422 now.
+DEFAULT_BLOCKED_EXTENSIONS = (
+    "ade,adp,apk,appx,bat,cab,chm,cmd,com,cpl,dll,dmg,exe,hta,ins,iso,isp,jar,js,jse,lib,"
+    "lnk,mde,msc,msi,msix,msp,mst,nsh,pif,ps1,reg,scr,sct,shb,sys,vb,vbe,vbs,vxd,wsc,wsf,wsh"
+)
 
 
 class SmtpSecurity(StrEnum):
@@ -112,6 +127,13 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[ApiKey, ...] | None, NoDecode] = None
     # Addresses and @domains every send is limited to, whatever the key. None: no limit.
     allowed_recipients: Annotated[frozenset[str] | None, NoDecode] = None
+    # Addresses and @domains a request's `from` may use, whatever the key (a key's own
+    # senders narrow it further). None: only MAIL_FROM's domain, whose SPF/DKIM the
+    # operator has set up; any other domain would fail DMARC or spoof someone else's.
+    allowed_senders: Annotated[frozenset[str] | None, NoDecode] = None
+    # File name extensions an attachment may not have (comma or space separated, no dots).
+    # Default: executables and scripts (DEFAULT_BLOCKED_EXTENSIONS). Empty: none blocked.
+    blocked_attachment_extensions: str = DEFAULT_BLOCKED_EXTENSIONS
     # Start even though anyone who reaches the API may send anywhere (see server.auth).
     allow_open_relay: bool = False
     # Failed authentications per client address per minute before it gets 429.
@@ -174,7 +196,7 @@ class Settings(BaseSettings):
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
         return None if value == "" else value
 
-    @field_validator("api_keys", "allowed_recipients", mode="before")
+    @field_validator("api_keys", "allowed_recipients", "allowed_senders", mode="before")
     @classmethod
     def _parse_list(cls, value: object, info: ValidationInfo) -> object:
         # Both come from one env var each; an empty one means "not configured".
@@ -187,9 +209,18 @@ class Settings(BaseSettings):
         # Dumped in the environment format, so a dump can configure a child process.
         return " ".join(key.entry() for key in keys) if keys else None
 
-    @field_serializer("allowed_recipients")
-    def _dump_allowed_recipients(self, allowed: frozenset[str] | None) -> str | None:
+    @field_serializer("allowed_recipients", "allowed_senders")
+    def _dump_address_list(self, allowed: frozenset[str] | None) -> str | None:
         return ",".join(sorted(allowed)) if allowed else None
+
+    @field_validator("blocked_attachment_extensions")
+    @classmethod
+    def _extensions(cls, value: str) -> str:
+        for extension in split_list(value):
+            if not re.fullmatch(r"\.?[A-Za-z0-9_-]{1,16}", extension):
+                raise ValueError(f"BLOCKED_ATTACHMENT_EXTENSIONS: {extension!r} is not a file "
+                                 "name extension such as 'exe'")  # fmt: skip
+        return value.strip()
 
     @field_validator("rate_limit_per_key", "rate_limit_per_form_address")
     @classmethod
@@ -268,9 +299,20 @@ class Settings(BaseSettings):
         return parseaddr(self.mail_from)[1]
 
     @property
+    def sender_allow_list(self) -> frozenset[str]:
+        """Where a request's ``from`` may be: ALLOWED_SENDERS, else MAIL_FROM's domain."""
+        return self.allowed_senders or frozenset({"@" + domain_of(self.mail_from_address)})
+
+    @property
+    def blocked_extensions(self) -> frozenset[str]:
+        """BLOCKED_ATTACHMENT_EXTENSIONS as lower-case extensions without the dot."""
+        return _extension_set(self.blocked_attachment_extensions)
+
+    @property
     def max_request_bytes(self) -> int:
-        """Largest HTTP request body: text and html may each reach ``max_body_bytes``,
-        and JSON escaping (``\\uXXXX``) can double non-ASCII text, so leave room for it."""
+        """Largest HTTP request body: text, html and attachments together may reach
+        ``max_body_bytes``; JSON escaping (``\\uXXXX``) can double non-ASCII text and base64
+        adds a third to attachments, so twice that leaves room for either."""
         return 2 * self.max_body_bytes + 64 * 1024
 
     @property
@@ -306,6 +348,12 @@ def _check_proxy_network(network: IPNetwork) -> None:
             f"TRUSTED_PROXIES: {network} is wider than /{least}; everyone in it could set "
             "any client address with X-Forwarded-For. List your proxies' own addresses"
         )
+
+
+@functools.lru_cache(maxsize=4)
+def _extension_set(value: str) -> frozenset[str]:
+    # Cached: read on every send that carries an attachment.
+    return frozenset(e.lower().lstrip(".") for e in split_list(value))
 
 
 def _first_unprintable(value: str) -> str | None:

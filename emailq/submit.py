@@ -4,12 +4,17 @@ The API's single send and each message of a batch, the CLI's ``send`` and ``send
 call ``prepare``; a contact form's submission goes through ``prepare_form``. So a new
 field or check of a send is made in one place. The steps, in order:
 
-1. ``compose``: render and check the content (subject, body, recipients' count, size),
-   from the request's own fields or the stored template it names (``templates``);
-2. ``check_recipients``: may this principal send to them (ALLOWED_RECIPIENTS, its key's
+1. ``compose``: render and check the content (subject, body, placeholders, recipients'
+   count, attachments, size), from the request's own fields or the stored template it
+   names (``templates``);
+2. ``check_sender``: may this principal send as its ``from`` (ALLOWED_SENDERS, else
+   MAIL_FROM's domain; its key's senders);
+3. ``check_attachments``: no attachment of a type BLOCKED_ATTACHMENT_EXTENSIONS refuses;
+4. ``check_recipients``: may this principal send to them (ALLOWED_RECIPIENTS, its key's
    domains);
-3. ``schedule``: lane, send_at and expiry against ``now``;
-4. ``task``: the ``EnqueueItem``, under a new unguessable id.
+5. ``schedule``: lane, send_at and expiry against ``now``;
+6. ``task``: the ``EnqueueItem``, under a new unguessable id, with the request's metadata
+   and tags.
 
 A form's mail is laid out by ``emailq.forms.form_job`` with the same subject and body
 checks (``compose.render_subject``, ``compose.check_body``), sent at once in the default
@@ -26,22 +31,26 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 from pydantic import ValidationError
 
+from emailq import labels
 from emailq.apikeys import Principal, Scope, in_allow_list, in_domains
+from emailq.attachments import check_blocked
 from emailq.compose import EmailRequest, Schedule, TemplateRenderer, compose, schedule
 from emailq.errors import Forbidden, InvalidMessage, MessageTooLarge
 from emailq.forms import OWNER_PREFIX, Form, form_job
-from emailq.models import Job, Priority
+from emailq.models import Job, Mailbox, Priority
+from emailq.netlists import split_list
 from emailq.queue import EnqueueItem
+from emailq.settings import DEFAULT_BLOCKED_EXTENSIONS
 
 # Every error a request can be refused with before anything is stored: a field that does
 # not validate (a batch message, a CLI line), content that must not be sent, content over
-# MAX_BODY_BYTES, a recipient the principal may not send to.
+# MAX_BODY_BYTES, a sender or recipient the principal may not use.
 REJECTED: tuple[type[Exception], ...] = (
     ValidationError,
     InvalidMessage,
@@ -69,13 +78,27 @@ class Limits(Protocol):
     def allowed_recipients(self) -> frozenset[str] | None:
         """ALLOWED_RECIPIENTS: addresses and ``@domain`` entries; None or empty for any."""
 
+    @property
+    def sender_allow_list(self) -> frozenset[str]:
+        """Addresses and ``@domain`` entries a ``from`` may use; empty: none at all."""
+
+    @property
+    def blocked_extensions(self) -> frozenset[str]:
+        """Attachment file name extensions refused (lower case, no dot)."""
+
 
 @dataclass(frozen=True)
 class OperatorLimits:
-    """The CLI's ``Limits``: the operator's mail is bounded in size only."""
+    """The CLI's ``Limits``: the operator's mail may go anywhere, but its ``from`` and its
+    attachments follow the settings as everyone's do: they protect the relay's domains and
+    the recipients, not the API from its callers."""
 
     max_body_bytes: int
     allowed_recipients: frozenset[str] | None = None
+    sender_allow_list: frozenset[str] = frozenset()
+    blocked_extensions: frozenset[str] = field(
+        default_factory=lambda: frozenset(split_list(DEFAULT_BLOCKED_EXTENSIONS))
+    )
 
 
 def recipient_refusal(job: Job, principal: Principal, limits: Limits) -> str | None:
@@ -90,6 +113,32 @@ def recipient_refusal(job: Job, principal: Principal, limits: Limits) -> str | N
     return None
 
 
+def sender_refusal(sender: Mailbox, principal: Principal, limits: Limits) -> str | None:
+    """Why ``principal`` may not send as ``sender`` (ALLOWED_SENDERS or, without it,
+    MAIL_FROM's domain; then the key's own senders), or None if it may."""
+    if not in_allow_list(sender.address, limits.sender_allow_list):
+        allowed = ", ".join(sorted(limits.sender_allow_list)) or "none"
+        return (f"from {sender.address} is not one of the allowed senders ({allowed}; "
+                "ALLOWED_SENDERS, by default MAIL_FROM's domain)")  # fmt: skip
+    if principal.senders and not in_allow_list(sender.address, principal.senders):
+        return f"key {principal.key_id!r} may not send from {sender.address}"
+    return None
+
+
+def check_sender(job: Job, principal: Principal, limits: Limits) -> None:
+    """Raise ``Forbidden`` unless ``principal`` may send as the job's ``from``. Without one
+    the mail goes out as MAIL_FROM, which every caller may use."""
+    if job.sender is not None:
+        refusal = sender_refusal(job.sender, principal, limits)
+        if refusal is not None:
+            raise Forbidden(refusal)
+
+
+def check_attachments(job: Job, limits: Limits) -> None:
+    """Raise ``InvalidMessage`` for an attachment BLOCKED_ATTACHMENT_EXTENSIONS refuses."""
+    check_blocked(job.attachments, limits.blocked_extensions)
+
+
 def check_recipients(job: Job, principal: Principal, limits: Limits) -> None:
     """Raise ``Forbidden`` unless ``principal`` may send to every recipient of ``job``."""
     refusal = recipient_refusal(job, principal, limits)
@@ -98,13 +147,15 @@ def check_recipients(job: Job, principal: Principal, limits: Limits) -> None:
 
 
 def task(
-    job: Job, principal: Principal, *, request_id: str, quota: str = "", when: Schedule = NOW
-) -> EnqueueItem:
+    job: Job, principal: Principal, *, request_id: str, quota: str = "", when: Schedule = NOW,
+    labels: str = "",
+) -> EnqueueItem:  # fmt: skip
     """``job`` as a task of ``principal``'s, ready to store. ``quota`` is whose share of
-    MAX_STORED_BYTES_PER_KEY it draws on ('' for none)."""
+    MAX_STORED_BYTES_PER_KEY it draws on ('' for none); ``labels`` its metadata and tags
+    (``emailq.labels.encode``)."""
     # uuid4: 122 random bits from os.urandom, so task ids cannot be guessed.
     return EnqueueItem(str(uuid.uuid4()), job, request_id, when.lane, when.send_at_ms,
-                       when.expires_at_ms, principal.owner, quota)  # fmt: skip
+                       when.expires_at_ms, principal.owner, quota, labels)  # fmt: skip
 
 
 def prepare(
@@ -121,9 +172,12 @@ def prepare(
     of ``REJECTED`` (see the module docstring for the steps). ``templates``: the stored
     templates a request may name (TEMPLATES_DIR), if any."""
     job = compose(request, max_body_bytes=limits.max_body_bytes, templates=templates)
+    check_sender(job, principal, limits)
+    check_attachments(job, limits)
     check_recipients(job, principal, limits)
     when = schedule(request, now)
-    return task(job, principal, request_id=request_id, quota=quota, when=when)
+    return task(job, principal, request_id=request_id, quota=quota, when=when,
+                labels=labels.encode(request.metadata, request.tags))  # fmt: skip
 
 
 def prepare_form(

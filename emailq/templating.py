@@ -3,7 +3,8 @@
 Placeholders are plain ``{name}`` lookups in a string map and nothing more: no attribute
 access, no indexing, no format specs, and ``str.format`` is never called on user text
 (``"{username.__class__}".format(...)`` would evaluate attribute lookups). Anything that is
-not ``{identifier}`` with a known name is left exactly as written.
+not ``{identifier}`` is left exactly as written; a send request refuses an ``{identifier}``
+with no value (``unfilled``; ``emailq.compose``) unless it turns placeholders off.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def placeholders(template: str, values: Mapping[str, str]) -> list[str]:
     """The names in ``values`` that ``template`` uses, each once, in order of appearance."""
     return list(dict.fromkeys(m.group(1) for m in _PLACEHOLDER.finditer(template)
                               if m.group(1) in values))  # fmt: skip
+
+
+def unfilled(template: str, values: Mapping[str, str]) -> list[str]:
+    """The ``{name}`` placeholders of ``template`` that ``values`` has no value for, each
+    once, in order of appearance. Only ``{identifier}`` is a placeholder: ``{"a": 1}``,
+    ``{0}`` or ``{a.b}`` are text."""
+    return list(dict.fromkeys(m.group(1) for m in _PLACEHOLDER.finditer(template)
+                              if m.group(1) not in values))  # fmt: skip
 
 
 def check_header(value: str, field: str, *, tab: bool = False) -> str:

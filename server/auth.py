@@ -197,7 +197,7 @@ async def authenticate(request: Request) -> Principal:
             # A valid key is never throttled: without TRUSTED_PROXIES everyone behind one
             # proxy shares an address, and guessing a 256-bit key is hopeless anyway.
             raise await _refuse(request, settings, queue_of(request))
-        principal = Principal(key.id, key.scope, key.domains)
+        principal = Principal(key.id, key.scope, key.domains, senders=key.senders)
     # Read by other parts (idempotency scopes its keys by it): set on every request we see.
     request.state.key_id = principal.key_id
     return principal

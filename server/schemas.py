@@ -96,6 +96,8 @@ class TaskResult(BaseModel):
     scheduled_at: str | None = Field(default=None, description="its send_at, if it had one")
     expires_at: str | None = Field(default=None, description="not sent after this")
     request_id: str | None = Field(default=None, description="the X-Request-ID of the send")
+    metadata: dict[str, str] | None = Field(default=None, description="as sent; absent if none")
+    tags: list[str] | None = Field(default=None, description="as sent; absent if none")
     attempt_log: list[AttemptOut] = Field(description="every attempt, oldest first")
 
     @classmethod
@@ -119,6 +121,8 @@ class TaskResult(BaseModel):
             scheduled_at=iso(record.scheduled_at),
             expires_at=iso(record.expires_at),
             request_id=record.request_id,
+            metadata=record.metadata or None,
+            tags=record.tags or None,
             attempt_log=[AttemptOut.of(a, private=private) for a in record.log],
         )
 
@@ -199,7 +203,9 @@ class FailedPage(BaseModel):
     limit: int = Field(description="as requested")
     # Not required: absent on the last page (the route drops None values).
     next_offset: int | None = Field(
-        default=None, description="offset of the next page; absent on the last"
+        default=None,
+        description="offset of the next page; absent on the last. With a tag or metadata "
+        "filter, the position in the whole dead-letter list to go on from",
     )
 
 

@@ -29,7 +29,7 @@ from emailq.errors import (
     SendError,
     StoreUnavailable,
 )
-from emailq.message import build_message
+from emailq.message import build_message, envelope_sender
 from emailq.models import Attempt, ClaimedJob
 from emailq.queue import Claim, Outcome, Queue, Refill
 from emailq.relay import RelayStore
@@ -282,8 +282,8 @@ class Worker:
             guard = functools.partial(self._check_lease, claimed)
             async with self.sender.session() as conn:
                 self._started.add(claimed.task_id)
-                return await conn.send(msg, self.settings.mail_from_address,
-                                       claimed.job.recipients, guard)  # fmt: skip
+                sender = envelope_sender(claimed.job, self.settings.mail_from_address)
+                return await conn.send(msg, sender, claimed.job.recipients, guard)
         except (SendError, LeaseLost):
             raise
         except Exception as exc:

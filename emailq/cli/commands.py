@@ -27,6 +27,7 @@ from emailq.cli import output
 from emailq.cli.output import Output, Progress
 from emailq.compose import EmailRequest, TemplateRenderer
 from emailq.errors import StoreUnavailable
+from emailq.labels import LabelFilter
 from emailq.models import Status, TaskRecord
 from emailq.queue import EnqueueItem, Queue
 from emailq.waiting import ResultWaiter
@@ -85,14 +86,7 @@ async def send(ctx: Context, fields: dict[str, Any]) -> int:
     except submit.REJECTED as exc:
         ctx.out.error(f"not queued: {reason(exc)}")
         return ExitCode.FAILED
-    await ctx.queue.enqueue(
-        item.task_id,
-        item.job,
-        request_id=item.request_id,
-        lane=item.lane,
-        send_at_ms=item.send_at_ms,
-        expires_at_ms=item.expires_at_ms,
-    )
+    await ctx.queue.enqueue_many([item])  # the whole item: its labels too
     ctx.out.emit({"task_id": item.task_id, "status": "queued"}, item.task_id)
     return ExitCode.OK
 
@@ -204,10 +198,20 @@ async def stats(ctx: Context) -> int:
     return ExitCode.OK
 
 
-async def failed(ctx: Context, *, offset: int = 0, limit: int = 50) -> int:
-    """List dead letters, newest first."""
-    records = await ctx.queue.failed(offset=offset, limit=limit)
-    data = {"offset": offset, "limit": limit, "tasks": [output.record_json(r) for r in records]}
+async def failed(
+    ctx: Context, *, offset: int = 0, limit: int = 50, keep: LabelFilter | None = None
+) -> int:
+    """List dead letters, newest first; with ``keep``, only those with its tags and
+    metadata (``offset`` then counts every dead letter, matching or not)."""
+    data: dict[str, Any] = {"offset": offset, "limit": limit}
+    if keep:
+        records, data["next_offset"] = await ctx.queue.failed_matching(
+            lambda r: keep.matches(r.tags, r.metadata), offset=offset, limit=limit,
+            max_scan=1_000_000_000,  # the operator asked for them all, however many it reads
+        )  # fmt: skip
+    else:
+        records = await ctx.queue.failed(offset=offset, limit=limit)
+    data["tasks"] = [output.record_json(r) for r in records]
     ctx.out.emit(data, output.failed_text(records))
     return ExitCode.OK
 

@@ -47,6 +47,34 @@ def _add_send(sub: Any, common: argparse.ArgumentParser) -> None:
     send.add_argument("--send-at", metavar="RFC3339", help="e.g. 2030-01-01T09:00:00+09:00")
     send.add_argument("--ttl", type=int, metavar="SECONDS", help="not sent after this long")
     send.add_argument("--expires-at", metavar="RFC3339", help="not sent after this time")
+    _add_message_fields(send)
+
+
+def _add_message_fields(send: argparse.ArgumentParser) -> None:
+    """The fields Resend and Postmark users expect: sender, attachments, labels."""
+    send.add_argument("--from", dest="from_", metavar="'NAME <ADDR>'",
+                      help="the sender (default: MAIL_FROM); within ALLOWED_SENDERS")  # fmt: skip
+    send.add_argument("--attach", action="append", metavar="PATH", help="a file; repeatable")
+    send.add_argument("--metadata", action="append", type=_variable, metavar="KEY=VALUE",
+                      help="stored with the task; repeatable")  # fmt: skip
+    send.add_argument("--tag", action="append", metavar="TAG", help="repeatable")
+    send.add_argument("--placeholders", choices=["on", "off"],
+                      help="off: send {braces} as written, without substitution")  # fmt: skip
+
+
+def _message_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``send``'s sender, attachment, label and placeholder fields, as the API takes them."""
+    import base64
+
+    attachments = None
+    if args.attach:
+        attachments = [{"filename": Path(path).name,
+                        "content": base64.b64encode(Path(path).read_bytes()).decode()}
+                       for path in args.attach]  # fmt: skip
+    fields = {"from": args.from_, "attachments": attachments, "tags": args.tag,
+              "metadata": dict(args.metadata) if args.metadata else None,
+              "placeholders": args.placeholders}  # fmt: skip
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--scope", choices=["send", "admin"], default="send")
     keygen.add_argument("--domains", metavar="A.COM,B.COM",
                         help="send only to recipients in these domains")  # fmt: skip
+    keygen.add_argument("--senders", metavar="ME@A.COM,@B.COM",
+                        help="the `from` addresses and @domains it may use")  # fmt: skip
     keygen.add_argument("--json", action="store_true", help="machine-readable output")
 
     # The queue commands talk to Redis directly (REDIS_URL ...), so they work without the API.
@@ -87,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     failed = sub.add_parser("failed", parents=[common], help="list dead letters, newest first")
     failed.add_argument("--limit", type=int, default=50)
     failed.add_argument("--offset", type=int, default=0)
+    failed.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="only tasks with this tag; repeatable (all of them)")  # fmt: skip
+    failed.add_argument("--metadata", action="append", type=_variable, default=[],
+                        metavar="KEY=VALUE", help="only tasks with it; repeatable")  # fmt: skip
     requeue = sub.add_parser("requeue", parents=[common], help="send failed tasks again")
     requeue.add_argument("task_ids", nargs="*", metavar="TASK_ID")
     requeue.add_argument("--all", action="store_true", help="every dead letter")
@@ -103,7 +137,8 @@ def _send_fields(args: argparse.Namespace) -> dict[str, Any]:
         "send_at": args.send_at, "ttl_seconds": args.ttl, "expires_at": args.expires_at,
         "template": args.template,
     }  # fmt: skip
-    return {name: value for name, value in fields.items() if value is not None}
+    given = {name: value for name, value in fields.items() if value is not None}
+    return given | _message_fields(args)
 
 
 def _count_lines(path: str) -> int:
@@ -136,7 +171,10 @@ def _command(args: argparse.Namespace, files: ExitStack) -> Command:
     if args.command == "stats":
         return commands.stats
     if args.command == "failed":
-        return lambda ctx: commands.failed(ctx, offset=args.offset, limit=args.limit)
+        from emailq.labels import LabelFilter
+
+        keep = LabelFilter.parse(args.tag, args.metadata)  # checked by _check
+        return lambda ctx: commands.failed(ctx, offset=args.offset, limit=args.limit, keep=keep)
     if args.command == "requeue":
         return lambda ctx: commands.requeue(ctx, args.task_ids, every_failed=args.all)
     return lambda ctx: commands.cancel(ctx, args.task_id)
@@ -156,6 +194,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("requeue: give TASK_ID ... or --all")
     if args.command == "failed" and (args.limit < 1 or args.offset < 0):
         parser.error("failed: --limit must be at least 1 and --offset at least 0")
+    if args.command == "failed":
+        from emailq.labels import LabelFilter
+
+        try:
+            LabelFilter.parse(args.tag, args.metadata)
+        except ValueError as exc:
+            parser.error(f"failed: {exc}")
 
 
 def _run_queue_command(args: argparse.Namespace) -> int:
@@ -215,7 +260,9 @@ async def _session(
     # Heartbeats within the last three lease periods count as a live worker.
     live_window_ms = int(3 * settings.job_lease_seconds * 1000)
     try:
-        limits = OperatorLimits(settings.max_body_bytes)
+        limits = OperatorLimits(settings.max_body_bytes,
+                                sender_allow_list=settings.sender_allow_list,
+                                blocked_extensions=settings.blocked_extensions)  # fmt: skip
         return await command(Context(queue, out, limits, live_window_ms, templates=templates))
     finally:
         await queue.close()
@@ -231,6 +278,8 @@ def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     key = new_key()
     key_id = args.id or "key-" + secrets.token_hex(4)
     tail = f":{args.domains}" if args.domains else ""
+    if args.senders:
+        tail = f":{args.domains or ''}:{args.senders}"
     try:  # parse what we print, so a bad --id or --domains is refused, never printed
         entry = ApiKey.parse(f"{key_id}:{args.scope}:{hash_key(key)}{tail}")
     except ValueError as exc:

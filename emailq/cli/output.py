@@ -55,6 +55,9 @@ def record_json(record: TaskRecord) -> dict[str, Any]:
             data[name] = iso(data[name])
     if not data.get("reason"):
         data.pop("reason", None)
+    for name in ("metadata", "tags"):  # absent when none, as the API answers
+        if not data.get(name):
+            data.pop(name, None)
     log = data.pop("log")
     data["attempt_log"] = [{**entry, "at": iso(entry["at"])} for entry in log]
     return data
@@ -84,7 +87,7 @@ def _one_line(text: str | None, limit: int = 60) -> str:
 
 def task_text(record: TaskRecord) -> str:
     """One task: its fields, then its attempt log."""
-    fields = [
+    fields: list[tuple[str, object]] = [
         ("task_id", record.task_id),
         ("status", record.status.value),
         ("to", record.to),
@@ -101,6 +104,7 @@ def task_text(record: TaskRecord) -> str:
             fields.append((name, _short_time(value)))
     if record.request_id:
         fields.append(("request_id", record.request_id))
+    fields += _label_lines(record)
     width = max(len(name) for name, _ in fields)
     head = "\n".join(f"{name.ljust(width)}  {'-' if v is None else v}" for name, v in fields)
     if not record.log:
@@ -108,6 +112,15 @@ def task_text(record: TaskRecord) -> str:
     rows = [(_short_time(a.at), a.attempt, a.outcome, a.code, _one_line(a.reply))
             for a in record.log]  # fmt: skip
     return head + "\n\n" + table(["AT", "ATTEMPT", "OUTCOME", "CODE", "REPLY"], rows)
+
+
+def _label_lines(record: TaskRecord) -> list[tuple[str, object]]:
+    """``tags`` on one line, then one ``metadata.<key>`` line per key."""
+    lines: list[tuple[str, object]] = []
+    if record.tags:
+        lines.append(("tags", ", ".join(record.tags)))
+    lines += [(f"metadata.{key}", value) for key, value in record.metadata.items()]
+    return lines
 
 
 def failed_text(records: Sequence[TaskRecord]) -> str:

@@ -8,7 +8,7 @@
 -- argument separately, and that dominated the API's cost of a coalesced call):
 --   [task id, lane, to, job json, request id, send_at ms (0: now), expires_at ms (0: never),
 --    idempotency record key ('' for none), request fingerprint, record TTL (s), API key id,
---    quota owner ('' for none: the CLI)]
+--    quota owner ('' for none: the CLI), labels (metadata and tags as JSON; '' for none)]
 -- Returns one reply per task: its creation time when stored; for an idempotency key seen
 -- before, {the earlier task id, 1 if the fingerprint matches} and nothing stored; or, when
 -- its request does not fit, {'refused', what ('memory', 'total' or 'quota'), bytes needed,
@@ -75,7 +75,7 @@ end
 local function store(t)
   local id, lane, to, job, request_id = t[1], t[2], t[3], t[4], t[5]
   local send_at, expires_at, idem, fingerprint, ttl, key_id = t[6], t[7], t[8], t[9], t[10], t[11]
-  local owner = t[12]
+  local owner, labels = t[12], t[13]
   if idem ~= '' then
     redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', now)
     redis.call('EXPIRE', idem, ttl)
@@ -86,6 +86,8 @@ local function store(t)
     'job', job, 'request_id', request_id, 'created_at', now, 'updated_at', now)
   if key_id ~= '' then redis.call('HSET', task, 'key_id', key_id) end
   if owner ~= '' then redis.call('HSET', task, 'quota', owner) end
+  -- Kept after the job is gone (a success drops it): results and reports still show them.
+  if labels and labels ~= '' then redis.call('HSET', task, 'labels', labels) end
   charge(task, owner, #job)
   if expires_at > 0 then redis.call('HSET', task, 'expires_at', expires_at) end
   if send_at > now then

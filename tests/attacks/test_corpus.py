@@ -40,6 +40,8 @@ RUNNER_HEADERS = {"Authorization": f"Bearer {CORPUS['admin_key']}"} if "admin_ke
 # Every header emailq writes; anything else in a mail was planted.
 OUR_HEADERS = {"from", "to", "cc", "reply-to", "subject", "date", "message-id", "mime-version",
                "content-type", "content-transfer-encoding"}  # fmt: skip
+# ... and in each MIME part of a mail with attachments.
+PART_HEADERS = {"content-type", "content-transfer-encoding", "content-disposition"}
 # Keys the worker writes on its own (heartbeats, counters, claim fairness, its relay state
 # and send rate): not "stored".
 WORKER_KEYS = re.compile(r"^\{emailq\}:(workers|stats:.*|fairness|relay:.*)$")
@@ -194,6 +196,8 @@ def decoded(raw: bytes, name: str) -> str:
 
 
 def plain_text(msg: EmailMessage) -> str:
+    if msg.get_content_type() == "multipart/mixed":  # the text, then the attachments
+        msg = next(iter(msg.iter_parts()))  # type: ignore[arg-type]  # parts of an EmailMessage are EmailMessages
     kinds = [p.get_content_type() for p in msg.iter_parts()] if msg.is_multipart() else []
     assert msg.get_content_type() == "text/plain" or kinds == ["text/plain", "text/html"]
     part = msg.get_body(("plain",))
@@ -206,13 +210,33 @@ def addresses(msg: EmailMessage, name: str) -> list[str]:
     return [] if header is None else [a.addr_spec for a in header.addresses]
 
 
+def part_header_names(msg: EmailMessage) -> list[list[str]]:
+    """The header names of each part of a multipart/mixed mail (the attachments' and the
+    text's own), as they arrived."""
+    if msg.get_content_type() != "multipart/mixed":
+        return []
+    return [[name.lower() for name in part] for part in msg.walk() if part is not msg]
+
+
 def check_mail(mail: Received, want: dict[str, Any], mail_from: str) -> None:
     names = header_names(mail.raw)
     assert names.count("from") == 1, names
     assert len(names) == len(set(names)), names
     assert set(names) <= OUR_HEADERS, names
-    assert parseaddr(decoded(mail.raw, "From")) == parseaddr(mail_from)
+    for part in part_header_names(mail.message):
+        assert set(part) <= PART_HEADERS, part
+        assert len(part) == len(set(part)), part
+    assert parseaddr(decoded(mail.raw, "From")) == parseaddr(want.get("from", mail_from))
+    assert mail.mail_from == parseaddr(want.get("from", mail_from))[1]  # the envelope follows
     check_wanted(mail, want)
+    check_attachments(mail.message, want)
+
+
+def check_attachments(msg: EmailMessage, want: dict[str, Any]) -> None:
+    if "attachments" in want:
+        got = [(a.get_filename(), a.get_payload(decode=True)) for a in msg.iter_attachments()]
+        assert got == [(w["filename"], base64.b64decode(w["content"]))
+                       for w in want["attachments"]]  # fmt: skip
 
 
 def check_wanted(mail: Received, want: dict[str, Any]) -> None:

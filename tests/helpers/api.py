@@ -30,8 +30,10 @@ API_KEYS = (f"alice:send:{hash_key(ALICE)} bob:send:{hash_key(BOB)};"
 
 
 def mail(**fields: Any) -> dict[str, Any]:
-    """A valid send request, with ``fields`` overriding the defaults."""
-    return {"to": "user@example.com", "subject": "Hello", "body": "Hi {username}", **fields}
+    """A valid send request (the original's four fields), with ``fields`` overriding the
+    defaults."""
+    return {"to": "user@example.com", "subject": "Hello", "body": "Hi {username}",
+            "username": "Ada", **fields}  # fmt: skip
 
 
 def bearer(key: str) -> dict[str, str]:

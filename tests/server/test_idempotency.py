@@ -63,7 +63,10 @@ def test_the_same_json_reserialized_is_the_same_request(
 ) -> None:
     first = send(client, "k")
     # Other key order and whitespace: the fingerprint is of canonical JSON, not raw bytes.
-    raw = '{ "body": "Hi {username}",  "subject": "Hello", "to": "user@example.com" }'
+    raw = (
+        '{ "username": "Ada", "body": "Hi {username}",  "subject": "Hello", '
+        '"to": "user@example.com" }'
+    )
     headers = {"Idempotency-Key": "k", "Content-Type": "application/json"}
     again = client.post(SEND, content=raw, headers=headers)
 
