@@ -171,7 +171,11 @@ class EmailRequest(BaseModel):
         description="like expires_at, counted from send_at if given, else from now",
     )  # fmt: skip
     # -- what users of Resend and Postmark expect (see the README's table) --
-    from_: FromAddress | None = Field(default=None, alias="from")
+    from_: FromAddress | None = Field(
+        default=None, alias="from",
+        description="the sender, 'Shop <shop@example.com>' or a bare address; default MAIL_FROM; "
+        "limited by ALLOWED_SENDERS and the key's senders",
+    )  # fmt: skip
     placeholders: Literal["on", "off"] = Field(
         default="on", description="'on': every {name} in subject, body and html needs a value "
         "(422 naming it otherwise); 'off': the text is sent as written, braces and all",

@@ -62,7 +62,9 @@ Metadata = Annotated[
         f"your own string map, stored with the task and returned by the result endpoint: "
         f"up to {MAX_METADATA_KEYS} keys of [A-Za-z0-9_-] (1-40), values up to "
         f"{MAX_METADATA_VALUE} characters of one-line text, {MAX_METADATA_BYTES} bytes in all; "
-        "never put in the mail"), examples=[{"order_id": "1042"}]),
+        "never put in the mail"), examples=[{"order_id": "1042"}],
+        # patternProperties alone would let the schema allow any other key and value.
+        json_schema_extra={"additionalProperties": False}),
     AfterValidator(_small),
 ]  # fmt: skip
 Tags = Annotated[

@@ -36,8 +36,8 @@ class Mailbox(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    name: str = ""
-    address: str
+    name: str = Field(default="", description="the display name, plain text ('' for none)")
+    address: str = Field(description="the bare address")
 
     def __str__(self) -> str:
         return f"{self.name} <{self.address}>" if self.name else self.address

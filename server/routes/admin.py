@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 
-from emailq.labels import MAX_TAGS, LabelFilter
+from emailq.labels import MAX_TAGS, LabelFilter, Name
 from emailq.models import QueueStats, Status
 from emailq.queue import Queue
 from server.auth import AdminDep
@@ -71,7 +71,7 @@ async def failed(
         int, Query(ge=0, le=1_000_000_000, description="dead letters to skip, newest first")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=500, description="dead letters on this page")] = 50,
-    tag: Annotated[list[str], Query(max_length=MAX_TAGS, description=(
+    tag: Annotated[list[Name], Query(max_length=MAX_TAGS, description=(
         "only tasks with this tag (repeatable: all of them). metadata.<key>=<value> "
         "parameters keep only tasks whose metadata has that key at that value"),
         examples=[["signup"]])] = [],  # noqa: B006  # FastAPI copies defaults
