@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only: server.ratelimit itself reads the state v
     from emailq.queue import Queue
     from emailq.settings import Settings
     from emailq.waiting import ResultWaiter
+    from server.metrics import ApiMetrics
     from server.ratelimit import RateLimits
 
 
@@ -28,6 +29,8 @@ class AppState:
 
     settings: Settings
     forms: dict[str, Form] = field(default_factory=dict)  # contact forms by id (FORMS_FILE)
+    # This process's Prometheus series; made with the app, as its middleware needs them.
+    metrics: ApiMetrics = field(init=False)
     # Opened by the lifespan, closed when it ends.
     queue: Queue = field(init=False)
     enqueuer: EnqueueCoalescer = field(init=False)  # groups concurrent sends (coalesce.py)
