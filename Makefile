@@ -50,6 +50,7 @@ $(ARQ_STAMP): bench/requirements-arq.lock
 bench: $(STAMP) $(ARQ_STAMP)  ## figures as ratios to references measured in the same run
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.api_cost
+	$(BIN)/python -m bench.metrics_cost
 
 # Re-resolve the pins (needs network). The project itself is installed editable by the
 # bootstrap, so its own `file://` line is dropped from the lock.
