@@ -20,7 +20,9 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from emailq.errors import ConfigError
 from emailq.settings import Settings
+from emailq.startup import load_settings
 from server.main import create_app
 from server.metrics import route_template
 from tests.helpers.api import ADMIN, ALICE, API_KEYS, assert_error, bearer, local_client, mail
@@ -88,6 +90,14 @@ def test_with_keys_an_admin_key_or_the_metrics_token_reads_it(
 def test_a_weak_or_unprintable_metrics_token_is_refused(token: str) -> None:
     with pytest.raises(ValidationError, match="METRICS_TOKEN"):
         Settings(_env_file=None, metrics_token=token)  # type: ignore[call-arg]
+
+
+def test_a_refused_metrics_token_is_not_echoed_in_the_error() -> None:
+    weak = "hunter2-but-longer"  # a test value, not a credential
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_env_file=None, metrics_token=weak)
+    assert "METRICS_TOKEN" in str(refused.value)
+    assert weak not in str(refused.value)
 
 
 def test_an_empty_metrics_token_is_unset() -> None:
