@@ -24,7 +24,7 @@ from server.auth import relay_guard
 from server.cors import ApiCorsMiddleware
 from server.deps import attach_state
 from server.errors import install_error_handlers
-from server.metrics import ApiMetrics, MetricsMiddleware
+from server.metrics import MetricsMiddleware
 from server.middleware import RequestContextMiddleware
 from server.ratelimit import RateLimits
 from server.routes import admin, batch, dev, email, forms, health, metrics
@@ -47,7 +47,6 @@ def create_app(settings: Settings) -> FastAPI:
     relay_guard(settings)
 
     state = AppState(settings, contact_forms)
-    state.metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

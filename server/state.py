@@ -1,7 +1,7 @@
 """The application's state, typed: one object per app, reached through ``server/deps.py``.
 
-``create_app`` builds it with what is known at once (settings, contact forms); the lifespan
-opens the rest. Before the lifespan runs (a ``TestClient`` not used as a context manager)
+``create_app`` builds it with what is known at once (settings, contact forms, metrics); the
+lifespan opens the rest. Before the lifespan runs (a ``TestClient`` not used as a context manager)
 those attributes are absent and reading one raises ``AttributeError``, as Starlette's
 untyped ``app.state`` did: no route reaches them without a running app.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from server.metrics import ApiMetrics
+
 if TYPE_CHECKING:  # annotations only: server.ratelimit itself reads the state via deps
     import httpx
 
@@ -19,7 +21,6 @@ if TYPE_CHECKING:  # annotations only: server.ratelimit itself reads the state v
     from emailq.queue import Queue
     from emailq.settings import Settings
     from emailq.waiting import ResultWaiter
-    from server.metrics import ApiMetrics
     from server.ratelimit import RateLimits
 
 
@@ -30,7 +31,7 @@ class AppState:
     settings: Settings
     forms: dict[str, Form] = field(default_factory=dict)  # contact forms by id (FORMS_FILE)
     # This process's Prometheus series; made with the app, as its middleware needs them.
-    metrics: ApiMetrics = field(init=False)
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
     # Opened by the lifespan, closed when it ends.
     queue: Queue = field(init=False)
     enqueuer: EnqueueCoalescer = field(init=False)  # groups concurrent sends (coalesce.py)
