@@ -52,6 +52,7 @@ PEER_STAMPS := $(foreach p,$(PEERS),.venv-$(p)/.installed)
 bench: $(STAMP) $(PEER_STAMPS)  ## figures as ratios to references measured in the same run
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.api_cost
+	$(BIN)/python -m bench.metrics_cost
 
 # Re-resolve the pins (needs network). The project itself is installed editable by the
 # bootstrap, so its own `file://` line is dropped from the lock.

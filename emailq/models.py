@@ -199,6 +199,23 @@ class QueueStats(BaseModel):
     )
 
 
+class QueueGauges(BaseModel):
+    """The queue as /metrics reports it, read in one cheap script call (``Queue.gauges``)."""
+
+    lanes: list[LaneStats]  # depth and oldest age per lane
+    scheduled: int  # waiting for send_at or for a retry's backoff
+    in_flight: int  # claimed by a worker, under a lease
+    failed: int  # dead letters still kept
+    stored_bytes: int  # job bytes of all mail waiting to be sent (MAX_STORED_BYTES counts it)
+    # Live workers per breaker state; "none": alive, but no state published (yet).
+    relay: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def live_workers(self) -> int:
+        """Workers with a heartbeat in the live window, whatever their relay state."""
+        return sum(self.relay.values())
+
+
 class ClaimedJob(BaseModel):
     """A job a worker holds under a lease; ``token`` fences its finish against a re-claim."""
 

@@ -68,7 +68,9 @@ from emailq.models import (
     Job,
     LaneStats,
     Priority,
+    QueueGauges,
     QueueStats,
+    RelayState,
     TaskRecord,
     WorkerRelay,
 )  # fmt: skip
@@ -96,7 +98,9 @@ return {n, redis.call('PTTL', KEYS[1])}
 """
 _SCRIPTS = (
     "enqueue", "claim", "finish", "renew", "release", "cancel", "requeue", "stats", "guard",
+    "gauges",
 )  # fmt: skip
+NO_RELAY_STATE = "none"  # QueueGauges.relay's key for a live worker that published none
 
 
 class Keys:
@@ -588,6 +592,21 @@ class Queue:
             failed_last_hour=_sliding(failures, 60, now),
             relay=[WorkerRelay.model_validate_json(state) for state in relay],
         )
+
+    async def gauges(self, *, live_window_ms: int) -> QueueGauges:
+        """Depths, oldest ages, counts, stored bytes and live workers per relay state, in one
+        round trip whose cost does not grow with the backlog (for /metrics)."""
+        reply = await self._run("gauges", live_window_ms, self.keys.relay_state_prefix, *LANES)
+        now, lanes, scheduled, in_flight, failed, stored, states = reply
+        relay = {str(state): 0 for state in (*RelayState, NO_RELAY_STATE)}
+        for state in states:
+            # Counted under a known name only: what becomes a label must not be Redis text.
+            relay[state if state in relay else NO_RELAY_STATE] += 1
+        return QueueGauges(
+            lanes=[_lane_stats(name, depth, oldest, now) for name, depth, oldest in lanes],
+            scheduled=scheduled, in_flight=in_flight, failed=failed, stored_bytes=stored,
+            relay=relay,
+        )  # fmt: skip
 
     async def events(
         self, after_id: str = "0", *, count: int = 100, block_ms: int | None = None

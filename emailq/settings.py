@@ -169,6 +169,19 @@ class Settings(BaseSettings):
     # A standard level name; anything else would only fail later, inside logging's setup.
     log_level: str = "INFO"
 
+    # -- Metrics (see "Metrics" in the README) ---------------------------------------------
+    # A token Prometheus may read the API's /metrics with (`Authorization: Bearer ...`), so
+    # the scraper needs no admin key (which could also requeue and cancel mail). Empty:
+    # /metrics takes what the admin endpoints take (an admin key; without API_KEYS, local
+    # requests only). 32 characters or more: `openssl rand -hex 32`.
+    metrics_token: SecretStr | None = None
+    # Port of each worker's own /metrics (its sends, claims, leases, SMTP pool). 0, the
+    # default, is off: several workers on one host would each need a port of their own.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Address the worker's metrics listen on. Loopback unless told otherwise: docker-compose
+    # sets 0.0.0.0, reachable on the compose network only (no port is published).
+    worker_metrics_host: str = "127.0.0.1"
+
     # -- When the relay fails (see "When the relay fails" in the README) ------------------
     # How long a mail may wait on a relay that is unreachable or throttling before it fails.
     # Counted per mail from its first relay-level failure (stored on the task, so restarts
@@ -189,6 +202,7 @@ class Settings(BaseSettings):
         "forms_file",
         "templates_dir",
         "result_ttl_success_seconds",
+        "metrics_token",
         mode="before",
     )
     @classmethod
@@ -263,6 +277,18 @@ class Settings(BaseSettings):
                     "'https://app.example.com' (scheme and host, no path)"
                 )
         return value.strip()
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Anyone who has it reads the queue's figures; a short or guessable one would be
+        # found by trying (failures count towards AUTH_FAILURE_LIMIT only with API_KEYS).
+        if value is not None and not re.fullmatch(r"[\x21-\x7e]{32,}", value.get_secret_value()):
+            raise ValueError(
+                "METRICS_TOKEN: 32 or more printable characters without spaces, e.g. the "
+                "output of `openssl rand -hex 32`"
+            )
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -23,8 +23,8 @@ from emailq.settings import Settings
 # The exit status of a configuration error, like a command-line usage error.
 EXIT_CONFIG = 2
 
-# Never echoed back: a password, or a URL that may carry one.
-_SECRET = frozenset({"smtp_pass", "redis_url"})
+# Never echoed back: a password, a URL that may carry one, a bearer token.
+_SECRET = frozenset({"smtp_pass", "redis_url", "metrics_token"})
 _LONGEST_ECHO = 60
 
 

@@ -24,7 +24,8 @@ from emailq.templates import Templates
 from emailq.waiting import ResultWaiter
 from server.state import AppState
 
-if TYPE_CHECKING:  # server.ratelimit reads its limiter through here
+if TYPE_CHECKING:  # server.ratelimit and server.metrics read their parts through here
+    from server.metrics import ApiMetrics
     from server.ratelimit import RateLimits
 
 
@@ -61,6 +62,11 @@ def settings_of(request: Request) -> Settings:
 def rate_limits_of(request: Request) -> RateLimits:
     """The rate limiter opened by the lifespan."""
     return _state(request).rate_limits
+
+
+def metrics_of(request: Request) -> ApiMetrics:
+    """This process's Prometheus series (server.metrics)."""
+    return _state(request).metrics
 
 
 def forms_of(request: Request) -> dict[str, Form]:

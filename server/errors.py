@@ -32,6 +32,10 @@ from emailq.errors import (
 
 log = logging.getLogger("emailq.api")
 
+# Where ``error_response`` notes the code it answered with (``request.state``), for the
+# metrics middleware's count of error answers by code.
+ERROR_CODE_STATE = "error_code"
+
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
           415: "unsupported_media_type", 429: "too_many_requests"}  # fmt: skip
@@ -97,6 +101,7 @@ def error_response(
     A contact form that allowed the request's origin (``request.state.cors_origin``) gets
     the CORS header on its errors as well, or the page's script could not read them."""
     body = {"error": code, "detail": detail, "request_id": request.state.request_id, **extra}
+    setattr(request.state, ERROR_CODE_STATE, code)
     response = JSONResponse(body, status_code=status)
     origin = getattr(request.state, "cors_origin", None)
     if origin is not None:

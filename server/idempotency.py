@@ -20,6 +20,7 @@ from fastapi import Header, Request, Response
 from emailq.coalesce import EnqueueCoalescer
 from emailq.queue import EnqueueItem, Idempotency, Queue
 from server.clientaddr import client_address
+from server.deps import metrics_of
 from server.errors import IdempotencyConflict
 from server.schemas import Accepted
 
@@ -75,6 +76,7 @@ async def send_once(
         )
     replay = await enqueuer.enqueue_once(item, once)
     if replay is None:
+        metrics_of(request).accepted(item.lane)
         log.info("queued", extra={"request_id": item.request_id, "task_id": item.task_id})
         return Accepted(task_id=item.task_id)
     if not replay.same_request:

@@ -25,10 +25,11 @@ from server.auth import relay_guard
 from server.cors import ApiCorsMiddleware
 from server.deps import attach_state
 from server.errors import install_error_handlers
+from server.metrics import MetricsMiddleware
 from server.middleware import RequestContextMiddleware
 from server.openapi import install_openapi
 from server.ratelimit import RateLimits
-from server.routes import admin, batch, dev, email, forms, health, templates
+from server.routes import admin, batch, dev, email, forms, health, metrics, templates
 from server.state import AppState
 
 log = logging.getLogger("emailq.api")
@@ -94,6 +95,8 @@ def create_app(settings: Settings) -> FastAPI:
         # Outside the request context, so preflights are answered before anything else runs.
         app.add_middleware(ApiCorsMiddleware, origins=split_list(settings.cors_origins),
                            prefix=API_PREFIX, exclude=[API_PREFIX + "/forms/"])  # fmt: skip
+    # Outermost, added last: it counts every answer, preflights and 404s included.
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
     app.include_router(email.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)
@@ -103,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.dev_pages:
         app.include_router(dev.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     install_openapi(app, settings)
     if settings.api_docs:
         docs.install_docs(app)

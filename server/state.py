@@ -1,7 +1,7 @@
 """The application's state, typed: one object per app, reached through ``server/deps.py``.
 
-``create_app`` builds it with what is known at once (settings, contact forms); the lifespan
-opens the rest. Before the lifespan runs (a ``TestClient`` not used as a context manager)
+``create_app`` builds it with what is known at once (settings, contact forms, metrics); the
+lifespan opens the rest. Before the lifespan runs (a ``TestClient`` not used as a context manager)
 those attributes are absent and reading one raises ``AttributeError``, as Starlette's
 untyped ``app.state`` did: no route reaches them without a running app.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from server.metrics import ApiMetrics
 
 if TYPE_CHECKING:  # annotations only: server.ratelimit itself reads the state via deps
     import httpx
@@ -31,6 +33,8 @@ class AppState:
     settings: Settings
     forms: dict[str, Form] = field(default_factory=dict)  # contact forms by id (FORMS_FILE)
     templates: Templates | None = None  # stored templates (TEMPLATES_DIR), checked at start
+    # This process's Prometheus series; made with the app, as its middleware needs them.
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
     # Opened by the lifespan, closed when it ends.
     queue: Queue = field(init=False)
     enqueuer: EnqueueCoalescer = field(init=False)  # groups concurrent sends (coalesce.py)

@@ -105,7 +105,11 @@ FROM_COMPOSE = {
     "REDIS_URL": "redis://redis:6379/0", "SMTP_HOST": "mailpit", "SMTP_PORT": "1025",
     "SMTP_SECURITY": "none", "SMTP_USER": "", "SMTP_PASS": "", "ALLOW_OPEN_RELAY": "true",
 }  # fmt: skip
-COMPOSE_DEFAULTS = {"MAIL_FROM": "emailq <noreply@example.com>"}  # a valid sender for Mailpit
+COMPOSE_DEFAULTS = {
+    "MAIL_FROM": "emailq <noreply@example.com>",  # a valid sender for Mailpit
+    # Each worker's metrics, on for the stack, on the compose network (no published port).
+    "WORKER_METRICS_PORT": "9102", "WORKER_METRICS_HOST": "0.0.0.0",
+}  # fmt: skip
 
 
 def compose() -> dict[str, Any]:

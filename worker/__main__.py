@@ -26,6 +26,7 @@ from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.startup import EXIT_CONFIG, exit_on_config_error, load_settings
 from worker.loop import MAX_BLOCK_SECONDS, Worker, log
+from worker.metrics import WorkerMetrics
 from worker.observer import WorkerObserver
 from worker.sender import Sender, SmtpPool
 
@@ -46,9 +47,11 @@ def build_worker(settings: Settings, observer: WorkerObserver | None = None) -> 
 
 
 async def serve(settings: Settings) -> int:
-    """Run the worker ``build_worker`` composes until a stop signal; returns the exit code
-    (2 when the relay's answer at startup proves a setting wrong: see worker.relaycheck)."""
-    worker = build_worker(settings)
+    """Run the worker ``build_worker`` composes until a stop signal, with its metrics on
+    WORKER_METRICS_PORT unless that is 0; returns the exit code (2 when the relay's answer
+    at startup proves a setting wrong, see worker.relaycheck, or the metrics port is taken)."""
+    metrics = WorkerMetrics() if settings.worker_metrics_port else None
+    worker = build_worker(settings, metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -57,8 +60,12 @@ async def serve(settings: Settings) -> int:
     try:
         if not await worker.relay.check():
             return EXIT_CONFIG
+        if metrics is not None and not metrics.listen(worker, settings):
+            return EXIT_CONFIG
         await worker.run()
     finally:
+        if metrics is not None:
+            await metrics.close()
         await worker.queue.close()
     return 0
 

@@ -115,6 +115,11 @@ class Worker:
         # The relay's breaker, probes and shared send rate (see worker.relay).
         self.relay = RelayGuard(RelayStore(queue), sender, settings, self.worker_id)
 
+    @property
+    def in_flight(self) -> int:
+        """Jobs held now: claimed, and their outcome not yet recorded (for metrics)."""
+        return len(self._inflight)
+
     def stop(self) -> None:
         """Ask the worker to stop claiming and drain (safe from a signal handler)."""
         self._stopping.set()

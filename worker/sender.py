@@ -262,12 +262,18 @@ class SmtpPool:
         self.settings = settings
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Connection] = []
+        self._busy = 0  # connections checked out (for the worker's metrics)
+
+    def connections(self) -> tuple[int, int]:
+        """Connections (busy, idle) now: checked out, and kept for reuse."""
+        return self._busy, len(self._idle)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         """A connected ``Connection``; returned to the pool if the transaction ended cleanly."""
         async with self._slots:
             conn = await self._checkout()
+            self._busy += 1
             try:
                 yield conn
             except SendError as exc:
@@ -280,6 +286,8 @@ class SmtpPool:
             except BaseException:
                 conn.close()
                 raise
+            finally:
+                self._busy -= 1
             self._checkin(conn)
 
     async def _checkout(self) -> Connection:

@@ -14,7 +14,7 @@ from emailq.errors import Forbidden, InvalidMessage
 from emailq.queue import EnqueueItem
 from emailq.submit import REJECTED, prepare
 from server.auth import PrincipalDep
-from server.deps import QueueDep, RequestIdDep, SettingsDep, TemplatesDep
+from server.deps import QueueDep, RequestIdDep, SettingsDep, TemplatesDep, metrics_of
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import IdempotencyKeyDep, batch_once
 from server.openapi import errors
@@ -99,6 +99,7 @@ async def send_batch(
         item.task_id: (r.task_id if r else item.task_id)
         for item, r in zip(items, replies, strict=True)
     }
+    metrics_of(request).accepted_batch(items, replies)
     answer.results = [e.model_copy(update={"task_id": stored[e.task_id]}) if e.task_id else e
                       for e in results]  # fmt: skip
     if once is not None and all(r is not None for r in replies):

@@ -31,7 +31,7 @@ from emailq.forms import (
 from emailq.queue import EnqueueItem, Idempotency
 from emailq.submit import prepare_form
 from server.clientaddr import client_address
-from server.deps import QueueDep, RequestIdDep, SettingsDep, forms_of, http_of
+from server.deps import QueueDep, RequestIdDep, SettingsDep, forms_of, http_of, metrics_of
 from server.errors import BodyTooDeep
 from server.openapi import errors
 from server.ratelimit import check_form_rate
@@ -212,6 +212,8 @@ async def submit_form(
         task_id = item.task_id
     else:
         task_id = await _enqueue(form, item, fields, client, queue)
+        if task_id == item.task_id:  # stored now, not the duplicate of an earlier one
+            metrics_of(request).accepted(item.lane)
     response = _answer(form, task_id, wants_json)
     _cors(form, request, response)
     response.headers.update(rate)

@@ -1,0 +1,33 @@
+-- The queue's gauges for /metrics, in one round trip and a few commands per lane and per
+-- live worker, whatever the backlog: no per-minute counters (stats.lua reads 122 keys for
+-- those), so a scrape every second costs Redis next to nothing.
+-- ARGV[5..]: live-worker window ms, relay state key prefix, lanes
+-- Returns now ms, {{lane, depth, oldest created_at or -1}...}, scheduled, in flight, dead
+-- letters, stored bytes, {the breaker state each live worker published, '' if none}.
+local window, relay_prefix = tonumber(ARGV[5]), ARGV[6]
+local now = now_ms()
+local lanes = {}
+for i = 7, #ARGV do
+  local key = LANE .. ARGV[i]
+  local head = redis.call('LINDEX', key, 0)
+  local oldest = -1
+  if head then oldest = tonumber(redis.call('HGET', TASK .. head, 'created_at') or '-1') end
+  lanes[#lanes + 1] = {ARGV[i], redis.call('LLEN', key), oldest}
+end
+local states = {}
+for _, worker in ipairs(redis.call('ZRANGEBYSCORE', K_WORKERS, now - window, '+inf')) do
+  local raw = redis.call('GET', relay_prefix .. worker)
+  local state = ''
+  if raw then
+    -- Published by the worker as JSON (RelayStore.publish); a state this script cannot
+    -- read is reported as none rather than failing the whole scrape.
+    local ok, decoded = pcall(cjson.decode, raw)
+    if ok and type(decoded) == 'table' and type(decoded.state) == 'string' then
+      state = decoded.state
+    end
+  end
+  states[#states + 1] = state
+end
+return {now, lanes, redis.call('ZCARD', K_SCHEDULED), redis.call('ZCARD', K_LEASES),
+        redis.call('ZCARD', K_FAILED), tonumber(redis.call('HGET', K_STORED, 'total') or '0'),
+        states}
