@@ -26,7 +26,7 @@ from server.deps import attach_state
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
 from server.ratelimit import RateLimits
-from server.routes import admin, batch, dev, email, forms, health
+from server.routes import admin, batch, dashboard, dev, email, forms, health, inbox, monitor
 from server.state import AppState
 
 log = logging.getLogger("emailq.api")
@@ -94,9 +94,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(email.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
+    app.include_router(monitor.router, prefix=API_PREFIX)
     app.include_router(forms.router, prefix=API_PREFIX)
+    app.include_router(dashboard.router)
     if settings.dev_pages:
         app.include_router(dev.router)
+    if settings.dev_pages and settings.dev_inbox_dir is not None:
+        app.include_router(inbox.router_for(settings.dev_inbox_dir))
     app.include_router(health.router)
     if settings.api_docs:
         docs.install_docs(app)

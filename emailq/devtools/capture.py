@@ -3,6 +3,13 @@
 It accepts every message, prints it to the console as the original service's development
 mode did, and saves it as an .eml file. It relays nothing.
 
+Each message is saved under a name of its own, ``<UTC time>-<random>.eml``, that sorts by
+arrival and never repeats: numbering on from the count of files on disk overwrote the
+newest mail once one had been deleted. Beside it a JSON sidecar (``<name>.json``) keeps
+the SMTP envelope, which the message itself does not hold: its Bcc recipients appear
+nowhere else. The sidecar is written first and the .eml last, each by an atomic rename, so
+a listed .eml is always complete and has its envelope (``emailq.devtools.inbox`` reads them).
+
 Its own faults never answer 5xx: a worker treats 5xx as the mail's fault and gives up on it
 (once, 2,717 of 3,000 dev mails were dead-lettered because the console pipe had closed).
 A message that could not be saved answers 451 (try again later) and is logged; a console
@@ -12,10 +19,14 @@ that went away is only logged, since the saved .eml is the capture.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
+import json
 import logging
+import secrets
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,30 +48,55 @@ def describe(raw: bytes, envelope_to: list[str]) -> str:
     return "\n".join(lines)
 
 
+def message_name(now: datetime) -> str:
+    """A new message's file name without extension: its UTC arrival time (so names sort by
+    arrival) and 64 random bits (so two in the same microsecond, or from two capture
+    servers sharing a folder, never collide)."""
+    return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(8)}"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
 class CaptureHandler:
-    """aiosmtpd handler: print, save as .eml, answer 250."""
+    """aiosmtpd handler: print, save as .eml with its envelope beside it, answer 250."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        # Carry on numbering after an earlier session's mail rather than overwrite it.
-        self.count = len(list(out_dir.glob("*.eml"))) if out_dir.is_dir() else 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802  # aiosmtpd's hook name
         """Called by aiosmtpd once per message."""
         raw: bytes = envelope.original_content or envelope.content
+        rcpt_tos = [str(r) for r in envelope.rcpt_tos]
         try:
-            path = self._save(raw)
+            path = self._save(raw, str(envelope.mail_from or ""), rcpt_tos)
         except Exception:  # whatever it was, it is ours, not the mail's: answer 4xx
             log.exception("could not save a captured message; answering 451")
             return "451 4.3.0 Capture server could not save the message; try again later"
-        self._show(raw, list(envelope.rcpt_tos), path)
+        self._show(raw, rcpt_tos, path)
         return "250 Message accepted for delivery"
 
-    def _save(self, raw: bytes) -> Path:
+    def _save(self, raw: bytes, mail_from: str, rcpt_tos: list[str]) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"{self.count + 1:06d}.eml"
-        path.write_bytes(raw)
-        self.count += 1  # only once saved, so a failed write does not leave a gap
+        now = datetime.now(UTC)
+        name = message_name(now)
+        envelope = {"mail_from": mail_from, "rcpt_tos": rcpt_tos,
+                    "received_at": now.isoformat(timespec="milliseconds")}  # fmt: skip
+        sidecar = self.out_dir / f"{name}.json"
+        _write_atomically(sidecar, json.dumps(envelope).encode())
+        path = self.out_dir / f"{name}.eml"
+        try:
+            _write_atomically(path, raw)
+        except Exception:
+            sidecar.unlink(missing_ok=True)  # no envelope left without its message
+            raise
         return path
 
     @staticmethod

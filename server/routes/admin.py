@@ -11,6 +11,7 @@ from emailq.models import QueueStats, Status
 from server.auth import AdminDep
 from server.deps import QueueDep, SettingsDep
 from server.errors import Conflict
+from server.readonly import WritableDep
 from server.schemas import Cancelled, FailedPage, Requeued, RequeueRequest, TaskResult
 
 router = APIRouter(
@@ -23,6 +24,7 @@ router = APIRouter(
                                     "other page's Origin)"}},
 )  # fmt: skip
 TASK_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"description": "DASHBOARD_READ_ONLY is set (or not an admin; see above)"},
     404: {"description": "unknown task"},
     409: {"description": "the task's state forbids it; task_status names that state"},
 }
@@ -57,7 +59,7 @@ async def failed(
                       limit=limit, next_offset=offset + limit if more else None)  # fmt: skip
 
 
-@router.post("/tasks/{task_id}/requeue", responses=TASK_ERRORS)
+@router.post("/tasks/{task_id}/requeue", responses=TASK_ERRORS, dependencies=[WritableDep])
 async def requeue_task(task_id: uuid.UUID, queue: QueueDep) -> Requeued:
     """Send one failed task again with fresh attempts, keeping its attempt log."""
     record = await queue.get(str(task_id))
@@ -71,7 +73,7 @@ async def requeue_task(task_id: uuid.UUID, queue: QueueDep) -> Requeued:
     return Requeued(requeued=len(done), task_ids=done)
 
 
-@router.post("/failed/requeue")
+@router.post("/failed/requeue", dependencies=[WritableDep])
 async def requeue_failed(body: RequeueRequest, queue: QueueDep) -> Requeued:
     """Send failed tasks again: the listed ``task_ids`` (others are skipped), or ``all``."""
     ids = await queue.failed_ids() if body.all_ else [str(t) for t in body.task_ids or []]
@@ -81,7 +83,7 @@ async def requeue_failed(body: RequeueRequest, queue: QueueDep) -> Requeued:
     return Requeued(requeued=len(done), task_ids=done)
 
 
-@router.post("/tasks/{task_id}/cancel", responses=TASK_ERRORS)
+@router.post("/tasks/{task_id}/cancel", responses=TASK_ERRORS, dependencies=[WritableDep])
 async def cancel_task(task_id: uuid.UUID, queue: QueueDep) -> Cancelled:
     """Cancel a pending or scheduled task: it ends failed, reason 'cancelled', never sent."""
     outcome = await queue.cancel(str(task_id))
