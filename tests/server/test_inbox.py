@@ -45,8 +45,10 @@ def client(inbox_settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def deliver(port: int, subject: str, *, to: str = "user@example.com", cc: str = "",
-            bcc: tuple[str, ...] = (), html: str | None = None, text: str = "hello") -> None:  # fmt: skip
+def deliver(
+    port: int, subject: str, *, to: str = "user@example.com", cc: str = "",
+    bcc: tuple[str, ...] = (), html: str | None = None, text: str = "hello",
+) -> None:  # fmt: skip
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "emailq <noreply@example.com>", to, subject
     if cc:
