@@ -5,8 +5,8 @@ letter is requeued from its button and sent."""
 from __future__ import annotations
 
 import signal
-from datetime import UTC, datetime, timedelta
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
