@@ -3,12 +3,8 @@
 It accepts every message, prints it to the console as the original service's development
 mode did, and saves it as an .eml file. It relays nothing.
 
-Each message is saved under a name of its own, ``<UTC time>-<random>.eml``, that sorts by
-arrival and never repeats: numbering on from the count of files on disk overwrote the
-newest mail once one had been deleted. Beside it a JSON sidecar (``<name>.json``) keeps
-the SMTP envelope, which the message itself does not hold: its Bcc recipients appear
-nowhere else. The sidecar is written first and the .eml last, each by an atomic rename, so
-a listed .eml is always complete and has its envelope (``emailq.devtools.inbox`` reads them).
+Each message gets a name of its own, with its SMTP envelope (Bcc included) beside it, in
+the folder format of ``emailq.mailfolder``, which the dev inbox reads.
 
 Its own faults never answer 5xx: a worker treats 5xx as the mail's fault and gives up on it
 (once, 2,717 of 3,000 dev mails were dead-lettered because the console pipe had closed).
@@ -19,18 +15,16 @@ that went away is only logged, since the saved .eml is the capture.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
 import email.policy
-import json
 import logging
-import secrets
 import socket
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+
+from emailq import mailfolder
 
 log = logging.getLogger("emailq.capture")
 
@@ -46,23 +40,6 @@ def describe(raw: bytes, envelope_to: list[str]) -> str:
     body = msg.get_body(preferencelist=("plain", "html"))
     lines += ["", body.get_content() if body is not None else "(no text body)", "=" * 60]
     return "\n".join(lines)
-
-
-def message_name(now: datetime) -> str:
-    """A new message's file name without extension: its UTC arrival time (so names sort by
-    arrival) and 64 random bits (so two in the same microsecond, or from two capture
-    servers sharing a folder, never collide)."""
-    return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(8)}"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_bytes(data)
-        partial.replace(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
 
 
 class CaptureHandler:
@@ -84,20 +61,7 @@ class CaptureHandler:
         return "250 Message accepted for delivery"
 
     def _save(self, raw: bytes, mail_from: str, rcpt_tos: list[str]) -> Path:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        now = datetime.now(UTC)
-        name = message_name(now)
-        envelope = {"mail_from": mail_from, "rcpt_tos": rcpt_tos,
-                    "received_at": now.isoformat(timespec="milliseconds")}  # fmt: skip
-        sidecar = self.out_dir / f"{name}.json"
-        _write_atomically(sidecar, json.dumps(envelope).encode())
-        path = self.out_dir / f"{name}.eml"
-        try:
-            _write_atomically(path, raw)
-        except Exception:
-            sidecar.unlink(missing_ok=True)  # no envelope left without its message
-            raise
-        return path
+        return mailfolder.save(self.out_dir, raw, mail_from, rcpt_tos)
 
     @staticmethod
     def _show(raw: bytes, envelope_to: list[str], path: Path) -> None:

@@ -21,7 +21,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from emailq.devtools.inbox import MESSAGE_ID, Inbox, Message, Summary
+from emailq.mailfolder import MESSAGE_ID, Inbox, Message, Summary
 from server.auth import local_refusal
 from server.deps import settings_of
 from server.pages import PAGE_CSP, StaticPages, security_headers

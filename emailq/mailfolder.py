@@ -1,19 +1,29 @@
-"""The dev inbox: the capture server's folder (``capture.py``) read back as messages.
+"""A folder of captured mail: written by the dev capture server
+(``emailq/devtools/capture.py``), read by the dev inbox (``server/routes/inbox.py``). The
+one place that knows the folder's format, so writer and reader cannot drift apart.
 
-Each message is ``<name>.eml`` with its SMTP envelope in ``<name>.json``; mail saved before
-the sidecars existed has none, and then shows no envelope (and no Bcc). A message is parsed
-once and its summary kept while the file is unchanged, so listing a folder of thousands is
-a directory scan, not a re-parse. Names are checked against ``MESSAGE_ID`` before they touch
-the file system: no dots, no slashes, nothing outside the folder.
+Each message is ``<name>.eml`` with its SMTP envelope in ``<name>.json`` (the message does
+not hold its Bcc recipients; the envelope does). Names are ``<UTC time>-<random>``: they
+sort by arrival and never repeat (numbering on from the count of files on disk overwrote
+the newest mail once one had been deleted). The sidecar is written first and the .eml
+last, each by an atomic rename, so a listed .eml is complete and has its envelope. Mail
+saved before sidecars existed has none, and shows no envelope (and no Bcc).
+
+Reading parses a message once and keeps its summary while the file is unchanged, so
+listing a folder of thousands is a directory scan, not a re-parse. Names are checked
+against ``MESSAGE_ID`` before they touch the file system: no dots, no slashes, nothing
+outside the folder. Standard library and pydantic only: the API imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.header
 import email.policy
 import json
 import re
+import secrets
 import threading
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -25,6 +35,41 @@ from pydantic import BaseModel, Field
 
 MESSAGE_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"
 _MESSAGE_ID = re.compile(MESSAGE_ID)
+
+
+def message_name(now: datetime) -> str:
+    """A new message's name: its UTC arrival time (so names sort by arrival) and 64 random
+    bits (so two in one microsecond, or from two capture servers sharing a folder, never
+    collide)."""
+    return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(8)}"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def save(folder: Path, raw: bytes, mail_from: str, rcpt_tos: list[str]) -> Path:
+    """Store one message and its envelope; returns the .eml's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    name = message_name(now)
+    envelope = {"mail_from": mail_from, "rcpt_tos": rcpt_tos,
+                "received_at": now.isoformat(timespec="milliseconds")}  # fmt: skip
+    sidecar = folder / f"{name}.json"
+    _write_atomically(sidecar, json.dumps(envelope).encode())
+    path = folder / f"{name}.eml"
+    try:
+        _write_atomically(path, raw)
+    except Exception:
+        sidecar.unlink(missing_ok=True)  # no envelope left without its message
+        raise
+    return path
 
 
 class Summary(BaseModel):
