@@ -224,3 +224,20 @@ class ClaimedJob(BaseModel):
     attempt: int
     request_id: str | None
     job: Job
+
+
+class MinuteCount(BaseModel):
+    """Tasks that finished in one clock minute (the queue's per-minute counters)."""
+
+    minute: int  # epoch ms of the minute's start (Redis server time)
+    sent: int
+    failed: int
+
+
+class WorkerStatus(BaseModel):
+    """One live worker: when it last sent a heartbeat, and its view of the relay."""
+
+    worker_id: str
+    last_heartbeat: int  # epoch ms, Redis server time
+    heartbeat_age_seconds: float
+    relay: WorkerRelay | None = None  # absent until the worker has published one

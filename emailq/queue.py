@@ -67,12 +67,14 @@ from emailq.models import (
     Event,
     Job,
     LaneStats,
+    MinuteCount,
     Priority,
     QueueGauges,
     QueueStats,
     RelayState,
     TaskRecord,
     WorkerRelay,
+    WorkerStatus,
 )  # fmt: skip
 from emailq.settings import Settings
 
@@ -98,9 +100,10 @@ return {n, redis.call('PTTL', KEYS[1])}
 """
 _SCRIPTS = (
     "enqueue", "claim", "finish", "renew", "release", "cancel", "requeue", "stats", "guard",
-    "gauges",
+    "gauges", "throughput", "workers",
 )  # fmt: skip
 NO_RELAY_STATE = "none"  # QueueGauges.relay's key for a live worker that published none
+HISTORY_MINUTES = 120  # the per-minute counters are kept two hours (count_finished)
 
 
 class Keys:
@@ -607,6 +610,36 @@ class Queue:
             scheduled=scheduled, in_flight=in_flight, failed=failed, stored_bytes=stored,
             relay=relay,
         )  # fmt: skip
+
+    async def throughput(self, minutes: int = HISTORY_MINUTES) -> list[MinuteCount]:
+        """Tasks sent and failed per clock minute over the last ``minutes`` (at most the two
+        hours the counters are kept), oldest first; the last one is the current minute."""
+        minutes = max(1, min(minutes, HISTORY_MINUTES))
+        now, sent, failed = await self._run("throughput", minutes)
+        current = int(now) // 60_000
+        return [
+            MinuteCount(minute=(current - back) * 60_000, sent=int(s), failed=int(f))
+            for back, s, f in reversed(list(zip(range(minutes), sent, failed, strict=True)))
+        ]
+
+    async def workers(self, *, live_window_ms: int) -> list[WorkerStatus]:
+        """Workers heard from within ``live_window_ms``, most recent heartbeat first."""
+        now, rows = await self._run("workers", live_window_ms, self.keys.relay_state_prefix)
+        return [
+            WorkerStatus(
+                worker_id=worker_id, last_heartbeat=int(seen),
+                heartbeat_age_seconds=max(0, int(now) - int(seen)) / 1000,
+                relay=WorkerRelay.model_validate_json(state) if state else None,
+            )
+            for worker_id, seen, state in rows
+        ]  # fmt: skip
+
+    async def last_event_id(self) -> str:
+        """The id of the newest event in the stream ("0-0" while it is empty): a consumer
+        that wants only what happens from now on reads after it."""
+        with _store_errors():
+            newest: Any = await self.redis.xrevrange(self.keys.events, "+", "-", 1)
+        return str(newest[0][0]) if newest else "0-0"
 
     async def events(
         self, after_id: str = "0", *, count: int = 100, block_ms: int | None = None

@@ -162,6 +162,13 @@ class Settings(BaseSettings):
     templates_dir: Path | None = None
     # Serve the static contact-form test page at /dev/contact (`emailq dev` turns it on).
     dev_pages: bool = False
+    # The capture server's mail folder, shown at /dev/inbox while DEV_PAGES is on (`emailq
+    # dev` sets both). Empty: no inbox. A path on the API's machine, read by the API only.
+    dev_inbox_dir: Path | None = None
+    # The dashboard (/dashboard) and the admin API only look: requeue and cancel answer 403
+    # (the CLI, which talks to Redis directly, still can). For a wall screen, or operators
+    # who should watch but not steer.
+    dashboard_read_only: bool = False
     # Serve /docs (Swagger UI), /redoc and /openapi.json, assets included (no CDN). false:
     # all three answer 404, for a public API that should not publish its whole surface.
     api_docs: bool = True
@@ -201,6 +208,7 @@ class Settings(BaseSettings):
         "smtp_ca_file",
         "forms_file",
         "templates_dir",
+        "dev_inbox_dir",
         "result_ttl_success_seconds",
         "metrics_token",
         mode="before",

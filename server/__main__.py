@@ -10,18 +10,37 @@ which proxies are believed (``server/clientaddr.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import socket
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
 from emailq.logs import configure_logging
 from emailq.startup import exit_on_config_error, load_settings
+from server.deps import state_of
 from server.main import create_app
 from server.routes.email import MAX_WAIT_SECONDS
 
 # On SIGTERM uvicorn stops accepting and lets open requests finish for this long: a
 # `wait=` long-poll may take MAX_WAIT_SECONDS, so it should end with its answer, not a reset.
 GRACEFUL_SHUTDOWN_SECONDS = MAX_WAIT_SECONDS + 5
+STARTUP_FAILURE = 3  # uvicorn's own code for it (uvicorn.main.STARTUP_FAILURE)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which tells the app when it begins to stop: uvicorn waits for
+    open responses before the lifespan ends, and an endless one (the admin event stream)
+    would hold the exit for the whole grace period."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state_of(self.app).stopping.set()
+        await super().shutdown(sockets)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         configure_logging(settings.log_level)
         app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -48,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         log_level=settings.log_level.lower(),
     )
-    return 0
+    server = _Server(config, app)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+        server.run()
+    # uvicorn.run's exit code when it could not start (the port taken, say).
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -29,7 +29,19 @@ from server.metrics import MetricsMiddleware
 from server.middleware import RequestContextMiddleware
 from server.openapi import install_openapi
 from server.ratelimit import RateLimits
-from server.routes import admin, batch, dev, email, forms, health, metrics, templates
+from server.routes import (
+    admin,
+    batch,
+    dashboard,
+    dev,
+    email,
+    forms,
+    health,
+    inbox,
+    metrics,
+    monitor,
+    templates,
+)
 from server.state import AppState
 
 log = logging.getLogger("emailq.api")
@@ -101,10 +113,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(email.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
+    app.include_router(monitor.router, prefix=API_PREFIX)
     app.include_router(forms.router, prefix=API_PREFIX)
     app.include_router(templates.router, prefix=API_PREFIX)
+    app.include_router(dashboard.router)
     if settings.dev_pages:
         app.include_router(dev.router)
+    if settings.dev_pages and settings.dev_inbox_dir is not None:
+        app.include_router(inbox.router_for(settings.dev_inbox_dir))
     app.include_router(health.router)
     app.include_router(metrics.router)
     install_openapi(app, settings)

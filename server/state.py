@@ -8,6 +8,7 @@ untyped ``app.state`` did: no route reaches them without a running app.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,3 +42,6 @@ class AppState:
     waiter: ResultWaiter = field(init=False)  # one subscription for every `wait=` client
     rate_limits: RateLimits = field(init=False)
     http: httpx.AsyncClient = field(init=False)  # pooled, for CAPTCHA verification
+    # Set when the server begins to stop (``python -m server`` on SIGTERM), before it waits
+    # for open requests: endless responses (the admin event stream) end on it.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)

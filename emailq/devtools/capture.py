@@ -3,6 +3,9 @@
 It accepts every message, prints it to the console as the original service's development
 mode did, and saves it as an .eml file. It relays nothing.
 
+Each message gets a name of its own, with its SMTP envelope (Bcc included) beside it, in
+the folder format of ``emailq.mailfolder``, which the dev inbox reads.
+
 Its own faults never answer 5xx: a worker treats 5xx as the mail's fault and gives up on it
 (once, 2,717 of 3,000 dev mails were dead-lettered because the console pipe had closed).
 A message that could not be saved answers 451 (try again later) and is logged; a console
@@ -21,6 +24,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
+from emailq import mailfolder
+
 log = logging.getLogger("emailq.capture")
 
 
@@ -38,30 +43,25 @@ def describe(raw: bytes, envelope_to: list[str]) -> str:
 
 
 class CaptureHandler:
-    """aiosmtpd handler: print, save as .eml, answer 250."""
+    """aiosmtpd handler: print, save as .eml with its envelope beside it, answer 250."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        # Carry on numbering after an earlier session's mail rather than overwrite it.
-        self.count = len(list(out_dir.glob("*.eml"))) if out_dir.is_dir() else 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802  # aiosmtpd's hook name
         """Called by aiosmtpd once per message."""
         raw: bytes = envelope.original_content or envelope.content
+        rcpt_tos = [str(r) for r in envelope.rcpt_tos]
         try:
-            path = self._save(raw)
+            path = self._save(raw, str(envelope.mail_from or ""), rcpt_tos)
         except Exception:  # whatever it was, it is ours, not the mail's: answer 4xx
             log.exception("could not save a captured message; answering 451")
             return "451 4.3.0 Capture server could not save the message; try again later"
-        self._show(raw, list(envelope.rcpt_tos), path)
+        self._show(raw, rcpt_tos, path)
         return "250 Message accepted for delivery"
 
-    def _save(self, raw: bytes) -> Path:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"{self.count + 1:06d}.eml"
-        path.write_bytes(raw)
-        self.count += 1  # only once saved, so a failed write does not leave a gap
-        return path
+    def _save(self, raw: bytes, mail_from: str, rcpt_tos: list[str]) -> Path:
+        return mailfolder.save(self.out_dir, raw, mail_from, rcpt_tos)
 
     @staticmethod
     def _show(raw: bytes, envelope_to: list[str], path: Path) -> None:

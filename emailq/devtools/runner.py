@@ -127,6 +127,8 @@ def _overrides(cfg: DevConfig) -> dict[str, str]:
     return {
         "FORMS_FILE": str((cfg.data_dir / "forms.toml").resolve()),
         "DEV_PAGES": "true",
+        # The inbox at /dev/inbox reads what the capture server writes.
+        "DEV_INBOX_DIR": str((cfg.data_dir / "mail").resolve()),
         "REDIS_URL": redis_url(cfg.redis_port),
         "SMTP_HOST": HOST,
         "SMTP_PORT": str(cfg.smtp_port),
@@ -288,6 +290,8 @@ def _banner(cfg: DevConfig, redis: RedisServer, templates: Path | None = None) -
         "emailq dev is running:",
         f"  API           {api}  (PORT={cfg.api_port})",
         f"  Swagger UI    {api}/docs",
+        f"  Dashboard     {api}/dashboard",
+        f"  Dev inbox     {api}/dev/inbox  (every captured mail: HTML, text, headers, Bcc)",
         f"  Contact form  {api}/dev/contact  (a plain HTML form; the mail shows up here)",
         f"  Redis         {redis.url}  (REDIS_PORT={cfg.redis_port}; data in {redis.data_dir})",
         f"  SMTP capture  {HOST}:{cfg.smtp_port}  (SMTP_PORT={cfg.smtp_port}; "

@@ -15,6 +15,7 @@ from server.auth import AdminDep
 from server.deps import QueueDep, SettingsDep
 from server.errors import Conflict
 from server.openapi import errors
+from server.readonly import WritableDep
 from server.schemas import Cancelled, FailedPage, Requeued, RequeueRequest, TaskResult
 
 router = APIRouter(
@@ -26,6 +27,7 @@ router = APIRouter(
                                "Origin)"}),
 )  # fmt: skip
 TASK_ERRORS = errors(why={
+    403: "DASHBOARD_READ_ONLY is set, or not an admin key (see the router's 403)",
     404: "no such task (unknown, or expired after RESULT_TTL_SECONDS)",
     409: "the task's state forbids it; `task_status` names that state",
 })  # fmt: skip
@@ -100,7 +102,7 @@ async def _failed_matching(queue: Queue, keep: LabelFilter, offset: int, limit: 
                       next_offset=next_offset)  # fmt: skip
 
 
-@router.post("/tasks/{task_id}/requeue", responses=TASK_ERRORS)
+@router.post("/tasks/{task_id}/requeue", responses=TASK_ERRORS, dependencies=[WritableDep])
 async def requeue_task(task_id: TaskId, queue: QueueDep) -> Requeued:
     """Send one failed task again with fresh attempts, keeping its attempt log."""
     record = await queue.get(str(task_id))
@@ -114,7 +116,7 @@ async def requeue_task(task_id: TaskId, queue: QueueDep) -> Requeued:
     return Requeued(requeued=len(done), task_ids=done)
 
 
-@router.post("/failed/requeue")
+@router.post("/failed/requeue", dependencies=[WritableDep])
 async def requeue_failed(body: RequeueRequest, queue: QueueDep) -> Requeued:
     """Send failed tasks again: the listed ``task_ids`` (others are skipped), or ``all``."""
     ids = await queue.failed_ids() if body.all_ else [str(t) for t in body.task_ids or []]
@@ -124,7 +126,7 @@ async def requeue_failed(body: RequeueRequest, queue: QueueDep) -> Requeued:
     return Requeued(requeued=len(done), task_ids=done)
 
 
-@router.post("/tasks/{task_id}/cancel", responses=TASK_ERRORS)
+@router.post("/tasks/{task_id}/cancel", responses=TASK_ERRORS, dependencies=[WritableDep])
 async def cancel_task(task_id: TaskId, queue: QueueDep) -> Cancelled:
     """Cancel a pending or scheduled task: it ends failed, reason 'cancelled', never sent."""
     outcome = await queue.cancel(str(task_id))

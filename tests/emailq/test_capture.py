@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import smtplib
 import subprocess
 import sys
@@ -45,18 +47,54 @@ def _session(out: Path, subjects: list[str]) -> None:
             _send(port, subject)
 
 
+def _saved(out: Path) -> list[Path]:
+    """The saved messages, in the order their names sort (arrival)."""
+    return sorted(out.glob("*.eml"))
+
+
 def test_mail_is_printed_and_saved_and_a_new_session_does_not_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _session(tmp_path, ["첫 번째", "second"])
     _session(tmp_path, ["third"])
 
-    saved = sorted(p.name for p in tmp_path.glob("*.eml"))
-    assert saved == ["000001.eml", "000002.eml", "000003.eml"]
-    assert b"third" in (tmp_path / "000003.eml").read_bytes()
+    saved = _saved(tmp_path)
+    assert len(saved) == 3
+    assert [b"third" in p.read_bytes() for p in saved] == [False, False, True]
+    assert all(re.fullmatch(r"\d{8}T\d{12}Z-[0-9a-f]{16}\.eml", p.name) for p in saved)
     printed = capsys.readouterr().out
     assert "Subject: 첫 번째" in printed
     assert "홍길동님 안녕하세요!" in printed
+
+
+def test_a_deleted_mail_does_not_make_the_next_session_overwrite_the_newest(
+    tmp_path: Path,
+) -> None:
+    # Names used to be the count of files + 1: with 000001 deleted and 000002 kept, the
+    # next session wrote 000002 again, over the newest mail. The dev inbox deletes mail.
+    _session(tmp_path, ["first", "second"])
+    oldest = _saved(tmp_path)[0]
+    oldest.unlink()
+    _session(tmp_path, ["third"])
+
+    bodies = [p.read_bytes() for p in _saved(tmp_path)]
+    assert len(bodies) == 2
+    assert b"Subject: second" in bodies[0]
+    assert b"Subject: third" in bodies[1]
+
+
+def test_the_envelope_is_kept_beside_each_mail(tmp_path: Path) -> None:
+    # Bcc recipients are in the envelope only; the inbox shows them from the sidecar.
+    with _capture(tmp_path) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.send_message(_message("with bcc"), from_addr="bounce@example.com",
+                            to_addrs=["b@example.com", "hidden@example.com"])  # fmt: skip
+
+    [eml] = _saved(tmp_path)
+    envelope = json.loads(eml.with_suffix(".json").read_text())
+    assert envelope["mail_from"] == "bounce@example.com"
+    assert envelope["rcpt_tos"] == ["b@example.com", "hidden@example.com"]
+    assert b"hidden@example.com" not in eml.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([eml.name, f"{eml.stem}.json"])
 
 
 def test_a_message_it_cannot_save_is_a_4xx_never_a_5xx(tmp_path: Path) -> None:
@@ -70,7 +108,7 @@ def test_a_message_it_cannot_save_is_a_4xx_never_a_5xx(tmp_path: Path) -> None:
         assert refused.value.smtp_code == 451
         blocked.unlink()  # the trouble goes away: the same mail is accepted and saved
         client.send_message(_message("kept for later"))
-    assert sorted(p.name for p in blocked.glob("*.eml")) == ["000001.eml"]
+    assert len(_saved(blocked)) == 1
 
 
 def test_a_console_that_went_away_still_accepts_and_saves(tmp_path: Path) -> None:
