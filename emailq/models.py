@@ -161,3 +161,4 @@ class ClaimedJob(BaseModel):
     attempt: int
     request_id: str | None
     job: Job
+    lane: str | None = None  # for log lines; None from a claim that did not say
