@@ -258,8 +258,8 @@ class BatchWriter(logging.Handler):
 class LogPipeline:
     """The root logger's queue handler and the listener thread that writes its lines."""
 
-    def __init__(self, level: str, fmt: LogFormat, stream: TextIO) -> None:
-        self.format = resolve_format(fmt, stream)
+    def __init__(self, level: str, fmt: LogFormat | str, stream: TextIO) -> None:
+        self.format = resolve_format(LogFormat(fmt), stream)
         pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.writer = BatchWriter(stream, pending)
         self.writer.setFormatter(JsonFormatter() if self.format is LogFormat.JSON
@@ -325,7 +325,7 @@ def resolve_format(fmt: LogFormat, stream: TextIO) -> LogFormat:
 
 
 def configure_logging(
-    level: str = "INFO", fmt: LogFormat = LogFormat.AUTO, stream: TextIO | None = None
+    level: str = "INFO", fmt: LogFormat | str = LogFormat.AUTO, stream: TextIO | None = None
 ) -> LogPipeline:
     """Send every log line (ours, uvicorn's, warnings) to ``stream`` (stderr) in ``fmt``,
     written by a thread of its own; a second call replaces the first."""
