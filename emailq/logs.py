@@ -72,6 +72,7 @@ _PLAIN = (str, int, float, type(None))
 _ADDRESS = re.compile(r"[\w!#$%&'*+/=?^`{|}~.\-]+@(?=[\w\[])")
 _API_KEY = re.compile(r"eq_[A-Za-z0-9_\-]{16,}")  # emailq.apikeys.new_key's shape
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NEEDS_QUOTES = re.compile(r"[\s\"=\x00-\x1f\x7f]")  # a text value that would not read as one
 
 
 def bind(**fields: object) -> contextvars.Token[Mapping[str, object]]:
@@ -215,7 +216,7 @@ def _text_value(value: object) -> str:
     if value is None:
         return "-"
     text = scrub(str(value))
-    if not text or any(c.isspace() or c in '"=' for c in text) or _CONTROL.search(text):
+    if not text or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 
