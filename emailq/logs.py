@@ -56,6 +56,10 @@ _IN_TEXT = tuple(f for f in FIELDS if f not in _IN_BRACKETS and f != "worker_id"
 
 # Lines waiting to be written are joined into one write, up to this many.
 MAX_BATCH = 256
+# Records waiting for the listener, at most. Past it (the reader of stderr stalled, and a
+# flood of requests) lines are dropped and counted, rather than held until memory runs out
+# or written at the call, which would stall the loop behind the reader.
+MAX_QUEUED = 20_000
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 _CONTEXT: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
@@ -108,10 +112,38 @@ class ContextQueueHandler(QueueHandler):
     record and queues it, unformatted. Replaces ``QueueHandler.prepare``, which formats
     every record at the call and copies it."""
 
-    def __init__(self, q: queue.SimpleQueue[Any], writer: logging.Handler) -> None:
+    def __init__(
+        self, q: queue.SimpleQueue[Any], writer: logging.Handler, max_queued: int = MAX_QUEUED
+    ) -> None:
         super().__init__(q)
+        self.pending = q
         self.writer = writer
+        self.max_queued = max_queued
+        self.dropped = 0
         self.direct = False  # once the listener is stopped, write at the call
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called with this handler's lock held, so `dropped` is counted safely.
+        try:
+            if self.direct:
+                self.writer.handle(self.prepare(record))
+            elif self.pending.qsize() >= self.max_queued:
+                self.dropped += 1
+            else:
+                if self.dropped:
+                    self.pending.put_nowait(self._dropped_line())
+                self.pending.put_nowait(self.prepare(record))
+        except Exception:
+            self.handleError(record)
+
+    def _dropped_line(self) -> logging.LogRecord:
+        line = logging.makeLogRecord({
+            "name": "emailq.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": "%d log line(s) dropped: the reader of this log did not keep up",
+            "args": (self.dropped,),
+        })  # fmt: skip
+        self.dropped = 0
+        return line
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         attrs = record.__dict__
@@ -124,12 +156,6 @@ class ContextQueueHandler(QueueHandler):
             # Errors are rare: render the traceback now, while its frames are as they were.
             record.exc_text = _EXC_FORMATTER.formatException(record.exc_info)
         return record
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        if self.direct:
-            self.writer.handle(record)
-        else:
-            self.queue.put_nowait(record)
 
 
 _EXC_FORMATTER = logging.Formatter()
@@ -259,14 +285,16 @@ class BatchWriter(logging.Handler):
 class LogPipeline:
     """The root logger's queue handler and the listener thread that writes its lines."""
 
-    def __init__(self, level: str, fmt: LogFormat | str, stream: TextIO) -> None:
+    def __init__(
+        self, level: str, fmt: LogFormat | str, stream: TextIO, max_queued: int = MAX_QUEUED
+    ) -> None:
         self.format = resolve_format(LogFormat(fmt), stream)
         pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.writer = BatchWriter(stream, pending)
         self.writer.setFormatter(JsonFormatter() if self.format is LogFormat.JSON
                                  else TextFormatter())  # fmt: skip
         self.pending = pending
-        self.handler = ContextQueueHandler(pending, self.writer)
+        self.handler = ContextQueueHandler(pending, self.writer, max_queued)
         self.listener = QueueListener(pending, self.writer)
         self.level = level.upper()
         self._lock = threading.Lock()

@@ -20,7 +20,7 @@ from emailq.logs import LogPipeline, bind, configure_logging, resolve_format, un
 from emailq.settings import LogFormat, Settings
 from emailq.startup import describe
 from tests.helpers.logs import RFC3339_MS
-from tests.helpers.polling import BOUND
+from tests.helpers.polling import BOUND, wait_until
 
 log = logging.getLogger("emailq.test")
 
@@ -168,6 +168,34 @@ def test_a_blocked_stream_never_blocks_a_log_call_and_loses_nothing(
     stream.open.set()
     lines = _json(pipeline)
     assert [e["event"] for e in lines] == [f"n {n}" for n in range(2000)]
+
+
+def test_past_its_bound_the_queue_drops_lines_and_says_how_many() -> None:
+    # A stalled reader and a flood: memory must not grow without bound.
+    stream = Lines()
+    stream.open.clear()
+    pipeline = LogPipeline("INFO", LogFormat.JSON, stream, max_queued=100)
+    flood = logging.getLogger("emailq.test.flood")
+    flood.propagate = False
+    flood.addHandler(pipeline.handler)
+    pipeline.listener.start()
+    try:
+        for n in range(150):
+            flood.warning("n %d", n)
+        stream.open.set()
+        wait_until(lambda: pipeline.pending.qsize() == 0, what="the queue to drain")
+        flood.warning("after")
+        pipeline.stop()
+    finally:
+        flood.removeHandler(pipeline.handler)
+    events = [json.loads(line)["event"] for line in stream.lines()]
+
+    kept, dropped, after = events[:-2], events[-2], events[-1]
+    assert kept == [f"n {n}" for n in range(len(kept))]
+    assert len(kept) >= 100  # the bound, plus the one the listener held when it blocked
+    assert dropped == f"{150 - len(kept)} log line(s) dropped: the reader of this log did " \
+                      "not keep up"  # fmt: skip
+    assert after == "after"
 
 
 def test_auto_is_text_on_a_terminal_and_json_anywhere_else() -> None:
