@@ -20,10 +20,13 @@ RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 # -- run -----------------------------------------------------------------------------------
 FROM python:3.11-slim
 
+# LOG_FORMAT=json: a log driver or shipper reads the image's logs, even under `docker run -t`
+# (compose passes LOG_FORMAT from .env, `auto` by default: JSON too, with no terminal).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    LOG_FORMAT=json
 
 WORKDIR /app
 

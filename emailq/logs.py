@@ -1,39 +1,400 @@
-"""Log setup shared by the API and the worker.
+"""Log setup shared by the API and the worker: text or JSON lines, written off the event loop.
 
-Every line carries ``request_id`` and ``task_id`` (``-`` when there is none), so one grep
-follows a mail from the POST that accepted it to the SMTP reply that settled it. Secrets
-never reach a log: SMTP_PASS is a ``SecretStr`` and Redis URLs are shown without passwords.
+A log call on the event loop only builds the record, stamps it with the context of the
+request or task it belongs to, and puts it on a queue (``ContextQueueHandler``). One
+thread (a ``QueueListener``) formats the records and writes them, many lines per write
+when they come faster than one at a time. So a line per accepted mail costs the loop a
+record and a queue put, never a format, an encode or a blocking write to a slow pipe.
+
+Every line says which request and which task it is about: ``request_id``, ``task_id``,
+``worker_id``, ``lane``, ``attempt``, ``smtp_code``, ``duration_ms``... (``FIELDS``),
+taken from ``extra=`` or, when the call gives none, from ``bind()``: the API binds the
+request id for the whole request, the worker its id for its whole run. The task stores
+the request id, so one id follows a mail from the POST that accepted it to the SMTP reply
+that settled it, across processes.
+
+What never reaches a line: secrets (SMTP_PASS is a ``SecretStr``, Redis URLs are shown
+through ``redact_url``, anything shaped like an API key is masked) and message content
+(no log call is given a subject or body). Recipient addresses are masked to their domain
+(``***@example.com``) wherever a message quotes one (a refusal, a relay's reply): logs
+are shipped and kept where task records are not, and the task id leads to the address
+for those allowed to read it.
+
+The listener is stopped, and what is queued written, when the process exits (``atexit``)
+or is stopped by SIGTERM (``_flush_on_sigterm``: uvicorn re-raises the signal after its
+graceful shutdown, which would otherwise end the process before ``atexit`` runs).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextvars
+import json
 import logging
+import queue
+import re
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from logging.handlers import QueueHandler, QueueListener
+from types import FrameType, MappingProxyType, TracebackType
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-_FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s task=%(task_id)s] %(message)s"
+from emailq.settings import LogFormat
+
+# Context a line may carry, in the order a JSON line lists them. Anything else passed in
+# `extra=` is not written: a field is added here, on purpose, or not at all.
+FIELDS = (
+    "request_id", "task_id", "worker_id", "lane", "attempt", "smtp_code", "smtp_reply",
+    "duration_ms", "http_method", "path", "http_status",
+)  # fmt: skip
+_IN_BRACKETS = ("request_id", "task_id")  # the text format's [req=... task=...]
+_IN_TEXT = tuple(f for f in FIELDS if f not in _IN_BRACKETS and f != "worker_id")
+
+# Lines waiting to be written are joined into one write, up to this many.
+MAX_BATCH = 256
+# Records waiting for the listener, at most. Past it (the reader of stderr stalled, and a
+# flood of requests) lines are dropped and counted, rather than held until memory runs out
+# or written at the call, which would stall the loop behind the reader.
+MAX_QUEUED = 20_000
+
+_EMPTY: Mapping[str, object] = MappingProxyType({})
+_CONTEXT: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
+    "emailq_log_context", default=_EMPTY
+)
+
+# Arguments that are safe to format later, on the listener's thread: immutable values.
+# Anything else (an object that may change, or whose __str__ is not thread-safe) is
+# formatted into the message at the call, which costs that one call a format.
+_PLAIN = (str, int, float, type(None))
+
+# The local part of an address: what the RFC allows unquoted (and UTF-8 letters), before
+# an "@" that starts a domain or an address literal.
+_ADDRESS = re.compile(r"[\w!#$%&'*+/=?^`{|}~.\-]+@(?=[\w\[])")
+_API_KEY = re.compile(r"eq_[A-Za-z0-9_\-]{16,}")  # emailq.apikeys.new_key's shape
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NEEDS_QUOTES = re.compile(r"[\s\"=\x00-\x1f\x7f]")  # a text value that would not read as one
 
 
-class _ContextDefaults(logging.Filter):
-    """Give every record the context fields the format expects."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        for field in ("request_id", "task_id"):
-            if not hasattr(record, field):
-                setattr(record, field, "-")
-        return True
+def bind(**fields: object) -> contextvars.Token[Mapping[str, object]]:
+    """Add ``fields`` to every line logged from this context (this task and the tasks it
+    starts) until ``unbind``: the API binds ``request_id``, the worker ``worker_id``."""
+    return _CONTEXT.set(MappingProxyType({**_CONTEXT.get(), **fields}))
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Send our log lines to stderr in one format; idempotent."""
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    if not any(getattr(h, "_emailq", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_FORMAT))
-        handler.addFilter(_ContextDefaults())
-        handler._emailq = True  # type: ignore[attr-defined]  # marks our handler for idempotence
-        root.addHandler(handler)
+def unbind(token: contextvars.Token[Mapping[str, object]]) -> None:
+    """Undo the ``bind`` that returned ``token``."""
+    _CONTEXT.reset(token)
+
+
+def scrub(text: str) -> str:
+    """``text`` with API keys and the local part of addresses masked."""
+    if "@" in text:
+        text = _ADDRESS.sub("***@", text)
+    if "eq_" in text:
+        text = _API_KEY.sub("eq_***", text)
+    return text
+
+
+def _plain(args: object) -> bool:
+    if isinstance(args, tuple):
+        return all(isinstance(a, _PLAIN) for a in args)
+    if isinstance(args, Mapping):
+        return all(isinstance(a, _PLAIN) for a in args.values())
+    return isinstance(args, _PLAIN)
+
+
+class ContextQueueHandler(QueueHandler):
+    """Runs on the thread that logs (the event loop): stamps the bound context on the
+    record and queues it, unformatted. Replaces ``QueueHandler.prepare``, which formats
+    every record at the call and copies it."""
+
+    def __init__(
+        self, q: queue.SimpleQueue[Any], writer: logging.Handler, max_queued: int = MAX_QUEUED
+    ) -> None:
+        super().__init__(q)
+        self.pending = q
+        self.writer = writer
+        self.max_queued = max_queued
+        self.dropped = 0
+        self.direct = False  # once the listener is stopped, write at the call
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called with this handler's lock held, so `dropped` is counted safely.
+        try:
+            if self.direct:
+                self.writer.handle(self.prepare(record))
+            elif self.pending.qsize() >= self.max_queued:
+                self.dropped += 1
+            else:
+                if self.dropped:
+                    self.pending.put_nowait(self._dropped_line())
+                self.pending.put_nowait(self.prepare(record))
+        except Exception:
+            self.handleError(record)
+
+    def _dropped_line(self) -> logging.LogRecord:
+        line = logging.makeLogRecord({
+            "name": "emailq.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": "%d log line(s) dropped: the reader of this log did not keep up",
+            "args": (self.dropped,),
+        })  # fmt: skip
+        self.dropped = 0
+        return line
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        attrs = record.__dict__
+        for name, value in _CONTEXT.get().items():
+            attrs.setdefault(name, value)  # `extra=` of the call wins
+        if record.args and not _plain(record.args):
+            record.msg = record.getMessage()
+            record.args = None
+        if record.exc_info and not record.exc_text:
+            # Errors are rare: render the traceback now, while its frames are as they were.
+            record.exc_text = _EXC_FORMATTER.formatException(record.exc_info)
+        return record
+
+
+_EXC_FORMATTER = logging.Formatter()
+
+
+class _Clock:
+    """RFC 3339 UTC with milliseconds; the part up to the second is made once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int(record.msecs):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per event: time, level, logger, event, the known ``FIELDS``, and
+    ``exc`` (the traceback) for an error. ASCII only, so a line is a line in any pipe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        attrs = record.__dict__
+        line: dict[str, object] = {
+            "time": self._clock(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": scrub(record.getMessage()),
+        }
+        for name in FIELDS:
+            value = attrs.get(name)
+            if value is not None and value != "-":
+                line[name] = scrub(value) if isinstance(value, str) else value
+        trace = _trace(self, record)
+        if trace:
+            line["exc"] = scrub(trace)
+        return json.dumps(line, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger [req=... task=...] event key=value ...``: for a person at a
+    terminal. Control characters are escaped, so no value can start a line of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        attrs = record.__dict__
+        req = _text_value(attrs.get("request_id"))
+        task = _text_value(attrs.get("task_id"))
+        parts = [f"{self._clock(record)} {record.levelname} {record.name} [req={req} "
+                 f"task={task}] {_escaped(scrub(record.getMessage()))}"]  # fmt: skip
+        for name in _IN_TEXT:
+            value = attrs.get(name)
+            if value is not None:
+                parts.append(f"{name}={_text_value(value)}")
+        line = " ".join(parts)
+        trace = _trace(self, record)
+        return f"{line}\n{scrub(trace)}" if trace else line
+
+
+def _trace(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    trace = record.exc_text or ""
+    if record.stack_info:
+        trace = f"{trace}\n{formatter.formatStack(record.stack_info)}".lstrip("\n")
+    return trace
+
+
+def _escaped(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
+def _text_value(value: object) -> str:
+    if value is None:
+        return "-"
+    text = scrub(str(value))
+    if not text or _NEEDS_QUOTES.search(text):
+        return json.dumps(text)
+    return text
+
+
+class BatchWriter(logging.Handler):
+    """On the listener's thread: formats each record, and writes when the queue is empty
+    (or ``MAX_BATCH`` lines wait), so a burst of lines is one write, not one per line."""
+
+    def __init__(self, stream: TextIO, pending: queue.SimpleQueue[Any]) -> None:
+        super().__init__()
+        self.stream = stream
+        self._queue = pending
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+            if len(self._lines) >= MAX_BATCH or self._queue.empty():
+                self._write()
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write()
+        except Exception:  # stderr closed under us at exit: nothing left to tell
+            self._lines.clear()
+        finally:
+            self.release()
+
+    def _write(self) -> None:
+        if self._lines:
+            text = "\n".join(self._lines) + "\n"
+            self._lines.clear()
+            self.stream.write(text)
+            self.stream.flush()
+
+
+class LogPipeline:
+    """The root logger's queue handler and the listener thread that writes its lines."""
+
+    def __init__(
+        self, level: str, fmt: LogFormat | str, stream: TextIO, max_queued: int = MAX_QUEUED
+    ) -> None:
+        self.format = resolve_format(LogFormat(fmt), stream)
+        pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.writer = BatchWriter(stream, pending)
+        self.writer.setFormatter(JsonFormatter() if self.format is LogFormat.JSON
+                                 else TextFormatter())  # fmt: skip
+        self.pending = pending
+        self.handler = ContextQueueHandler(pending, self.writer, max_queued)
+        self.listener = QueueListener(pending, self.writer)
+        self.level = level.upper()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._undo: list[Callable[[], object]] = []
+
+    def start(self) -> None:
+        """Put the handler on the root logger, start the thread, and make sure it is
+        stopped (its lines written) at exit, at SIGTERM, and after an uncaught error."""
+        root = logging.getLogger()
+        root.setLevel(self.level)
+        root.addHandler(self.handler)
+        self._undo.append(lambda: root.removeHandler(self.handler))
+        self.listener.start()
+        logging.captureWarnings(True)  # a DeprecationWarning is a line in the same format
+        self._undo.append(lambda: logging.captureWarnings(False))
+        atexit.register(self.stop)
+        self._undo.append(lambda: atexit.unregister(self.stop))
+        hook = sys.excepthook
+        sys.excepthook = log_uncaught
+        self._undo.append(lambda: setattr(sys, "excepthook", hook))
+        self._undo.append(_flush_on_sigterm(self))
+
+    def stop(self) -> None:
+        """Write every queued line, then write at the call from now on (lines logged
+        during the rest of the exit are not lost either). Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.listener.stop()  # the thread writes everything queued before it returns
+        self.handler.direct = True
+        while True:  # anything queued between the listener's last read and `direct`
+            try:
+                self.writer.handle(self.pending.get_nowait())
+            except queue.Empty:
+                break
+        self.writer.flush()
+
+    def close(self) -> None:
+        """``stop``, and undo what ``start`` changed (the tests' way out; a process just
+        exits)."""
+        self.stop()
+        while self._undo:
+            self._undo.pop()()
+
+
+_active: LogPipeline | None = None
+
+
+def resolve_format(fmt: LogFormat, stream: TextIO) -> LogFormat:
+    """``auto``: text when ``stream`` is a terminal (a person reads it), json otherwise."""
+    if fmt is not LogFormat.AUTO:
+        return fmt
+    isatty = getattr(stream, "isatty", None)
+    return LogFormat.TEXT if isatty is not None and isatty() else LogFormat.JSON
+
+
+def configure_logging(
+    level: str = "INFO", fmt: LogFormat | str = LogFormat.AUTO, stream: TextIO | None = None
+) -> LogPipeline:
+    """Send every log line (ours, uvicorn's, warnings) to ``stream`` (stderr) in ``fmt``,
+    written by a thread of its own; a second call replaces the first."""
+    global _active  # one root logger per process, so one pipeline
+    if _active is not None:
+        _active.close()
+    _active = LogPipeline(level, fmt, stream or sys.stderr)
+    _active.start()
+    return _active
+
+
+def _flush_on_sigterm(pipeline: LogPipeline) -> Callable[[], object]:
+    """On SIGTERM, write what is queued before the signal's previous handler runs.
+
+    uvicorn restores the handler it found and raises the signal again after its graceful
+    shutdown; with the default handler the process would end there, before ``atexit``,
+    and its last lines ("Finished server process") with it. The worker replaces this
+    handler with its own (loop.add_signal_handler) and exits normally: ``atexit`` runs.
+    Returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        pipeline.stop()
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(
+        signal.SIGTERM, previous if previous is not None else signal.SIG_DFL
+    )
+
+
+def log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """``sys.excepthook``: an uncaught error is one line in the log's format."""
+    logging.getLogger("emailq").critical("uncaught exception", exc_info=(kind, exc, tb))
 
 
 def redact_url(url: str) -> str:

@@ -224,6 +224,7 @@ class ClaimedJob(BaseModel):
     attempt: int
     request_id: str | None
     job: Job
+    lane: str | None = None  # for log lines; None from a claim that did not say
 
 
 class MinuteCount(BaseModel):

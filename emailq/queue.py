@@ -671,7 +671,7 @@ class Queue:
     @staticmethod
     def _claimed(rows: list[Any], next_ms: Any) -> Claim:
         claim = Claim([], None if int(next_ms) < 0 else int(next_ms))
-        for task_id, token, attempt, payload, request_id in rows:
+        for task_id, token, attempt, payload, request_id, lane in rows:
             try:
                 job = Job.model_validate_json(payload or "")
             except ValidationError as exc:
@@ -680,7 +680,8 @@ class Queue:
                 claim.unreadable.append(Unreadable(task_id, token, int(attempt), error))
                 continue
             claim.jobs.append(ClaimedJob(task_id=task_id, token=token, attempt=int(attempt),
-                                         request_id=request_id or None, job=job))  # fmt: skip
+                                         request_id=request_id or None, job=job,
+                                         lane=lane or None))  # fmt: skip
         return claim
 
     async def claim(self, worker_id: str, count: int, lease_ms: int) -> Claim:

@@ -62,6 +62,14 @@ class UnknownOutcome(StrEnum):
     FAIL = "fail"  # fail it with a reason that says so (a possible loss; requeue by hand)
 
 
+class LogFormat(StrEnum):
+    """How both processes write their log lines (see the README's "Logs")."""
+
+    AUTO = "auto"  # text when stderr is a terminal, json otherwise (containers, files, pipes)
+    TEXT = "text"  # one readable line per event, context as key=value
+    JSON = "json"  # one JSON object per line per event, for a log shipper
+
+
 class Settings(BaseSettings):
     """Every setting of the API and the worker, with its default."""
 
@@ -175,6 +183,9 @@ class Settings(BaseSettings):
 
     # A standard level name; anything else would only fail later, inside logging's setup.
     log_level: str = "INFO"
+    # auto: a person at a terminal reads text; anything else (Docker's log driver, a file,
+    # a pipe to a shipper) gets one JSON object per line, which needs no parsing rules.
+    log_format: LogFormat = LogFormat.AUTO
 
     # -- Metrics (see "Metrics" in the README) ---------------------------------------------
     # A token Prometheus may read the API's /metrics with (`Authorization: Bearer ...`), so
@@ -305,6 +316,11 @@ class Settings(BaseSettings):
         if level not in _LOG_LEVELS:
             raise ValueError(f"LOG_LEVEL: must be one of {', '.join(_LOG_LEVELS)}")
         return level
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("mail_from")
     @classmethod

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # A bad setting, FORMS_FILE or open-relay configuration: one line, exit code 2.
     with exit_on_config_error():
         settings = load_settings()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         proxy_headers=False,  # TRUSTED_PROXIES decides; see the module doc
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         log_level=settings.log_level.lower(),
+        # uvicorn's own lines ("running on", errors) go to our handler, in LOG_FORMAT,
+        # rather than to the text handlers its default config would install.
+        log_config=None,
+        # Our request context middleware writes the request line, with the request id and
+        # duration, at DEBUG for a success (a /health probe or a /result poll is no news)
+        # and INFO for an error; uvicorn's would add a second, id-less line per request.
+        access_log=False,
     )
     server = _Server(config, app)
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run

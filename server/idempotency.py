@@ -77,7 +77,8 @@ async def send_once(
     replay = await enqueuer.enqueue_once(item, once)
     if replay is None:
         metrics_of(request).accepted(item.lane)
-        log.info("queued", extra={"request_id": item.request_id, "task_id": item.task_id})
+        log.info("accepted", extra={"request_id": item.request_id, "task_id": item.task_id,
+                                    "lane": item.lane})  # fmt: skip
         return Accepted(task_id=item.task_id)
     if not replay.same_request:
         raise IdempotencyConflict(f"this {HEADER} was used with a different request body")

@@ -135,7 +135,7 @@ def _app_from_environment() -> FastAPI:
     # exit code 2, not a traceback from inside uvicorn's import of this module.
     with exit_on_config_error():
         settings = load_settings()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         return create_app(settings)
 
 

@@ -1,4 +1,4 @@
-"""Request context: request id, process time, and the request-size limit.
+"""Request context: request id, process time, the request line, and the request-size limit.
 
 Written as plain ASGI rather than ``BaseHTTPMiddleware``: it wraps every request, so it
 should not add a task and a body copy per call.
@@ -6,6 +6,7 @@ should not add a task and a body copy per call.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -14,6 +15,10 @@ from collections.abc import Mapping
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from emailq.logs import bind, unbind
+
+log = logging.getLogger("emailq.access")
 
 # A client may choose its request id, but it is echoed in headers and logs: keep it short
 # and free of anything that could split a header or a log line.
@@ -32,6 +37,19 @@ def _too_large(limit: int) -> HTTPException:
     # An HTTPException, not MessageTooLarge: FastAPI re-raises only HTTPException from a
     # body read and answers anything else with a 400 "error parsing the body".
     return HTTPException(413, f"request body is over the limit of {limit} bytes")
+
+
+def _request_line(scope: Scope, request_id: str, status: int, started: float) -> None:
+    # A success is DEBUG: a /health probe or a /result poll is no news, and an accepted
+    # mail has its own "accepted" line. An error is INFO, so a client's 4xx can be found
+    # by its request id. (5xx are logged with their traceback where they are raised.)
+    level = logging.DEBUG if status < 400 else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(level, "request", extra={
+            "request_id": request_id, "http_method": scope["method"],
+            "path": scope["path"][:200], "http_status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        })  # fmt: skip
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -62,15 +80,24 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         request_id = _client_request_id(scope) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        status = 0
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 headers["X-Process-Time"] = f"{time.perf_counter() - started:.6f}"
             await send(message)
 
-        await self.app(scope, self._limited(scope, receive), send_with_headers)
+        # Every line logged while this request is served carries its id.
+        token = bind(request_id=request_id)
+        try:
+            await self.app(scope, self._limited(scope, receive), send_with_headers)
+        finally:
+            unbind(token)
+        _request_line(scope, request_id, status, started)
 
     def _limited(self, scope: Scope, receive: Receive) -> Receive:
         limit = self.path_limits.get(scope["path"], self.max_request_bytes)

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return check(settings)
     if args.command == "health":
         return _run(health, settings)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return _run(serve, settings)
 
 

@@ -29,6 +29,7 @@ from emailq.errors import (
     SendError,
     StoreUnavailable,
 )
+from emailq.logs import bind, unbind
 from emailq.message import build_message, envelope_sender
 from emailq.models import Attempt, ClaimedJob
 from emailq.queue import Claim, Outcome, Queue, Refill
@@ -127,6 +128,14 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and send until stopped, then drain."""
+        # Every line of this worker, and of the tasks it starts, names it.
+        token = bind(worker_id=self.worker_id)
+        try:
+            await self._run()
+        finally:
+            unbind(token)
+
+    async def _run(self) -> None:
         log.info("worker %s started, concurrency %d", self.worker_id, self.concurrency)
         claimer = asyncio.create_task(self._claim_loop())
         renewer = asyncio.create_task(self._renew_loop())
@@ -259,7 +268,7 @@ class Worker:
     # -- sending ----------------------------------------------------------------------
 
     async def _process(self, claimed: ClaimedJob) -> None:
-        ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
+        ctx = _log_context(claimed)
         started = time.perf_counter()
         try:
             delivery = await self._attempt(claimed, ctx)
@@ -301,8 +310,8 @@ class Worker:
         self, claimed: ClaimedJob, delivery: Delivery, started: float, ctx: dict[str, Any]
     ) -> None:
         ms = (time.perf_counter() - started) * 1000
-        log.info("sent on attempt %d in %.1f ms: %d %s", claimed.attempt, ms, delivery.code,
-                 delivery.reply, extra=ctx)  # fmt: skip
+        log.info("sent", extra={**ctx, "smtp_code": delivery.code, "smtp_reply": delivery.reply,
+                                "duration_ms": round(ms, 1)})  # fmt: skip
         entry = Attempt(attempt=claimed.attempt, outcome="success", code=delivery.code,
                         reply=delivery.reply, duration_ms=round(ms, 2))  # fmt: skip
         await self._record(claimed, "success", entry)
@@ -315,6 +324,7 @@ class Worker:
         delay = self.policy.retry_delay(claimed.attempt, exc)
         entry = Attempt(attempt=claimed.attempt, outcome="retry" if delay is not None else "failed",
                         code=exc.code, reply=str(exc), duration_ms=round(ms, 2))  # fmt: skip
+        ctx = {**ctx, "smtp_code": exc.code, "duration_ms": round(ms, 1)}
         if delay is None:
             kind = "permanent error" if exc.permanent else "out of attempts"
             reason = f"{kind} after {claimed.attempt} attempt(s): {exc}"
@@ -335,6 +345,7 @@ class Worker:
         ms = (time.perf_counter() - started) * 1000
         entry = Attempt(attempt=claimed.attempt, outcome="outcome_unknown", reply=str(exc),
                         duration_ms=round(ms, 2))  # fmt: skip
+        ctx = {**ctx, "duration_ms": round(ms, 1)}
         policy = self.settings.on_unknown_outcome
         delay = self.policy.retry_delay(claimed.attempt, exc)
         if policy is UnknownOutcome.RETRY and delay is not None:
@@ -409,7 +420,7 @@ class Worker:
         copy went out). A lease lost only while the outcome was being written is no loss."""
         if applied not in ("stale", "ignored"):
             return
-        ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
+        ctx = _log_context(claimed)
         if outcome == "success":
             log.warning(
                 "sent, but the task was already final: its lease had passed to "
@@ -522,7 +533,7 @@ class Worker:
         unknown, so say so (ON_UNKNOWN_OUTCOME decides) rather than let the lease lapse
         into a silent resend."""
         for claimed in sent:
-            ctx = {"task_id": claimed.task_id, "request_id": claimed.request_id or "-"}
+            ctx = _log_context(claimed)
             cut = OutcomeUnknown("the worker stopped while waiting for the reply to the end "
                                  "of DATA; the relay may have delivered it")  # fmt: skip
             # Bounded: _record waits out a Redis outage, and an exit must not. If Redis does
@@ -530,6 +541,12 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECORD_ON_EXIT_SECONDS):
                     await self._unknown(claimed, cut, time.perf_counter(), ctx)
+
+
+def _log_context(claimed: ClaimedJob) -> dict[str, Any]:
+    """What every log line about ``claimed`` carries (worker_id is bound for the run)."""
+    return {"task_id": claimed.task_id, "request_id": claimed.request_id,
+            "lane": claimed.lane, "attempt": claimed.attempt}  # fmt: skip
 
 
 def _notify(hook: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:

@@ -216,8 +216,8 @@ local function claim_ready(C, now)
     redis.call('HSET', task, 'lease', token, 'updated_at', now)
     redis.call('ZADD', K_LEASES, now + lease_ms, id)
     emit('claimed', id, now, {worker = worker})
-    local f = redis.call('HMGET', task, 'job', 'request_id')
-    return {id, token, attempt, f[1], f[2] or ''}
+    local f = redis.call('HMGET', task, 'job', 'request_id', 'lane')
+    return {id, token, attempt, f[1], f[2] or '', f[3] or ''}
   end
 
   local claimed, popped = {}, 0

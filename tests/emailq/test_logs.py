@@ -1,0 +1,260 @@
+"""emailq.logs: the line formats, the context, the masking, the listener thread, and the
+flush at exit and at SIGTERM (in child processes, since both end a process)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from emailq.logs import LogPipeline, bind, configure_logging, resolve_format, unbind
+from emailq.settings import LogFormat, Settings
+from emailq.startup import describe
+from tests.helpers.logs import RFC3339_MS
+from tests.helpers.polling import BOUND, wait_until
+
+log = logging.getLogger("emailq.test")
+
+
+class Lines(io.StringIO):
+    """A stream that keeps what is written, and can be made to block (a stalled reader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+        self.open.set()
+
+    def write(self, text: str) -> int:
+        self.open.wait()
+        return super().write(text)
+
+    def lines(self) -> list[str]:
+        return self.getvalue().splitlines()
+
+
+@pytest.fixture
+def pipeline(request: pytest.FixtureRequest) -> Iterator[tuple[LogPipeline, Lines]]:
+    """Our pipeline on the root logger, writing to a ``Lines``; parametrize with the format."""
+    root = logging.getLogger()
+    # Alone on the root logger: pytest's capture handlers would format on the caller.
+    level, others = root.level, root.handlers[:]
+    root.handlers.clear()
+    stream = Lines()
+    started = configure_logging("DEBUG", getattr(request, "param", LogFormat.JSON), stream)
+    yield started, stream
+    stream.open.set()
+    started.close()
+    root.handlers[:] = others
+    root.setLevel(level)
+
+
+def _json(pipeline: tuple[LogPipeline, Lines]) -> list[dict[str, Any]]:
+    started, stream = pipeline
+    started.stop()
+    return [json.loads(line) for line in stream.lines()]
+
+
+def test_a_json_line_has_the_event_and_its_known_context(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    log.info("sent", extra={"task_id": "t-1", "attempt": 2, "smtp_code": 250,
+                            "duration_ms": 12.5, "request_id": None, "unknown": "x"})  # fmt: skip
+
+    [line] = _json(pipeline)
+    assert RFC3339_MS.match(line.pop("time"))
+    assert line == {"level": "info", "logger": "emailq.test", "event": "sent", "task_id": "t-1",
+                    "attempt": 2, "smtp_code": 250, "duration_ms": 12.5}  # fmt: skip
+
+
+def test_bound_context_reaches_every_line_and_extra_wins(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    token = bind(request_id="r-1", worker_id="w-1")
+    try:
+        log.info("one")
+        log.info("two", extra={"request_id": "r-2"})
+    finally:
+        unbind(token)
+    log.info("three")
+
+    lines = _json(pipeline)
+    assert [(e.get("request_id"), e.get("worker_id")) for e in lines] == [
+        ("r-1", "w-1"), ("r-2", "w-1"), (None, None)
+    ]  # fmt: skip
+
+
+def test_addresses_and_api_keys_are_masked_in_events_fields_and_tracebacks(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    key = "eq_" + "Ab1_-" * 8
+    try:
+        raise ValueError(f"relay said: 550 <jane.doe+x@example.com> unknown ({key})")
+    except ValueError:
+        extra = {"smtp_reply": "250 ok <bob@example.org>", "path": f"/{key}"}
+        log.exception("failed for %s", "Jane <jane.doe@example.com>", extra=extra)
+
+    [line] = _json(pipeline)
+    text = json.dumps(line)
+    for secret in ("jane.doe", "bob@", key):
+        assert secret not in text
+    assert line["event"] == "failed for Jane <***@example.com>"
+    assert line["smtp_reply"] == "250 ok <***@example.org>"
+    assert line["path"] == "/eq_***"
+    assert "<***@example.com> unknown (eq_***)" in line["exc"]
+
+
+@pytest.mark.parametrize("pipeline", [LogFormat.TEXT], indirect=True)
+def test_a_text_line_is_one_line_whatever_a_value_holds(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    started, stream = pipeline
+    extra = {"request_id": "r-1", "path": "/x\ny", "http_status": 404}
+    log.warning("refused %s", "a\r\nFAKE line", extra=extra)
+    started.stop()
+
+    [line] = stream.lines()
+    assert line.endswith(' WARNING emailq.test [req=r-1 task=-] refused a\\x0d\\x0aFAKE line '
+                         'path="/x\\ny" http_status=404')  # fmt: skip
+
+
+def test_formatting_happens_on_the_listener_thread_not_the_callers(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    seen: list[str] = []
+
+    class Traced(str):
+        __slots__ = ()
+
+        def __str__(self) -> str:
+            seen.append(threading.current_thread().name)
+            return "traced"
+
+    started, _ = pipeline
+    listener = started.listener._thread.name  # type: ignore[union-attr]
+    # pytest adds its capture handlers for the test's call, and they format at the call.
+    logging.getLogger().handlers[:] = [started.handler]
+    log.info("value %s", Traced("x"))
+
+    [line] = _json(pipeline)
+    assert line["event"] == "value traced"
+    assert seen == [listener]
+
+
+def test_a_blocked_stream_never_blocks_a_log_call_and_loses_nothing(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    _, stream = pipeline
+    stream.open.clear()  # the reader stalls: every write blocks
+
+    def log_2000() -> None:
+        for n in range(2000):
+            log.info("n %d", n)
+
+    caller = threading.Thread(target=log_2000)
+    caller.start()
+    caller.join(BOUND)
+    assert not caller.is_alive()  # all 2000 calls returned while nothing could be written
+    assert stream.lines() == []
+
+    stream.open.set()
+    lines = _json(pipeline)
+    assert [e["event"] for e in lines] == [f"n {n}" for n in range(2000)]
+
+
+def test_past_its_bound_the_queue_drops_lines_and_says_how_many() -> None:
+    # A stalled reader and a flood: memory must not grow without bound.
+    stream = Lines()
+    stream.open.clear()
+    pipeline = LogPipeline("INFO", LogFormat.JSON, stream, max_queued=100)
+    flood = logging.getLogger("emailq.test.flood")
+    flood.propagate = False
+    flood.addHandler(pipeline.handler)
+    pipeline.listener.start()
+    try:
+        for n in range(150):
+            flood.warning("n %d", n)
+        stream.open.set()
+        wait_until(lambda: pipeline.pending.qsize() == 0, what="the queue to drain")
+        flood.warning("after")
+        pipeline.stop()
+    finally:
+        flood.removeHandler(pipeline.handler)
+    events = [json.loads(line)["event"] for line in stream.lines()]
+
+    kept, dropped, after = events[:-2], events[-2], events[-1]
+    assert kept == [f"n {n}" for n in range(len(kept))]
+    assert len(kept) >= 100  # the bound, plus the one the listener held when it blocked
+    assert dropped == f"{150 - len(kept)} log line(s) dropped: the reader of this log did " \
+                      "not keep up"  # fmt: skip
+    assert after == "after"
+
+
+def test_auto_is_text_on_a_terminal_and_json_anywhere_else() -> None:
+    primary, secondary = os.openpty()
+    with os.fdopen(secondary, "w") as terminal, io.StringIO() as plain:
+        assert resolve_format(LogFormat.AUTO, terminal) is LogFormat.TEXT
+        assert resolve_format(LogFormat.AUTO, plain) is LogFormat.JSON
+        assert resolve_format(LogFormat.JSON, terminal) is LogFormat.JSON
+        assert resolve_format(LogFormat.TEXT, plain) is LogFormat.TEXT
+    os.close(primary)
+
+
+def test_log_format_accepts_auto_text_json_in_any_case_and_refuses_the_rest() -> None:
+    assert Settings(_env_file=None).log_format is LogFormat.AUTO  # type: ignore[call-arg]
+    spaced: Any = " JSON "
+    assert Settings(_env_file=None, log_format=spaced).log_format is LogFormat.JSON  # type: ignore[call-arg]
+    wrong: Any = "yaml"
+    with pytest.raises(ValueError, match="log_format") as refused:
+        Settings(_env_file=None, log_format=wrong)  # type: ignore[call-arg]
+    assert describe(refused.value) == (  # type: ignore[arg-type]
+        "LOG_FORMAT: must be one of 'auto', 'text' or 'json' (got 'yaml')"
+    )
+
+
+# -- the end of a process: every queued line is written -------------------------------------
+
+CHILD = """
+import logging, signal, sys
+from emailq.logs import configure_logging
+configure_logging("INFO", "json")
+log = logging.getLogger("child")
+for n in range({count}):
+    log.info("line %d", n)
+{ending}
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "returncode"),
+    [
+        ("", 0),  # a normal exit: atexit
+        ("raise RuntimeError('boom')", 1),  # an uncaught error: logged, then atexit
+        # What uvicorn does after its graceful shutdown: the default handler, raised again.
+        ("signal.raise_signal(signal.SIGTERM)", -signal.SIGTERM),
+    ],
+    ids=["exit", "uncaught", "sigterm"],
+)
+def test_every_line_queued_before_the_process_ends_is_written(ending: str, returncode: int) -> None:
+    count = 20_000  # far more than the listener writes in the moment the exit takes
+    code = CHILD.format(count=count, ending=ending)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                          check=False)  # fmt: skip
+
+    assert done.returncode == returncode, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stderr.decode().splitlines()]
+    assert [e["event"] for e in lines[:count]] == [f"line {n}" for n in range(count)]
+    if ending.startswith("raise"):
+        [error] = lines[count:]
+        assert (error["level"], error["event"]) == ("critical", "uncaught exception")
+        assert "RuntimeError: boom" in error["exc"]
+    else:
+        assert lines[count:] == []
