@@ -21,6 +21,7 @@ from emailq.forms import Form
 from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.waiting import ResultWaiter
+from emailq.webhooks.store import WebhookStore
 from server.state import AppState
 
 if TYPE_CHECKING:  # server.ratelimit reads its limiter through here
@@ -88,6 +89,11 @@ async def get_waiter(request: Request) -> ResultWaiter:
     return _state(request).waiter
 
 
+async def get_webhooks(request: Request) -> WebhookStore:
+    """The webhook store opened by the lifespan (on the queue's client)."""
+    return _state(request).webhooks
+
+
 async def get_settings(request: Request) -> Settings:
     """Dependency form of ``settings_of``."""
     return settings_of(request)
@@ -101,4 +107,5 @@ async def get_request_id(request: Request) -> str:
 QueueDep = Annotated[Queue, Depends(get_queue)]
 WaiterDep = Annotated[ResultWaiter, Depends(get_waiter)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+WebhooksDep = Annotated[WebhookStore, Depends(get_webhooks)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]

@@ -19,6 +19,8 @@ from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.startup import exit_on_config_error, load_settings
 from emailq.waiting import ResultWaiter
+from emailq.webhooks.config import load_webhooks
+from emailq.webhooks.store import WebhookStore
 from server import docs
 from server.auth import relay_guard
 from server.cors import ApiCorsMiddleware
@@ -26,7 +28,7 @@ from server.deps import attach_state
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
 from server.ratelimit import RateLimits
-from server.routes import admin, batch, dev, email, forms, health
+from server.routes import admin, batch, dev, email, forms, health, webhooks
 from server.state import AppState
 
 log = logging.getLogger("emailq.api")
@@ -38,11 +40,14 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the app for ``settings``; the Redis client opens in the lifespan.
 
     Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone, and
-    ``FormsConfigError`` for an invalid ``FORMS_FILE``.
+    ``FormsConfigError`` for an invalid ``FORMS_FILE`` (``WebhooksConfigError``: the same
+    for ``WEBHOOKS_FILE``).
     """
     # Read and checked now, so a bad FORMS_FILE stops the start with the form and field named
     # (before the relay guard, which logs how the API may be reached once the start is sure).
     contact_forms = load_forms(settings.forms_file)
+    # Checked here too, though the dispatcher registers them: a bad file stops the start.
+    load_webhooks(settings.webhooks_file, allow_private=settings.webhook_allow_private)
     relay_guard(settings)
 
     state = AppState(settings, contact_forms)
@@ -56,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         # One pub/sub subscription serves every `wait=` client of this process.
         state.waiter = ResultWaiter(state.queue)
+        state.webhooks = WebhookStore(state.queue)
         await state.waiter.start()
         state.rate_limits = RateLimits(settings)
         # One pooled client for CAPTCHA verification, not a new one (and TLS handshake) per
@@ -94,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(email.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
+    app.include_router(webhooks.router, prefix=API_PREFIX)
     app.include_router(forms.router, prefix=API_PREFIX)
     if settings.dev_pages:
         app.include_router(dev.router)

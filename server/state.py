@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only: server.ratelimit itself reads the state v
     from emailq.queue import Queue
     from emailq.settings import Settings
     from emailq.waiting import ResultWaiter
+    from emailq.webhooks.store import WebhookStore
     from server.ratelimit import RateLimits
 
 
@@ -34,3 +35,4 @@ class AppState:
     waiter: ResultWaiter = field(init=False)  # one subscription for every `wait=` client
     rate_limits: RateLimits = field(init=False)
     http: httpx.AsyncClient = field(init=False)  # pooled, for CAPTCHA verification
+    webhooks: WebhookStore = field(init=False)  # webhook endpoints and deliveries
