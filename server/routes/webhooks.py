@@ -36,6 +36,7 @@ router = APIRouter(
                                     "is not local"}},
 )  # fmt: skip
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown endpoint"}}
+FROM_FILE: dict[int | str, dict[str, Any]] = {409: {"description": "set in WEBHOOKS_FILE"}}
 EndpointId = Annotated[str, Path(pattern=ENDPOINT_ID, description="the endpoint's id")]
 MsgId = Annotated[str, Path(pattern=r"^msg_[a-z2-7]{32}$", description="the webhook-id")]
 
@@ -147,8 +148,7 @@ async def get_endpoint(endpoint_id: EndpointId, webhooks: WebhooksDep) -> Endpoi
     return EndpointOut.of(await _endpoint(webhooks, endpoint_id), reveal=True)
 
 
-@router.delete("/{endpoint_id}", status_code=204,
-               responses={**NOT_FOUND, 409: {"description": "configured in WEBHOOKS_FILE"}})  # fmt: skip
+@router.delete("/{endpoint_id}", status_code=204, responses={**NOT_FOUND, **FROM_FILE})
 async def delete_endpoint(endpoint_id: EndpointId, webhooks: WebhooksDep) -> Response:
     """Remove an API endpoint; its pending deliveries fail, unsent."""
     outcome = await webhooks.delete_endpoint(endpoint_id)
