@@ -118,8 +118,9 @@ class Endpoint(EndpointSpec):
         return self.disabled_at is None
 
     def wants(self, event: WebhookEvent, at_ms: int) -> bool:
-        """Does it take ``event``, which happened at ``at_ms``?"""
-        return self.enabled and event in self.events and at_ms >= self.created_at
+        """Does it take ``event``, which happened at ``at_ms``? A disabled endpoint does
+        too: the delivery fails without a request, listed and replayable once enabled."""
+        return event in self.events and at_ms >= self.created_at
 
 
 class DeliveryStatus(StrEnum):
