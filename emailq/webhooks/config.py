@@ -47,7 +47,8 @@ def _endpoint(path: Path, index: int, entry: Any, allow_private: bool) -> Endpoi
             raise WebhooksConfigError(f"{where}: expected a table") from exc
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(webhook)"
-        raise WebhooksConfigError(f"{where}, field {field}: {first['msg']}") from None
+        why = str(first["msg"]).removeprefix("Value error, ")
+        raise WebhooksConfigError(f"{where}, field {field}: {why}") from None
     if not endpoint.secrets:
         raise WebhooksConfigError(f"{where}, field secrets: give at least one whsec_ secret")
     if endpoint.id.startswith(API_ID_PREFIX):

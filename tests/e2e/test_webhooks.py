@@ -79,7 +79,8 @@ def test_each_event_is_delivered_once_across_a_worker_and_a_dispatcher_killed(
     assert len(accepted) == count
     for msg_id, payloads in accepted.items():
         data = payloads[0]["data"]
-        assert data["status"] == "success" and data["smtp_code"] == 250
+        assert data["status"] == "success"
+        assert data["smtp_code"] == 250
         assert data["to"].endswith("@example.com")
         assert receiver.attempts()[msg_id] >= 4  # three 500s, then the 200
         assert len(receiver.bodies()[msg_id]) == 1  # the same body on every attempt
@@ -121,7 +122,8 @@ def test_410_disables_the_endpoint_and_replay_sends_the_same_webhook_id(
         failed = api.client.get(f"{ADMIN}/app/deliveries", params={"status": "failed"}).json()
         (delivery,) = failed["deliveries"]
         assert delivery["reason"] == "the endpoint answered 410 Gone"
-        assert delivery["attempts"] == 1 and delivery["payload"]["data"]["task_id"] == first
+        assert delivery["attempts"] == 1
+        assert delivery["payload"]["data"]["task_id"] == first
 
         # A later mail's delivery fails without a request: the endpoint is disabled.
         (second,) = api.enqueue(1)
@@ -157,7 +159,8 @@ def test_the_admin_api_registers_lists_and_deletes_endpoints(
         created = api.client.post(ADMIN, json={"url": receiver.url, "events": ["email.sent"]})
         assert created.status_code == 201, created.text
         endpoint = created.json()
-        assert endpoint["id"].startswith("ep_") and endpoint["source"] == "api"
+        assert endpoint["id"].startswith("ep_")
+        assert endpoint["source"] == "api"
         (secret,) = endpoint["secrets"]  # generated, shown in full once here
         receiver.secrets = [secret]
         listed = api.client.get(ADMIN).json()["endpoints"]

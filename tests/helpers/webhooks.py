@@ -86,7 +86,7 @@ def receiving(secrets: Sequence[str], answer: Callable[[str, int], int]) -> Iter
     receiver = Receiver(secrets, answer)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
             status = receiver.handle({k.lower(): v for k, v in self.headers.items()}, body)
             self.send_response(status)
