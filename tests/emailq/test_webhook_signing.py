@@ -26,7 +26,7 @@ def test_every_secret_signs_and_the_reference_library_verifies_each() -> None:
 
 def test_the_spec_test_vector() -> None:
     # standard-webhooks' own libraries test against this secret, id, time and body.
-    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 (the spec's test vector)
     got = signature([secret], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
                     b'{"test": 2432232314}')  # fmt: skip
     assert got == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
