@@ -23,6 +23,16 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:events            stream every state change of every task (EventType), written
                                      by the script that makes it; capped near
                                      EVENT_STREAM_MAXLEN entries
+    {emailq}:webhooks:endpoints hash endpoint id -> its JSON (url, events, secrets, source,
+                                     disabled state): WEBHOOKS_FILE's and the API's
+    {emailq}:webhooks:delivery:<msg>  hash  one webhook delivery: endpoint, type, task id,
+                                     payload, status, attempts, fencing token, log (final
+                                     ones kept RESULT_TTL_SECONDS)
+    {emailq}:webhooks:due      zset  delivery id -> next attempt due (ms), or the lease
+                                     deadline of the attempt being made
+    {emailq}:webhooks:index:<ep>   zset  delivery id -> created (ms): one endpoint's
+    {emailq}:webhooks:failed:<ep>  zset  delivery id -> failed at (ms): its failed ones
+    (consumer group 'webhooks' on {emailq}:events: where the dispatchers have read to)
     {emailq}:relay:rate        hash  the relay's shared send rate (send_rate.lua): current
                                      rate, next free slot, last throttle cut (1 h)
     {emailq}:relay:worker:<id> str   one worker's circuit breaker state, JSON (3 leases)
@@ -125,6 +135,24 @@ class Keys:
         self.events = f"{self.base}:events"
         self.relay_rate = f"{self.base}:relay:rate"
         self.relay_state_prefix = f"{self.base}:relay:worker:"
+        self.webhook_endpoints = f"{self.base}:webhooks:endpoints"
+        self.webhook_due = f"{self.base}:webhooks:due"
+        self.webhook_delivery_prefix = f"{self.base}:webhooks:delivery:"
+        self.webhook_index_prefix = f"{self.base}:webhooks:index:"
+        self.webhook_failed_prefix = f"{self.base}:webhooks:failed:"
+        self.webhook_group = "webhooks"  # the dispatchers' consumer group on the events
+
+    def webhook_delivery(self, delivery_id: str) -> str:
+        """One webhook delivery's hash."""
+        return self.webhook_delivery_prefix + delivery_id
+
+    def webhook_index(self, endpoint_id: str) -> str:
+        """One webhook endpoint's deliveries, by creation time."""
+        return self.webhook_index_prefix + endpoint_id
+
+    def webhook_failed(self, endpoint_id: str) -> str:
+        """One webhook endpoint's failed deliveries, by failure time."""
+        return self.webhook_failed_prefix + endpoint_id
 
     def task(self, task_id: str) -> str:
         """The status hash of one task."""
@@ -291,6 +319,11 @@ def _sliding(per_minute: list[int], minutes: int, now_ms: int) -> int:
 def _event(entry_id: str, fields: dict[str, str]) -> Event:
     values: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
     return Event.model_validate({"id": entry_id, **values})
+
+
+# For emailq.webhooks.store, which reads the same stream under the same error rules.
+store_errors = _store_errors
+event_of = _event
 
 
 def _record(task_id: str, raw: dict[str, Any]) -> TaskRecord:

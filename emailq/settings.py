@@ -213,6 +213,27 @@ class Settings(BaseSettings):
     # for a new Amazon SES account. 421/451/454 replies halve it for a while. 0: no limit.
     smtp_max_per_second: float = Field(default=0.0, ge=0)
 
+    # -- Webhooks (see "Webhooks" in the README) -------------------------------------------
+    # Endpoints configured by file: a TOML file (or JSON, by extension) of [[webhooks]]
+    # with id, url, events and secrets, checked at startup. Empty: API-registered only.
+    webhooks_file: Path | None = None
+    # Let webhooks reach private, loopback and CGNAT addresses (an endpoint on your own
+    # network). Off: anyone who may register a webhook could otherwise make this service
+    # call its neighbours (SSRF). Link-local (cloud metadata) stays refused either way.
+    webhook_allow_private: bool = False
+    # One delivery attempt, DNS to the last byte read; the spec suggests 15 to 30 s.
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    # Seconds to wait before each retry after the immediate first attempt (Svix's schedule:
+    # 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h; about 28 hours in all), comma separated.
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    # A Retry-After longer than the schedule's next wait is honoured up to this long.
+    webhook_retry_after_max_seconds: float = Field(default=3600.0, ge=0)
+    # Deliveries in flight per dispatcher process: slow receivers wait side by side.
+    webhook_concurrency: int = Field(default=16, ge=1, le=512)
+    # How long an attempt holds its delivery (and an event read but not yet recorded)
+    # before another dispatcher takes it over: a dispatcher that died. Above the timeout.
+    webhook_lease_seconds: float = Field(default=60.0, gt=0)
+
     @field_validator(
         "smtp_user",
         "smtp_pass",
@@ -220,6 +241,7 @@ class Settings(BaseSettings):
         "forms_file",
         "templates_dir",
         "dev_inbox_dir",
+        "webhooks_file",
         "result_ttl_success_seconds",
         "metrics_token",
         mode="before",
@@ -308,6 +330,32 @@ class Settings(BaseSettings):
                 "output of `openssl rand -hex 32`"
             )
         return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.replace(" ", "").split(",") if part]
+        except ValueError:
+            delays = [-1.0]
+        if not delays or len(delays) > 20 or any(not 0 <= d <= 7 * 86400 for d in delays):
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE: 1 to 20 comma-separated waits in "
+                             "seconds, each at most a week, such as '5,300,1800'")  # fmt: skip
+        return value.strip()
+
+    @field_validator("webhook_lease_seconds")
+    @classmethod
+    def _lease_over_timeout(cls, value: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("webhook_timeout_seconds")
+        if timeout is not None and value <= timeout:
+            raise ValueError("WEBHOOK_LEASE_SECONDS must be longer than "
+                             f"WEBHOOK_TIMEOUT_SECONDS ({timeout:g})")  # fmt: skip
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> list[float]:
+        """WEBHOOK_RETRY_SCHEDULE in seconds: the wait before retry 1, 2, ..."""
+        return [float(p) for p in self.webhook_retry_schedule.replace(" ", "").split(",") if p]
 
     @field_validator("log_level")
     @classmethod

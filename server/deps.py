@@ -22,6 +22,7 @@ from emailq.queue import Queue
 from emailq.settings import Settings
 from emailq.templates import Templates
 from emailq.waiting import ResultWaiter
+from emailq.webhooks.store import WebhookStore
 from server.state import AppState
 
 if TYPE_CHECKING:  # server.ratelimit and server.metrics read their parts through here
@@ -102,6 +103,11 @@ async def get_waiter(request: Request) -> ResultWaiter:
     return _state(request).waiter
 
 
+async def get_webhooks(request: Request) -> WebhookStore:
+    """The webhook store opened by the lifespan (on the queue's client)."""
+    return _state(request).webhooks
+
+
 async def get_settings(request: Request) -> Settings:
     """Dependency form of ``settings_of``."""
     return settings_of(request)
@@ -120,5 +126,6 @@ async def get_request_id(request: Request) -> str:
 QueueDep = Annotated[Queue, Depends(get_queue)]
 WaiterDep = Annotated[ResultWaiter, Depends(get_waiter)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+WebhooksDep = Annotated[WebhookStore, Depends(get_webhooks)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 TemplatesDep = Annotated[Templates, Depends(get_templates)]

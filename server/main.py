@@ -20,6 +20,8 @@ from emailq.settings import Settings
 from emailq.startup import exit_on_config_error, load_settings
 from emailq.templates import load_templates
 from emailq.waiting import ResultWaiter
+from emailq.webhooks.config import load_webhooks
+from emailq.webhooks.store import WebhookStore
 from server import docs
 from server.auth import relay_guard
 from server.cors import ApiCorsMiddleware
@@ -41,6 +43,7 @@ from server.routes import (
     metrics,
     monitor,
     templates,
+    webhooks,
 )
 from server.state import AppState
 
@@ -54,12 +57,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     Raises ``OpenRelayRefused`` for a configuration that would relay mail for anyone,
     ``FormsConfigError`` for an invalid ``FORMS_FILE`` and ``TemplatesConfigError`` for a
-    template of ``TEMPLATES_DIR`` that does not parse or uses what cannot be bounded.
+    template of ``TEMPLATES_DIR`` that does not parse or uses what cannot be bounded
+    (``WebhooksConfigError``: the same for ``WEBHOOKS_FILE``).
     """
     # Read and checked now, so a bad FORMS_FILE stops the start with the form and field named
     # (before the relay guard, which logs how the API may be reached once the start is sure).
     contact_forms = load_forms(settings.forms_file)
     stored_templates = load_templates(settings.templates_dir)  # likewise, file and line
+    # Checked here too, though the dispatcher registers them: a bad file stops the start.
+    load_webhooks(settings.webhooks_file, allow_private=settings.webhook_allow_private)
     relay_guard(settings)
 
     state = AppState(settings, contact_forms, stored_templates)
@@ -73,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         # One pub/sub subscription serves every `wait=` client of this process.
         state.waiter = ResultWaiter(state.queue)
+        state.webhooks = WebhookStore(state.queue)
         await state.waiter.start()
         state.rate_limits = RateLimits(settings)
         # One pooled client for CAPTCHA verification, not a new one (and TLS handshake) per
@@ -114,6 +121,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(admin.router, prefix=API_PREFIX)
     app.include_router(monitor.router, prefix=API_PREFIX)
+    app.include_router(webhooks.router, prefix=API_PREFIX)
     app.include_router(forms.router, prefix=API_PREFIX)
     app.include_router(templates.router, prefix=API_PREFIX)
     app.include_router(dashboard.router)

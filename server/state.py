@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # annotations only: server.ratelimit itself reads the state v
     from emailq.settings import Settings
     from emailq.templates import Templates
     from emailq.waiting import ResultWaiter
+    from emailq.webhooks.store import WebhookStore
     from server.ratelimit import RateLimits
 
 
@@ -45,3 +46,4 @@ class AppState:
     # Set when the server begins to stop (``python -m server`` on SIGTERM), before it waits
     # for open requests: endless responses (the admin event stream) end on it.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    webhooks: WebhookStore = field(init=False)  # webhook endpoints and deliveries

@@ -56,6 +56,7 @@ def test_compose_file_parses_and_runs_the_readme_commands() -> None:
     assert set(services) >= {"redis", "api", "worker", "mailpit"}
     assert services["api"]["command"][:3] == ["python", "-m", "server"]
     assert services["worker"]["command"] == ["python", "-m", "worker"]
+    assert services["webhooks"]["command"] == ["python", "-m", "worker.webhooks"]
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_cmd
     assert "--maxmemory-policy noeviction" in redis_cmd
@@ -65,6 +66,7 @@ def test_compose_file_parses_and_runs_the_readme_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "python -m server" in readme
     assert "python -m worker" in readme
+    assert "python -m worker.webhooks" in readme
 
 
 def test_dockerfile_is_slim_non_root_and_installs_from_the_lock() -> None:
@@ -99,7 +101,7 @@ def test_dockerfile_has_a_healthcheck_and_pins_its_build_backend() -> None:
 
 # -- docker-compose.yml ----------------------------------------------------------------------
 
-EMAILQ_SERVICES = ("api", "worker")
+EMAILQ_SERVICES = ("api", "worker", "webhooks")
 # Where the containers find Redis and the relay: compose's own services, so that a .env
 # written for a host install (SMTP_HOST=localhost) does not point the containers at
 # themselves. Overridden only on purpose, through EMAILQ_<NAME>.

@@ -56,6 +56,12 @@ class Procs:
         wait_for_log(proc, "started")
         return proc
 
+    def dispatcher(self, settings: Settings) -> subprocess.Popen[bytes]:
+        """``python -m worker.webhooks``, the webhook dispatcher, as the README runs it."""
+        proc = self._spawn([sys.executable, "-m", "worker.webhooks"], settings, "webhooks")
+        wait_for_log(proc, "webhook dispatcher started")
+        return proc
+
     def api(self, settings: Settings, module: tuple[str, ...] = ("server",)) -> str:
         """``python -m server``, as the README runs it, on port 0; returns its base URL once
         healthy. ``module=("uvicorn", "server.main:app")`` runs bare uvicorn instead."""

@@ -1,0 +1,337 @@
+"""Webhook endpoints and deliveries in Redis, beside the queue they follow.
+
+Key names come from ``emailq.queue.Keys`` (the one module that knows them); every step that
+touches several keys is a Lua script (``emailq/lua/webhook_*.lua``). Events are read from
+the queue's stream through the consumer group ``webhooks``: Redis keeps where the group has
+read to, and which events a dispatcher took without acknowledging them (its pending list),
+so a dispatcher that restarts, or dies, loses nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Literal, cast
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
+
+from emailq.models import Event
+from emailq.queue import Queue, event_of, store_errors
+from emailq.webhooks.config import API_ID_PREFIX, MAX_ENDPOINTS
+from emailq.webhooks.models import (
+    FROM_STREAM,
+    STATUS_AFTER,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Endpoint,
+    EndpointSpec,
+    Source,
+    WebhookEvent,
+)
+from emailq.webhooks.signing import new_secret
+
+FinishOutcome = Literal["succeeded", "retry", "failed"]
+_SCRIPTS = ("create", "claim", "finish", "replay", "endpoint")
+_DELIVERY_FIELDS = ("endpoint", "type", "task_id", "status", "attempts", "created_at",
+                    "updated_at", "next_attempt_at", "reason", "payload", "log")  # fmt: skip
+
+
+def _script(name: str) -> str:
+    return (resources.files("emailq") / "lua" / f"webhook_{name}.lua").read_text()
+
+
+def delivery_id(event: Event, endpoint_id: str) -> str:
+    """The webhook-id of ``event`` for one endpoint: the same each time the event is read."""
+    digest = hashlib.sha256(f"{event.id}|{event.task_id}|{endpoint_id}".encode()).digest()
+    return "msg_" + base64.b32encode(digest[:20]).decode().lower()
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as an RFC 3339 UTC timestamp."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _json_field(raw: str | None) -> Any:
+    """A task field another feature stores as JSON (metadata, tags), or None."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def payload(event: Event, kind: WebhookEvent, task: dict[str, str | None]) -> bytes:
+    """The body of every attempt of one delivery: fixed when the delivery is created."""
+    body = {
+        "type": kind.value,
+        "created_at": iso_ms(event.time),
+        "data": {
+            "task_id": event.task_id,
+            "to": task.get("to"),
+            "status": STATUS_AFTER[kind].value,
+            "attempts": event.attempt,
+            "reason": event.reason or None,
+            "smtp_code": event.code,
+            "metadata": _json_field(task.get("metadata")),
+            "tags": _json_field(task.get("tags")),
+        },
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery held for one attempt; ``token`` fences its finish."""
+
+    id: str
+    token: str
+    attempt: int
+    endpoint: Endpoint
+    body: bytes
+
+
+class WebhookStore:
+    """Endpoints, deliveries and the event feed, on the queue's Redis."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue  # whose client, keys and result TTL it shares
+        self.redis = queue.redis
+        self.keys = queue.keys
+        self.ttl_seconds = queue.result_ttl_seconds
+        self._scripts: dict[str, AsyncScript] = {
+            name: self.redis.register_script(_script(name)) for name in _SCRIPTS
+        }
+
+    async def _run(self, name: str, keys: list[str], args: Sequence[str | int]) -> Any:
+        with store_errors():
+            return await self._scripts[name](keys, list(args))
+
+    # -- endpoints --------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group at the stream's end, unless it exists: events from
+        before the first endpoint or dispatcher are history, not news."""
+        with store_errors():
+            try:
+                await self.redis.xgroup_create(self.keys.events, self.keys.webhook_group,
+                                               id="$", mkstream=True)  # fmt: skip
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def endpoints(self) -> list[Endpoint]:
+        """Every endpoint, file and API, ordered by id."""
+        with store_errors():
+            raw = cast("dict[str, str]", await self.redis.hgetall(self.keys.webhook_endpoints))
+        return [Endpoint.model_validate_json(raw[k]) for k in sorted(raw)]
+
+    async def endpoint(self, endpoint_id: str) -> Endpoint | None:
+        """One endpoint, or None."""
+        with store_errors():
+            raw = await self.redis.hget(self.keys.webhook_endpoints, endpoint_id)
+        return None if raw is None else Endpoint.model_validate_json(raw)
+
+    async def _now_ms(self) -> int:
+        with store_errors():
+            seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def add_endpoint(self, spec: EndpointSpec, endpoint_id: str) -> Endpoint | None:
+        """Register an API endpoint (a secret generated if none given); None when
+        MAX_ENDPOINTS are registered already."""
+        await self.ensure_group()
+        endpoint = Endpoint(**spec.model_dump(), id=endpoint_id, source=Source.API,
+                            created_at=await self._now_ms())  # fmt: skip
+        if not endpoint.secrets:
+            endpoint.secrets = [new_secret()]
+        with store_errors():
+            if await self.redis.hlen(self.keys.webhook_endpoints) >= MAX_ENDPOINTS:
+                return None
+            await self.redis.hsetnx(self.keys.webhook_endpoints, endpoint.id,
+                                    endpoint.model_dump_json(exclude_none=True))  # fmt: skip
+        return endpoint
+
+    async def delete_endpoint(self, endpoint_id: str) -> Literal["deleted", "missing", "file"]:
+        """Remove an API endpoint and its delivery lists (pending ones fail at their next
+        attempt). File endpoints are the file's: 'file'."""
+        endpoint = await self.endpoint(endpoint_id)
+        if endpoint is None:
+            return "missing"
+        if endpoint.source is Source.FILE:
+            return "file"
+        with store_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hdel(self.keys.webhook_endpoints, endpoint_id)
+            pipe.delete(self.keys.webhook_index(endpoint_id), self.keys.webhook_failed(endpoint_id))
+            await pipe.execute()
+        return "deleted"
+
+    async def enable_endpoint(self, endpoint_id: str) -> bool:
+        """Send to a disabled endpoint again; False if there is none."""
+        return bool(await self._run("endpoint", [self.keys.webhook_endpoints],
+                                    ["enable", endpoint_id]))  # fmt: skip
+
+    async def sync_file(self, endpoints: Sequence[Endpoint]) -> list[str]:
+        """Make the file's endpoints the registered file endpoints; returns the ids an API
+        endpoint holds already (those stay the API's)."""
+        if endpoints:
+            await self.ensure_group()
+        entries = [e.model_dump(mode="json", exclude_none=True) for e in endpoints]
+        conflicts = await self._run("endpoint", [self.keys.webhook_endpoints],
+                                    ["sync", json.dumps(entries)])  # fmt: skip
+        return [str(c) for c in conflicts]
+
+    # -- events -----------------------------------------------------------------------
+
+    @staticmethod
+    def _events(rows: Any) -> tuple[list[Event], list[str]]:
+        """Parsed events, and ids whose entries were trimmed meanwhile (to acknowledge)."""
+        events, gone = [], []
+        for entry_id, fields in rows:
+            if fields:
+                events.append(event_of(entry_id, fields))
+            else:
+                gone.append(entry_id)
+        return events, gone
+
+    async def read_events(self, consumer: str, count: int, block_ms: int) -> list[Event]:
+        """New events for this consumer (up to ``count``, waiting up to ``block_ms``)."""
+        streams: Any = {self.keys.events: ">"}
+        with store_errors():
+            reply: Any = await self.redis.xreadgroup(self.keys.webhook_group, consumer, streams,
+                                                     count, block_ms)  # fmt: skip
+        events, _ = self._events(reply[0][1] if reply else [])
+        return events
+
+    async def reclaim_events(self, consumer: str, min_idle_ms: int, count: int) -> list[Event]:
+        """Events another dispatcher took and held longer than ``min_idle_ms`` without
+        acknowledging them (it died): now this consumer's."""
+        with store_errors():
+            reply = await self.redis.xautoclaim(self.keys.events, self.keys.webhook_group,
+                                                consumer, min_idle_ms, "0-0", count)  # fmt: skip
+        events, gone = self._events(reply[1])
+        if gone:
+            with store_errors():
+                await self.redis.xack(self.keys.events, self.keys.webhook_group, *gone)
+        return events
+
+    async def _tasks(self, events: Sequence[Event]) -> dict[str, dict[str, str | None]]:
+        fields = ["to", "metadata", "tags"]
+        ids = list(dict.fromkeys(e.task_id for e in events))
+        with store_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hmget(self.keys.task(task_id), fields)
+            rows = await pipe.execute()
+        return {t: dict(zip(fields, row, strict=True)) for t, row in zip(ids, rows, strict=True)}
+
+    async def record(self, events: Sequence[Event]) -> int:
+        """Create each event's deliveries (one per endpoint that wants it) and acknowledge
+        the events, in one step; returns how many deliveries were created."""
+        if not events:
+            return 0
+        endpoints = await self.endpoints()
+        tasks = await self._tasks(events)
+        items = []
+        for event in events:
+            kind = FROM_STREAM.get(event.type)
+            wanting = [e for e in endpoints if kind is not None and e.wants(kind, event.time)]
+            if kind is None or not wanting:
+                continue
+            body = payload(event, kind, tasks[event.task_id]).decode()
+            items += [{"id": delivery_id(event, e.id), "endpoint": e.id, "type": kind.value,
+                       "task_id": event.task_id, "payload": body, "event_id": event.id}
+                      for e in wanting]  # fmt: skip
+        keys = [self.keys.events, self.keys.webhook_due]
+        args: list[str | int] = [self.keys.webhook_group, self.keys.webhook_delivery_prefix,
+                self.keys.webhook_index_prefix, self.ttl_seconds, json.dumps(items),
+                json.dumps([e.id for e in events])]  # fmt: skip
+        return int(await self._run("create", keys, args))
+
+    # -- deliveries -------------------------------------------------------------------
+
+    def _delivery_keys(self) -> list[str]:
+        return [self.keys.webhook_due, self.keys.webhook_endpoints]
+
+    def _delivery_args(self) -> list[str | int]:
+        return [self.keys.webhook_delivery_prefix, self.keys.webhook_failed_prefix]
+
+    async def claim(self, count: int, lease_ms: int) -> list[Claimed]:
+        """Up to ``count`` due deliveries, each held for one attempt under a lease."""
+        args = [*self._delivery_args(), lease_ms, count, self.ttl_seconds]
+        rows = await self._run("claim", self._delivery_keys(), args)
+        return [Claimed(id=str(i), token=str(token), attempt=int(attempt),
+                        endpoint=Endpoint.model_validate_json(raw), body=str(body).encode())
+                for i, token, attempt, raw, body in rows]  # fmt: skip
+
+    async def next_due_ms(self) -> int | None:
+        """Milliseconds until the earliest due delivery (0 if one is due), None if none."""
+        with store_errors():
+            first = await self.redis.zrange(self.keys.webhook_due, 0, 0, withscores=True)
+        if not first:
+            return None
+        return max(0, int(first[0][1]) - await self._now_ms())
+
+    async def finish(
+        self, held: Claimed, outcome: FinishOutcome, entry: DeliveryAttempt, *,
+        retry_in_ms: int = 0, reason: str = "", disable: str = "",
+    ) -> str:  # fmt: skip
+        """Record one attempt; returns the outcome applied, or 'stale' (no longer ours)."""
+        args = [*self._delivery_args(), held.id, held.token, outcome,
+                entry.model_dump_json(exclude_none=True), retry_in_ms, self.ttl_seconds,
+                reason, disable]  # fmt: skip
+        return str(await self._run("finish", self._delivery_keys(), args))
+
+    async def replay(self, endpoint_id: str, msg_id: str) -> str:
+        """Deliver a finished delivery again: 'replayed', 'missing', 'pending', 'disabled'."""
+        return str(await self._run("replay", self._delivery_keys(),
+                                   [*self._delivery_args(), msg_id, endpoint_id]))  # fmt: skip
+
+    async def _read(self, ids: Sequence[str]) -> list[Delivery]:
+        with store_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for msg_id in ids:
+                pipe.hmget(self.keys.webhook_delivery(msg_id), list(_DELIVERY_FIELDS))
+            rows = await pipe.execute()
+        found = []
+        for msg_id, row in zip(ids, rows, strict=True):
+            raw = dict(zip(_DELIVERY_FIELDS, row, strict=True))
+            if raw["status"] is None:
+                continue
+            values = {k: v for k, v in raw.items() if v is not None}
+            values["payload"] = json.loads(values["payload"])
+            values["log"] = json.loads(values.get("log") or "[]")
+            found.append(Delivery.model_validate({"id": msg_id, "endpoint_id": raw["endpoint"],
+                                                  **values}))  # fmt: skip
+        return found
+
+    async def delivery(self, endpoint_id: str, msg_id: str) -> Delivery | None:
+        """One delivery of one endpoint, or None."""
+        found = await self._read([msg_id])
+        return found[0] if found and found[0].endpoint_id == endpoint_id else None
+
+    async def deliveries(
+        self, endpoint_id: str, status: DeliveryStatus | None, *, offset: int, limit: int
+    ) -> list[Delivery]:
+        """An endpoint's deliveries, newest first: the failed ones from their own list,
+        others filtered from the page of all (so such a page may hold fewer)."""
+        key = (self.keys.webhook_failed(endpoint_id) if status is DeliveryStatus.FAILED
+               else self.keys.webhook_index(endpoint_id))  # fmt: skip
+        with store_errors():
+            ids = await self.redis.zrevrange(key, offset, offset + limit - 1)
+        found = await self._read([str(i) for i in ids])
+        return [d for d in found if status is None or d.status is status]
+
+
+def new_endpoint_id() -> str:
+    """An unguessable id for an API endpoint."""
+    return API_ID_PREFIX + secrets.token_hex(12)

@@ -1,0 +1,207 @@
+"""Webhook endpoints and their deliveries (admin): register, list, delete, re-enable,
+list deliveries (failed ones, say) and replay one. Deliveries are made by the dispatcher
+process (``python -m worker.webhooks``); see emailq.webhooks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, Response
+from pydantic import BaseModel, Field
+
+from emailq.errors import InvalidMessage
+from emailq.webhooks.models import (
+    ENDPOINT_ID,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Endpoint,
+    EndpointSpec,
+    Source,
+    WebhookEvent,
+)
+from emailq.webhooks.signing import mask
+from emailq.webhooks.store import new_endpoint_id
+from emailq.webhooks.targets import TargetRefused, check_url
+from server.auth import AdminDep
+from server.deps import SettingsDep, WebhooksDep
+
+router = APIRouter(
+    prefix="/admin/webhooks",
+    tags=["webhooks"],
+    dependencies=[AdminDep],
+    responses={401: {"description": "API_KEYS is set and no valid key was given"},
+               403: {"description": "not an admin key; or API_KEYS is unset and the request "
+                                    "is not local"}},
+)  # fmt: skip
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown endpoint"}}
+FROM_FILE: dict[int | str, dict[str, Any]] = {409: {"description": "set in WEBHOOKS_FILE"}}
+EndpointId = Annotated[str, Path(pattern=ENDPOINT_ID, description="the endpoint's id")]
+MsgId = Annotated[str, Path(pattern=r"^msg_[a-z2-7]{32}$", description="the webhook-id")]
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+class EndpointOut(BaseModel):
+    """A webhook endpoint. Lists mask its secrets; the endpoint's own page shows them."""
+
+    id: str
+    url: str
+    events: list[WebhookEvent]
+    secrets: list[str] = Field(description="whsec_ signing secrets, newest first")
+    description: str
+    source: Source = Field(description="file: WEBHOOKS_FILE; api: registered here")
+    created_at: str | None
+    disabled_at: str | None = Field(description="when it answered 410 Gone; null: enabled")
+    disabled_reason: str | None
+
+    @classmethod
+    def of(cls, endpoint: Endpoint, *, reveal: bool) -> EndpointOut:
+        """The API's view of ``endpoint``."""
+        shown = endpoint.secrets if reveal else [mask(s) for s in endpoint.secrets]
+        return cls(id=endpoint.id, url=endpoint.url, events=endpoint.events, secrets=shown,
+                   description=endpoint.description, source=endpoint.source,
+                   created_at=_iso(endpoint.created_at), disabled_at=_iso(endpoint.disabled_at),
+                   disabled_reason=endpoint.disabled_reason)  # fmt: skip
+
+
+class EndpointList(BaseModel):
+    """Every endpoint, file and API."""
+
+    endpoints: list[EndpointOut]
+
+
+class DeliveryOut(BaseModel):
+    """One delivery: the same webhook-id and body on every attempt."""
+
+    id: str = Field(description="the webhook-id header")
+    endpoint_id: str
+    type: WebhookEvent
+    task_id: str
+    status: DeliveryStatus
+    attempts: int
+    created_at: str | None
+    updated_at: str | None
+    next_attempt_at: str | None
+    reason: str | None
+    payload: dict[str, Any]
+    attempt_log: list[DeliveryAttempt]
+
+    @classmethod
+    def of(cls, d: Delivery) -> DeliveryOut:
+        """The API's view of ``d``."""
+        return cls(id=d.id, endpoint_id=d.endpoint_id, type=d.type, task_id=d.task_id,
+                   status=d.status, attempts=d.attempts, created_at=_iso(d.created_at),
+                   updated_at=_iso(d.updated_at), next_attempt_at=_iso(d.next_attempt_at),
+                   reason=d.reason, payload=d.payload, attempt_log=d.log)  # fmt: skip
+
+
+class DeliveryPage(BaseModel):
+    """A page of deliveries, newest first."""
+
+    deliveries: list[DeliveryOut]
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+class Replayed(BaseModel):
+    """A delivery queued again."""
+
+    id: str
+    status: DeliveryStatus = DeliveryStatus.PENDING
+
+
+async def _endpoint(webhooks: WebhooksDep, endpoint_id: str) -> Endpoint:
+    endpoint = await webhooks.endpoint(endpoint_id)
+    if endpoint is None:
+        raise HTTPException(404, f"no webhook endpoint {endpoint_id}")
+    return endpoint
+
+
+@router.post("", status_code=201, responses={409: {"description": "too many endpoints"}})
+async def create(spec: EndpointSpec, webhooks: WebhooksDep, settings: SettingsDep) -> EndpointOut:
+    """Register an endpoint; its secret is generated unless given (shown in full here)."""
+    try:
+        check_url(spec.url, allow_private=settings.webhook_allow_private)
+    except TargetRefused as exc:
+        raise InvalidMessage(f"url: {exc}", field="url") from None
+    endpoint = await webhooks.add_endpoint(spec, new_endpoint_id())
+    if endpoint is None:
+        raise HTTPException(409, "too many webhook endpoints; delete one first")
+    return EndpointOut.of(endpoint, reveal=True)
+
+
+@router.get("")
+async def list_endpoints(webhooks: WebhooksDep) -> EndpointList:
+    """Every endpoint (secrets masked)."""
+    return EndpointList(endpoints=[EndpointOut.of(e, reveal=False)
+                                   for e in await webhooks.endpoints()])  # fmt: skip
+
+
+@router.get("/{endpoint_id}", responses=NOT_FOUND)
+async def get_endpoint(endpoint_id: EndpointId, webhooks: WebhooksDep) -> EndpointOut:
+    """One endpoint, with its secrets."""
+    return EndpointOut.of(await _endpoint(webhooks, endpoint_id), reveal=True)
+
+
+@router.delete("/{endpoint_id}", status_code=204, responses={**NOT_FOUND, **FROM_FILE})
+async def delete_endpoint(endpoint_id: EndpointId, webhooks: WebhooksDep) -> Response:
+    """Remove an API endpoint; its pending deliveries fail, unsent."""
+    outcome = await webhooks.delete_endpoint(endpoint_id)
+    if outcome == "missing":
+        raise HTTPException(404, f"no webhook endpoint {endpoint_id}")
+    if outcome == "file":
+        raise HTTPException(409, f"{endpoint_id} is configured in WEBHOOKS_FILE; remove it there")
+    return Response(status_code=204)
+
+
+@router.post("/{endpoint_id}/enable", responses=NOT_FOUND)
+async def enable(endpoint_id: EndpointId, webhooks: WebhooksDep) -> EndpointOut:
+    """Deliver to an endpoint again after it answered 410 Gone."""
+    if not await webhooks.enable_endpoint(endpoint_id):
+        raise HTTPException(404, f"no webhook endpoint {endpoint_id}")
+    return EndpointOut.of(await _endpoint(webhooks, endpoint_id), reveal=False)
+
+
+@router.get("/{endpoint_id}/deliveries", responses=NOT_FOUND)
+async def deliveries(
+    endpoint_id: EndpointId,
+    webhooks: WebhooksDep,
+    status: DeliveryStatus | None = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> DeliveryPage:
+    """An endpoint's deliveries, newest first; ``status=failed`` lists the failed ones."""
+    await _endpoint(webhooks, endpoint_id)
+    found = await webhooks.deliveries(endpoint_id, status, offset=offset, limit=limit + 1)
+    more = len(found) > limit
+    return DeliveryPage(deliveries=[DeliveryOut.of(d) for d in found[:limit]], offset=offset,
+                        limit=limit, next_offset=offset + limit if more else None)  # fmt: skip
+
+
+@router.get("/{endpoint_id}/deliveries/{msg_id}", responses=NOT_FOUND)
+async def delivery(endpoint_id: EndpointId, msg_id: MsgId, webhooks: WebhooksDep) -> DeliveryOut:
+    """One delivery with its attempt log."""
+    found = await webhooks.delivery(endpoint_id, msg_id)
+    if found is None:
+        raise HTTPException(404, f"no delivery {msg_id} for endpoint {endpoint_id}")
+    return DeliveryOut.of(found)
+
+
+@router.post("/{endpoint_id}/deliveries/{msg_id}/replay", status_code=202,
+             responses={**NOT_FOUND, 409: {"description": "still pending, or endpoint "
+                                                          "disabled"}})  # fmt: skip
+async def replay(endpoint_id: EndpointId, msg_id: MsgId, webhooks: WebhooksDep) -> Replayed:
+    """Send a finished delivery again: same webhook-id and body, a fresh retry schedule."""
+    outcome = await webhooks.replay(endpoint_id, msg_id)
+    if outcome == "missing":
+        raise HTTPException(404, f"no delivery {msg_id} for endpoint {endpoint_id}")
+    if outcome == "pending":
+        raise HTTPException(409, f"delivery {msg_id} is still pending")
+    if outcome == "disabled":
+        raise HTTPException(409, f"endpoint {endpoint_id} is disabled; enable it first")
+    return Replayed(id=msg_id)
