@@ -15,7 +15,7 @@ import pytest
 
 from emailq.settings import Settings
 from tests.helpers.api import ADMIN, ALICE, API_KEYS, bearer, mail
-from tests.helpers.browser import chromium, screenshot
+from tests.helpers.browser import chromium, click, lookup_until, screenshot, text_of, texts
 from tests.helpers.polling import wait_until
 from tests.helpers.processes import Procs
 from tests.helpers.smtpd import SmtpServer
@@ -36,44 +36,6 @@ def send(base: str, **fields: Any) -> str:
     assert response.status_code == 202, response.text
     task_id: str = response.json()["task_id"]
     return task_id
-
-
-def text_of(browser: Any, css: str) -> str:
-    """The text of the first element matching ``css``, or "" while there is none (or it
-    was just replaced: the page re-renders its tables as updates arrive)."""
-    found = texts(browser, css)
-    return found[0] if found else ""
-
-
-def texts(browser: Any, css: str) -> list[str]:
-    """The text of every element matching ``css`` ([] if they were replaced meanwhile)."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-
-    try:
-        return [str(e.text) for e in browser.find_elements(By.CSS_SELECTOR, css)]
-    except StaleElementReferenceException:
-        return []
-
-
-def click(browser: Any, css: str) -> None:
-    """Click the element matching ``css``, again if a re-render replaced it first."""
-    from selenium.common.exceptions import (
-        ElementClickInterceptedException,
-        NoSuchElementException,
-        StaleElementReferenceException,
-    )
-    from selenium.webdriver.common.by import By
-
-    def clicked() -> bool:
-        try:
-            browser.find_element(By.CSS_SELECTOR, css).click()
-        except (StaleElementReferenceException, NoSuchElementException,
-                ElementClickInterceptedException):  # fmt: skip
-            return False
-        return True
-
-    wait_until(clicked, what=f"a click on {css}")
 
 
 def test_dashboard_shows_a_dead_letter_and_a_backlog_live_and_requeues_it(
@@ -143,8 +105,7 @@ def test_dashboard_shows_a_dead_letter_and_a_backlog_live_and_requeues_it(
     # Its attempt log, by task lookup: the refusal, then the success.
     browser.find_element(By.ID, "lookup-id").clear()
     browser.find_element(By.ID, "lookup-id").send_keys(dead)
-    click(browser, "#lookup-form button")
-    wait_until(lambda: text_of(browser, "#task-status") == "success", what="the task lookup")
+    lookup_until(browser, "success")
     log = text_of(browser, "#task table.attempts")
     assert "550" in log
     assert "success" in log

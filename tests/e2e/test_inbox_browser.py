@@ -14,7 +14,7 @@ import pytest
 from emailq.devtools.capture import BoundController, CaptureHandler
 from emailq.settings import Settings
 from tests.helpers.api import mail
-from tests.helpers.browser import chromium, screenshot
+from tests.helpers.browser import chromium, screenshot, texts
 from tests.helpers.polling import wait_until
 from tests.helpers.processes import Procs
 
@@ -60,8 +60,7 @@ def test_inbox_shows_a_sent_mail_with_bcc_and_its_html_part_sandboxed(
     browser.get(f"{base}/dev/inbox")
     item = "#list li[data-id] .subject"
     newest_first = ["Your sign-in code", "Welcome aboard"]
-    wait_until(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, item)]
-               == newest_first, what="the list, newest first")  # fmt: skip
+    wait_until(lambda: texts(browser, item) == newest_first, what="the list, newest first")
     browser.find_elements(By.CSS_SELECTOR, "#list li[data-id]")[0].click()
     wait_until(lambda: browser.find_element(By.ID, "subject").text == "Your sign-in code",
                what="the mail opened")  # fmt: skip
@@ -82,7 +81,6 @@ def test_inbox_shows_a_sent_mail_with_bcc_and_its_html_part_sandboxed(
 
     # Search narrows the list; the text part is there too.
     browser.find_element(By.ID, "search").send_keys("welcome")
-    wait_until(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, item)]
-               == ["Welcome aboard"], what="the search")  # fmt: skip
+    wait_until(lambda: texts(browser, item) == ["Welcome aboard"], what="the search")
     browser.find_element(By.CSS_SELECTOR, '.tabs button[data-tab="text"]').click()
     assert "Code: 493817" in browser.find_element(By.ID, "tab-text").text
