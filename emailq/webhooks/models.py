@@ -69,7 +69,10 @@ def _check_secrets(secrets: list[str]) -> list[str]:
 class EndpointSpec(BaseModel):
     """What configures an endpoint: a WEBHOOKS_FILE entry or an API request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"url": "https://app.example.com/hooks/email", "events": ["email.sent", "email.failed"],
+         "description": "order mails"},
+    ]})  # fmt: skip
 
     url: str = Field(min_length=1, max_length=MAX_URL_CHARS,
                      description="where deliveries are POSTed (http or https)")  # fmt: skip
@@ -83,7 +86,7 @@ class EndpointSpec(BaseModel):
         description="whsec_<base64> signing secrets, newest first; every one signs each "
         "delivery (rotation). Empty: one is generated",
     )  # fmt: skip
-    description: str = Field(default="", max_length=200)
+    description: str = Field(default="", max_length=200, description="a note for people")
 
     @field_validator("events")
     @classmethod
@@ -134,12 +137,16 @@ class DeliveryStatus(StrEnum):
 class DeliveryAttempt(BaseModel):
     """One attempt in a delivery's log."""
 
-    at: int = 0  # epoch ms, Redis time (stamped by the finish script)
-    attempt: int
-    outcome: Literal["succeeded", "retry", "failed", "replay"]
-    status_code: int | None = None  # the endpoint's HTTP status, when it answered
-    error: str | None = None  # what went wrong, in one line
-    duration_ms: float | None = None
+    at: int = Field(default=0, description="when, epoch ms (Redis time)")
+    attempt: int = Field(description="1 for the first attempt")
+    outcome: Literal["succeeded", "retry", "failed", "replay"] = Field(
+        description="succeeded (2xx), retry (scheduled again), failed (given up), replay"
+    )
+    status_code: int | None = Field(
+        default=None, description="the endpoint's HTTP status, when it answered"
+    )
+    error: str | None = Field(default=None, description="what went wrong, in one line")
+    duration_ms: float | None = Field(default=None, description="how long the attempt took")
 
 
 class Delivery(BaseModel):

@@ -26,6 +26,7 @@ from emailq.webhooks.store import new_endpoint_id
 from emailq.webhooks.targets import TargetRefused, check_url
 from server.auth import AdminDep
 from server.deps import SettingsDep, WebhooksDep
+from server.schemas import _example
 
 router = APIRouter(
     prefix="/admin/webhooks",
@@ -37,8 +38,32 @@ router = APIRouter(
 )  # fmt: skip
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "unknown endpoint"}}
 FROM_FILE: dict[int | str, dict[str, Any]] = {409: {"description": "set in WEBHOOKS_FILE"}}
-EndpointId = Annotated[str, Path(pattern=ENDPOINT_ID, description="the endpoint's id")]
-MsgId = Annotated[str, Path(pattern=r"^msg_[a-z2-7]{32}$", description="the webhook-id")]
+EXAMPLE_ENDPOINT = "ep_k3x9q2m7v4w8"
+EXAMPLE_MSG = "msg_" + "abcdefghijklmnopqrstuvwxyz234567"
+EndpointId = Annotated[str, Path(pattern=ENDPOINT_ID, description="the endpoint's id",
+                                 examples=[EXAMPLE_ENDPOINT])]  # fmt: skip
+MsgId = Annotated[str, Path(pattern=r"^msg_[a-z2-7]{32}$", description="the webhook-id",
+                            examples=[EXAMPLE_MSG])]  # fmt: skip
+_ENDPOINT = {
+    "id": EXAMPLE_ENDPOINT,
+    "url": "https://app.example.com/hooks/email",
+    "events": ["email.sent", "email.failed"],
+    "secrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    "description": "order mails",
+    "source": "api",
+    "created_at": "2025-01-31T09:00:00+00:00",
+    "disabled_at": None,
+    "disabled_reason": None,
+}
+_DELIVERY = {
+    "id": EXAMPLE_MSG, "endpoint_id": EXAMPLE_ENDPOINT, "type": "email.sent",
+    "task_id": "3f2b8c1e-6d4a-4e8b-9c7f-1a2b3c4d5e6f", "status": "succeeded", "attempts": 1,
+    "created_at": "2025-01-31T09:00:01+00:00", "updated_at": "2025-01-31T09:00:01+00:00",
+    "next_attempt_at": None, "reason": None,
+    "payload": {"type": "email.sent", "created_at": "2025-01-31T09:00:01+00:00", "data": {}},
+    "attempt_log": [{"at": 1738314001000, "attempt": 1, "outcome": "succeeded",
+                     "status_code": 204, "duration_ms": 41.0}],
+}  # fmt: skip
 
 
 def _iso(ms: int | None) -> str | None:
@@ -48,15 +73,17 @@ def _iso(ms: int | None) -> str | None:
 class EndpointOut(BaseModel):
     """A webhook endpoint. Lists mask its secrets; the endpoint's own page shows them."""
 
-    id: str
-    url: str
-    events: list[WebhookEvent]
+    model_config = _example(_ENDPOINT)
+
+    id: str = Field(description="the endpoint's id")
+    url: str = Field(description="where deliveries are POSTed")
+    events: list[WebhookEvent] = Field(description="the event types it receives")
     secrets: list[str] = Field(description="whsec_ signing secrets, newest first")
-    description: str
+    description: str = Field(description="a note for people")
     source: Source = Field(description="file: WEBHOOKS_FILE; api: registered here")
-    created_at: str | None
+    created_at: str | None = Field(description="when it was registered, RFC 3339 UTC")
     disabled_at: str | None = Field(description="when it answered 410 Gone; null: enabled")
-    disabled_reason: str | None
+    disabled_reason: str | None = Field(description="why it was disabled")
 
     @classmethod
     def of(cls, endpoint: Endpoint, *, reveal: bool) -> EndpointOut:
@@ -71,24 +98,28 @@ class EndpointOut(BaseModel):
 class EndpointList(BaseModel):
     """Every endpoint, file and API."""
 
-    endpoints: list[EndpointOut]
+    model_config = _example({"endpoints": [_ENDPOINT]})
+
+    endpoints: list[EndpointOut] = Field(description="secrets masked")
 
 
 class DeliveryOut(BaseModel):
     """One delivery: the same webhook-id and body on every attempt."""
 
+    model_config = _example(_DELIVERY)
+
     id: str = Field(description="the webhook-id header")
-    endpoint_id: str
-    type: WebhookEvent
-    task_id: str
-    status: DeliveryStatus
-    attempts: int
-    created_at: str | None
-    updated_at: str | None
-    next_attempt_at: str | None
-    reason: str | None
-    payload: dict[str, Any]
-    attempt_log: list[DeliveryAttempt]
+    endpoint_id: str = Field(description="the endpoint it goes to")
+    type: WebhookEvent = Field(description="the event type")
+    task_id: str = Field(description="the mail's task id")
+    status: DeliveryStatus = Field(description="pending, succeeded or failed")
+    attempts: int = Field(description="attempts made so far")
+    created_at: str | None = Field(description="when the event was read, RFC 3339 UTC")
+    updated_at: str | None = Field(description="its last change, RFC 3339 UTC")
+    next_attempt_at: str | None = Field(description="when it is tried again, if pending")
+    reason: str | None = Field(description="why it failed or is retried")
+    payload: dict[str, Any] = Field(description="the body, as signed and sent")
+    attempt_log: list[DeliveryAttempt] = Field(description="every attempt, oldest first")
 
     @classmethod
     def of(cls, d: Delivery) -> DeliveryOut:
@@ -102,17 +133,23 @@ class DeliveryOut(BaseModel):
 class DeliveryPage(BaseModel):
     """A page of deliveries, newest first."""
 
-    deliveries: list[DeliveryOut]
-    offset: int
-    limit: int
-    next_offset: int | None
+    model_config = _example({"deliveries": [_DELIVERY], "offset": 0, "limit": 50})
+
+    deliveries: list[DeliveryOut] = Field(description="the deliveries of this page")
+    offset: int = Field(description="as requested")
+    limit: int = Field(description="as requested")
+    next_offset: int | None = Field(
+        default=None, description="offset of the next page; absent on the last"
+    )
 
 
 class Replayed(BaseModel):
     """A delivery queued again."""
 
-    id: str
-    status: DeliveryStatus = DeliveryStatus.PENDING
+    model_config = _example({"id": EXAMPLE_MSG, "status": "pending"})
+
+    id: str = Field(description="the webhook-id, the same as before")
+    status: DeliveryStatus = Field(default=DeliveryStatus.PENDING, description="pending again")
 
 
 async def _endpoint(webhooks: WebhooksDep, endpoint_id: str) -> Endpoint:
@@ -171,9 +208,14 @@ async def enable(endpoint_id: EndpointId, webhooks: WebhooksDep) -> EndpointOut:
 async def deliveries(
     endpoint_id: EndpointId,
     webhooks: WebhooksDep,
-    status: DeliveryStatus | None = None,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    status: Annotated[
+        DeliveryStatus | None,
+        Query(description="only deliveries in this state", examples=["failed"]),
+    ] = None,
+    offset: Annotated[
+        int, Query(ge=0, le=1_000_000_000, description="deliveries to skip, newest first")
+    ] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="deliveries on this page")] = 50,
 ) -> DeliveryPage:
     """An endpoint's deliveries, newest first; ``status=failed`` lists the failed ones."""
     await _endpoint(webhooks, endpoint_id)

@@ -34,6 +34,9 @@ from tests.helpers.forms import FORMS_TOML
 _SEND_RULES = {"positive_data_acceptance": {
     "expected-statuses": ["2xx", "401", "403", "404", "409", "413", "422", "429", "5xx"],
 }}  # fmt: skip
+# Registering a webhook also checks, beyond JSON Schema, that its URL is not a private or
+# link-local target (SSRF) and that each secret is whsec_ + base64 of a bounded length: 422.
+_WEBHOOK_RULES = _SEND_RULES
 CONFIG: dict[str, Any] = {
     "seed": 20250131,
     "generation": {"max-examples": 25, "deterministic": True},
@@ -41,8 +44,15 @@ CONFIG: dict[str, Any] = {
     # probe with none and with a wrong one.
     "auth": {"openapi": {BEARER: {"bearer": ADMIN}}},
     "operations": [
-        {"include-path": path, "checks": _SEND_RULES}
-        for path in ("/api/v1/email/received", "/api/v1/emails/batch")
+        *(
+            {"include-path": path, "checks": _SEND_RULES}
+            for path in ("/api/v1/email/received", "/api/v1/emails/batch")
+        ),
+        {
+            "include-path": "/api/v1/admin/webhooks",
+            "include-method": "POST",
+            "checks": _WEBHOOK_RULES,
+        },
     ],
 }
 
