@@ -110,6 +110,17 @@ def _implied(route: RouteContext) -> tuple[set[int], bool]:
     return statuses, authenticated
 
 
+def _without_null(parameter: dict[str, Any]) -> None:
+    """An optional parameter (``str | None = None``) as what the wire can carry: a header
+    or query value is a string or absent (``required: false``), never JSON null, which a
+    client (and schemathesis) would otherwise send as the text "null"."""
+    schema = parameter.get("schema", {})
+    kept = [alt for alt in schema.get("anyOf", []) if alt != {"type": "null"}]
+    if len(kept) == 1 and len(kept) < len(schema["anyOf"]):
+        del schema["anyOf"]
+        schema.update(kept[0])
+
+
 def _error_response(description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": REF + "ErrorBody"}}}}  # fmt: skip
@@ -119,6 +130,8 @@ def _document_operation(
     operation: dict[str, Any], route: RouteContext, security: list[dict[str, list[str]]]
 ) -> None:
     statuses, authenticated = _implied(route)
+    for parameter in operation.get("parameters", []):
+        _without_null(parameter)
     responses: dict[str, Any] = operation["responses"]
     for status in sorted(statuses):
         responses.setdefault(str(status), _error_response(WHY[status]))

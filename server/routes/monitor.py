@@ -10,54 +10,78 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from emailq.models import WorkerRelay
+from emailq.models import Event, EventType, RelayState, WorkerRelay
 from emailq.queue import HISTORY_MINUTES
 from server.auth import AdminDep
 from server.deps import QueueDep, SettingsDep, state_of
-from server.schemas import iso
-from server.sse import event_frames
+from server.schemas import TASK_ID, _example, iso
+from server.sse import RETRY_MS, event_frames, frame
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
 # A stream entry id, "<ms>-<seq>" (or a bare "<ms>"), as the stream gave it to the client.
 _EVENT_ID = r"^\d{1,20}(-\d{1,20})?$"
 
+_WORKER_ID = "worker-1f3a9c"  # the examples' worker
+# One event as the stream would send it, framed by the stream's own code.
+_EVENT_EXAMPLE = Event(
+    id="1738314001250-0", type=EventType.SENT, task_id=TASK_ID, time=1738314001250,
+    lane="default", attempt=1, code=250, request_id="5f0c6a1e9b8d4c2fa7e3d1b0c9a8e7f6",
+    worker=_WORKER_ID,
+)  # fmt: skip
+
 
 class Minute(BaseModel):
     """Tasks finished in one clock minute."""
 
-    at: str  # the minute's start, RFC 3339
-    sent: int
-    failed: int
+    at: str = Field(description="the minute's start, RFC 3339 UTC")
+    sent: int = Field(description="tasks the relay accepted in this minute")
+    failed: int = Field(description="tasks that failed for good in this minute")
 
 
 class Throughput(BaseModel):
     """Sent and failed per minute, oldest first; the last minute is the current one."""
 
-    minutes: list[Minute]
+    model_config = _example({"minutes": [
+        {"at": "2025-01-31T08:59:00.000+00:00", "sent": 42, "failed": 1},
+        {"at": "2025-01-31T09:00:00.000+00:00", "sent": 17, "failed": 0},
+    ]})  # fmt: skip
+
+    minutes: list[Minute] = Field(description="one entry per minute, oldest first")
 
 
 class WorkerOut(BaseModel):
     """One live worker."""
 
-    worker_id: str
-    last_heartbeat: str
-    heartbeat_age_seconds: float
-    relay: WorkerRelay | None
+    worker_id: str = Field(description="the worker's id")
+    last_heartbeat: str = Field(description="its last heartbeat, RFC 3339 UTC")
+    heartbeat_age_seconds: float = Field(description="seconds since that heartbeat")
+    relay: WorkerRelay | None = Field(
+        description="its circuit breaker over the relay; null until it has published one"
+    )
 
 
 class Workers(BaseModel):
     """Workers with a heartbeat within three lease periods, most recent first."""
 
-    workers: list[WorkerOut]
+    model_config = _example({"workers": [{
+        "worker_id": _WORKER_ID, "last_heartbeat": "2025-01-31T09:00:01.250+00:00",
+        "heartbeat_age_seconds": 2.4,
+        "relay": {"worker_id": _WORKER_ID, "state": RelayState.CLOSED.value,
+                  "since": 1738310000000, "error": None, "send_rate": 10.0},
+    }]})  # fmt: skip
+
+    workers: list[WorkerOut] = Field(description="the live workers, most recent first")
 
 
 class Permissions(BaseModel):
     """What this API lets an admin do from the dashboard."""
 
-    read_only: bool  # DASHBOARD_READ_ONLY: requeue and cancel answer 403
+    model_config = _example({"read_only": False})
+
+    read_only: bool = Field(description="DASHBOARD_READ_ONLY: requeue and cancel answer 403")
 
 
 def _live_window_ms(settings: SettingsDep) -> int:
@@ -68,7 +92,15 @@ def _live_window_ms(settings: SettingsDep) -> int:
 @router.get("/throughput")
 async def throughput(
     queue: QueueDep,
-    minutes: Annotated[int, Query(ge=1, le=HISTORY_MINUTES)] = HISTORY_MINUTES,
+    minutes: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=HISTORY_MINUTES,
+            examples=[60],
+            description="how many minutes back, the current one included",
+        ),
+    ] = HISTORY_MINUTES,
 ) -> Throughput:
     """Tasks sent and failed per clock minute, up to the last two hours."""
     counts = await queue.throughput(minutes)
@@ -96,13 +128,30 @@ async def permissions(settings: SettingsDep) -> Permissions:
 @router.get(
     "/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}},
-                     "description": "server-sent events: one per state change of a task"}},
+    responses={200: {
+        "description": "server-sent events, one per state change of a task (`id:` the "
+                       "stream entry id, `data:` the event as one line of JSON); a "
+                       "`: keepalive` comment after a quiet while, `event: unavailable` "
+                       "while Redis does not answer. The stream does not end by itself.",
+        "content": {"text/event-stream": {
+            "schema": {"type": "string"},
+            "example": f"retry: {RETRY_MS}\n\n" + frame(_EVENT_EXAMPLE),
+        }},
+    }},
 )  # fmt: skip
 async def events(
     request: Request,
     queue: QueueDep,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", pattern=_EVENT_ID)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            pattern=_EVENT_ID,
+            examples=[_EVENT_EXAMPLE.id],
+            description="the last event id the client saw: the stream goes on after it "
+            "(browsers send it when they reconnect); absent, from now",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """The event stream as server-sent events: from ``Last-Event-ID`` on, else from now."""
     # Read before the response starts, so an unreachable Redis is an ordinary 503.

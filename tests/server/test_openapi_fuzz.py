@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.python import asgi
 
 from emailq.settings import Settings
+from server.deps import state_of
 from server.main import create_app
 from server.openapi import BEARER
 from tests.helpers.api import ADMIN, API_KEYS
@@ -74,8 +75,13 @@ def app(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[Fast
     forms.write_text(FORMS_TOML)
     # Every case comes from one address: the failed-authentication throttle (429 after
     # AUTH_FAILURE_LIMIT) would otherwise answer the auth checks' 401 probes.
-    yield create_app(make_settings(api_keys=API_KEYS, forms_file=forms,
+    app = create_app(make_settings(api_keys=API_KEYS, forms_file=forms,
                                    auth_failure_limit=1_000_000))  # fmt: skip
+    # The admin event stream never ends by itself, and a case needs a whole answer: as
+    # when the server stops, the stream sends its first frame and ends. Everything before
+    # the stream (key, scope, Last-Event-ID, Redis) is checked as ever.
+    state_of(app).stopping.set()
+    yield app
     asgi.shutdown_lifespans()
 
 
