@@ -12,11 +12,10 @@ import hashlib
 import html
 import json
 import re
-import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,6 +26,7 @@ from emailq.compose import (
     normalize_address,
     render_subject,
 )
+from emailq.configfile import read_config_file
 from emailq.errors import ConfigError, InvalidMessage
 from emailq.models import Job
 from emailq.templating import check_header
@@ -128,16 +128,6 @@ class FormsConfigError(ConfigError, ValueError):
     """``FORMS_FILE`` is unreadable or invalid; the message names the form and field."""
 
 
-def _read(path: Path) -> Any:
-    try:
-        raw = path.read_bytes()
-        if path.suffix.lower() == ".json":
-            return json.loads(raw)
-        return tomllib.loads(raw.decode())
-    except (OSError, ValueError) as exc:
-        raise FormsConfigError(f"FORMS_FILE {path}: {exc}") from exc
-
-
 def load_forms(path: Path | None) -> dict[str, Form]:
     """The forms of ``path`` (TOML, or JSON by extension) by id; none when ``path`` is None.
 
@@ -145,7 +135,7 @@ def load_forms(path: Path | None) -> dict[str, Form]:
     """
     if path is None:
         return {}
-    data = _read(path)
+    data = read_config_file(path, "FORMS_FILE", FormsConfigError)
     entries = data.get("forms", []) if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise FormsConfigError(f"FORMS_FILE {path}: expected a list of forms under 'forms'")

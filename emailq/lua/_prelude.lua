@@ -10,6 +10,20 @@ local EVENTS_MAXLEN = table.remove(ARGV, 5)
 
 -- Time comes from the Redis server, so leases and schedules do not depend on the
 -- clocks of the API and worker machines agreeing.
+-- {lane, depth, oldest created_at or -1} for each lane named in ARGV[first..]: what stats
+-- and the metrics' gauges both report.
+local function lane_depths(first)
+  local lanes = {}
+  for i = first, #ARGV do
+    local key = LANE .. ARGV[i]
+    local head = redis.call('LINDEX', key, 0)
+    local oldest = -1
+    if head then oldest = tonumber(redis.call('HGET', TASK .. head, 'created_at') or '-1') end
+    lanes[#lanes + 1] = {ARGV[i], redis.call('LLEN', key), oldest}
+  end
+  return lanes
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -6,14 +6,7 @@
 -- letters, stored bytes, {the breaker state each live worker published, '' if none}.
 local window, relay_prefix = tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
-local lanes = {}
-for i = 7, #ARGV do
-  local key = LANE .. ARGV[i]
-  local head = redis.call('LINDEX', key, 0)
-  local oldest = -1
-  if head then oldest = tonumber(redis.call('HGET', TASK .. head, 'created_at') or '-1') end
-  lanes[#lanes + 1] = {ARGV[i], redis.call('LLEN', key), oldest}
-end
+local lanes = lane_depths(7)
 local states = {}
 for _, worker in ipairs(redis.call('ZRANGEBYSCORE', K_WORKERS, now - window, '+inf')) do
   local raw = redis.call('GET', relay_prefix .. worker)

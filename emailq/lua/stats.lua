@@ -5,14 +5,7 @@
 -- the relay state JSON each live worker published.
 local window, relay_prefix = tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
-local lanes = {}
-for i = 7, #ARGV do
-  local key = LANE .. ARGV[i]
-  local head = redis.call('LINDEX', key, 0)
-  local oldest = -1
-  if head then oldest = tonumber(redis.call('HGET', TASK .. head, 'created_at') or '-1') end
-  lanes[#lanes + 1] = {ARGV[i], redis.call('LLEN', key), oldest}
-end
+local lanes = lane_depths(7)
 local minute = math.floor(now / 60000)
 local sent, failed = {}, {}
 for m = 0, 60 do

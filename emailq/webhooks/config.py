@@ -8,13 +8,12 @@ which file ids may not use.
 
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from emailq.configfile import read_config_file
 from emailq.errors import ConfigError
 from emailq.webhooks.models import Endpoint, Source
 from emailq.webhooks.targets import TargetRefused, check_url
@@ -25,16 +24,6 @@ MAX_ENDPOINTS = 100  # per installation, file and API together: each event fans 
 
 class WebhooksConfigError(ConfigError, ValueError):
     """``WEBHOOKS_FILE`` is unreadable or invalid; the message names the entry and field."""
-
-
-def _read(path: Path) -> Any:
-    try:
-        raw = path.read_bytes()
-        if path.suffix.lower() == ".json":
-            return json.loads(raw)
-        return tomllib.loads(raw.decode())
-    except (OSError, ValueError) as exc:
-        raise WebhooksConfigError(f"WEBHOOKS_FILE {path}: {exc}") from exc
 
 
 def _endpoint(path: Path, index: int, entry: Any, allow_private: bool) -> Endpoint:
@@ -65,7 +54,7 @@ def load_webhooks(path: Path | None, *, allow_private: bool) -> list[Endpoint]:
     """The endpoints of ``path`` (none when it is None), or ``WebhooksConfigError``."""
     if path is None:
         return []
-    data = _read(path)
+    data = read_config_file(path, "WEBHOOKS_FILE", WebhooksConfigError)
     entries = data.get("webhooks", []) if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise WebhooksConfigError(f"WEBHOOKS_FILE {path}: expected a list under 'webhooks'")
