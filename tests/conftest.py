@@ -48,6 +48,14 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
+def store(redis_url: str) -> Iterator[redis.Redis]:
+    """A direct view of Redis, to check what the API stored."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 async def queue(redis_url: str) -> AsyncIterator[Queue]:
     """A ``Queue`` on the session's Redis with default settings; closed after the test."""
     q = Queue.from_url(redis_url, timeout=2)

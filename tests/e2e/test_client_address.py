@@ -8,17 +8,17 @@ Other loopback addresses (127.0.0.2 ...) stand in for other peers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import redis
 
 from emailq.apikeys import hash_key
 from emailq.queue import Keys
 from emailq.settings import Settings
+from tests.helpers.api import peer
 from tests.helpers.polling import read_log, wait_until
 from tests.helpers.processes import Procs
 from tests.helpers.smtpd import Received, SmtpServer
@@ -38,19 +38,6 @@ subject = "Contact from {name}"
 allowed_origins = []
 redirect = "https://site.example/thanks"
 """
-
-
-def peer(base: str, source: str = "127.0.0.1") -> httpx.Client:
-    """A client whose socket comes from ``source`` (any 127.x address is this machine)."""
-    transport = httpx.HTTPTransport(local_address=source)
-    return httpx.Client(base_url=base, timeout=10, transport=transport)
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def auth_failure_keys(store: redis.Redis) -> list[str]:

@@ -26,6 +26,7 @@ from emailq.settings import Settings
 from tests.helpers.api import Api, all_succeeded
 from tests.helpers.polling import wait_for_log, wait_until
 from tests.helpers.processes import Procs
+from tests.helpers.queues import memory
 from tests.helpers.smtpd import Counts, SmtpServer, delayed_smtp
 
 pytestmark = pytest.mark.slow
@@ -79,15 +80,6 @@ class Load:
             thread.start()
         for thread in threads:
             thread.join()
-
-
-def memory(url: str) -> tuple[int, int]:
-    client = redis.Redis.from_url(url)
-    try:
-        info = client.info("memory")
-        return int(info["used_memory"]), int(info["maxmemory"])
-    finally:
-        client.close()
 
 
 def set_maxmemory(url: str, limit: int) -> None:

@@ -8,15 +8,15 @@ SMTP server and what Redis holds are counted after each refusal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 import redis
 
 from emailq.queue import Keys
 from emailq.settings import Settings
+from tests.helpers.api import peer
 from tests.helpers.polling import wait_until
 from tests.helpers.processes import Procs
 from tests.helpers.smtpd import SmtpServer
@@ -30,18 +30,6 @@ REMOTE = {"X-Forwarded-For": "203.0.113.5"}  # what a trusted local proxy says
 
 def mail(to: str = "user@example.com", body: str = "Hello") -> dict[str, Any]:
     return {"to": to, "subject": "Hi", "body": body}
-
-
-def peer(base: str, source: str = "127.0.0.1") -> httpx.Client:
-    transport = httpx.HTTPTransport(local_address=source)
-    return httpx.Client(base_url=base, timeout=10, transport=transport)
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def tasks(store: redis.Redis) -> int:

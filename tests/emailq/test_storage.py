@@ -14,14 +14,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import redis
 
 from emailq.coalesce import EnqueueCoalescer
 from emailq.devtools.redis_server import RedisServer
 from emailq.errors import QuotaExceeded, StoreFull, StoreUnavailable
 from emailq.models import Attempt, ClaimedJob, Job
 from emailq.queue import EnqueueItem, Idempotency, Queue, StoreLimits
-from tests.helpers.queues import fill_until_full
+from tests.helpers.queues import fill_until_full, memory
 
 LONG = 60_000  # a lease that never lapses during a test (ms)
 SHORT = 50  # a lease the test waits out (ms)
@@ -227,15 +226,6 @@ async def test_a_replay_costs_nothing_even_when_the_quota_is_full(redis_url: str
 # -- a full Redis -------------------------------------------------------------------------
 
 MAXMEMORY = 8 * 1024 * 1024
-
-
-def memory(url: str) -> tuple[int, int]:
-    client = redis.Redis.from_url(url)
-    try:
-        info = client.info("memory")
-        return int(info["used_memory"]), int(info["maxmemory"])
-    finally:
-        client.close()
 
 
 async def test_headroom_refuses_new_mail_before_redis_is_full(

@@ -122,3 +122,10 @@ def all_succeeded(results: dict[str, dict[str, Any]]) -> None:
     """Assert that every task of ``results`` (task id -> result) ended in success."""
     failed = {tid: r for tid, r in results.items() if r["status"] != "success"}
     assert not failed, failed
+
+
+def peer(base: str, source: str = "127.0.0.1") -> httpx.Client:
+    """A client of the API at ``base`` whose socket comes from ``source`` (any 127.x address
+    is this machine, and a different peer to the API)."""
+    transport = httpx.HTTPTransport(local_address=source)
+    return httpx.Client(base_url=base, timeout=10, transport=transport)

@@ -131,3 +131,13 @@ def fill_until_full(url: str) -> int:
         return n
     finally:
         client.close()
+
+
+def memory(url: str) -> tuple[int, int]:
+    """Redis's used_memory and maxmemory, in bytes."""
+    client = redis.Redis.from_url(url)
+    try:
+        info = client.info("memory")
+        return int(info["used_memory"]), int(info["maxmemory"])
+    finally:
+        client.close()

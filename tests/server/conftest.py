@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from emailq.settings import Settings
@@ -16,14 +15,6 @@ from tests.helpers.api import MAX_BODY, local_client
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings(max_body_bytes=MAX_BODY)
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    """A direct view of Redis, to check what the API stored."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 @pytest.fixture
