@@ -15,14 +15,13 @@ import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal, cast
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from emailq.models import Event
+from emailq.models import Event, iso
 from emailq.queue import Queue, event_of, store_errors
 from emailq.webhooks.config import API_ID_PREFIX, MAX_ENDPOINTS
 from emailq.webhooks.models import (
@@ -54,11 +53,6 @@ def delivery_id(event: Event, endpoint_id: str) -> str:
     return "msg_" + base64.b32encode(digest[:20]).decode().lower()
 
 
-def iso_ms(ms: int) -> str:
-    """Epoch milliseconds as an RFC 3339 UTC timestamp."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
 def _json_field(raw: str | None) -> Any:
     """A task field another feature stores as JSON (metadata, tags), or None."""
     if not raw:
@@ -73,7 +67,7 @@ def payload(event: Event, kind: WebhookEvent, task: dict[str, str | None]) -> by
     """The body of every attempt of one delivery: fixed when the delivery is created."""
     body = {
         "type": kind.value,
-        "created_at": iso_ms(event.time),
+        "created_at": iso(event.time),
         "data": {
             "task_id": event.task_id,
             "to": task.get("to"),
