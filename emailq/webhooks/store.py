@@ -38,7 +38,7 @@ from emailq.webhooks.models import (
 from emailq.webhooks.signing import new_secret
 
 FinishOutcome = Literal["succeeded", "retry", "failed"]
-_SCRIPTS = ("create", "claim", "finish", "replay", "endpoint")
+_SCRIPTS = ("create", "claim", "finish", "replay", "endpoint", "prune")
 _DELIVERY_FIELDS = ("endpoint", "type", "task_id", "status", "attempts", "created_at",
                     "updated_at", "next_attempt_at", "reason", "payload", "log")  # fmt: skip
 
@@ -217,6 +217,23 @@ class WebhookStore:
             with store_errors():
                 await self.redis.xack(self.keys.events, self.keys.webhook_group, *gone)
         return events
+
+    async def prune_consumers(self, idle_ms: int) -> list[str]:
+        """Delete the group's consumers idle ``idle_ms`` or more with nothing pending (dead
+        dispatchers); returns their names. A live one reads every few seconds."""
+        gone = await self._run("prune", [self.keys.events], [self.keys.webhook_group, idle_ms])
+        return [str(name) for name in gone]
+
+    async def leave_group(self, consumer: str) -> bool:
+        """Delete ``consumer`` from the group if nothing is pending for it (a clean stop)."""
+        with store_errors():
+            rows = await self.redis.xinfo_consumers(self.keys.events, self.keys.webhook_group)
+            mine = [r for r in rows if r.get("name") == consumer]
+            if not mine or int(mine[0].get("pending", 0)) != 0:
+                return False
+            await self.redis.xgroup_delconsumer(self.keys.events, self.keys.webhook_group,
+                                                consumer)  # fmt: skip
+        return True
 
     async def _tasks(self, events: Sequence[Event]) -> dict[str, dict[str, str | None]]:
         fields = ["to", "metadata", "tags"]
