@@ -47,6 +47,16 @@ def _script(name: str) -> str:
     return (resources.files("emailq") / "lua" / f"webhook_{name}.lua").read_text()
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _first_id(stream: dict[str, Any]) -> str:
+    first = stream.get("first-entry")
+    return str(first[0]) if first else str(stream.get("last-generated-id", "0-0"))
+
+
 def delivery_id(event: Event, endpoint_id: str) -> str:
     """The webhook-id of ``event`` for one endpoint: the same each time the event is read."""
     digest = hashlib.sha256(f"{event.id}|{event.task_id}|{endpoint_id}".encode()).digest()
@@ -217,6 +227,21 @@ class WebhookStore:
             with store_errors():
                 await self.redis.xack(self.keys.events, self.keys.webhook_group, *gone)
         return events
+
+    async def unread_trimmed(self) -> int | None:
+        """How many events the stream's cap trimmed before the group read them: 0 when none,
+        None when Redis cannot tell (its lag is unknown after an XDEL)."""
+        with store_errors():
+            stream = await self.redis.xinfo_stream(self.keys.events)
+            groups = await self.redis.xinfo_groups(self.keys.events)
+        group = next((g for g in groups if g["name"] == self.keys.webhook_group), None)
+        if group is None or group.get("lag") is None:
+            return None if group is not None else 0
+        # lag counts every entry added since the group's position; those still in the
+        # stream after it are the ones left to read, the rest were trimmed unread.
+        if _stream_id(group["last-delivered-id"]) >= _stream_id(_first_id(stream)):
+            return 0
+        return max(int(group["lag"]) - int(stream["length"]), 0)
 
     async def prune_consumers(self, idle_ms: int) -> list[str]:
         """Delete the group's consumers idle ``idle_ms`` or more with nothing pending (dead

@@ -52,3 +52,21 @@ async def test_leaving_the_group_keeps_a_consumer_that_holds_entries(queue: Queu
     assert await store.leave_group("done") is True
     assert await store.leave_group("busy") is False  # its entry must stay claimable
     assert await consumers(store) == {"busy": 1}
+
+
+async def test_events_trimmed_before_the_group_read_them_are_counted(redis_url: str) -> None:
+    queue = Queue.from_url(redis_url, timeout=2, events_maxlen=5)  # a tiny cap
+    try:
+        store = WebhookStore(queue)
+        await store.ensure_group()
+        await add(queue, "t", 1)
+        assert len(await store.read_events("d", 10, 1)) == 1
+        assert await store.unread_trimmed() == 0
+        await add(queue, "u", 300)  # no dispatcher reads while 300 events go by
+        length = int((await queue.redis.xinfo_stream(queue.keys.events))["length"])
+        assert length < 300  # the cap trimmed them (approximately: MAXLEN ~)
+        assert await store.unread_trimmed() == 300 - length
+        assert len(await store.read_events("d", 1000, 1)) == length
+        assert await store.unread_trimmed() == 0  # caught up: nothing more to report
+    finally:
+        await queue.close()

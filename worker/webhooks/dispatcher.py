@@ -105,6 +105,7 @@ class Dispatcher:
                     await self._record(await self.store.reclaim_events(
                         self.consumer, self.lease_ms, READ_COUNT))  # fmt: skip
                     await self._prune(GONE_AFTER_MS)
+                    await self._warn_if_trimmed()  # before the read moves the group past it
                     next_reclaim = time.monotonic() + self.lease_ms / 2000
                 await self._record(await self.store.read_events(self.consumer, READ_COUNT,
                                                                 READ_BLOCK_MS))  # fmt: skip
@@ -115,6 +116,13 @@ class Dispatcher:
     async def _prune(self, idle_ms: int) -> None:
         for name in await self.store.prune_consumers(idle_ms):
             log.info("removed webhook consumer %s: idle with nothing pending", name)
+
+    async def _warn_if_trimmed(self) -> None:
+        lost = await self.store.unread_trimmed()
+        if lost:
+            log.warning("%d event(s) were trimmed from the event stream before any webhook "
+                        "dispatcher read them, and their webhooks will not be sent: keep a "
+                        "dispatcher running, or raise EVENT_STREAM_MAXLEN", lost)  # fmt: skip
 
     async def _leave(self) -> None:
         """At a clean stop, leave the group if nothing is pending for this consumer (what
