@@ -297,7 +297,7 @@ def _store_errors(*, write: bool = False) -> Iterator[None]:
         name = exc.__class__.__name__
         if write and not isinstance(exc, NotConnected):
             raise StoreOutcomeUnknown(f"Redis did not answer a write: {name}") from exc
-        raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
+        raise StoreUnavailable(f"Redis is unavailable: {redisconn.reason(exc)}") from exc
     except ResponseError as exc:
         if is_out_of_memory(exc):
             raise StoreFull(FULL) from exc

@@ -40,14 +40,15 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
+    MasterNotFoundError,
     Sentinel,
     SentinelConnectionPool,
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from emailq.errors import ConfigError
@@ -67,6 +68,23 @@ class NotConnected(RedisConnectionError):
     """No connection could be had (the pool's wait, a refused or timed-out connect, no
     master known to Sentinel, a node that is now a replica): no command was sent on behalf
     of the call that got this."""
+
+
+def reason(exc: BaseException) -> str:
+    """Why Redis could not be used, in a few words: the error's name, and the settings to
+    check when it is a configuration's fault (a login or TLS refused, no master known).
+    Never the URL, nor anything of the password."""
+    cause = exc.__cause__ if isinstance(exc, NotConnected) and exc.__cause__ else exc
+    if isinstance(cause, AuthenticationError):
+        return "login refused (check the user and password in REDIS_URL)"
+    if isinstance(cause, MasterNotFoundError):
+        return ("no master known (check the sentinels and service in REDIS_URL, and "
+                "REDIS_SENTINEL_USERNAME/PASSWORD)")  # fmt: skip
+    if "SSL" in str(cause) or "certificate" in str(cause):
+        return "TLS failed (check REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_VALIDATE_CERTS)"
+    if isinstance(cause, ResponseError) and _is_read_only(cause):
+        return "READONLY (the node is a replica now: a failover?)"
+    return exc.__class__.__name__
 
 
 # -- parsing ------------------------------------------------------------------------------

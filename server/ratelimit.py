@@ -109,8 +109,8 @@ class RateLimits:
         except StorageError as exc:
             if is_out_of_memory(exc.storage_error):  # 507, as the store itself answers
                 raise StoreFull(FULL) from exc
-            name = exc.storage_error.__class__.__name__
-            raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
+            why = redisconn.reason(exc.storage_error)
+            raise StoreUnavailable(f"Redis is unavailable: {why}") from exc
         usage = Usage(limit=item.amount, remaining=max(0, stats.remaining),
                       reset_seconds=max(0, math.ceil(stats.reset_time - time.time())))  # fmt: skip
         if not allowed:
