@@ -47,7 +47,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedSSLConnection,
 )
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -219,8 +219,7 @@ def _warn_unverified(settings: Settings) -> None:
 def _is_read_only(exc: ResponseError) -> bool:
     # Redis 7 answers READONLY (redis-py's ReadOnlyError), from inside a script too; Redis 6
     # wraps a script's as "ERR Error running script ...: -READONLY ...".
-    text = str(exc)
-    return text.startswith("READONLY") or "-READONLY" in text or "READONLY You can't" in text
+    return isinstance(exc, ReadOnlyError) or "-READONLY" in str(exc)
 
 
 class _ReadOnlyIsNotConnected(AbstractConnection):
