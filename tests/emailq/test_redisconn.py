@@ -17,7 +17,7 @@ from emailq.queue import Queue, Replicas
 from emailq.redisconn import SentinelTarget, parse_sentinel_url
 from emailq.startup import load_settings
 
-SECRET = "pa55-w0rd"
+SECRET = "pa55-w0rd"  # noqa: S105  # a test's, to look for in what is printed
 
 
 def test_a_sentinel_url_names_its_sentinels_service_db_and_the_nodes_login() -> None:
