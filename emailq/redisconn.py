@@ -25,6 +25,7 @@ same way, as ``NotConnected``: a replica ran nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ def reason(exc: BaseException) -> str:
         return "TLS failed (check REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_VALIDATE_CERTS)"
     if isinstance(cause, ResponseError) and _is_read_only(cause):
         return "READONLY (the node is a replica now: a failover?)"
-    return exc.__class__.__name__
+    # redis-py's own texts name the host and port at most ("Error 111 connecting to ...").
+    return f"{cause.__class__.__name__}: {cause}" if str(cause) else cause.__class__.__name__
 
 
 # -- parsing ------------------------------------------------------------------------------
@@ -158,7 +160,8 @@ def _check_direct(url: str) -> None:
         aioredis.connection.parse_url(url)
     except ValueError as exc:
         # redis-py's message may quote the URL: say what is wrong without it.
-        what = "its port is not a number" if "port" in str(exc).lower() else "it does not parse"
+        bad_port = "port" in str(exc).lower()
+        what = "its port must be a number from 1 to 65535" if bad_port else "it does not parse"
         raise ConfigError(f"REDIS_URL: {what}") from None
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError("REDIS_URL: no host")
@@ -207,8 +210,10 @@ def uses_tls(url: str) -> bool:
     return scheme_of(url).startswith("rediss")
 
 
-def _warn_unverified(settings: Settings) -> None:
-    if uses_tls(settings.redis_url) and not settings.redis_validate_certs:
+@functools.cache
+def _warn_unverified(url: str, verify: bool) -> None:
+    # Once per process and URL, though the API builds two clients (queue, rate limits).
+    if uses_tls(url) and not verify:
         log.warning("REDIS_VALIDATE_CERTS=false: the Redis server's certificate is not "
                     "checked, so anyone on the network path can pose as Redis")  # fmt: skip
 
@@ -364,7 +369,7 @@ def connect(settings: Settings, use: Use) -> aioredis.Redis:
     MaxConnectionsError at once instead, which would turn a burst into 503s.
     """
     check_url(settings.redis_url)
-    _warn_unverified(settings)
+    _warn_unverified(settings.redis_url, settings.redis_validate_certs)
     if scheme_of(settings.redis_url) in SENTINEL_SCHEMES:
         return _sentinel(settings, use)
     return _direct(settings, use)

@@ -30,7 +30,7 @@ def test_a_sentinel_url_names_its_sentinels_service_db_and_the_nodes_login() -> 
 @pytest.mark.parametrize(("url", "says"), [
     ("http://h:6379/0", "the scheme must be"),
     ("h:6379", "the scheme must be"),
-    (f"redis://u:{SECRET}@h:port/0", "port is not a number"),
+    (f"redis://u:{SECRET}@h:port/0", "port must be a number"),
     (f"redis+sentinel://u:{SECRET}@s1:26379", "ends in /service_name"),
     (f"redis+sentinel://u:{SECRET}@s1:26379/mymaster/x", "must be a number"),
     (f"redis+sentinel://u:{SECRET}@s1:huh/mymaster", "is not host:port"),
