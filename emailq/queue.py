@@ -467,12 +467,23 @@ class Queue:
                 if isinstance(reply, NoScriptError):
                     await self.redis.script_load(script.script)
                     continue
-                for answer in (reply, confirmed):
-                    if isinstance(answer, Exception):
-                        raise answer
-                replicas.check(int(confirmed))
-                return reply
+                return self._replicated(reply, confirmed)
             raise StoreOutcomeUnknown("Redis lost the enqueue script twice in a row")
+
+    def _replicated(self, reply: Any, confirmed: Any) -> Any:
+        """enqueue.lua's reply once WAIT counted enough replicas; else the error it means."""
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(confirmed, Exception):
+            # The script ran on a master that a failover demoted before the WAIT ("WAIT cannot
+            # be used with replica instances"): its resync with the new master may drop it.
+            demoted = StoreOutcomeUnknown(
+                "stored on a Redis node that is a replica now (a failover?): it may be sent, "
+                "or lost"
+            )
+            raise demoted from confirmed
+        self.replicas.check(int(confirmed))
+        return reply
 
     async def store_encoded(
         self, encoded: Sequence[str], *, together: bool = False
