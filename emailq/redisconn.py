@@ -79,8 +79,8 @@ def reason(exc: BaseException) -> str:
     if isinstance(cause, AuthenticationError):
         return "login refused (check the user and password in REDIS_URL)"
     if isinstance(cause, MasterNotFoundError):
-        return ("no master known (check the sentinels and service in REDIS_URL, and "
-                "REDIS_SENTINEL_USERNAME/PASSWORD)")  # fmt: skip
+        return ("no master known (a failover under way; else check the sentinels and "
+                "service in REDIS_URL, and REDIS_SENTINEL_USERNAME/PASSWORD)")  # fmt: skip
     if "SSL" in str(cause) or "certificate" in str(cause):
         return "TLS failed (check REDIS_TLS_CA_FILE, REDIS_TLS_CERT_FILE, REDIS_VALIDATE_CERTS)"
     if isinstance(cause, ResponseError) and _is_read_only(cause):
