@@ -41,7 +41,6 @@ from collections.abc import Callable, Mapping
 from logging.handlers import QueueHandler, QueueListener
 from types import FrameType, MappingProxyType, TracebackType
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 from emailq.settings import LogFormat
 
@@ -398,10 +397,14 @@ def log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackTyp
 
 
 def redact_url(url: str) -> str:
-    """``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
+    """``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``; also for a list of
+    hosts (``redis+sentinel://u:p@h1:26379,h2:26379/mymaster``) and a ``?password=``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    # redis-py takes any connection option from the query, a password among them.
+    path = re.sub(r"((?:^|[?&])[^=&]*pass[^=&]*=)[^&]*", r"\1***", path, flags=re.IGNORECASE)
+    return f"{scheme}://{netloc}{slash}{path}"

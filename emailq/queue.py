@@ -61,14 +61,12 @@ from typing import Any, Literal, cast
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from emailq import labels
+from emailq import labels, redisconn
 from emailq.errors import QuotaExceeded, StoreFull, StoreOutcomeUnknown, StoreUnavailable
 from emailq.models import (
     LANES,
@@ -86,6 +84,7 @@ from emailq.models import (
     WorkerRelay,
     WorkerStatus,
 )  # fmt: skip
+from emailq.redisconn import NotConnected, Use
 from emailq.settings import Settings
 
 Outcome = Literal["success", "retry", "failed"]
@@ -227,6 +226,25 @@ class StoreLimits:
     task_overhead_bytes: int = TASK_OVERHEAD_BYTES
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """How many replicas must confirm a stored mail before it counts as stored, and how
+    long to wait for them (REDIS_WAIT_REPLICAS, REDIS_WAIT_TIMEOUT_SECONDS). 0: no wait."""
+
+    count: int = 0
+    timeout_seconds: float = 0.25
+
+    def check(self, confirmed: int) -> None:
+        """``StoreOutcomeUnknown`` unless ``confirmed`` replicas are enough."""
+        if confirmed < self.count:
+            # Stored on the master, which sends it unless a failover loses it first.
+            raise StoreOutcomeUnknown(
+                f"stored on the Redis master, but {confirmed} of {self.count} replicas "
+                f"(REDIS_WAIT_REPLICAS) confirmed it within {self.timeout_seconds}s: it may "
+                "be sent, or lost if the master fails now"
+            )
+
+
 def _refusal(kind: str, need: int, held: int, limit: int) -> StoreFull | QuotaExceeded:
     """The error for a request enqueue.lua refused, naming the setting that refused it."""
     if kind == "memory":
@@ -255,22 +273,6 @@ def _load_script(name: str) -> str:
     return (lua / "_prelude.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
-class NotConnected(RedisConnectionError):
-    """No connection could be had (the pool's wait, a refused or timed-out connect): no
-    command was sent on behalf of the call that got this."""
-
-
-class _Pool(aioredis.BlockingConnectionPool):
-    """redis-py's blocking pool, marking its own failures ``NotConnected``. redis-py takes
-    the connection before it sends, outside its retries, so such a failure sent nothing."""
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise NotConnected(f"{exc.__class__.__name__}: {exc}") from exc
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether Redis refused a write because it is at maxmemory (noeviction)."""
     # redis-py maps a plain "-OOM" reply to OutOfMemoryError (a ResponseError); from inside a
@@ -295,7 +297,7 @@ def _store_errors(*, write: bool = False) -> Iterator[None]:
         name = exc.__class__.__name__
         if write and not isinstance(exc, NotConnected):
             raise StoreOutcomeUnknown(f"Redis did not answer a write: {name}") from exc
-        raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
+        raise StoreUnavailable(f"Redis is unavailable: {redisconn.reason(exc)}") from exc
     except ResponseError as exc:
         if is_out_of_memory(exc):
             raise StoreFull(FULL) from exc
@@ -348,8 +350,10 @@ class Queue:
         success_ttl_seconds: int | None = None,
         limits: StoreLimits | None = None,
         events_maxlen: int = EVENTS_MAXLEN,
+        replicas: Replicas | None = None,
     ) -> None:
         self.redis = redis
+        self.replicas = replicas or Replicas()
         self.keys = Keys(prefix)
         self.max_attempts = max_attempts
         self.result_ttl_seconds = result_ttl_seconds
@@ -373,41 +377,23 @@ class Queue:
         max_connections: int = 64,
         **kwargs: Any,
     ) -> Queue:
-        """Shortcut: a client for ``url`` with bounded connect and read times, then ``Queue``.
-
-        One immediate retry replaces a pooled connection that died with a Redis restart;
-        more retries (redis-py's default) would stretch the API's 503 past its bound, and so
-        would a retry after a timeout (a stalled Redis times out again), which could also
-        leave a second copy of the command waiting in the stalled Redis's socket.
-        ``read_timeout`` must exceed any blocking wait the caller makes. The pool blocks
-        (up to ``timeout``) when all connections are busy: redis-py's plain pool raises
-        MaxConnectionsError at once instead, which would turn a burst into 503s.
-        """
-        pool = _Pool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            decode_responses=True,
-            socket_connect_timeout=timeout,
-            socket_timeout=read_timeout or timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            health_check_interval=30,
-        )
-        return cls(aioredis.Redis(connection_pool=pool), **kwargs)
+        """Shortcut for tests and tools: a client for ``url`` (every other setting at its
+        default) with bounded connect and read times (see ``emailq.redisconn.connect``)."""
+        use = Use(timeout, read_timeout, max_connections)
+        return cls(redisconn.connect(Settings.model_construct(redis_url=url), use), **kwargs)
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, read_timeout: float | None = None, max_connections: int = 64
     ) -> Queue:
         """The queue ``settings`` describe: the one way an entry point builds it (the API,
-        the worker, the CLI), so none can drift from the others on prefix, attempts, result
-        TTLs or storage limits. ``read_timeout`` and ``max_connections`` are how the caller
-        uses it (see ``from_url``), not configuration."""
-        return cls.from_url(
-            settings.redis_url,
-            timeout=settings.redis_timeout_seconds,
-            read_timeout=read_timeout,
-            max_connections=max_connections,
+        the worker, the CLI), so none can drift from the others on topology, prefix,
+        attempts, result TTLs, storage limits or replicas to wait for. ``read_timeout`` and
+        ``max_connections`` are how the caller uses it (see ``emailq.redisconn.connect``),
+        not configuration."""
+        use = Use(settings.redis_timeout_seconds, read_timeout, max_connections)
+        return cls(
+            redisconn.connect(settings, use),
             prefix=settings.redis_key_prefix,
             max_attempts=settings.max_attempts,
             result_ttl_seconds=settings.result_ttl_seconds,
@@ -418,12 +404,12 @@ class Queue:
                 settings.max_stored_bytes_per_key,
                 settings.redis_memory_headroom,
             ),
+            replicas=Replicas(settings.redis_wait_replicas, settings.redis_wait_timeout_seconds),
         )
 
     async def close(self) -> None:
         """Close the client and its pool."""
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        await redisconn.close(self.redis)
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless Redis answers."""
@@ -457,12 +443,47 @@ class Queue:
 
     async def _enqueue_raw(self, encoded: Sequence[str], *, together: bool) -> list[Any]:
         limits = self.limits
-        return list(await self._run(
-            "enqueue", limits.max_stored_bytes, limits.max_stored_bytes_per_key,
-            repr(limits.memory_headroom), limits.task_overhead_bytes,
-            "all" if together else "each", *encoded,
-            write=True,  # a failure says whether Redis may have stored them (_store_errors)
-        ))  # fmt: skip
+        args = (limits.max_stored_bytes, limits.max_stored_bytes_per_key,
+                repr(limits.memory_headroom), limits.task_overhead_bytes,
+                "all" if together else "each", *encoded)  # fmt: skip
+        if self.replicas.count:
+            return list(await self._enqueue_replicated(args))
+        # write: a failure says whether Redis may have stored them (_store_errors)
+        return list(await self._run("enqueue", *args, write=True))
+
+    async def _enqueue_replicated(self, args: Sequence[str | int]) -> Any:
+        """enqueue.lua, then WAIT on the same connection (one pipeline, one round trip):
+        WAIT counts the replicas that have this connection's writes so far."""
+        script = self._scripts["enqueue"]
+        keys = self.keys.shared_keys()
+        argv = [*self.keys.shared_args(self.events_maxlen), *args]
+        replicas = self.replicas
+        with _store_errors(write=True):
+            for _ in range(2):  # a second time after loading the script (NOSCRIPT ran nothing)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.evalsha(script.sha, len(keys), *keys, *argv)
+                pipe.wait(replicas.count, max(1, int(replicas.timeout_seconds * 1000)))
+                reply, confirmed = await pipe.execute(raise_on_error=False)
+                if isinstance(reply, NoScriptError):
+                    await self.redis.script_load(script.script)
+                    continue
+                return self._replicated(reply, confirmed)
+            raise StoreOutcomeUnknown("Redis lost the enqueue script twice in a row")
+
+    def _replicated(self, reply: Any, confirmed: Any) -> Any:
+        """enqueue.lua's reply once WAIT counted enough replicas; else the error it means."""
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(confirmed, Exception):
+            # The script ran on a master that a failover demoted before the WAIT ("WAIT cannot
+            # be used with replica instances"): its resync with the new master may drop it.
+            demoted = StoreOutcomeUnknown(
+                "stored on a Redis node that is a replica now (a failover?): it may be sent, "
+                "or lost"
+            )
+            raise demoted from confirmed
+        self.replicas.check(int(confirmed))
+        return reply
 
     async def store_encoded(
         self, encoded: Sequence[str], *, together: bool = False

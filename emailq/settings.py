@@ -28,7 +28,9 @@ from emailq.apikeys import (
     parse_allowed_senders,
     parse_api_keys,
 )
+from emailq.errors import ConfigError
 from emailq.netlists import IPNetwork, parse_networks, split_list
+from emailq.redisconn import check_url, uses_tls
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -78,6 +80,20 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     redis_key_prefix: str = Field(default="emailq", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
+    # TLS to Redis (rediss://, rediss+sentinel://): a private CA, and a client certificate
+    # with its key for servers that ask for one (tls-auth-clients).
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = Field(default=None, validate_default=True)
+    redis_validate_certs: bool = True
+    # Sentinel's own ACL user and password: the URL's user info is the data nodes'.
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    # Replicas that must hold each stored mail before the API answers 202 (Redis WAIT on the
+    # connection that stored it, once per group commit), so a failover cannot lose it.
+    # Fewer in REDIS_WAIT_TIMEOUT_SECONDS: 503 store_outcome_unknown. 0: no wait.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=32)
+    redis_wait_timeout_seconds: float = Field(default=0.25, gt=0, validate_default=True)
 
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=587, ge=1, le=65535)
@@ -238,6 +254,11 @@ class Settings(BaseSettings):
         "smtp_user",
         "smtp_pass",
         "smtp_ca_file",
+        "redis_tls_ca_file",
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
+        "redis_sentinel_username",
+        "redis_sentinel_password",
         "forms_file",
         "templates_dir",
         "dev_inbox_dir",
@@ -250,6 +271,47 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
         return None if value == "" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        try:
+            return check_url(value)
+        except ConfigError as exc:  # reported as every other setting is (emailq.startup)
+            raise ValueError(str(exc)) from None
+
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+    @classmethod
+    def _existing_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(info.field_name).upper()}: no such file")
+        return value
+
+    @field_validator("redis_tls_key_file")
+    @classmethod
+    def _tls_pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        cert = info.data.get("redis_tls_cert_file")
+        if (cert is None) != (key is None):
+            raise ValueError("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE: set both or neither")
+        url = info.data.get("redis_url")
+        tls_files = cert is not None or info.data.get("redis_tls_ca_file") is not None
+        # A forgotten "s" would send the traffic in the clear while the operator thinks
+        # it is protected.
+        if tls_files and url is not None and not uses_tls(url):
+            raise ValueError("REDIS_TLS_* files are set but REDIS_URL does not use TLS "
+                             "(rediss:// or rediss+sentinel://)")  # fmt: skip
+        return key
+
+    @field_validator("redis_wait_timeout_seconds")
+    @classmethod
+    def _wait_within_timeout(cls, value: float, info: ValidationInfo) -> float:
+        # WAIT's reply is read under the socket timeout: a longer WAIT would time out the
+        # read instead, and leave the connection mid-reply.
+        bound = info.data.get("redis_timeout_seconds")
+        if info.data.get("redis_wait_replicas") and bound is not None and value >= bound:
+            raise ValueError(f"REDIS_WAIT_TIMEOUT_SECONDS: must be less than "
+                             f"REDIS_TIMEOUT_SECONDS ({bound})")  # fmt: skip
+        return value
 
     @field_validator("api_keys", "allowed_recipients", "allowed_senders", mode="before")
     @classmethod

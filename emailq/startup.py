@@ -23,8 +23,10 @@ from emailq.settings import Settings
 # The exit status of a configuration error, like a command-line usage error.
 EXIT_CONFIG = 2
 
-# Never echoed back: a password, a URL that may carry one, a bearer token.
-_SECRET = frozenset({"smtp_pass", "redis_url", "metrics_token"})
+# Never echoed back: a password, a URL that may carry one, a bearer token (and the TLS key's
+# path, whose check is about the pair: its echo would only confuse).
+_SECRET = frozenset({"smtp_pass", "redis_url", "metrics_token", "redis_sentinel_password",
+                     "redis_tls_key_file"})  # fmt: skip
 _LONGEST_ECHO = 60
 
 

@@ -15,6 +15,7 @@ import logging
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from emailq import redisconn
 from emailq.errors import StoreUnavailable
 from emailq.models import TERMINAL, TaskRecord
 from emailq.queue import Queue
@@ -101,7 +102,8 @@ class ResultWaiter:
             try:
                 await self._subscribed()
             except (StoreUnavailable, RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("result subscription lost (%s); retrying in %.1fs", exc, delay)
+                why = exc if isinstance(exc, StoreUnavailable) else redisconn.reason(exc)
+                log.warning("result subscription lost (%s); retrying in %.1fs", why, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

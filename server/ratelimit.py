@@ -23,14 +23,15 @@ import time
 from dataclasses import dataclass
 
 import limits
-import redis.asyncio
 from fastapi import HTTPException, Request, Response
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 
+from emailq import redisconn
 from emailq.errors import StoreFull, StoreUnavailable
 from emailq.queue import FULL, Keys, is_out_of_memory
+from emailq.redisconn import Use
 from emailq.settings import Settings
 from server.auth import Principal
 from server.clientaddr import client_key
@@ -75,19 +76,18 @@ class RateLimits:
 
     def __init__(self, settings: Settings) -> None:
         keys = Keys(settings.redis_key_prefix)
-        # Our own pool, so the lifespan can close what it opened.
-        self._pool = redis.asyncio.ConnectionPool.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
+        # Our own client (limits' scripts expect bytes), built as the queue's is, for every
+        # topology; limits takes its pool, so the URL it is given only picks its Redis code.
+        self._client = redisconn.connect(
+            settings, Use(settings.redis_timeout_seconds, decode_responses=False)
         )
         storage = RedisStorage(
-            "async+" + settings.redis_url,
+            "async+redis://",
             wrap_exceptions=True,
             implementation="redispy",
             key_prefix=keys.rate_limit_prefix,
             # limits hands this on to redis.asyncio.Redis; its option type is too narrow.
-            connection_pool=self._pool,  # type: ignore[arg-type]
+            connection_pool=self._client.connection_pool,  # type: ignore[arg-type]
         )
         self._limiter = MovingWindowRateLimiter(storage)
         self.per_key = Budget.of("RATE_LIMIT_PER_KEY", settings.rate_limit_per_key)
@@ -97,7 +97,7 @@ class RateLimits:
 
     async def close(self) -> None:
         """Close the Redis connections."""
-        await self._pool.aclose()
+        await redisconn.close(self._client)
 
     async def hit(self, budget: Budget, *identifiers: str, whose: str, cost: int = 1) -> Usage:
         """Count ``cost`` against ``budget``; 429 when it would go over, naming the setting,
@@ -109,8 +109,8 @@ class RateLimits:
         except StorageError as exc:
             if is_out_of_memory(exc.storage_error):  # 507, as the store itself answers
                 raise StoreFull(FULL) from exc
-            name = exc.storage_error.__class__.__name__
-            raise StoreUnavailable(f"Redis is unavailable: {name}") from exc
+            why = redisconn.reason(exc.storage_error)
+            raise StoreUnavailable(f"Redis is unavailable: {why}") from exc
         usage = Usage(limit=item.amount, remaining=max(0, stats.remaining),
                       reset_seconds=max(0, math.ceil(stats.reset_time - time.time())))  # fmt: skip
         if not allowed:

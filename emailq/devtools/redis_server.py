@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -63,13 +64,18 @@ class RedisServer:
 
     def __init__(
         self, data_dir: Path, port: int | None = None, *, fsync: str = "everysec",
-        maxmemory: int = 0,
+        maxmemory: int = 0, extra_args: Sequence[str] = (),
     ) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.fixed_port = port
         self.port = port or 0
         self.fsync = fsync
         self.maxmemory = maxmemory
+        # More redis-server options (--replicaof, --tls-port, --user ...), for the tests'
+        # topologies. In one, {port} becomes the port chosen and {extra_port} a second free
+        # port chosen with it (a --tls-port beside the plain port the readiness check uses).
+        self.extra_args = tuple(extra_args)
+        self.extra_port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,6 +103,7 @@ class RedisServer:
 
     def _spawn(self) -> None:
         self.log_path.write_text("")  # this attempt's reasons only
+        self.extra_port = free_port() if self.extra_args else 0
         args = [
             find_redis_server(),
             "--port", str(self.port),
@@ -108,7 +115,11 @@ class RedisServer:
             "--maxmemory-policy", "noeviction",
             "--logfile", str(self.log_path.resolve()),
             "--maxmemory", str(self.maxmemory),
+            *(arg.format(port=self.port, extra_port=self.extra_port) for arg in self.extra_args),
         ]  # fmt: skip
+        self._exec(args)
+
+    def _exec(self, args: list[str]) -> None:
         # Own session: a Ctrl-C meant for the dev runner must not stop Redis before the
         # worker has drained.
         self.process = subprocess.Popen(  # noqa: S603  # fixed argv, no shell

@@ -1,0 +1,106 @@
+"""REDIS_URL and the REDIS_* settings: parsed once, refused in one line, never echoing a
+password; REDIS_WAIT_REPLICAS and READONLY against real servers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from emailq.devtools.redis_server import RedisServer
+from emailq.errors import ConfigError, StoreOutcomeUnknown, StoreUnavailable
+from emailq.logs import redact_url
+from emailq.models import Job
+from emailq.queue import Queue, Replicas
+from emailq.redisconn import SentinelTarget, parse_sentinel_url
+from emailq.startup import load_settings
+
+SECRET = "pa55-w0rd"  # noqa: S105  # a test's, to look for in what is printed
+
+
+def test_a_sentinel_url_names_its_sentinels_service_db_and_the_nodes_login() -> None:
+    target = parse_sentinel_url(f"redis+sentinel://app:{SECRET}@s1:26380,s2/mymaster/2")
+    assert target == SentinelTarget((("s1", 26380), ("s2", 26379)), "mymaster", 2, "app",
+                                    SECRET, tls=False)  # fmt: skip
+    assert parse_sentinel_url("rediss+sentinel://s1/cache").tls
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://h:6379/0", "the scheme must be"),
+    ("h:6379", "the scheme must be"),
+    (f"redis://u:{SECRET}@h:port/0", "port must be a number"),
+    (f"redis+sentinel://u:{SECRET}@s1:26379", "ends in /service_name"),
+    (f"redis+sentinel://u:{SECRET}@s1:26379/mymaster/x", "must be a number"),
+    (f"redis+sentinel://u:{SECRET}@s1:huh/mymaster", "is not host:port"),
+    (f"redis+cluster://u:{SECRET}@h1:7000,h2:7001", "not supported by this build yet"),
+])  # fmt: skip
+def test_a_bad_url_is_one_line_naming_redis_url_without_the_password(url: str, says: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_env_file=None, redis_url=url)
+    text = str(refused.value)
+    assert text.startswith("REDIS_URL:")
+    assert says in text
+    assert SECRET not in text
+    assert "\n" not in text
+
+
+def test_tls_files_are_checked_at_startup(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("-")
+    cases = [
+        ({"redis_tls_ca_file": tmp_path / "missing.pem"}, "REDIS_TLS_CA_FILE: no such file"),
+        ({"redis_tls_cert_file": pem}, "set both or neither"),
+        ({"redis_url": "redis://h/0", "redis_tls_ca_file": pem}, "does not use TLS"),
+    ]
+    for values, says in cases:
+        values.setdefault("redis_url", "rediss://h:6380/0")
+        with pytest.raises(ConfigError, match=says):
+            load_settings(_env_file=None, **values)
+
+
+def test_the_replica_wait_must_fit_in_the_redis_timeout() -> None:
+    with pytest.raises(ConfigError, match="REDIS_WAIT_TIMEOUT_SECONDS: must be less than"):
+        load_settings(_env_file=None, redis_wait_replicas=1, redis_wait_timeout_seconds=0.5)
+    # Without replicas to wait for, the timeout is not used, so not checked.
+    load_settings(_env_file=None, redis_timeout_seconds=0.1)
+
+
+def test_redacted_urls_keep_the_hosts_and_drop_every_password() -> None:
+    assert redact_url(f"redis+sentinel://u:{SECRET}@s1:26379,s2:26379/m/0") == \
+        "redis+sentinel://***@s1:26379,s2:26379/m/0"  # fmt: skip
+    assert SECRET not in redact_url(f"redis://h:6379/0?password={SECRET}&db=1")
+
+
+async def test_too_few_replicas_is_outcome_unknown_though_stored(redis_url: str) -> None:
+    # A lone node has no replica: WAIT 1 answers 0, and the caller must not take it as
+    # stored-for-sure (nor as not stored: the master has it, and sends it).
+    queue = Queue(Queue.from_url(redis_url, timeout=2).redis, replicas=Replicas(1, 0.05))
+    try:
+        with pytest.raises(StoreOutcomeUnknown, match="0 of 1 replicas"):
+            await queue.enqueue("t1", Job(to="a@example.com", subject="s", text="b"),
+                                request_id="r")  # fmt: skip
+        assert (await queue.get("t1")) is not None
+    finally:
+        await queue.close()
+
+
+async def test_a_replica_answering_readonly_is_not_stored_not_unknown(
+    redis_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    # A client still connected to a demoted master: READONLY means it ran nothing.
+    master = redis_factory()
+    replica = RedisServer(tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1",
+                                                            str(master.port)])  # fmt: skip
+    replica.start()
+    queue = Queue.from_url(replica.url, timeout=2)
+    try:
+        with pytest.raises(StoreUnavailable, match="READONLY") as refused:
+            await queue.enqueue("t1", Job(to="a@example.com", subject="s", text="b"),
+                                request_id="r")  # fmt: skip
+        assert not isinstance(refused.value, StoreOutcomeUnknown)
+    finally:
+        await queue.close()
+        replica.stop()
+    assert redis.Redis(port=master.port).exists("{emailq}:task:t1") == 0
