@@ -33,6 +33,8 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:webhooks:index:<ep>   zset  delivery id -> created (ms): one endpoint's
     {emailq}:webhooks:failed:<ep>  zset  delivery id -> failed at (ms): its failed ones
     (consumer group 'webhooks' on {emailq}:events: where the dispatchers have read to)
+    {emailq}:wait:fence        str   written before each WAIT (REDIS_WAIT_REPLICAS), so the
+                               WAIT covers every earlier write, an idempotent replay's too
     {emailq}:relay:rate        hash  the relay's shared send rate (send_rate.lua): current
                                      rate, next free slot, last throttle cut (1 h)
     {emailq}:relay:worker:<id> str   one worker's circuit breaker state, JSON (3 leases)
@@ -133,6 +135,7 @@ class Keys:
         self.done_channel = f"{self.base}:done"
         self.events = f"{self.base}:events"
         self.relay_rate = f"{self.base}:relay:rate"
+        self.wait_fence = f"{self.base}:wait:fence"
         self.relay_state_prefix = f"{self.base}:relay:worker:"
         self.webhook_endpoints = f"{self.base}:webhooks:endpoints"
         self.webhook_due = f"{self.base}:webhooks:due"
@@ -462,8 +465,11 @@ class Queue:
             for _ in range(2):  # a second time after loading the script (NOSCRIPT ran nothing)
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.evalsha(script.sha, len(keys), *keys, *argv)
+                # A replay writes nothing, and WAIT counts only this connection's writes:
+                # one write here puts every earlier write (the replayed task's) under it.
+                pipe.incr(self.keys.wait_fence)
                 pipe.wait(replicas.count, max(1, int(replicas.timeout_seconds * 1000)))
-                reply, confirmed = await pipe.execute(raise_on_error=False)
+                reply, _, confirmed = await pipe.execute(raise_on_error=False)
                 if isinstance(reply, NoScriptError):
                     await self.redis.script_load(script.script)
                     continue
@@ -474,6 +480,8 @@ class Queue:
         """enqueue.lua's reply once WAIT counted enough replicas; else the error it means."""
         if isinstance(reply, Exception):
             raise reply
+        if all(isinstance(r, list) and r[0] == "refused" for r in reply):
+            return reply  # nothing was stored: a refusal is the answer, replicas or not
         if isinstance(confirmed, Exception):
             # The script ran on a master that a failover demoted before the WAIT ("WAIT cannot
             # be used with replica instances"): its resync with the new master may drop it.

@@ -3,6 +3,8 @@ password; REDIS_WAIT_REPLICAS and READONLY against real servers."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,12 +12,13 @@ import pytest
 import redis
 
 from emailq.devtools.redis_server import RedisServer
-from emailq.errors import ConfigError, StoreOutcomeUnknown, StoreUnavailable
+from emailq.errors import ConfigError, StoreFull, StoreOutcomeUnknown, StoreUnavailable
 from emailq.logs import redact_url
 from emailq.models import Job
-from emailq.queue import Queue, Replicas
+from emailq.queue import EnqueueItem, Idempotency, Queue, Replicas, StoreLimits
 from emailq.redisconn import SentinelTarget, parse_sentinel_url
 from emailq.startup import load_settings
+from tests.helpers.polling import wait_until
 
 SECRET = "pa55-w0rd"  # noqa: S105  # a test's, to look for in what is printed
 
@@ -104,3 +107,53 @@ async def test_a_replica_answering_readonly_is_not_stored_not_unknown(
         await queue.close()
         replica.stop()
     assert redis.Redis(port=master.port).exists("{emailq}:task:t1") == 0
+
+
+async def test_a_refusal_under_the_replica_wait_is_a_refusal(redis_url: str) -> None:
+    # Nothing was stored, so there is nothing for replicas to confirm: the client must hear
+    # the 507 (or 429), not a 503 "may have been stored".
+    base = Queue.from_url(redis_url, timeout=2).redis
+    queue = Queue(base, replicas=Replicas(1, 0.05), limits=StoreLimits(max_stored_bytes=10))
+    try:
+        with pytest.raises(StoreFull):
+            await queue.enqueue("t1", Job(to="a@example.com", subject="s", text="b" * 100),
+                                request_id="r")  # fmt: skip
+        assert (await queue.get("t1")) is None
+    finally:
+        await queue.close()
+
+
+async def test_a_replay_waits_for_the_replica_like_the_first_try(
+    redis_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    # The first try was stored but no replica confirmed it (503, outcome unknown); the
+    # client retries with its Idempotency-Key on another connection. The replay writes
+    # nothing, and a WAIT with no write of its own would count the stalled replica as
+    # caught up: a 202 for a mail the replica never got.
+    master = redis_factory()
+    replica = RedisServer(tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1",
+                                                            str(master.port)])  # fmt: skip
+    replica.start()
+    assert replica.process is not None
+    pid = replica.process.pid
+    mail = Job(to="a@example.com", subject="s", text="b")
+    once = Idempotency("key", "retry-me", "f" * 64)
+    first = Queue(Queue.from_url(master.url, timeout=2).redis, replicas=Replicas(1, 0.2))
+    second = Queue(Queue.from_url(master.url, timeout=2).redis, replicas=Replicas(1, 0.2))
+    try:
+        info = redis.Redis(port=master.port).info
+        wait_until(lambda: info("replication").get("slave0", {}).get("state") == "online",
+                   what="the replica in sync")  # fmt: skip
+        await first.enqueue_once(EnqueueItem("t1", mail, "r"), once)  # the replica confirms
+        os.kill(pid, signal.SIGSTOP)  # connected, but acknowledges nothing more
+        with pytest.raises(StoreOutcomeUnknown):
+            await first.enqueue_once(EnqueueItem("t2", mail, "r"),
+                                     Idempotency("key", "retry-me-2", "f" * 64))  # fmt: skip
+        with pytest.raises(StoreOutcomeUnknown):
+            await second.enqueue_once(EnqueueItem("t3", mail, "r"),
+                                      Idempotency("key", "retry-me-2", "f" * 64))  # fmt: skip
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await first.close()
+        await second.close()
+        replica.stop()
