@@ -398,10 +398,10 @@ def log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackTyp
 
 
 def redact_url(url: str) -> str:
-    """``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``."""
+    """``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``; the hosts of a
+    cluster URL (``redis+cluster://u:p@h1:7000,h2:7001``) are kept as written."""
     parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
+    _userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at:
         return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=f"***@{hosts}"))

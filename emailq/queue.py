@@ -19,7 +19,8 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:workers           zset  worker id -> last heartbeat (ms)
     {emailq}:fairness          str   claim counter that gives lower lanes their share
     {emailq}:stats:<s>:<min>   str   tasks finished with status s in that minute (2 h)
-    {emailq}:done              pub/sub channel: a task id each time one finishes
+    {emailq}:done              pub/sub channel: a task id each time one finishes (sharded
+                                     pub/sub, SPUBLISH, on a Redis Cluster)
     {emailq}:events            stream every state change of every task (EventType), written
                                      by the script that makes it; capped near
                                      EVENT_STREAM_MAXLEN entries
@@ -61,6 +62,7 @@ from typing import Any, Literal, cast
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -69,7 +71,13 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from emailq import labels
-from emailq.errors import QuotaExceeded, StoreFull, StoreOutcomeUnknown, StoreUnavailable
+from emailq.errors import (
+    NotConnected,
+    QuotaExceeded,
+    StoreFull,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
 from emailq.models import (
     LANES,
     Attempt,
@@ -86,6 +94,7 @@ from emailq.models import (
     WorkerRelay,
     WorkerStatus,
 )  # fmt: skip
+from emailq.rediscluster import ShardedListener, cluster_client, is_cluster_url
 from emailq.settings import Settings
 
 Outcome = Literal["success", "retry", "failed"]
@@ -187,10 +196,11 @@ class Keys:
         return [self.scheduled, self.leases, self.wake, self.failed, self.workers, self.fairness,
                 self.stored, self.events]  # fmt: skip
 
-    def shared_args(self, events_maxlen: int) -> list[str | int]:
-        """The first ARGV of every script: prefixes, the done channel, the event stream's cap."""
+    def shared_args(self, events_maxlen: int, publish: str = "PUBLISH") -> list[str | int]:
+        """The first ARGV of every script: prefixes, the done channel, the event stream's
+        cap, and the command that publishes on the done channel (SPUBLISH on a cluster)."""
         return [self.task_prefix, self.lane_prefix, self.stats_prefix, self.done_channel,
-                events_maxlen]  # fmt: skip
+                events_maxlen, publish]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -253,11 +263,6 @@ def _refusal(kind: str, need: int, held: int, limit: int) -> StoreFull | QuotaEx
 def _load_script(name: str) -> str:
     lua = resources.files("emailq") / "lua"
     return (lua / "_prelude.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-
-
-class NotConnected(RedisConnectionError):
-    """No connection could be had (the pool's wait, a refused or timed-out connect): no
-    command was sent on behalf of the call that got this."""
 
 
 class _Pool(aioredis.BlockingConnectionPool):
@@ -335,12 +340,16 @@ def _record(task_id: str, raw: dict[str, Any]) -> TaskRecord:
     return TaskRecord.model_validate({"task_id": task_id, **values})
 
 
+# A plain Redis (redis://, rediss://, unix://) or a Redis Cluster (emailq.rediscluster).
+Client = aioredis.Redis | RedisCluster
+
+
 class Queue:
     """Enqueue, claim, renew, finish, read and manage tasks. Takes a ready client."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Client,
         *,
         prefix: str = "emailq",
         max_attempts: int = 3,
@@ -358,6 +367,9 @@ class Queue:
         self.success_ttl_seconds = success_ttl_seconds or result_ttl_seconds
         self.limits = limits or StoreLimits()
         self.events_maxlen = events_maxlen
+        # Sharded pub/sub keeps a cluster's notices on the shard that owns the channel; a
+        # plain Redis keeps PUBLISH, which Redis before 7.0 also has.
+        self.publish = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load_script(name)) for name in _SCRIPTS
         }
@@ -382,7 +394,11 @@ class Queue:
         ``read_timeout`` must exceed any blocking wait the caller makes. The pool blocks
         (up to ``timeout``) when all connections are busy: redis-py's plain pool raises
         MaxConnectionsError at once instead, which would turn a burst into 503s.
+        ``redis+cluster://`` makes a Redis Cluster client with the same bounds.
         """
+        if is_cluster_url(url):
+            return cls(cluster_client(url, timeout=timeout, read_timeout=read_timeout or timeout,
+                                      max_connections=max_connections), **kwargs)  # fmt: skip
         pool = _Pool.from_url(
             url,
             max_connections=max_connections,
@@ -423,7 +439,8 @@ class Queue:
     async def close(self) -> None:
         """Close the client and its pool."""
         await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        if isinstance(self.redis, aioredis.Redis):
+            await self.redis.connection_pool.disconnect()
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless Redis answers."""
@@ -438,7 +455,7 @@ class Queue:
     ) -> Any:
         """Call a script made with ``_load_script`` (the prelude's shared keys and
         arguments first, then ``args``), with Redis errors converted (see _store_errors)."""
-        shared = self.keys.shared_args(self.events_maxlen)
+        shared = self.keys.shared_args(self.events_maxlen, self.publish)
         with _store_errors(write=write):
             return await script(self.keys.shared_keys(), [*shared, *args])
 
@@ -691,8 +708,10 @@ class Queue:
         rows = cast("list[tuple[str, dict[str, str]]]", reply)
         return [_event(entry_id, fields) for entry_id, fields in rows]
 
-    def done_listener(self) -> PubSub:
+    def done_listener(self) -> PubSub | ShardedListener:
         """A pub/sub connection for the channel that names each task as it finishes."""
+        if isinstance(self.redis, RedisCluster):
+            return ShardedListener(self.redis)
         return self.redis.pubsub(ignore_subscribe_messages=True)
 
     # -- working ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from emailq.apikeys import (
     parse_api_keys,
 )
 from emailq.netlists import IPNetwork, parse_networks, split_list
+from emailq.rediscluster import is_cluster_url, parse_cluster_url
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -250,6 +251,15 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `SMTP_USER=` in a .env file means "no login", not a login as the empty user.
         return None if value == "" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _cluster_url(cls, value: str) -> str:
+        # A redis+cluster:// URL is parsed here, not at the first command: a typo is one
+        # line at startup (the message never quotes the password).
+        if is_cluster_url(value):
+            parse_cluster_url(value)
+        return value
 
     @field_validator("api_keys", "allowed_recipients", "allowed_senders", mode="before")
     @classmethod

@@ -1,0 +1,168 @@
+"""A real Redis Cluster (3 masters, 3 replicas) through ``REDIS_URL=redis+cluster://``:
+the original flow across real processes, then a ``kill -9`` of the master that owns the
+``{emailq}`` slot under steady load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from emailq.settings import Settings
+from tests.helpers.api import TERMINAL, Api, all_succeeded
+from tests.helpers.cluster import LocalCluster, cluster_skip_reason
+from tests.helpers.polling import read_log, wait_until
+from tests.helpers.processes import Procs, settings_env
+from tests.helpers.smtpd import Counts, SmtpServer
+
+SLOT_KEY = "{emailq}"  # every key of the default prefix hashes to this one's slot
+FAILOVER_TIMEOUT = 30.0  # bounds a failing test only
+
+pytestmark = pytest.mark.skipif(bool(cluster_skip_reason()), reason=cluster_skip_reason())
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    started = LocalCluster(tmp_path / "cluster")
+    try:
+        started.start()
+        yield started
+    finally:
+        started.stop()
+
+
+def cli(settings: Settings, cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The ``emailq`` command as an operator runs it, with ``settings`` in its environment."""
+    command = [sys.executable, "-m", "emailq.cli", *argv]
+    return subprocess.run(command, env=settings_env(settings), cwd=cwd, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+
+
+def test_original_flow_wait_rate_limits_events_and_cli_on_a_cluster(
+    procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer,
+    cluster: LocalCluster, tmp_path: Path,
+) -> None:  # fmt: skip
+    settings = make_settings(redis_url=cluster.url(), rate_limit_per_key="1000/minute")
+    base = procs.api(settings)
+    worker = procs.worker(settings)
+    client = httpx.Client(base_url=base, timeout=10)
+
+    response = client.post("/api/v1/email/received",
+                           json={"to": "user@example.com", "subject": "Hello {username}",
+                                 "body": "Hi", "username": "Ada"})  # fmt: skip
+    assert response.status_code == 202, response.text
+    assert response.headers["RateLimit-Limit"] == "1000"  # counted in the cluster
+    task_id = response.json()["task_id"]
+    # wait= returns on the finish notice, SPUBLISHed by the script, SSUBSCRIBEd by the API.
+    result = client.get("/api/v1/email/result", params={"task_id": task_id, "wait": 20}).json()
+    assert result["status"] == "success", result
+    assert result["attempt_log"][0]["code"] == 250
+    [mail] = smtp.handler.received
+    assert mail.task_id == task_id
+    assert mail.message["Subject"] == "Hello Ada"
+
+    # The event stream (XRANGE/XREAD on the slot's master) as the admin API serves it.
+    with client.stream("GET", "/api/v1/admin/events", headers={"Last-Event-ID": "0"}) as sse:
+        seen = []
+        for line in sse.iter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:])["type"])
+            if "sent" in seen:
+                break
+    assert seen[:1] == ["accepted"]
+
+    # The CLI: a send, its wait (the waiter, from another process), and the stats.
+    sent = cli(settings, tmp_path, "send", "--to", "cli@example.com", "--subject", "s",
+               "--body", "b")  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    status = cli(settings, tmp_path, "status", sent.stdout.strip(), "--wait", "20", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["status"] == "success"
+    stats = cli(settings, tmp_path, "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["live_workers"] == 1
+    assert worker.poll() is None
+
+
+def settled(api: Api, task_id: str) -> bool:
+    """Is the task final, or unknown to the cluster (its 202 was lost with a master)?"""
+    response = api.client.get("/api/v1/email/result", params={"task_id": task_id})
+    return response.status_code == 404 or response.json()["status"] in TERMINAL
+
+
+class Load:
+    """POSTs one mail after another from a thread until stopped; records every answer."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.accepted: list[str] = []
+        self.statuses: Counter[int] = Counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=10) as client:
+            n = 0
+            while not self.stop.is_set() and n < 5000:  # bounded, whatever happens
+                n += 1
+                body = {"to": f"user{n}@example.com", "subject": f"load {n}", "body": "hi"}
+                response = client.post("/api/v1/email/received", json=body)
+                self.statuses[response.status_code] += 1
+                if response.status_code == 202:
+                    self.accepted.append(response.json()["task_id"])
+                else:
+                    time.sleep(0.02)  # as a client backs off on a 503
+
+    def accepted_after(self, count: int) -> bool:
+        return len(self.accepted) >= count
+
+
+def test_kill_9_of_the_slot_master_under_load_fails_over_without_restarts(
+    procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer,
+    cluster: LocalCluster,
+) -> None:  # fmt: skip
+    settings = make_settings(redis_url=cluster.url(), worker_concurrency=4,
+                             job_lease_seconds=5.0)  # fmt: skip
+    base = procs.api(settings)
+    worker = procs.worker(settings)
+    load = Load(base)
+    load.thread.start()
+    try:
+        wait_until(lambda: load.accepted_after(20), what="steady load")
+        old = cluster.master_of(SLOT_KEY)
+        cluster.kill(old)
+        wait_until(lambda: cluster.promoted(old, SLOT_KEY), what="a replica promoted",
+                   timeout=FAILOVER_TIMEOUT)  # fmt: skip
+        after = len(load.accepted)
+        wait_until(lambda: load.accepted_after(after + 20), what="202s from the new master",
+                   timeout=FAILOVER_TIMEOUT)  # fmt: skip
+    finally:
+        load.stop.set()
+        load.thread.join()
+
+    print(f"answers during the failover: {dict(load.statuses)}")
+    assert set(load.statuses) <= {202, 503}, load.statuses
+    assert load.statuses[503] > 0, "the kill must have been felt"  # else it proved nothing
+    # Until every accepted task is final, or unknown (lost with the old master).
+    api = Api(base)
+    wait_until(lambda: all(settled(api, task_id) for task_id in load.accepted),
+               what="every accepted task final or unknown", timeout=FAILOVER_TIMEOUT)  # fmt: skip
+    # With asynchronous replication a 202 whose write had not reached the replica when
+    # the master died is lost (REDIS_WAIT_REPLICAS closes that window): counted, not
+    # asserted here. Everything the new master holds is sent once.
+    counts = Counts.of(load.accepted, smtp.handler).report("cluster failover (async)")
+    assert worker.poll() is None, "the worker must ride out the failover in the same process"
+    assert counts.duplicated <= settings.worker_concurrency  # only sends in flight at the kill
+    assert "Traceback" not in read_log(worker)
+    known = [task_id for task_id in load.accepted if api.client.get(
+        "/api/v1/email/result", params={"task_id": task_id}).status_code == 200]  # fmt: skip
+    print(f"tasks the new master does not know: {counts.accepted - len(known)}")
+    all_succeeded(api.results(known))
