@@ -187,6 +187,16 @@ class QueueCluster(RedisCluster):
         finally:
             _CALL.reset(token)
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> QueueCluster:
+        """Read the slot map from a startup node (see ``RedisCluster.initialize``); none
+        reachable, or none in cluster mode, is ``NotConnected``: multi-key commands (DEL,
+        EXISTS) call this before their pipeline, outside ``execute_command``."""
+        try:
+            await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise NotConnected(f"Redis Cluster: {exc}") from exc
+        return self
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command on the node that owns its slot (see ``accounted``)."""
         return await self.accounted(lambda: super(QueueCluster, self).execute_command(

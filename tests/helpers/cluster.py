@@ -113,6 +113,15 @@ class LocalCluster:
         return all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
                    for i in infos)  # fmt: skip
 
+    def master_nodes(self) -> list[Node]:
+        """The live nodes that are masters now."""
+        found = []
+        for node in self.live():
+            with node.client() as client:
+                if client.info("replication").get("role") == "master":
+                    found.append(node)
+        return found
+
     def replicas_synced(self) -> bool:
         """Every replica has a live link to its master and has loaded its first sync."""
         links = 0
@@ -133,6 +142,14 @@ class LocalCluster:
                 if int(start) <= slot <= int(end):
                     port = int(master[1])
         return next(node for node in self.nodes if node.port == port)
+
+    def prefix_on(self, node: Node) -> str:
+        """A REDIS_KEY_PREFIX whose hash tag lands on ``node``'s slots: tenant0, tenant1, ..."""
+        for n in range(1000):
+            prefix = f"tenant{n}"
+            if self.master_of("{" + prefix + "}").port == node.port:
+                return prefix
+        raise AssertionError(f"no prefix of the first 1000 lands on {node.address}")
 
     def kill(self, node: Node) -> None:
         """``kill -9``."""
