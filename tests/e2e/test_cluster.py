@@ -176,6 +176,10 @@ def test_kill_9_of_the_slot_master_under_load_fails_over_without_restarts(
         load.thread.join()
 
     print(f"answers during the failover: {dict(load.statuses)}")
+    # The API's wait= subscription moved to the new master (SSUBSCRIBE is per shard).
+    new = cluster.master_of(SLOT_KEY)
+    wait_until(lambda: new.shard_subscribers("{emailq}:done") >= 1,
+               what="the done channel subscribed on the new master")  # fmt: skip
     assert set(load.statuses) <= {202, 503}, load.statuses
     assert load.statuses[503] > 0, "the kill must have been felt"  # else it proved nothing
     # Until every accepted task is final, or unknown (lost with the old master).

@@ -44,6 +44,12 @@ class Node:
         return redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=0.5,
                            decode_responses=True)  # fmt: skip
 
+    def shard_subscribers(self, channel: str) -> int:
+        """How many clients of this node subscribe to ``channel`` (sharded pub/sub)."""
+        with self.client() as client:
+            [(_, count)] = client.pubsub_shardnumsub(channel)
+        return int(count)
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
