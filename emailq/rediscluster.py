@@ -117,17 +117,29 @@ def _lost_on_error() -> Iterator[None]:
         raise
 
 
+@contextmanager
+def _closed_under_us() -> Iterator[None]:
+    """redis-py's cluster client, on CLUSTERDOWN, closes every connection of every node,
+    those other tasks are using included: their socket is then gone mid-call, which shows
+    as an AttributeError on it. A lost connection, like any other."""
+    try:
+        yield
+    except AttributeError as exc:
+        raise RedisConnectionError("connection closed while in use") from exc
+
+
 class _CountedConnection(Connection):
     """A node connection that tells its call when a command went out unanswered."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if not self.is_connected:  # a failure here sent nothing
-            await self.connect_check_health(check_health=False)
-        with _lost_on_error():
-            await super().send_packed_command(command, check_health)
+        with _closed_under_us():  # outside: a send without a socket sent nothing
+            if not self.is_connected:  # a failure here sent nothing
+                await self.connect_check_health(check_health=False)
+            with _lost_on_error():
+                await super().send_packed_command(command, check_health)
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        with _lost_on_error():
+        with _lost_on_error(), _closed_under_us():
             return await super().read_response(*args, **kwargs)
 
 

@@ -32,9 +32,13 @@ FAILOVER_TIMEOUT = 30.0  # bounds a failing test only
 pytestmark = pytest.mark.skipif(bool(cluster_skip_reason()), reason=cluster_skip_reason())
 
 
+PASSWORD = "cluster-pw-never-logged"  # noqa: S105  # a test's own password
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    started = LocalCluster(tmp_path / "cluster")
+    """A cluster whose only user is an ACL user with a password, as managed ones are."""
+    started = LocalCluster(tmp_path / "cluster", auth=("emailq", PASSWORD))
     try:
         started.start()
         yield started
@@ -68,6 +72,8 @@ def test_original_flow_wait_rate_limits_events_webhooks_and_cli_on_a_cluster(
                    what="email.sent webhooks")  # fmt: skip
     assert receiver.unverified == []
     assert worker.poll() is None
+    for log in tmp_path.glob("*.log"):  # the API's, the worker's, the dispatcher's
+        assert PASSWORD not in log.read_text(errors="replace"), log.name
 
 
 def flow(client: httpx.Client, settings: Settings, tmp_path: Path, smtp: SmtpServer

@@ -34,6 +34,7 @@ class Node:
     port: int
     bus_port: int
     data_dir: Path
+    auth: tuple[str, str] | None = None  # an ACL user and its password
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,7 +42,9 @@ class Node:
         return f"127.0.0.1:{self.port}"
 
     def client(self) -> redis.Redis:
+        username, password = self.auth or (None, None)
         return redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=0.5,
+                           username=username, password=password,
                            decode_responses=True)  # fmt: skip
 
     def shard_subscribers(self, channel: str) -> int:
@@ -70,18 +73,22 @@ class LocalCluster:
     tmp: Path
     masters: int = 3
     replicas: int = 1
+    # With an ACL user: the only one (the default user is off), as a managed cluster has.
+    auth: tuple[str, str] | None = None
     nodes: list[Node] = field(default_factory=list)
 
-    def url(self, credentials: str = "") -> str:
-        """``redis+cluster://`` with every node as a startup node."""
+    def url(self) -> str:
+        """``redis+cluster://`` with the ACL user, if any, and every node as a startup node."""
         hosts = ",".join(node.address for node in self.nodes)
-        return f"redis+cluster://{credentials + '@' if credentials else ''}{hosts}/"
+        credentials = f"{self.auth[0]}:{self.auth[1]}@" if self.auth else ""
+        return f"redis+cluster://{credentials}{hosts}/"
 
     def start(self) -> None:
         """Start the nodes, join them, and wait until the cluster serves every slot."""
         ports = _free_ports(2 * self.masters * (1 + self.replicas))
         for index in range(self.masters * (1 + self.replicas)):
-            node = Node(ports[2 * index], ports[2 * index + 1], self.tmp / f"node-{index}")
+            node = Node(ports[2 * index], ports[2 * index + 1], self.tmp / f"node-{index}",
+                        self.auth)  # fmt: skip
             self.nodes.append(node)
             self._spawn(node)
         for node in self.nodes:
@@ -89,6 +96,8 @@ class LocalCluster:
                        timeout=START_TIMEOUT)  # fmt: skip
         create = [_redis_cli(), "--cluster", "create", *(n.address for n in self.nodes),
                   "--cluster-replicas", str(self.replicas), "--cluster-yes"]  # fmt: skip
+        if self.auth:
+            create += ["--user", self.auth[0], "--pass", self.auth[1]]
         done = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
         wait_until(self.healthy, what="cluster_state:ok on every node", timeout=START_TIMEOUT)
@@ -107,6 +116,11 @@ class LocalCluster:
             "--dir", str(node.data_dir), "--save", "", "--appendonly", "no",
             "--logfile", str(node.data_dir / "redis.log"),
         ]  # fmt: skip
+        if self.auth:
+            user, password = self.auth
+            # One argument per word: redis-server quotes an argument that has a space.
+            args += ["--user", "default", "off", "--user", user, "on", f">{password}", "~*",
+                     "&*", "+@all", "--masteruser", user, "--masterauth", password]  # fmt: skip
         node.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)  # fmt: skip
 
