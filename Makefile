@@ -53,6 +53,7 @@ bench: $(STAMP) $(PEER_STAMPS)  ## figures as ratios to references measured in t
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.api_cost
 	$(BIN)/python -m bench.metrics_cost
+	$(BIN)/python -m bench.capacity
 
 # Re-resolve the pins (needs network). The project itself is installed editable by the
 # bootstrap, so its own `file://` line is dropped from the lock.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,13 @@ class Status(StrEnum):
 
 
 TERMINAL = frozenset({Status.SUCCESS, Status.FAILED})
+
+
+def iso(ms: int | None, timespec: str = "milliseconds") -> str | None:
+    """Epoch milliseconds (how Redis times are stored) as an RFC 3339 UTC timestamp."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec=timespec)
 
 
 class Priority(StrEnum):

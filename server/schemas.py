@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from emailq.forms import OWNER_PREFIX
-from emailq.models import Attempt, Priority, Status, TaskRecord
+from emailq.models import Attempt, Priority, Status, TaskRecord, iso
 from server.errors import ErrorBody
 
 MAX_BATCH = 100  # messages per batch request
@@ -28,13 +27,6 @@ def _example(*examples: dict[str, Any]) -> ConfigDict:
 
 def _without_addresses(text: str | None) -> str | None:
     return None if text is None else _ADDRESS.sub(HIDDEN, text)
-
-
-def iso(ms: int | None) -> str | None:
-    """Epoch milliseconds as an RFC 3339 UTC timestamp."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 class Accepted(BaseModel):

@@ -12,21 +12,13 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TextIO
 
-from emailq.models import QueueStats, RelayState, TaskRecord, WorkerRelay
+from emailq.models import QueueStats, RelayState, TaskRecord, WorkerRelay, iso
 
 _TIME_FIELDS = ("created_at", "updated_at", "sent_at", "next_attempt_at", "scheduled_at",
                 "expires_at")  # fmt: skip
-
-
-def iso(ms: int | None, timespec: str = "milliseconds") -> str | None:
-    """Epoch milliseconds as an RFC 3339 UTC timestamp."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec=timespec)
 
 
 def _short_time(ms: int | None) -> str:

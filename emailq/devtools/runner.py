@@ -1,8 +1,8 @@
 """``emailq dev``: the whole service on one machine, with nothing else installed.
 
-Starts a real Redis server, the SMTP capture server, the API and one worker as child
-processes, prints where they are, and stops them in order on Ctrl-C. This module is a
-composition root: it imports nothing from server/ or worker/, it runs them.
+Starts a real Redis server, the SMTP capture server, the API, one worker and the webhook
+dispatcher as child processes, prints where they are, and stops them in order on Ctrl-C.
+This module is a composition root: it imports nothing from server/ or worker/, it runs them.
 
 A first day that goes wrong should go wrong gently:
 
@@ -139,6 +139,9 @@ def _overrides(cfg: DevConfig) -> dict[str, str]:
         # limits, meant for a public deployment, would only get in the way here.
         "RATE_LIMIT_PER_KEY": "",
         "RATE_LIMIT_PER_FORM_ADDRESS": "",
+        # A webhook receiver under development runs on this machine; in production the
+        # guard stays on (an endpoint on a private address must be allowed explicitly).
+        "WEBHOOK_ALLOW_PRIVATE": "true",
     }
 
 
@@ -296,6 +299,10 @@ def _banner(cfg: DevConfig, redis: RedisServer, templates: Path | None = None) -
         f"  Redis         {redis.url}  (REDIS_PORT={cfg.redis_port}; data in {redis.data_dir})",
         f"  SMTP capture  {HOST}:{cfg.smtp_port}  (SMTP_PORT={cfg.smtp_port}; "
         f"printed here, saved in {mail_dir})",
+        "  Webhooks      a dispatcher runs; register a receiver (localhost is allowed here):",
+        f"                curl -s -X POST {api}/api/v1/admin/webhooks \\",
+        "                  -H 'Content-Type: application/json' "
+        "-d '{\"url\":\"http://127.0.0.1:9000/hook\",\"events\":[\"email.sent\"]}'",
         "",
         f"  try: curl -s -X POST {api}/api/v1/email/received \\",
         f"         -H 'Content-Type: application/json' -d '{example}'",
@@ -327,8 +334,8 @@ def run(cfg: DevConfig) -> int:
         redis.start()
         return _supervise(cfg, redis, env, children, console, signals, templates)
     finally:
-        console.say("\nstopping: API, worker, capture server, Redis ...")
-        for name in ("API", "worker", "capture server"):
+        console.say("\nstopping: API, worker, webhook dispatcher, capture server, Redis ...")
+        for name in ("API", "worker", "webhook dispatcher", "capture server"):
             if name in children:
                 _stop(children[name], signals)
         redis.stop()
@@ -345,6 +352,8 @@ def _supervise(cfg: DevConfig, redis: RedisServer, env: dict[str, str],
     children["API"] = _spawn([py, "-m", "server", "--host", HOST, "--port",
                               str(cfg.api_port)], env)  # fmt: skip
     children["worker"] = _spawn([py, "-m", "worker"], env)
+    # Without it, a webhook registered while trying things out would never be delivered.
+    children["webhook dispatcher"] = _spawn([py, "-m", "worker.webhooks"], env)
     problem = _wait_listening(children, {"capture server": cfg.smtp_port, "API": cfg.api_port},
                               signals)  # fmt: skip
     if problem:

@@ -15,14 +15,13 @@ import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal, cast
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from emailq.models import Event
+from emailq.models import Event, iso
 from emailq.queue import Queue, event_of, store_errors
 from emailq.webhooks.config import API_ID_PREFIX, MAX_ENDPOINTS
 from emailq.webhooks.models import (
@@ -39,7 +38,7 @@ from emailq.webhooks.models import (
 from emailq.webhooks.signing import new_secret
 
 FinishOutcome = Literal["succeeded", "retry", "failed"]
-_SCRIPTS = ("create", "claim", "finish", "replay", "endpoint")
+_SCRIPTS = ("create", "claim", "finish", "replay", "endpoint", "prune")
 _DELIVERY_FIELDS = ("endpoint", "type", "task_id", "status", "attempts", "created_at",
                     "updated_at", "next_attempt_at", "reason", "payload", "log")  # fmt: skip
 
@@ -48,15 +47,20 @@ def _script(name: str) -> str:
     return (resources.files("emailq") / "lua" / f"webhook_{name}.lua").read_text()
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _first_id(stream: dict[str, Any]) -> str:
+    first = stream.get("first-entry")
+    return str(first[0]) if first else str(stream.get("last-generated-id", "0-0"))
+
+
 def delivery_id(event: Event, endpoint_id: str) -> str:
     """The webhook-id of ``event`` for one endpoint: the same each time the event is read."""
     digest = hashlib.sha256(f"{event.id}|{event.task_id}|{endpoint_id}".encode()).digest()
     return "msg_" + base64.b32encode(digest[:20]).decode().lower()
-
-
-def iso_ms(ms: int) -> str:
-    """Epoch milliseconds as an RFC 3339 UTC timestamp."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _json_field(raw: str | None) -> Any:
@@ -73,7 +77,7 @@ def payload(event: Event, kind: WebhookEvent, task: dict[str, str | None]) -> by
     """The body of every attempt of one delivery: fixed when the delivery is created."""
     body = {
         "type": kind.value,
-        "created_at": iso_ms(event.time),
+        "created_at": iso(event.time),
         "data": {
             "task_id": event.task_id,
             "to": task.get("to"),
@@ -223,6 +227,38 @@ class WebhookStore:
             with store_errors():
                 await self.redis.xack(self.keys.events, self.keys.webhook_group, *gone)
         return events
+
+    async def unread_trimmed(self) -> int | None:
+        """How many events the stream's cap trimmed before the group read them: 0 when none,
+        None when Redis cannot tell (its lag is unknown after an XDEL)."""
+        with store_errors():
+            stream = await self.redis.xinfo_stream(self.keys.events)
+            groups = await self.redis.xinfo_groups(self.keys.events)
+        group = next((g for g in groups if g["name"] == self.keys.webhook_group), None)
+        if group is None or group.get("lag") is None:
+            return None if group is not None else 0
+        # lag counts every entry added since the group's position; those still in the
+        # stream after it are the ones left to read, the rest were trimmed unread.
+        if _stream_id(group["last-delivered-id"]) >= _stream_id(_first_id(stream)):
+            return 0
+        return max(int(group["lag"]) - int(stream["length"]), 0)
+
+    async def prune_consumers(self, idle_ms: int) -> list[str]:
+        """Delete the group's consumers idle ``idle_ms`` or more with nothing pending (dead
+        dispatchers); returns their names. A live one reads every few seconds."""
+        gone = await self._run("prune", [self.keys.events], [self.keys.webhook_group, idle_ms])
+        return [str(name) for name in gone]
+
+    async def leave_group(self, consumer: str) -> bool:
+        """Delete ``consumer`` from the group if nothing is pending for it (a clean stop)."""
+        with store_errors():
+            rows = await self.redis.xinfo_consumers(self.keys.events, self.keys.webhook_group)
+            mine = [r for r in rows if r.get("name") == consumer]
+            if not mine or int(mine[0].get("pending", 0)) != 0:
+                return False
+            await self.redis.xgroup_delconsumer(self.keys.events, self.keys.webhook_group,
+                                                consumer)  # fmt: skip
+        return True
 
     async def _tasks(self, events: Sequence[Event]) -> dict[str, dict[str, str | None]]:
         fields = ["to", "metadata", "tags"]

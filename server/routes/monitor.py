@@ -12,11 +12,11 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from emailq.models import Event, EventType, RelayState, WorkerRelay
+from emailq.models import Event, EventType, RelayState, WorkerRelay, iso
 from emailq.queue import HISTORY_MINUTES
 from server.auth import AdminDep
 from server.deps import QueueDep, SettingsDep, state_of
-from server.schemas import TASK_ID, _example, iso
+from server.schemas import TASK_ID, _example
 from server.sse import RETRY_MS, event_frames, frame
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])

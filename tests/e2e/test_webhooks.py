@@ -6,6 +6,7 @@ every signature with the Standard Webhooks reference library (tests/helpers/webh
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from emailq.queue import Keys
 from emailq.settings import Settings
 from emailq.webhooks.signing import new_secret
 from tests.helpers.api import Api
-from tests.helpers.polling import wait_until
+from tests.helpers.polling import BOUND, wait_until
 from tests.helpers.processes import Procs, settings_env, sigkill
 from tests.helpers.smtpd import SmtpServer
 from tests.helpers.webhooks import Receiver, fail_first, receiving
@@ -187,3 +190,28 @@ def test_webhooks_file_errors_stop_the_dispatcher_with_one_line(
     assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
     assert "webhook 'app', field url: 10.0.0.1 is a private address" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_dispatcher_that_stops_cleanly_leaves_the_consumer_group(
+    procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer, tmp_path: Path,
+    store: redis.Redis,
+) -> None:  # fmt: skip
+    secret = new_secret()
+    with receiving([secret], lambda _msg_id, _nth: 204) as receiver:
+        settings = make_settings(webhooks_file=webhooks_file(tmp_path, receiver.url, [secret]),
+                                 **FAST_WEBHOOKS)  # fmt: skip
+        api = Api(procs.api(settings))
+        dispatcher = procs.dispatcher(settings)
+        procs.worker(settings)
+        api.enqueue(1)
+        wait_until(lambda: len(receiver.requests) == 1, what="the delivery", proc=dispatcher)
+        keys = Keys(settings.redis_key_prefix)
+
+        def members() -> list[Any]:
+            return list(store.xinfo_consumers(keys.events, keys.webhook_group))
+
+        assert len(members()) == 1  # it joined when it read its first event
+        dispatcher.send_signal(signal.SIGTERM)
+        assert dispatcher.wait(timeout=BOUND) == 0
+    # Each process joins under a new name: one that left nothing pending leaves no name.
+    assert members() == []

@@ -24,8 +24,10 @@ import httpx
 import pytest
 
 from emailq.settings import Settings
-from tests.helpers.polling import BOUND
+from emailq.webhooks.signing import new_secret
+from tests.helpers.polling import BOUND, wait_until
 from tests.helpers.ports import port_of, refused_port
+from tests.helpers.webhooks import receiving
 
 PY = sys.executable
 API = [PY, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1", "--port", "0"]
@@ -234,7 +236,7 @@ def test_ctrl_c_after_the_console_pipe_closed_stops_every_child(tmp_path: Path) 
         listed = httpx.get(f"http://127.0.0.1:{dev.api}/api/v1/templates", timeout=BOUND)
         assert [t["name"] for t in listed.json()["templates"]] == ["otp"]
         children = dev.children()
-        assert len(children) == 4  # Redis, capture server, API, worker
+        assert len(children) == 5  # Redis, capture server, API, worker, dispatcher
 
         # `make dev` again while it runs: one line, exit 2, naming the setting to change.
         again = subprocess.run(dev_args(tmp_path / "dev2", dev.api, dev.redis, dev.smtp),
@@ -265,3 +267,36 @@ def test_ctrl_c_after_the_console_pipe_closed_stops_every_child(tmp_path: Path) 
         assert second.proc.wait(timeout=3 * BOUND) == 0, second.err()
     finally:
         second.stop()
+
+
+def test_a_webhook_registered_in_make_dev_is_delivered_signed(tmp_path: Path) -> None:
+    """The banner's webhook example, with a receiver on this machine: `make dev` runs the
+    dispatcher and lets a local endpoint be registered, so the first webhook a developer
+    tries is delivered (and verifies with the Standard Webhooks library)."""
+    secret = new_secret()
+    dev = start_dev(tmp_path)
+    try:
+        assert "/api/v1/admin/webhooks" in dev.out
+        api = f"http://127.0.0.1:{dev.api}"
+        with receiving([secret], lambda _msg_id, _nth: 200) as receiver:
+            made = httpx.post(f"{api}/api/v1/admin/webhooks", timeout=BOUND,
+                              json={"url": receiver.url, "events": ["email.sent"],
+                                    "secrets": [secret]})  # fmt: skip
+            assert made.status_code == 201, made.text
+            sent = httpx.post(
+                f"{api}/api/v1/email/received",
+                timeout=BOUND,
+                json={"to": "user@example.com", "subject": "hi", "body": "hello"},
+            )
+            assert sent.status_code == 202, sent.text
+            task_id = sent.json()["task_id"]
+            wait_until(lambda: receiver.accepted() != {}, what="the email.sent webhook")
+            payloads = [p for ps in receiver.accepted().values() for p in ps]
+        assert receiver.unverified == []
+        assert [(p["type"], p["data"]["task_id"]) for p in payloads] == [("email.sent", task_id)]
+        children = dev.children()
+        dev.proc.send_signal(signal.SIGTERM)
+        assert dev.proc.wait(timeout=3 * BOUND) == 0, dev.err()
+        assert [pid for pid in children if alive(pid)] == []  # the dispatcher stopped too
+    finally:
+        dev.stop()

@@ -32,6 +32,10 @@ log = logging.getLogger("emailq.webhooks")
 READ_BLOCK_MS = 500  # one blocking read of the stream; also how soon a stop is noticed
 READ_COUNT = 100
 IDLE_WAIT_SECONDS = 1.0  # longest sleep between looks at the due set (other dispatchers)
+# A consumer that has not read for this long, with nothing pending, is a dispatcher that is
+# gone (a live one reads every READ_BLOCK_MS); deleting a live one by mistake costs nothing,
+# its next read joins the group again.
+GONE_AFTER_MS = 600_000
 JITTER = 0.1  # up to 10% added to each wait, so retries of one outage do not march together
 
 
@@ -72,6 +76,7 @@ class Dispatcher:
         finally:
             if self.inflight:
                 await asyncio.wait(self.inflight, timeout=self.grace)
+            await self._leave()
             log.info("webhook dispatcher stopped")
 
     async def _until_ready(self) -> None:
@@ -99,12 +104,31 @@ class Dispatcher:
                 if time.monotonic() >= next_reclaim:
                     await self._record(await self.store.reclaim_events(
                         self.consumer, self.lease_ms, READ_COUNT))  # fmt: skip
+                    await self._prune(GONE_AFTER_MS)
+                    await self._warn_if_trimmed()  # before the read moves the group past it
                     next_reclaim = time.monotonic() + self.lease_ms / 2000
                 await self._record(await self.store.read_events(self.consumer, READ_COUNT,
                                                                 READ_BLOCK_MS))  # fmt: skip
             except StoreUnavailable as exc:
                 log.warning("event stream unavailable: %s", exc)
                 await self._pause(1.0)
+
+    async def _prune(self, idle_ms: int) -> None:
+        for name in await self.store.prune_consumers(idle_ms):
+            log.info("removed webhook consumer %s: idle with nothing pending", name)
+
+    async def _warn_if_trimmed(self) -> None:
+        lost = await self.store.unread_trimmed()
+        if lost:
+            log.warning("%d event(s) were trimmed from the event stream before any webhook "
+                        "dispatcher read them, and their webhooks will not be sent: keep a "
+                        "dispatcher running, or raise EVENT_STREAM_MAXLEN", lost)  # fmt: skip
+
+    async def _leave(self) -> None:
+        """At a clean stop, leave the group if nothing is pending for this consumer (what
+        is pending stays for another dispatcher to take over)."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.leave_group(self.consumer)
 
     async def _record(self, events: list[Event]) -> None:
         if events and await self.store.record(events):
