@@ -46,11 +46,16 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         started.stop()
 
 
-def cli(settings: Settings, cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    """The ``emailq`` command as an operator runs it, with ``settings`` in its environment."""
-    command = [sys.executable, "-m", "emailq.cli", *argv]
+def python_m(settings: Settings, cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m <argv>`` as an operator runs it, with ``settings`` in its environment."""
+    command = [sys.executable, "-m", *argv]
     return subprocess.run(command, env=settings_env(settings), cwd=cwd, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
+
+
+def cli(settings: Settings, cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The ``emailq`` command."""
+    return python_m(settings, cwd, "emailq.cli", *argv)
 
 
 def test_original_flow_wait_rate_limits_events_webhooks_and_cli_on_a_cluster(
@@ -72,6 +77,10 @@ def test_original_flow_wait_rate_limits_events_webhooks_and_cli_on_a_cluster(
                    what="email.sent webhooks")  # fmt: skip
     assert receiver.unverified == []
     assert worker.poll() is None
+    # The container health check reads the heartbeats from the cluster too.
+    check = python_m(settings, tmp_path, "worker", "--check")
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.startswith("healthy")
     for log in tmp_path.glob("*.log"):  # the API's, the worker's, the dispatcher's
         assert PASSWORD not in log.read_text(errors="replace"), log.name
 
