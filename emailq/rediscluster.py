@@ -97,6 +97,11 @@ def _node(entry: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class NotACluster(NotConnected):
+    """A startup node answered, but not in cluster mode: REDIS_URL says redis+cluster:// for
+    a plain Redis. Its name is what the outage's log line and the CLI's error show."""
+
+
 class _Call:
     """One command (or pipeline) as the client made it: did a reply go missing?"""
 
@@ -150,12 +155,14 @@ class _CountedSSLConnection(SSLConnection, _CountedConnection):
 def _converted(exc: BaseException, call: _Call) -> BaseException:
     """The error a failed call raises: ``NotConnected`` when nothing can have run."""
     name = exc.__class__.__name__
+    lost = RedisConnectionError(f"Redis Cluster: {name} after a reply was lost")
+    if isinstance(exc, NotConnected):  # our own (NotACluster says more): kept, unless an
+        return lost if call.lost else exc  # earlier attempt of the call may have run
     if not call.lost:
         return NotConnected(f"Redis Cluster: {name}: {exc}")
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
         return exc
-    # A refusal after an earlier attempt's reply went missing: that attempt may have run.
-    return RedisConnectionError(f"Redis Cluster: {name} after a reply was lost")
+    return lost  # a refusal after an earlier attempt's reply went missing
 
 
 class QueueCluster(RedisCluster):
@@ -206,7 +213,9 @@ class QueueCluster(RedisCluster):
         try:
             await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
-            raise NotConnected(f"Redis Cluster: {exc}") from exc
+            # redis-py says so only in words (CLUSTER SLOTS refused by a plain Redis).
+            plain = "Cluster mode is not enabled" in str(exc)
+            raise (NotACluster if plain else NotConnected)(f"Redis Cluster: {exc}") from exc
         return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:

@@ -82,6 +82,16 @@ async def test_no_node_reachable_is_not_stored_for_writes_and_reads() -> None:
             await queue.close()
 
 
+async def test_a_plain_redis_behind_a_cluster_url_is_named_in_the_error(redis_url: str) -> None:
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    queue = Queue.from_url(f"redis+cluster://127.0.0.1:{port}/", timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable, match="NotACluster"):
+            await queue.enqueue("t1", JOB, request_id="r")
+    finally:
+        await queue.close()
+
+
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     if cluster_skip_reason():
@@ -166,6 +176,28 @@ async def test_a_full_pool_waits_for_its_turn_then_says_not_stored(
         await queue.enqueue("t2", JOB, request_id="r")  # its turn came
     finally:
         await queue.close()
+
+
+@needs_cluster
+async def test_a_write_sent_as_the_master_died_is_unknown_the_next_not_stored(
+    tmp_path: Path,
+) -> None:
+    cluster = LocalCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        queue = Queue.from_url(cluster.url(), timeout=0.5)
+        await queue.enqueue("t0", JOB, request_id="r")  # a pooled connection to the master
+        cluster.kill(cluster.master_of("{emailq}"))
+        # Sent on that connection before this process has read its end: no reply, and the
+        # retry finds no master. It may have run, as far as anyone here can know.
+        with pytest.raises(StoreOutcomeUnknown):
+            await queue.enqueue("t1", JOB, request_id="r")
+        with pytest.raises(StoreUnavailable) as caught:  # refused to connect: sent nothing
+            await queue.enqueue("t2", JOB, request_id="r")
+        assert not isinstance(caught.value, StoreOutcomeUnknown)
+        await queue.close()
+    finally:
+        cluster.stop()
 
 
 @needs_cluster

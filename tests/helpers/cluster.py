@@ -15,7 +15,6 @@ import socket
 import subprocess
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import redis
@@ -24,6 +23,7 @@ from emailq.devtools.redis_server import find_redis_server
 from tests.helpers.polling import wait_until
 
 NODE_TIMEOUT_MS = 1000
+BIND_ATTEMPTS = 5
 START_TIMEOUT = 30.0
 
 
@@ -92,8 +92,7 @@ class LocalCluster:
             self.nodes.append(node)
             self._spawn(node)
         for node in self.nodes:
-            wait_until(partial(_pings, node), what=f"redis node {node.port}",
-                       timeout=START_TIMEOUT)  # fmt: skip
+            self._until_up(node)
         create = [_redis_cli(), "--cluster", "create", *(n.address for n in self.nodes),
                   "--cluster-replicas", str(self.replicas), "--cluster-yes"]  # fmt: skip
         if self.auth:
@@ -103,6 +102,17 @@ class LocalCluster:
         wait_until(self.healthy, what="cluster_state:ok on every node", timeout=START_TIMEOUT)
         # Until then a replica holds nothing, and promoting it would lose the data.
         wait_until(self.replicas_synced, what="every replica in sync", timeout=START_TIMEOUT)
+
+    def _until_up(self, node: Node) -> None:
+        """Until ``node`` answers; on fresh ports if another process took one meanwhile."""
+        for _ in range(BIND_ATTEMPTS):
+            wait_until(lambda: _pings(node) or not node.alive(), what=f"node {node.port}",
+                       timeout=START_TIMEOUT)  # fmt: skip
+            if node.alive():
+                return
+            node.port, node.bus_port = _free_ports(2)
+            self._spawn(node)
+        raise AssertionError(f"no free ports for a node in {BIND_ATTEMPTS} tries")
 
     def _spawn(self, node: Node) -> None:
         node.data_dir.mkdir(parents=True, exist_ok=True)
