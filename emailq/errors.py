@@ -20,9 +20,15 @@
     │                        (no attempt is used up; the shared send rate slows down)
     ├── LeaseLost            the worker no longer owns the job it was about to send
     └── ConfigError          a setting or file the operator must fix (entry points exit 2)
+
+``NotConnected`` is not one of them: a redis-py ``ConnectionError`` that the store's own
+clients raise (emailq.queue's pool, emailq.rediscluster) when no command was sent, and
+that emailq.queue converts to ``StoreUnavailable`` rather than ``StoreOutcomeUnknown``.
 """
 
 from __future__ import annotations
+
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 
 class EmailqError(Exception):
@@ -31,6 +37,12 @@ class EmailqError(Exception):
 
 class StoreUnavailable(EmailqError):
     """Redis could not be reached or did not answer in time."""
+
+
+class NotConnected(RedisConnectionError):
+    """No connection could be had (the pool's wait, a refused or timed-out connect, a
+    cluster with no master for the slot): no command was sent on behalf of the call that
+    got this, or every one sent was refused unrun."""
 
 
 class StoreOutcomeUnknown(StoreUnavailable):

@@ -19,7 +19,8 @@ and the Lua scripts below may touch several of them atomically::
     {emailq}:workers           zset  worker id -> last heartbeat (ms)
     {emailq}:fairness          str   claim counter that gives lower lanes their share
     {emailq}:stats:<s>:<min>   str   tasks finished with status s in that minute (2 h)
-    {emailq}:done              pub/sub channel: a task id each time one finishes
+    {emailq}:done              pub/sub channel: a task id each time one finishes (sharded
+                                     pub/sub, SPUBLISH, on a Redis Cluster)
     {emailq}:events            stream every state change of every task (EventType), written
                                      by the script that makes it; capped near
                                      EVENT_STREAM_MAXLEN entries
@@ -60,16 +61,22 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Literal, cast
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from emailq import labels, redisconn
-from emailq.errors import QuotaExceeded, StoreFull, StoreOutcomeUnknown, StoreUnavailable
+from emailq.errors import (
+    NotConnected,
+    QuotaExceeded,
+    StoreFull,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
 from emailq.models import (
     LANES,
     Attempt,
@@ -86,7 +93,8 @@ from emailq.models import (
     WorkerRelay,
     WorkerStatus,
 )  # fmt: skip
-from emailq.redisconn import NotConnected, Use
+from emailq.rediscluster import ShardedListener
+from emailq.redisconn import Client, Use
 from emailq.settings import Settings
 
 Outcome = Literal["success", "retry", "failed"]
@@ -189,10 +197,11 @@ class Keys:
         return [self.scheduled, self.leases, self.wake, self.failed, self.workers, self.fairness,
                 self.stored, self.events]  # fmt: skip
 
-    def shared_args(self, events_maxlen: int) -> list[str | int]:
-        """The first ARGV of every script: prefixes, the done channel, the event stream's cap."""
+    def shared_args(self, events_maxlen: int, publish: str = "PUBLISH") -> list[str | int]:
+        """The first ARGV of every script: prefixes, the done channel, the event stream's
+        cap, and the command that publishes on the done channel (SPUBLISH on a cluster)."""
         return [self.task_prefix, self.lane_prefix, self.stats_prefix, self.done_channel,
-                events_maxlen]  # fmt: skip
+                events_maxlen, publish]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -340,12 +349,15 @@ def _record(task_id: str, raw: dict[str, Any]) -> TaskRecord:
     return TaskRecord.model_validate({"task_id": task_id, **values})
 
 
+# A plain Redis (redis://, rediss://, unix://) or a Redis Cluster (emailq.rediscluster).
+
+
 class Queue:
     """Enqueue, claim, renew, finish, read and manage tasks. Takes a ready client."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Client,
         *,
         prefix: str = "emailq",
         max_attempts: int = 3,
@@ -365,6 +377,9 @@ class Queue:
         self.success_ttl_seconds = success_ttl_seconds or result_ttl_seconds
         self.limits = limits or StoreLimits()
         self.events_maxlen = events_maxlen
+        # Sharded pub/sub keeps a cluster's notices on the shard that owns the channel; a
+        # plain Redis keeps PUBLISH, which Redis before 7.0 also has.
+        self.publish = "SPUBLISH" if isinstance(redis, RedisCluster) else "PUBLISH"
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load_script(name)) for name in _SCRIPTS
         }
@@ -427,7 +442,7 @@ class Queue:
     ) -> Any:
         """Call a script made with ``_load_script`` (the prelude's shared keys and
         arguments first, then ``args``), with Redis errors converted (see _store_errors)."""
-        shared = self.keys.shared_args(self.events_maxlen)
+        shared = self.keys.shared_args(self.events_maxlen, self.publish)
         with _store_errors(write=write):
             return await script(self.keys.shared_keys(), [*shared, *args])
 
@@ -459,22 +474,35 @@ class Queue:
         WAIT counts the replicas that have this connection's writes so far."""
         script = self._scripts["enqueue"]
         keys = self.keys.shared_keys()
-        argv = [*self.keys.shared_args(self.events_maxlen), *args]
+        argv = [*self.keys.shared_args(self.events_maxlen, self.publish), *args]
         replicas = self.replicas
         with _store_errors(write=True):
             for _ in range(2):  # a second time after loading the script (NOSCRIPT ran nothing)
+                if isinstance(self.redis, RedisCluster):
+                    await self.redis.initialize()  # the slot map, once; a no-op after that
                 pipe = self.redis.pipeline(transaction=False)
-                pipe.evalsha(script.sha, len(keys), *keys, *argv)
+                # execute_command: a cluster pipeline blocks its evalsha() helper, not this.
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
                 # A replay writes nothing, and WAIT counts only this connection's writes:
                 # one write here puts every earlier write (the replayed task's) under it.
                 pipe.incr(self.keys.wait_fence)
-                pipe.wait(replicas.count, max(1, int(replicas.timeout_seconds * 1000)))
+                self._pipe_wait(pipe, replicas.count, max(1, int(replicas.timeout_seconds * 1000)))
                 reply, _, confirmed = await pipe.execute(raise_on_error=False)
                 if isinstance(reply, NoScriptError):
                     await self.redis.script_load(script.script)
                     continue
                 return self._replicated(reply, confirmed)
             raise StoreOutcomeUnknown("Redis lost the enqueue script twice in a row")
+
+    def _pipe_wait(self, pipe: Any, count: int, timeout_ms: int) -> None:
+        if isinstance(self.redis, RedisCluster):
+            # WAIT names no key: sent alone, the cluster client picks any node (and a
+            # connection that wrote nothing "confirms" at once). Aimed at the node of the
+            # slot, it rides the same connection as the writes before it in the pipeline.
+            node = self.redis.get_node_from_key(self.keys.wait_fence)  # map read just before
+            pipe.execute_command("WAIT", count, timeout_ms, target_nodes=node)
+        else:
+            pipe.wait(count, timeout_ms)
 
     def _replicated(self, reply: Any, confirmed: Any) -> Any:
         """enqueue.lua's reply once WAIT counted enough replicas; else the error it means."""
@@ -720,8 +748,10 @@ class Queue:
         rows = cast("list[tuple[str, dict[str, str]]]", reply)
         return [_event(entry_id, fields) for entry_id, fields in rows]
 
-    def done_listener(self) -> PubSub:
+    def done_listener(self) -> PubSub | ShardedListener:
         """A pub/sub connection for the channel that names each task as it finishes."""
+        if isinstance(self.redis, RedisCluster):
+            return ShardedListener(self.redis)
         return self.redis.pubsub(ignore_subscribe_messages=True)
 
     # -- working ------------------------------------------------------------------------

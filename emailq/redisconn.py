@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -52,7 +53,8 @@ from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from emailq.errors import ConfigError
+from emailq import rediscluster
+from emailq.errors import ConfigError, NotConnected
 
 if TYPE_CHECKING:
     from emailq.settings import Settings
@@ -64,11 +66,7 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_SENTINEL_PORT = 26379
 
-
-class NotConnected(RedisConnectionError):
-    """No connection could be had (the pool's wait, a refused or timed-out connect, no
-    master known to Sentinel, a node that is now a replica): no command was sent on behalf
-    of the call that got this."""
+Client = aioredis.Redis | RedisCluster  # what ``connect`` returns; Queue takes either
 
 
 def reason(exc: BaseException) -> str:
@@ -176,14 +174,15 @@ def check_url(url: str) -> str:
     elif scheme in SENTINEL_SCHEMES:
         parse_sentinel_url(url)
     elif scheme in CLUSTER_SCHEMES:
-        # The cluster client lives in emailq.rediscluster (a branch of its own): until it is
-        # merged, a cluster URL stops the start rather than half-working on one node.
-        raise ConfigError("REDIS_URL: redis+cluster:// is not supported by this build yet")
+        try:
+            rediscluster.parse_cluster_url(url)
+        except ValueError as exc:  # its messages never quote the password
+            raise ConfigError(f"REDIS_URL: {exc}") from None
     else:
         shown = repr(scheme) if scheme else "none"
         raise ConfigError(
-            f"REDIS_URL: the scheme must be redis://, rediss://, unix:// or "
-            f"redis+sentinel:// (got {shown})"
+            f"REDIS_URL: the scheme must be redis://, rediss://, unix://, redis+sentinel:// "
+            f"or redis+cluster:// (got {shown})"
         )
     return url
 
@@ -357,7 +356,7 @@ def _sentinel(settings: Settings, use: Use) -> aioredis.Redis:
     return client
 
 
-def connect(settings: Settings, use: Use) -> aioredis.Redis:
+def connect(settings: Settings, use: Use) -> Client:
     """A client for REDIS_URL, whatever its topology, with ``use``'s bounds.
 
     One immediate retry replaces a pooled connection that died with a Redis restart or a
@@ -370,13 +369,23 @@ def connect(settings: Settings, use: Use) -> aioredis.Redis:
     """
     check_url(settings.redis_url)
     _warn_unverified(settings.redis_url, settings.redis_validate_certs)
-    if scheme_of(settings.redis_url) in SENTINEL_SCHEMES:
+    scheme = scheme_of(settings.redis_url)
+    if scheme in SENTINEL_SCHEMES:
         return _sentinel(settings, use)
+    if scheme in CLUSTER_SCHEMES:
+        tls = tls_options(settings) if uses_tls(settings.redis_url) else {}
+        return rediscluster.cluster_client(
+            settings.redis_url, timeout=use.timeout, read_timeout=use.read_timeout or use.timeout,
+            max_connections=use.max_connections, tls=tls,
+        )  # fmt: skip
     return _direct(settings, use)
 
 
-async def close(client: aioredis.Redis) -> None:
+async def close(client: Client) -> None:
     """Close ``client``, its pool, and for Sentinel the connections to the sentinels."""
+    if isinstance(client, RedisCluster):
+        await client.aclose()  # its node pools with it
+        return
     pool = client.connection_pool
     await client.aclose()
     await pool.disconnect()

@@ -121,4 +121,4 @@ class ResultWaiter:
         finally:
             self._subscribed_now.clear()
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                await pubsub.aclose()

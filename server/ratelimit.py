@@ -21,16 +21,22 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import limits
+import redis.asyncio
 from fastapi import HTTPException, Request, Response
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 
 from emailq import redisconn
 from emailq.errors import StoreFull, StoreUnavailable
 from emailq.queue import FULL, Keys, is_out_of_memory
+from emailq.rediscluster import is_cluster_url, parse_cluster_url
 from emailq.redisconn import Use
 from emailq.settings import Settings
 from server.auth import Principal
@@ -76,28 +82,51 @@ class RateLimits:
 
     def __init__(self, settings: Settings) -> None:
         keys = Keys(settings.redis_key_prefix)
-        # Our own client (limits' scripts expect bytes), built as the queue's is, for every
-        # topology; limits takes its pool, so the URL it is given only picks its Redis code.
-        self._client = redisconn.connect(
-            settings, Use(settings.redis_timeout_seconds, decode_responses=False)
-        )
-        storage = RedisStorage(
-            "async+redis://",
-            wrap_exceptions=True,
-            implementation="redispy",
-            key_prefix=keys.rate_limit_prefix,
-            # limits hands this on to redis.asyncio.Redis; its option type is too narrow.
-            connection_pool=self._client.connection_pool,  # type: ignore[arg-type]
-        )
-        self._limiter = MovingWindowRateLimiter(storage)
+        self._client: redisconn.Client | None = None
+        self._storage = self._open(settings, keys.rate_limit_prefix)
+        self._limiter = MovingWindowRateLimiter(self._storage)
         self.per_key = Budget.of("RATE_LIMIT_PER_KEY", settings.rate_limit_per_key)
         self.per_form_address = Budget.of(
             "RATE_LIMIT_PER_FORM_ADDRESS", settings.rate_limit_per_form_address
         )
 
+    def _open(self, settings: Settings, prefix: str) -> RedisStorage:
+        timeout = settings.redis_timeout_seconds
+        if is_cluster_url(settings.redis_url):
+            # limits makes and owns the cluster client: the startup nodes, credentials and
+            # TLS of the same URL, the same bounds as the queue's (emailq.rediscluster).
+            address = parse_cluster_url(settings.redis_url)
+            rest = settings.redis_url.split("://", 1)[1]
+            return RedisClusterStorage(
+                "async+redis+cluster://" + rest, wrap_exceptions=True,
+                implementation="redispy", key_prefix=prefix, ssl=address.tls,
+                **(redisconn.tls_options(settings) if address.tls else {}),
+                socket_timeout=timeout, socket_connect_timeout=timeout,
+                # limits hands these on to RedisCluster; its option type is too narrow.
+                retry=Retry(NoBackoff(), 1),  # type: ignore[arg-type]
+            )  # fmt: skip
+        # Our own client (limits' scripts expect bytes), built as the queue's is for the
+        # other topologies; limits takes its pool, so the URL it is given only picks its
+        # Redis code.
+        client = redisconn.connect(settings, Use(timeout, decode_responses=False))
+        assert isinstance(client, redis.asyncio.Redis)  # a cluster URL was handled above
+        self._client = client
+        return RedisStorage(
+            "async+redis://",
+            wrap_exceptions=True,
+            implementation="redispy",
+            key_prefix=prefix,
+            # limits hands this on to redis.asyncio.Redis; its option type is too narrow.
+            connection_pool=client.connection_pool,  # type: ignore[arg-type]
+        )
+
     async def close(self) -> None:
         """Close the Redis connections."""
-        await redisconn.close(self._client)
+        if self._client is not None:
+            await redisconn.close(self._client)
+        else:  # limits keeps the cluster client it made on its bridge, and has no close
+            bridge: Any = self._storage.bridge
+            await bridge.storage.aclose()
 
     async def hit(self, budget: Budget, *identifiers: str, whose: str, cost: int = 1) -> Usage:
         """Count ``cost`` against ``budget``; 429 when it would go over, naming the setting,
@@ -111,6 +140,8 @@ class RateLimits:
                 raise StoreFull(FULL) from exc
             why = redisconn.reason(exc.storage_error)
             raise StoreUnavailable(f"Redis is unavailable: {why}") from exc
+        except RedisClusterException as exc:  # no node answers: limits does not wrap it
+            raise StoreUnavailable(f"Redis is unavailable: {exc.__class__.__name__}") from exc
         usage = Usage(limit=item.amount, remaining=max(0, stats.remaining),
                       reset_seconds=max(0, math.ceil(stats.reset_time - time.time())))  # fmt: skip
         if not allowed:

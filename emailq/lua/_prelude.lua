@@ -4,9 +4,12 @@
 local K_SCHEDULED, K_LEASES, K_WAKE, K_FAILED, K_WORKERS, K_FAIRNESS, K_STORED, K_EVENTS =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local TASK, LANE, STATS, DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
--- The event stream's cap is the last shared argument; taken off ARGV here, so that every
--- script's own arguments start at ARGV[5] and its '#ARGV' counts only them.
+-- The event stream's cap and the command that publishes on DONE (PUBLISH, or SPUBLISH on
+-- a Redis Cluster: sharded pub/sub, Redis 7.0) are the last shared arguments; taken off
+-- ARGV here, so that every script's own arguments start at ARGV[5] and its '#ARGV' counts
+-- only them.
 local EVENTS_MAXLEN = table.remove(ARGV, 5)
+local PUBLISH = table.remove(ARGV, 5)
 
 -- Time comes from the Redis server, so leases and schedules do not depend on the
 -- clocks of the API and worker machines agreeing.
@@ -136,7 +139,7 @@ local function finish_task(id, status, now, ttl, reason, E)
   E = E or {}
   if status ~= 'success' then E.reason = reason end
   emit(status == 'success' and 'sent' or E.type or 'failed', id, now, E)
-  redis.call('PUBLISH', DONE, id)
+  redis.call(PUBLISH, DONE, id)
 end
 
 -- One wake token per ready task; a blocked worker needs one to notice new work.
