@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from emailq.compose import EmailRequest
 from emailq.forms import OWNER_PREFIX
 from emailq.submit import prepare
-from server.auth import Principal, PrincipalDep, local_refusal
+from server.auth import Principal, PrincipalDep, authenticate, local_refusal
 from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of, templates_of
-from server.idempotency import IdempotencyKeyDep, send_once
+from server.direct import direct_route, json_model
+from server.idempotency import HEADER, IdempotencyKeyDep, send_once, valid_key
 from server.openapi import errors
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
@@ -35,7 +36,20 @@ SEND_ERRORS = errors(409, 413, 429, 507, why={
 })  # fmt: skip
 
 
-@router.post("/received", status_code=202, responses=SEND_ERRORS)
+async def _send_arguments(request: Request, response: Response) -> dict[str, Any] | None:
+    """``receive_email``'s arguments for an ordinary request, resolved as FastAPI would
+    (server/direct.py): None, before anything is counted, for a request FastAPI must judge."""
+    key = request.headers.get(HEADER)
+    if key is not None and not valid_key(key):
+        return None
+    payload = await json_model(request, EmailRequest)
+    if payload is None:
+        return None
+    principal = await authenticate(request)
+    return {"principal": principal, "payload": payload, "request": request,
+            "response": response, "idempotency_key": key}  # fmt: skip
+
+
 async def receive_email(
     principal: PrincipalDep, payload: EmailRequest,
     request: Request, response: Response, idempotency_key: IdempotencyKeyDep = None,
@@ -49,6 +63,14 @@ async def receive_email(
     # Counted once it would be stored: a refused request costs neither us nor its budget.
     await check_key_rate(request, response, principal)
     return await send_once(request, response, enqueuer_of(request), item, idempotency_key)
+
+
+# `router.post`, with the route class that resolves an ordinary send without FastAPI's
+# per-request dependency resolution (server/direct.py); the schema is the same.
+router.add_api_route(
+    "/received", receive_email, methods=["POST"], status_code=202, responses=SEND_ERRORS,
+    route_class_override=direct_route(_send_arguments),
+)  # fmt: skip
 
 
 def _no_task(task_id: uuid.UUID) -> HTTPException:
