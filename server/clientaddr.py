@@ -39,6 +39,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _BRACKETED = re.compile(r"^\[([^\]]+)\](?::(\d{1,5}))?$")
 _V4_PORT = re.compile(r"^([0-9.]+):(\d{1,5})$")
 _MAX_HOP = 100  # longer than any address with a port: garbage, not worth parsing
+_CLIENT_STATE = "client_address"  # where a request keeps its client's address once known
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -105,7 +106,18 @@ def _warn_rewrite() -> None:
 
 
 def client_address(request: Request) -> str:
-    """The client's address, canonical, or ``unknown`` (see the module doc)."""
+    """The client's address, canonical, or ``unknown`` (see the module doc).
+
+    Worked out once per request: a send asks for it up to three times (the local-only
+    check, its quota owner, its idempotency scope), and parsing addresses is not free."""
+    state = request.scope.setdefault("state", {})
+    known: str | None = state.get(_CLIENT_STATE)
+    if known is None:
+        known = state[_CLIENT_STATE] = _client_address(request)
+    return known
+
+
+def _client_address(request: Request) -> str:
     peer = request.client.host if request.client else UNKNOWN
     settings = settings_of(request)
     proxies = parse_networks(settings.trusted_proxies)
