@@ -57,6 +57,8 @@ _IN_TEXT = tuple(f for f in FIELDS if f not in _IN_BRACKETS and f != "worker_id"
 
 # Lines waiting to be written are joined into one write, up to this many.
 MAX_BATCH = 256
+# After a write, the listener waits this long before it reads again (BatchWriter.emit).
+LINGER_SECONDS = 0.005
 # Records waiting for the listener, at most. Past it (the reader of stderr stalled, and a
 # flood of requests) lines are dropped and counted, rather than held until memory runs out
 # or written at the call, which would stall the loop behind the reader.
@@ -257,12 +259,18 @@ class BatchWriter(logging.Handler):
         self.stream = stream
         self._queue = pending
         self._lines: list[str] = []
+        self.linger = LINGER_SECONDS
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._lines.append(self.format(record))
             if len(self._lines) >= MAX_BATCH or self._queue.empty():
                 self._write()
+                if self.linger:
+                    # Let lines gather before the next read: a thread woken for every line
+                    # takes the GIL from the event loop once per line, and each hand-over
+                    # costs the loop more than the line's format.
+                    time.sleep(self.linger)
         except Exception:
             self.handleError(record)
 
