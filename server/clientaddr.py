@@ -42,6 +42,9 @@ _MAX_HOP = 100  # longer than any address with a port: garbage, not worth parsin
 _CLIENT_STATE = "client_address"  # where a request keeps its client's address once known
 
 
+# Bounded, so hops a client makes up cannot grow it; a server sees the same few peers and
+# proxies over and over, and ipaddress parses each in Python.
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> IPAddress | None:
     """One address as a proxy or a socket writes it, with or without a port; None if it is
     not one. IPv4-mapped IPv6 becomes IPv4, and an IPv6 zone (``%eth0``) is dropped."""
