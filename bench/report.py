@@ -82,7 +82,8 @@ def _http_rows(web: dict[str, Any]) -> list[str]:
     enqueue = web["enqueue"]
     if "bare" in enqueue:
         bare = enqueue["bare"]
-        latency = f"p50 {bare['p50_ms']:.1f} ms, p99 {bare['p99_ms']:.1f} ms"
+        latency = (f"p50 {bare['p50_ms']:.1f} ms, p99 {bare['p99_ms']:.1f} ms; "
+                   f"{bare['cpu_us_per_request']:.0f} us CPU a request")  # fmt: skip
         rows.append(_row("bare validated POST (reference)", f"{bare['rate']:,.0f} req/s",
                          latency, ""))  # fmt: skip
         for name, label in ENQUEUE_ROWS:
@@ -91,7 +92,9 @@ def _http_rows(web: dict[str, Any]) -> list[str]:
             rows.append(_row(label, f"{ours['rate']:,.0f} req/s",
                              f"{ours['ratio']:.2f}x bare (rounds: {spread}); p50 "
                              f"{ours['p50_ms']:.1f} ms, p99 {ours['p99_ms']:.1f} ms "
-                             f"({ours['p99_ratio']:.2f}x bare's); non-2xx {ours['non_2xx']}",
+                             f"({ours['p99_ratio']:.2f}x bare's); "
+                             f"{ours['cpu_us_per_request']:.0f} us CPU a request (bare's / "
+                             f"ours: {ours['cpu_ratio']:.2f}); non-2xx {ours['non_2xx']}",
                              ">= 1.0x, p99 <= 1.5x"))  # fmt: skip
     lat = web["latency"]
     rows += [
