@@ -1,11 +1,13 @@
 """Where the send endpoint's time goes: microseconds per request, in-process, by layer.
 
 ``python -m bench.api_cost`` calls each app directly over ASGI (no sockets, no uvicorn), 32
-requests at a time, and prints the cost per request of:
+requests at a time, and prints the cost per request, in wall time and in CPU time of the
+process (all threads: the log writer's too), the best of three interleaved rounds, of:
 
 - ``bare``: the enqueue reference, ``bench/bare_app.py`` (validated POST, nothing stored);
-- ``route``: the emailq app with the store answered at once (middleware, routing, auth,
-  compose, ids, response; no Redis, no await);
+- ``route``: the emailq app with the store answered at once (middleware, routing, the send
+  route's direct handler (server/direct.py): body, auth, compose, ids, response; no Redis,
+  no await);
 - ``await``: as ``route``, but through the coalescer with a Redis call that returns at once
   (adds the task switch every awaited store costs);
 - ``emailq``: the whole app against a real redis-server.
