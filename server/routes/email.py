@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import BaseModel
 
 from emailq.compose import EmailRequest
 from emailq.forms import OWNER_PREFIX
@@ -20,6 +21,8 @@ from server.openapi import errors
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
 from server.schemas import Accepted, TaskResult
+
+M = TypeVar("M", bound=BaseModel)
 
 router = APIRouter(prefix="/email", tags=["email"])
 log = logging.getLogger("emailq.api")
@@ -36,16 +39,25 @@ SEND_ERRORS = errors(409, 413, 429, 507, why={
 })  # fmt: skip
 
 
-async def _send_arguments(request: Request, response: Response) -> dict[str, Any] | None:
-    """``receive_email``'s arguments for an ordinary request, resolved as FastAPI would
-    (server/direct.py): None, before anything is counted, for a request FastAPI must judge."""
+async def ordinary_send(request: Request, model: type[M]) -> tuple[Principal, M, str | None] | None:
+    """A send's caller, body and Idempotency-Key, resolved as FastAPI would (see
+    server/direct.py), or None, before anything is counted, for a request FastAPI must
+    judge. The batch resolves its request the same way."""
     key = request.headers.get(HEADER)
     if key is not None and not valid_key(key):
         return None
-    payload = await json_model(request, EmailRequest)
-    if payload is None:
+    body = await json_model(request, model)
+    if body is None:
         return None
-    principal = await authenticate(request)
+    return await authenticate(request), body, key
+
+
+async def _send_arguments(request: Request, response: Response) -> dict[str, Any] | None:
+    """``receive_email``'s arguments for an ordinary request."""
+    resolved = await ordinary_send(request, EmailRequest)
+    if resolved is None:
+        return None
+    principal, payload, key = resolved
     return {"principal": principal, "payload": payload, "request": request,
             "response": response, "idempotency_key": key}  # fmt: skip
 
