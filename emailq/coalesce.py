@@ -44,7 +44,8 @@ class EnqueueCoalescer:
         self, item: EnqueueItem, idempotency: Idempotency | None
     ) -> Replay | None:
         """Store ``item`` (see ``Queue.enqueue_once``); returns once Redis has answered."""
-        future: asyncio.Future[Replay | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Replay | None] = loop.create_future()
         self._pending.append((item, idempotency, future))
         if self._flusher is None:
             # Runs after the callbacks already scheduled in this loop iteration, so requests
@@ -52,23 +53,30 @@ class EnqueueCoalescer:
             self._flusher = asyncio.create_task(self._flush())
         if self.budget_seconds is None:
             return await future
+        # A timer that answers this caller's own future, rather than wait_for(shield(...)),
+        # which costs a second future and its callbacks on every send. The future is this
+        # caller's alone: answering it early cancels nothing its neighbours share.
+        timer = loop.call_later(self.budget_seconds, self._give_up, future)
         try:
-            # Shielded: a caller giving up must not cancel the call its neighbours share.
-            return await asyncio.wait_for(asyncio.shield(future), self.budget_seconds)
-        except TimeoutError:
-            return self._give_up(future)
+            return await future
+        finally:
+            timer.cancel()
 
-    def _give_up(self, future: _Future) -> Replay | None:
-        """The caller's budget is spent: its answer, if one came just now; else not stored
-        (still waiting, now withdrawn) or unknown (in a call Redis has not answered)."""
-        if future.done() and not future.cancelled():
-            return future.result()
-        future.cancel()  # _store skips it; nobody waits for it now
+    def _give_up(self, future: _Future) -> None:
+        """The caller's budget is spent with no answer from Redis: not stored (it was still
+        waiting, and is withdrawn) or unknown (it is in a call Redis has not answered)."""
+        if future.done():
+            return
         waiting = len(self._pending)
         self._pending = [entry for entry in self._pending if entry[2] is not future]
         if len(self._pending) < waiting:
-            raise StoreUnavailable(f"not stored: Redis took nothing in {self.budget_seconds}s")
-        raise StoreOutcomeUnknown(f"Redis did not answer within {self.budget_seconds}s")
+            future.set_exception(
+                StoreUnavailable(f"not stored: Redis took nothing in {self.budget_seconds}s")
+            )
+        else:
+            future.set_exception(
+                StoreOutcomeUnknown(f"Redis did not answer within {self.budget_seconds}s")
+            )
 
     async def _flush(self) -> None:
         batch: list[_Pending] = []

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import functools
 import json
 import logging
 import queue
@@ -55,6 +56,8 @@ _IN_TEXT = tuple(f for f in FIELDS if f not in _IN_BRACKETS and f != "worker_id"
 
 # Lines waiting to be written are joined into one write, up to this many.
 MAX_BATCH = 256
+# After a write, the listener waits this long before it reads again (BatchWriter.emit).
+LINGER_SECONDS = 0.005
 # Records waiting for the listener, at most. Past it (the reader of stderr stalled, and a
 # flood of requests) lines are dropped and counted, rather than held until memory runs out
 # or written at the call, which would stall the loop behind the reader.
@@ -255,12 +258,18 @@ class BatchWriter(logging.Handler):
         self.stream = stream
         self._queue = pending
         self._lines: list[str] = []
+        self.linger = LINGER_SECONDS
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._lines.append(self.format(record))
             if len(self._lines) >= MAX_BATCH or self._queue.empty():
                 self._write()
+                if self.linger:
+                    # Let lines gather before the next read: a thread woken for every line
+                    # takes the GIL from the event loop once per line, and each hand-over
+                    # costs the loop more than the line's format.
+                    time.sleep(self.linger)
         except Exception:
             self.handleError(record)
 
@@ -303,6 +312,7 @@ class LogPipeline:
     def start(self) -> None:
         """Put the handler on the root logger, start the thread, and make sure it is
         stopped (its lines written) at exit, at SIGTERM, and after an uncaught error."""
+        _lean_records(self._undo)
         root = logging.getLogger()
         root.setLevel(self.level)
         root.addHandler(self.handler)
@@ -342,6 +352,20 @@ class LogPipeline:
 
 
 _active: LogPipeline | None = None
+
+# What every LogRecord would otherwise look up at the call, on the event loop, and no
+# format of ours writes: the caller's file and line (a walk up the stack), and the thread,
+# process and task names. The logging docs' "Optimization" section names these switches.
+_UNUSED_RECORD_FIELDS = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing",
+                         "logAsyncioTasks")  # fmt: skip
+
+
+def _lean_records(undo: list[Callable[[], object]]) -> None:
+    for name in _UNUSED_RECORD_FIELDS:
+        if hasattr(logging, name):  # logAsyncioTasks is new in 3.12
+            before = getattr(logging, name)
+            setattr(logging, name, None if name == "_srcfile" else False)
+            undo.append(functools.partial(setattr, logging, name, before))
 
 
 def resolve_format(fmt: LogFormat, stream: TextIO) -> LogFormat:

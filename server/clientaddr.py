@@ -39,8 +39,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _BRACKETED = re.compile(r"^\[([^\]]+)\](?::(\d{1,5}))?$")
 _V4_PORT = re.compile(r"^([0-9.]+):(\d{1,5})$")
 _MAX_HOP = 100  # longer than any address with a port: garbage, not worth parsing
+_CLIENT_STATE = "client_address"  # where a request keeps its client's address once known
 
 
+# Bounded, so hops a client makes up cannot grow it; a server sees the same few peers and
+# proxies over and over, and ipaddress parses each in Python.
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> IPAddress | None:
     """One address as a proxy or a socket writes it, with or without a port; None if it is
     not one. IPv4-mapped IPv6 becomes IPv4, and an IPv6 zone (``%eth0``) is dropped."""
@@ -105,7 +109,18 @@ def _warn_rewrite() -> None:
 
 
 def client_address(request: Request) -> str:
-    """The client's address, canonical, or ``unknown`` (see the module doc)."""
+    """The client's address, canonical, or ``unknown`` (see the module doc).
+
+    Worked out once per request: a send asks for it up to three times (the local-only
+    check, its quota owner, its idempotency scope), and parsing addresses is not free."""
+    state = request.scope.setdefault("state", {})
+    known: str | None = state.get(_CLIENT_STATE)
+    if known is None:
+        known = state[_CLIENT_STATE] = _client_address(request)
+    return known
+
+
+def _client_address(request: Request) -> str:
     peer = request.client.host if request.client else UNKNOWN
     settings = settings_of(request)
     proxies = parse_networks(settings.trusted_proxies)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -27,6 +28,10 @@ from server.schemas import Accepted
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
 ANONYMOUS = "anonymous"  # the key id while no API key identifies the caller
+MAX_KEY_CHARS = 256
+# Printable ASCII only: the key is compared byte for byte and may be logged.
+KEY_PATTERN = r"^[\x20-\x7e]+$"
+_KEY = re.compile(KEY_PATTERN)
 
 log = logging.getLogger("emailq.api")
 
@@ -35,13 +40,18 @@ IdempotencyKeyDep = Annotated[
     Header(
         alias=HEADER,
         min_length=1,
-        max_length=256,
-        # Printable ASCII only: the key is compared byte for byte and may be logged.
-        pattern=r"^[\x20-\x7e]+$",
+        max_length=MAX_KEY_CHARS,
+        pattern=KEY_PATTERN,
         description="1-256 printable ASCII characters; a repeat within 24 h sends nothing",
         examples=["order-1234-receipt"],
     ),
 ]
+
+
+def valid_key(value: str) -> bool:
+    """Does ``value`` meet ``IdempotencyKeyDep``'s constraints (for a route that reads the
+    header itself, server/direct.py)?"""
+    return len(value) <= MAX_KEY_CHARS and _KEY.fullmatch(value) is not None
 
 
 def scope_of(request: Request) -> str:

@@ -7,9 +7,9 @@ should not add a task and a body copy per call.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import Mapping
 
 from starlette.datastructures import MutableHeaders
@@ -31,6 +31,12 @@ def _client_request_id(scope: Scope) -> str | None:
             text = value.decode("latin-1")
             return text if _SAFE_REQUEST_ID.match(text) else None
     return None
+
+
+def _new_request_id() -> str:
+    # 32 hex digits, as uuid4().hex was, without its os.urandom call: a request id names a
+    # request in logs and answers and is no secret (a client may even choose its own).
+    return f"{random.getrandbits(128):032x}"
 
 
 def _too_large(limit: int) -> HTTPException:
@@ -78,7 +84,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        request_id = _client_request_id(scope) or _new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         status = 0
 

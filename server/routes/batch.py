@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,13 +15,24 @@ from emailq.errors import Forbidden, InvalidMessage
 from emailq.queue import EnqueueItem
 from emailq.submit import REJECTED, prepare
 from server.auth import PrincipalDep
-from server.deps import QueueDep, RequestIdDep, SettingsDep, TemplatesDep, metrics_of
+from server.deps import (
+    QueueDep,
+    RequestIdDep,
+    SettingsDep,
+    TemplatesDep,
+    metrics_of,
+    queue_of,
+    request_id_of,
+    settings_of,
+    templates_of,
+)
+from server.direct import direct_route
 from server.errors import error_response, validation_detail, validation_fields
 from server.idempotency import IdempotencyKeyDep, batch_once
 from server.openapi import errors
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
-from server.routes.email import SEND_ERRORS
+from server.routes.email import SEND_ERRORS, ordinary_send
 from server.schemas import BatchAccepted, BatchEntry, BatchErrorBody, BatchRequest
 
 router = APIRouter(prefix="/emails", tags=["email"])
@@ -43,18 +55,18 @@ def _rejected(index: int, exc: Exception) -> BatchEntry:
     return BatchEntry(index=index, error="payload_too_large", detail=str(exc))
 
 
-@router.post(
-    "/batch",
-    status_code=202,
-    response_model=BatchAccepted,
-    response_model_exclude_none=True,
-    responses=SEND_ERRORS | errors(model=BatchErrorBody, why={
-        403: "no message may be sent to its recipients (`results` says why for each); or, "
-             "while API_KEYS is unset, the request is not a local one",
-        422: "the batch is malformed, or none of its messages is valid (`results` says why "
-             "for each)",
-    }),
-)  # fmt: skip
+async def _batch_arguments(request: Request, response: Response) -> dict[str, Any] | None:
+    """``send_batch``'s arguments for an ordinary request (server/direct.py)."""
+    resolved = await ordinary_send(request, BatchRequest)
+    if resolved is None:
+        return None
+    principal, body, key = resolved
+    return {"principal": principal, "body": body, "request": request, "response": response,
+            "queue": queue_of(request), "settings": settings_of(request),
+            "request_id": request_id_of(request), "templates": templates_of(request),
+            "idempotency_key": key}  # fmt: skip
+
+
 async def send_batch(
     principal: PrincipalDep,
     body: BatchRequest,
@@ -107,3 +119,17 @@ async def send_batch(
     log.info("queued batch of %d (%d rejected)", answer.queued, answer.rejected,
              extra={"request_id": request_id})  # fmt: skip
     return answer
+
+
+# `router.post`, with the route class of the single send (server/direct.py).
+router.add_api_route(
+    "/batch", send_batch, methods=["POST"], status_code=202, response_model=BatchAccepted,
+    response_model_exclude_none=True,
+    responses=SEND_ERRORS | errors(model=BatchErrorBody, why={
+        403: "no message may be sent to its recipients (`results` says why for each); or, "
+             "while API_KEYS is unset, the request is not a local one",
+        422: "the batch is malformed, or none of its messages is valid (`results` says why "
+             "for each)",
+    }),
+    route_class_override=direct_route(_batch_arguments),
+)  # fmt: skip

@@ -5,20 +5,24 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import BaseModel
 
 from emailq.compose import EmailRequest
 from emailq.forms import OWNER_PREFIX
 from emailq.submit import prepare
-from server.auth import Principal, PrincipalDep, local_refusal
+from server.auth import Principal, PrincipalDep, authenticate, local_refusal
 from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of, templates_of
-from server.idempotency import IdempotencyKeyDep, send_once
+from server.direct import direct_route, json_model
+from server.idempotency import HEADER, IdempotencyKeyDep, send_once, valid_key
 from server.openapi import errors
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
 from server.schemas import Accepted, TaskResult
+
+M = TypeVar("M", bound=BaseModel)
 
 router = APIRouter(prefix="/email", tags=["email"])
 log = logging.getLogger("emailq.api")
@@ -35,7 +39,29 @@ SEND_ERRORS = errors(409, 413, 429, 507, why={
 })  # fmt: skip
 
 
-@router.post("/received", status_code=202, responses=SEND_ERRORS)
+async def ordinary_send(request: Request, model: type[M]) -> tuple[Principal, M, str | None] | None:
+    """A send's caller, body and Idempotency-Key, resolved as FastAPI would (see
+    server/direct.py), or None, before anything is counted, for a request FastAPI must
+    judge. The batch resolves its request the same way."""
+    key = request.headers.get(HEADER)
+    if key is not None and not valid_key(key):
+        return None
+    body = await json_model(request, model)
+    if body is None:
+        return None
+    return await authenticate(request), body, key
+
+
+async def _send_arguments(request: Request, response: Response) -> dict[str, Any] | None:
+    """``receive_email``'s arguments for an ordinary request."""
+    resolved = await ordinary_send(request, EmailRequest)
+    if resolved is None:
+        return None
+    principal, payload, key = resolved
+    return {"principal": principal, "payload": payload, "request": request,
+            "response": response, "idempotency_key": key}  # fmt: skip
+
+
 async def receive_email(
     principal: PrincipalDep, payload: EmailRequest,
     request: Request, response: Response, idempotency_key: IdempotencyKeyDep = None,
@@ -49,6 +75,14 @@ async def receive_email(
     # Counted once it would be stored: a refused request costs neither us nor its budget.
     await check_key_rate(request, response, principal)
     return await send_once(request, response, enqueuer_of(request), item, idempotency_key)
+
+
+# `router.post`, with the route class that resolves an ordinary send without FastAPI's
+# per-request dependency resolution (server/direct.py); the schema is the same.
+router.add_api_route(
+    "/received", receive_email, methods=["POST"], status_code=202, responses=SEND_ERRORS,
+    route_class_override=direct_route(_send_arguments),
+)  # fmt: skip
 
 
 def _no_task(task_id: uuid.UUID) -> HTTPException:
