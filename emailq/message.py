@@ -91,10 +91,10 @@ class WireHeader(str):
         self.utf8_form = ascii_form if utf8_form is None else utf8_form
         return self
 
-    def __getnewargs__(self) -> tuple[str, str, str, str]:
+    def __reduce__(self) -> tuple[type[WireHeader], tuple[str, str, str, str]]:
         # copy.deepcopy (the generator's, when it re-encodes an 8bit part for a relay
-        # without 8BITMIME) rebuilds a str subclass from these.
-        return self.name, str(self), self.ascii_form, self.utf8_form
+        # without 8BITMIME) rebuilds the header from these.
+        return WireHeader, (self.name, str(self), self.ascii_form, self.utf8_form)
 
     def fold(self, *, policy: Any) -> str:
         """The header line(s), with the policy's line ends."""
