@@ -12,7 +12,6 @@ import aiosmtplib
 import redis
 
 from bench.common import (
-    MAIL_FROM,
     ROOT,
     RedisStats,
     cpu_seconds,
@@ -20,12 +19,12 @@ from bench.common import (
     job,
     new_task_id,
     rss_mb,
+    send_job,
     settings_env,
     spawn,
     stop,
     wait_until,
 )  # fmt: skip
-from emailq.message import build_message
 from emailq.queue import Keys, Queue
 
 
@@ -38,8 +37,7 @@ async def plain_loop(port: int, n: int, connections: int) -> float:
         await smtp.connect()
         for i in range(count):
             j = job(offset + i)
-            msg = build_message(new_task_id(), j, MAIL_FROM)
-            await smtp.send_message(msg, sender="noreply@example.com", recipients=j.recipients)
+            await send_job(smtp, new_task_id(), j)
         await smtp.quit()
 
     started = time.perf_counter()

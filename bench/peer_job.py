@@ -19,8 +19,7 @@ from typing import Any
 
 import aiosmtplib
 
-from bench.common import MAIL_FROM
-from emailq.message import build_message
+from bench.common import send_job
 from emailq.models import Job
 
 
@@ -34,9 +33,8 @@ class Connections:
     async def send(self, task_id: str, payload: str) -> None:
         """The job: parse the stored job, build the message, send it."""
         j = Job.model_validate_json(payload)
-        msg = build_message(task_id, j, MAIL_FROM)
         smtp = self._idle.pop() if self._idle else await self._open()
-        await smtp.send_message(msg, sender="noreply@example.com", recipients=j.recipients)
+        await send_job(smtp, task_id, j)
         self._idle.append(smtp)
 
     async def _open(self) -> aiosmtplib.SMTP:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from email.policy import SMTP
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,19 @@ from bench import drain
 from bench.common import (
     MAIL_FROM,
     ROOT,
+    SENDER,
     cpu_seconds,
     exe,
     job,
     listening,
     new_task_id,
+    send_job,
     spawn,
     stop,
     wait_until,
 )
 from emailq.devtools.redis_server import free_port
-from emailq.message import build_message
-
-SENDER = "noreply@example.com"
+from emailq.message import render
 
 
 async def one_connection(port: int, count: int) -> float:
@@ -54,8 +53,7 @@ async def one_connection(port: int, count: int) -> float:
     started = time.perf_counter()
     for i in range(count):
         j = job(i)
-        msg = build_message(new_task_id(), j, MAIL_FROM)
-        await smtp.send_message(msg, sender=SENDER, recipients=j.recipients)
+        await send_job(smtp, new_task_id(), j)
     elapsed = time.perf_counter() - started
     await smtp.quit()
     return elapsed / count
@@ -79,7 +77,7 @@ async def pipelined_connection(port: int, count: int) -> float:
     started = time.perf_counter()
     for i in range(count):
         j = job(i)
-        body = build_message(new_task_id(), j, MAIL_FROM).as_bytes(policy=SMTP)
+        body = render(new_task_id(), j, MAIL_FROM).as_bytes()
         rcpts = b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in j.recipients)
         writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode() + rcpts + b"DATA\r\n")
         await _replies(reader, 2 + len(j.recipients))

@@ -30,7 +30,7 @@ from emailq.errors import (
     StoreUnavailable,
 )
 from emailq.logs import bind, unbind
-from emailq.message import build_message, envelope_sender
+from emailq.message import envelope_sender, render
 from emailq.models import Attempt, ClaimedJob
 from emailq.queue import Claim, Outcome, Queue, Refill
 from emailq.relay import RelayStore
@@ -291,7 +291,7 @@ class Worker:
 
     async def _attempt(self, claimed: ClaimedJob, ctx: dict[str, Any]) -> Delivery:
         try:
-            msg = build_message(claimed.task_id, claimed.job, self.settings.mail_from)
+            msg = render(claimed.task_id, claimed.job, self.settings.mail_from)
             await self.relay.before_send()  # the shared send rate's slot, if it is limited
             guard = functools.partial(self._check_lease, claimed)
             async with self.sender.session() as conn:

@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Any, Literal
 
 import aiosmtplib
@@ -28,6 +27,7 @@ from aiosmtplib import SMTPResponse, SMTPStatus
 from aiosmtplib.typing import Default
 
 from emailq.errors import OutcomeUnknown, RelayThrottled, RelayUnavailable, SendError
+from emailq.message import Wire
 from emailq.settings import Settings, SmtpSecurity
 
 log = logging.getLogger("emailq.worker.smtp")
@@ -54,8 +54,8 @@ def _framed(message: str | bytes) -> bytes:
 
 
 class TimedSMTP(aiosmtplib.SMTP):
-    """aiosmtplib's client with the end of a transaction done here, so ``send_message``
-    (SIZE, SMTPUTF8, 8BITMIME, flattening, RSET after a refusal) stays the library's:
+    """aiosmtplib's client with the end of a transaction done here, so ``sendmail`` (SIZE,
+    MAIL, RCPT, RSET after a refusal) stays the library's:
 
     * every reply waits the command timeout, except the reply to the end of DATA, which waits
       ``data_timeout`` (relays scan and commit the mail before they answer). aiosmtplib has
@@ -75,6 +75,28 @@ class TimedSMTP(aiosmtplib.SMTP):
         super().__init__(**kwargs)
         self.data_timeout = data_timeout
         self.guard: Guard = no_guard
+
+    async def send_wire(
+        self, wire: Wire, sender: str, recipients: list[str]
+    ) -> tuple[dict[str, SMTPResponse], str]:
+        """``send_message`` for a message already in wire form, with the options it would
+        give: SMTPUTF8 (and UTF-8 address headers) when an envelope address is not ASCII,
+        BODY=8BITMIME (and 8bit text bodies) when the relay offers it."""
+        await self._ehlo_or_helo_if_needed()  # the extensions decide the options
+        options = []
+        utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+        if utf8:
+            if not self.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPNotSupported(
+                    "An address containing non-ASCII characters was provided, but "
+                    "SMTPUTF8 is not supported by this server"
+                )
+            options.append("SMTPUTF8")
+        eight_bit = self.supports_extension("8bitmime")
+        if eight_bit:
+            options.append("BODY=8BITMIME")
+        message = wire.as_bytes(utf8=utf8, eight_bit=eight_bit)
+        return await self.sendmail(sender, recipients, message, mail_options=options)
 
     async def mail(
         self,
@@ -215,7 +237,7 @@ class Connection:
             raise convert_error(exc, connecting=True) from exc
 
     async def send(
-        self, msg: EmailMessage, sender: str, recipients: list[str], guard: Guard = no_guard
+        self, msg: Wire, sender: str, recipients: list[str], guard: Guard = no_guard
     ) -> Delivery:
         """One SMTP transaction, ``guard`` awaited before each step that sends (see
         ``TimedSMTP``). A reused connection the server dropped while idle gets one fresh
@@ -234,9 +256,9 @@ class Connection:
         finally:
             self.smtp.guard = no_guard
 
-    async def _transaction(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
+    async def _transaction(self, msg: Wire, sender: str, recipients: list[str]) -> Delivery:
         self.smtp.data_started = False
-        errors, reply = await self.smtp.send_message(msg, sender=sender, recipients=recipients)
+        errors, reply = await self.smtp.send_wire(msg, sender, recipients)
         if errors:
             refused = "; ".join(f"{addr}: {r.code} {r.message}" for addr, r in errors.items())
             reply = f"{reply} (refused: {refused})"

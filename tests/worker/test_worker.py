@@ -410,14 +410,14 @@ async def test_an_unexpected_error_fails_the_task_at_once_and_the_worker_goes_on
 ) -> None:
     import worker.loop
 
-    real_build = worker.loop.build_message
+    real_build = worker.loop.render
 
     def build(task_id: str, job: Any, mail_from: str) -> Any:
         if job.subject == "boom":
             raise RuntimeError("cannot build")
         return real_build(task_id, job, mail_from)
 
-    monkeypatch.setattr(worker.loop, "build_message", build)
+    monkeypatch.setattr(worker.loop, "render", build)
     async with running(make_settings()) as run:
         [broken] = await run.send(subject="boom")
         [fine] = await run.send(subject="fine")
