@@ -37,7 +37,8 @@ def test_a_sentinel_url_names_its_sentinels_service_db_and_the_nodes_login() -> 
     (f"redis+sentinel://u:{SECRET}@s1:26379", "ends in /service_name"),
     (f"redis+sentinel://u:{SECRET}@s1:26379/mymaster/x", "must be a number"),
     (f"redis+sentinel://u:{SECRET}@s1:huh/mymaster", "is not host:port"),
-    (f"redis+cluster://u:{SECRET}@h1:7000,h2:7001", "not supported by this build yet"),
+    (f"redis+cluster://u:{SECRET}@h1:7000,h2:7001/3", "has database 0 only"),
+    (f"redis+cluster://u:{SECRET}@h1,h2:7001", "node is host:port"),
 ])  # fmt: skip
 def test_a_bad_url_is_one_line_naming_redis_url_without_the_password(url: str, says: str) -> None:
     with pytest.raises(ConfigError) as refused:
