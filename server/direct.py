@@ -32,6 +32,10 @@ M = TypeVar("M", bound=BaseModel)
 # The endpoint's keyword arguments for an ordinary request, or None: FastAPI resolves them.
 Resolver = Callable[[Request, Response], Awaitable["dict[str, Any] | None"]]
 
+# Noted on the scope by the ASGI lane (server/lane.py) for a request ``direct`` declined, so
+# the route's handler does not resolve it a second time.
+DECLINED = "emailq.direct_declined"
+
 # What FastAPI decodes as JSON; anything rarer is left to it (``fastapi.routing``: the
 # ``application/*json`` types, read with ``email.message``'s header parser).
 _JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"})
@@ -79,21 +83,33 @@ class DirectRoute(APIRoute):
     """An ``APIRoute`` whose ordinary request is resolved by ``resolve`` (module doc)."""
 
     resolve: ClassVar[Resolver]
+    # Set once the handler is built, if ``direct`` can answer for this route (a response
+    # model, the default response class): the ASGI lane (server/lane.py) asks this.
+    serves_directly = False
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         generic = super().get_route_handler()
         if self.response_field is None or not isinstance(self.response_class, DefaultPlaceholder):
             return generic  # _answer copies FastAPI's answer for a response model only
-        resolve = type(self).resolve
+
+        self.serves_directly = True
 
         async def handler(request: Request) -> Response:
-            response = _fresh_response()
-            arguments = await resolve(request, response)
-            if arguments is None:
+            if DECLINED in request.scope:  # the lane asked already (server/lane.py)
                 return await generic(request)
-            return await self._answer(await self.endpoint(**arguments), response)
+            answer = await self.direct(request)
+            return await generic(request) if answer is None else answer
 
         return handler
+
+    async def direct(self, request: Request) -> Response | None:
+        """The answer to an ordinary request, or None, before any side effect, for one
+        FastAPI's own handler must serve. Only for a route that ``serves_directly``."""
+        response = _fresh_response()
+        arguments = await type(self).resolve(request, response)
+        if arguments is None:
+            return None
+        return await self._answer(await self.endpoint(**arguments), response)
 
     async def _answer(self, result: Any, response: Response) -> Response:
         """The endpoint's ``result`` as FastAPI's handler answers it: validated against the
