@@ -72,11 +72,29 @@ async def json_model(request: Request, model: type[M]) -> M | None:
 
 
 def _fresh_response() -> Response:
-    """What FastAPI hands an endpoint's ``Response`` parameter (``solve_dependencies``)."""
+    """What FastAPI hands an endpoint's ``Response`` parameter (``solve_dependencies``):
+    no headers (it deletes the ``content-length: 0`` an empty body is given, the only one
+    without a media type; emptying the list skips building a header view to do it), and
+    no status."""
     response = Response()
-    del response.headers["content-length"]
+    response.raw_headers.clear()
     response.status_code = None  # type: ignore[assignment]  # FastAPI's marker: not set
     return response
+
+
+def _plain_model(route: APIRoute) -> type[BaseModel] | None:
+    """The route's response model, if FastAPI's validation hands an instance of exactly it
+    back unchanged (pydantic's default) and no include/exclude applies: such a result is
+    serialized by the model's own serializer, with the route's options, to the same bytes,
+    without the validation pass. None otherwise."""
+    model = route.response_model
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    if model.model_config.get("revalidate_instances", "never") != "never":
+        return None
+    if route.response_model_include is not None or route.response_model_exclude is not None:
+        return None
+    return model
 
 
 class DirectRoute(APIRoute):
@@ -86,6 +104,7 @@ class DirectRoute(APIRoute):
     # Set once the handler is built, if ``direct`` can answer for this route (a response
     # model, the default response class): the ASGI lane (server/lane.py) asks this.
     serves_directly = False
+    _plain_model: type[BaseModel] | None = None
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         generic = super().get_route_handler()
@@ -93,6 +112,7 @@ class DirectRoute(APIRoute):
             return generic  # _answer copies FastAPI's answer for a response model only
 
         self.serves_directly = True
+        self._plain_model = _plain_model(self)
 
         async def handler(request: Request) -> Response:
             if DECLINED in request.scope:  # the lane asked already (server/lane.py)
@@ -116,17 +136,25 @@ class DirectRoute(APIRoute):
         response model, serialized, with the status and headers the endpoint set."""
         if isinstance(result, Response):
             return result
-        content = await serialize_response(
-            field=self.response_field,
-            response_content=result,
-            include=self.response_model_include,
-            exclude=self.response_model_exclude,
-            by_alias=self.response_model_by_alias,
-            exclude_unset=self.response_model_exclude_unset,
-            exclude_defaults=self.response_model_exclude_defaults,
-            exclude_none=self.response_model_exclude_none,
-            dump_json=True,
-        )
+        if self._plain_model is not None and type(result) is self._plain_model:
+            content = result.__pydantic_serializer__.to_json(
+                result, by_alias=self.response_model_by_alias,
+                exclude_unset=self.response_model_exclude_unset,
+                exclude_defaults=self.response_model_exclude_defaults,
+                exclude_none=self.response_model_exclude_none,
+            )  # fmt: skip
+        else:
+            content = await serialize_response(
+                field=self.response_field,
+                response_content=result,
+                include=self.response_model_include,
+                exclude=self.response_model_exclude,
+                by_alias=self.response_model_by_alias,
+                exclude_unset=self.response_model_exclude_unset,
+                exclude_defaults=self.response_model_exclude_defaults,
+                exclude_none=self.response_model_exclude_none,
+                dump_json=True,
+            )
         answer = Response(content, status_code=response.status_code or self.status_code or 200,
                           media_type="application/json")  # fmt: skip
         if not is_body_allowed_for_status_code(answer.status_code):
