@@ -12,6 +12,7 @@ without keys. ``relay_guard`` refuses to start with a real SMTP server and none 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
@@ -40,6 +41,9 @@ class OpenRelayRefused(ConfigError, RuntimeError):
     """The configuration would let anyone who reaches the API send mail anywhere."""
 
 
+# Asked twice per local send (the peer, the Host header), with the same few values each
+# time; bounded, as the Host header is the caller's to choose.
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str | None) -> bool:
     """Is ``host`` this machine: ``localhost``, 127.0.0.0/8 or ::1 (also IPv4-mapped)?"""
     name = (host or "").strip().lower().rstrip(".")

@@ -27,6 +27,7 @@ from server.auth import relay_guard
 from server.cors import ApiCorsMiddleware
 from server.deps import attach_state
 from server.errors import install_error_handlers
+from server.lane import DirectLane, direct_routes
 from server.metrics import MetricsMiddleware
 from server.middleware import RequestContextMiddleware
 from server.openapi import install_openapi
@@ -105,6 +106,9 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=docs.OPENAPI_URL if settings.api_docs else None,
     )
     attach_state(app, state)
+    # Innermost, added first: the send and batch routes' ordinary requests are answered here,
+    # inside the request context, metrics and size limit, before FastAPI's routing.
+    app.add_middleware(DirectLane, routes=direct_routes(API_PREFIX, email.router, batch.router))
     app.add_middleware(
         RequestContextMiddleware,
         max_request_bytes=settings.max_request_bytes,

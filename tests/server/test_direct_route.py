@@ -14,6 +14,7 @@ from fastapi import Request, Response
 
 from emailq.settings import Settings
 from server.direct import DirectRoute
+from server.lane import DirectLane
 from server.main import create_app
 from server.routes import batch, email
 from tests.helpers.api import ALICE, API_KEYS, MAX_BODY, bearer, local_client, mail
@@ -121,13 +122,62 @@ def _fastapi_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _answer(response: httpx.Response) -> tuple[int, Any, dict[str, str]]:
-    body = response.json()
+    body = response.json() if response.content else None
     if isinstance(body, dict):  # ids differ from request to request
         body = {k: v for k, v in body.items() if k not in ("request_id", "task_id")}
         for entry in body.get("results", []):
             entry.pop("task_id", None)
     headers = {k: v for k, v in response.headers.items() if k not in VOLATILE_HEADERS}
     return response.status_code, body, headers
+
+
+# The paths a request can be served by: the ASGI lane (server/lane.py) as the app is built,
+# the DirectRoute's own handler with the lane stepped over, and FastAPI's own handler.
+PATHS = ("lane", "route", "fastapi")
+
+
+def _past_the_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def through(self: DirectLane, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    monkeypatch.setattr(DirectLane, "__call__", through)
+
+
+# name: (method, path, headers, body); a body of several parts is sent chunked.
+Requests = dict[str, tuple[str, str, Headers, bytes | list[bytes]]]
+
+
+def _by_each_path(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    store: redis.Redis,
+    requests: Requests,
+    fresh: bool = True,
+) -> dict[str, list[Any]]:
+    """Each request's answer by each of PATHS, in that order, from the same empty store each
+    time (``fresh``), or each path's requests one after another from an empty store."""
+    answers: dict[str, list[Any]] = {name: [] for name in requests}
+    for served_by in PATHS:
+        # FastAPI builds a route's handler at the app's first request to it, not when the
+        # app is made: the patch must last while the app serves.
+        with monkeypatch.context() as patched, local_client(create_app(settings)) as client:
+            if served_by == "route":
+                _past_the_lane(patched)
+            left = _fastapi_only(patched) if served_by == "fastapi" else []
+            store.flushdb()
+            for name, (method, path, headers, body) in requests.items():
+                if fresh:
+                    store.flushdb()
+                content = iter(body) if isinstance(body, list) else body
+                sent = client.request(method, path, content=content, headers=headers,
+                                      follow_redirects=False)  # fmt: skip
+                answers[name].append(_answer(sent))
+            # FastAPI served every request for the two routes, and the resolver was asked
+            # once each (not again by the route after the lane declined it).
+            routed = [path for method, path, _, _ in requests.values()
+                      if method == "POST" and path.split("?")[0] in (SEND, BATCH)]  # fmt: skip
+            assert len(left) == (len(routed) if served_by == "fastapi" else 0)
+    return answers
 
 
 def _both(
@@ -138,32 +188,23 @@ def _both(
     extra_headers: Headers | None = None,
     path: str = SEND,
     fresh: bool = True,
-) -> dict[str, tuple[Any, Any]]:
-    """Each case's answer from the app as built, then from one that leaves every request to
-    FastAPI, from the same empty store each time (``fresh``), or each app's cases one after
-    another from an empty store."""
-    answers: dict[str, list[Any]] = {name: [] for name in cases}
-    for fastapi_only in (False, True):
-        # FastAPI builds a route's handler at the app's first request to it, not when the
-        # app is made: the patch must last while the app serves.
-        with monkeypatch.context() as patched, local_client(create_app(settings)) as client:
-            left = _fastapi_only(patched) if fastapi_only else []
-            store.flushdb()
-            for name, (headers, body) in cases.items():
-                if fresh:
-                    store.flushdb()
-                sent = client.post(path, content=body, headers={**headers, **(extra_headers or {})})
-                answers[name].append(_answer(sent))
-            assert len(left) == (len(cases) if fastapi_only else 0)  # it served every one
-    return {name: (got[0], got[1]) for name, got in answers.items()}
+) -> dict[str, list[Any]]:
+    """``_by_each_path`` for POSTs of ``cases`` to ``path``."""
+    requests: Requests = {name: ("POST", path, {**headers, **(extra_headers or {})}, body)
+                          for name, (headers, body) in cases.items()}  # fmt: skip
+    return _by_each_path(settings, monkeypatch, store, requests, fresh)
+
+
+def _same(answers: list[Any]) -> bool:
+    return all(answer == answers[0] for answer in answers)
 
 
 def test_every_request_answers_as_fastapis_own_handler_answers(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, store: redis.Redis
 ) -> None:
     cases = DIRECT | TO_FASTAPI | TOO_LARGE | REFUSED_BY_THE_ENDPOINT
-    for name, (direct, fastapi) in _both(settings, monkeypatch, store, cases).items():
-        assert direct == fastapi, name
+    for name, answers in _both(settings, monkeypatch, store, cases).items():
+        assert _same(answers), name
     assert _both(settings, monkeypatch, store, DIRECT)["ordinary"][0][0] == 202
 
 
@@ -171,8 +212,8 @@ def test_every_batch_answers_as_fastapis_own_handler_answers(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, store: redis.Redis
 ) -> None:
     answers = _both(settings, monkeypatch, store, BATCHES, path=BATCH)
-    for name, (direct, fastapi) in answers.items():
-        assert direct == fastapi, name
+    for name, each in answers.items():
+        assert _same(each), name
     assert answers["ordinary batch"][0][0] == 202
     assert answers["one bad message"][0][1]["rejected"] == 1
 
@@ -198,8 +239,8 @@ def test_a_refused_key_answers_the_same_on_both_paths(
     for key in ("", "eq_not-a-key-0123456789", ALICE):
         authorization: Headers = {**bearer(key)} if key else {}
         answers = _both(settings, monkeypatch, store, DIRECT | TO_FASTAPI, authorization)
-        for name, (direct, fastapi) in answers.items():
-            assert direct == fastapi, (key, name)
+        for name, each in answers.items():
+            assert _same(each), (key, name)
         assert answers["ordinary"][0][0] == (202 if key == ALICE else 401)
 
 
@@ -213,9 +254,123 @@ def test_the_headers_a_send_sets_are_the_same_on_both_paths(
                     "replay": (keyed, ORDINARY)}, fresh=False)  # fmt: skip
     answers |= _both(settings, monkeypatch, store, {"batch": (keyed, batch_body),
                      "batch replay": (keyed, batch_body)}, path=BATCH, fresh=False)  # fmt: skip
-    for name, (direct, fastapi) in answers.items():
-        assert direct == fastapi, name
+    for name, each in answers.items():
+        assert _same(each), name
+        direct = each[0]
         if name != "batch replay":  # a batch's replay is not counted again
             assert direct[2]["ratelimit-limit"] == "100", name  # set by the endpoint
     assert answers["replay"][0][2]["idempotent-replayed"] == "true"
     assert answers["batch replay"][0][2]["idempotent-replayed"] == "true"
+
+
+def _chunks(body: bytes, size: int = 7) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+# Requests for the two paths that are not plain POSTs of a body: each path must answer them
+# alike (the lane passes all but the POSTs on; a chunked body reaches it in parts).
+ODD: Requests = {
+    "chunked": ("POST", SEND, JSON, _chunks(ORDINARY)),
+    "chunked, too large": ("POST", SEND, JSON, _chunks(b"[" * 100_000, 4096)),
+    "chunked, invalid": ("POST", SEND, JSON, _chunks(b'{"to": ')),
+    "chunked batch": ("POST", BATCH, JSON, _chunks(json.dumps({"messages": [mail()]}).encode())),
+    "a query string": ("POST", SEND + "?wait=10&x=%ff", JSON, ORDINARY),
+    "a trailing slash": ("POST", SEND + "/", JSON, ORDINARY),
+    "a spoofed X-Forwarded-For": ("POST", SEND, {**JSON, "X-Forwarded-For": "8.8.8.8"}, ORDINARY),
+    "a foreign Host": ("POST", SEND, {**JSON, "Host": "evil.example"}, ORDINARY),
+    "HEAD": ("HEAD", SEND, JSON, b""),
+    "GET": ("GET", SEND, JSON, b""),
+    "OPTIONS": ("OPTIONS", SEND, JSON, b""),
+    "PUT": ("PUT", SEND, JSON, ORDINARY),
+    "DELETE on the batch": ("DELETE", BATCH, JSON, b""),
+    "an invented method": ("BREW", SEND, JSON, ORDINARY),
+}
+
+
+def test_odd_requests_answer_the_same_on_every_path(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, store: redis.Redis
+) -> None:
+    answers = _by_each_path(settings, monkeypatch, store, ODD)
+    for name, each in answers.items():
+        assert _same(each), name
+    assert answers["chunked"][0][0] == 202
+    assert answers["chunked, too large"][0][0] == 413
+    assert answers["a query string"][0][0] == 202
+    assert answers["a spoofed X-Forwarded-For"][0][0] == 403  # a proxy not in TRUSTED_PROXIES
+    assert answers["a foreign Host"][0][0] == 403
+    assert answers["GET"][0][0] == 405
+
+
+def test_idempotency_conflicts_answer_the_same_on_every_path(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, store: redis.Redis
+) -> None:
+    keyed: Headers = {**JSON, "Idempotency-Key": "order-1"}
+    other = json.dumps(mail(subject="another")).encode()
+    answers = _by_each_path(settings, monkeypatch, store, {
+        "first": ("POST", SEND, keyed, ORDINARY),
+        "replay": ("POST", SEND, keyed, ORDINARY),
+        "conflict": ("POST", SEND, keyed, other),
+        "the key on a batch": ("POST", BATCH, keyed, json.dumps({"messages": [mail()]}).encode()),
+    }, fresh=False)  # fmt: skip
+    for name, each in answers.items():
+        assert _same(each), name
+    assert [answers[name][0][0] for name in ("first", "replay", "conflict")] == [202, 202, 409]
+
+
+def test_a_refusal_after_the_store_answers_as_the_app_does(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, store: redis.Redis
+) -> None:
+    # Redis refuses writes (as when it is out of memory): raised after the request was
+    # counted, answered by the app's registered handler on each path.
+    store.config_set("maxmemory", 1)
+    store.config_set("maxmemory-policy", "noeviction")
+    try:
+        answers = _both(settings, monkeypatch, store, {"ordinary": DIRECT["ordinary"]})
+    finally:
+        store.config_set("maxmemory", 0)
+    (each,) = answers.values()
+    # The detail names the bytes Redis uses now, which the requests before it change.
+    assert _same([(status, body["error"], headers) for status, body, headers in each])
+    assert each[0][0] == 507
+
+
+def test_the_lane_serves_ordinary_requests_before_routing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings)
+    routed: list[str] = []
+    router_call = type(app.router).__call__
+
+    async def noting(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            routed.append(scope["path"])
+        await router_call(self, scope, receive, send)
+
+    monkeypatch.setattr(type(app.router), "__call__", noting)
+    with local_client(app) as client:
+        for headers, body in DIRECT.values():
+            assert client.post(SEND, content=body, headers=headers).status_code == 202
+        assert (
+            client.post(BATCH, content=BATCHES["ordinary batch"][1], headers=JSON).status_code
+            == 202
+        )
+        assert routed == []
+        client.post(SEND, content=b"[]", headers=JSON)
+        assert routed == [SEND]  # declined: routed as before
+
+
+def test_the_metrics_name_a_send_by_its_route_on_every_path(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = []
+    for past_the_lane in (False, True):
+        with monkeypatch.context() as patched, local_client(create_app(settings)) as client:
+            if past_the_lane:
+                _past_the_lane(patched)
+            client.post(SEND, content=ORDINARY, headers=JSON)
+            client.post(SEND, content=b"[]", headers=JSON)
+            lines = client.get("/metrics").text.splitlines()
+            texts.append([line for line in lines if line.startswith("emailq_http_requests")
+                          and SEND in line])  # fmt: skip
+    assert texts[0] == texts[1]
+    assert len(texts[0]) == 2  # the 202 and the 422, under the route's template
