@@ -1,4 +1,4 @@
-"""Coalesce concurrent enqueues into one Redis script call.
+"""Coalesce concurrent enqueues, and concurrent finishes, into one Redis script call each.
 
 Under load the API's cost per send is dominated by the Redis client, not by Redis: each call
 takes a pooled connection, packs, writes, waits and parses on its own. Here every send that
@@ -12,15 +12,21 @@ When Redis stalls, a caller waits for the call in flight and then its own, each 
 the client's timeout, and never longer than ``budget_seconds`` in all. Its answer says what
 is known: ``StoreUnavailable`` if its task was never sent (still waiting, or behind a call
 that failed), ``StoreOutcomeUnknown`` if it was in a call Redis did not answer.
+
+The worker's finishes go the same way (``FinishCoalescer``): at hundreds of sends in flight,
+the outcomes of the sends that end while one ``finish`` call is in flight are recorded, and
+their slots refilled, by the next single call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 from emailq.errors import StoreOutcomeUnknown, StoreUnavailable
-from emailq.queue import EnqueueItem, Idempotency, Queue, Replay
+from emailq.models import ClaimedJob
+from emailq.queue import Claim, EnqueueItem, Finish, Idempotency, Queue, Replay
 
 MAX_BATCH = 256  # tasks per script call: Redis runs a script alone, so keep each one short
 
@@ -138,3 +144,72 @@ class EnqueueCoalescer:
                 continue
             waiting.append(future)
         return encoded, waiting
+
+
+_Finished = tuple[str, "Claim | None"]  # the outcome applied, and the slot's refill if any
+_FinishFuture = asyncio.Future[_Finished]
+
+
+class FinishCoalescer:
+    """``finish`` with the meaning of ``Queue.finish_many`` for one ``Finish``, recorded in
+    groups: every finish that comes while a call is in flight goes in the next one. A lone
+    finish is sent at once. A Redis error of a call is the error of every finish in it
+    (Redis ran all of them or none: one script), so each caller retries on its own, as it
+    did when it had a call of its own; a retry of one already recorded comes back
+    'ignored', and the worker warns of a possible duplicate as before."""
+
+    def __init__(self, queue: Queue, *, max_batch: int = MAX_BATCH) -> None:
+        self.queue = queue
+        self.max_batch = max_batch
+        self._pending: list[tuple[Finish, _FinishFuture]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def finish(self, done: Finish) -> _Finished:
+        """Record ``done``; returns the outcome applied and, if it asked for a refill, the
+        claim of its slot's share (possibly empty)."""
+        future: _FinishFuture = asyncio.get_running_loop().create_future()
+        self._pending.append((done, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        batch: list[tuple[Finish, _FinishFuture]] = []
+        try:
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                # A caller cancelled while waiting (a drain cut its send off) is not
+                # recorded here, as its own call would not have been made.
+                batch = [(done, future) for done, future in batch if not future.done()]
+                if batch:
+                    await self._record(batch)
+        except asyncio.CancelledError:
+            for _, future in [*batch, *self._pending]:
+                future.cancel()
+            self._pending.clear()
+            raise
+        finally:
+            self._flusher = None
+
+    async def _record(self, batch: Sequence[tuple[Finish, _FinishFuture]]) -> None:
+        try:
+            shares = await self.queue.finish_many([done for done, _ in batch])
+        except Exception as exc:  # StoreUnavailable and its kinds: each caller retries
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        orphans: list[ClaimedJob] = []
+        owner = ""
+        for (done, future), (applied, claim) in zip(batch, shares, strict=True):
+            if not future.done():
+                future.set_result((applied, claim))
+            elif claim is not None and done.refill is not None:
+                orphans += claim.jobs  # claimed for a caller who has gone
+                owner = done.refill.worker_id
+        if orphans:
+            # Back to their lane now, rather than leased to nobody until the lease lapses
+            # (best effort: that lapse is the fallback).
+            with contextlib.suppress(StoreUnavailable):
+                await self.queue.release(orphans, worker_id=owner)

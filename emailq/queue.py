@@ -798,14 +798,6 @@ class Queue:
         pairs = [value for c in unstarted for value in (c.task_id, c.token)]
         return int(await self._run("release", worker_id, *pairs))
 
-    def _finish_args(
-        self, held: ClaimedJob | Unreadable, outcome: Outcome, attempt: Attempt, reason: str,
-        retry_in_ms: int,
-    ) -> list[str | int]:  # fmt: skip
-        entry = attempt.model_dump_json(exclude_none=True)
-        return [held.task_id, held.token, outcome, entry, reason, retry_in_ms,
-                self.result_ttl_seconds, self.success_ttl_seconds]  # fmt: skip
-
     async def finish(
         self,
         claimed: ClaimedJob,
@@ -816,8 +808,9 @@ class Queue:
         retry_in_ms: int = 0,
     ) -> str:
         """Record one attempt's outcome. Returns the outcome applied, 'stale' or 'ignored'."""
-        args = self._finish_args(claimed, outcome, attempt, reason, retry_in_ms)
-        return str(await self._run("finish", *args))
+        [(applied, _)] = await self.finish_many([Finish(claimed, outcome, attempt, reason,
+                                                        retry_in_ms)])  # fmt: skip
+        return applied
 
     async def finish_and_claim(
         self,
@@ -830,16 +823,44 @@ class Queue:
         retry_in_ms: int = 0,
     ) -> tuple[str, Claim]:
         """``finish``, then ``claim`` for ``refill`` in the same script: one round trip."""
-        args = self._finish_args(claimed, outcome, attempt, reason, retry_in_ms)
-        more = self._claim_args(refill.worker_id, refill.count, refill.lease_ms)
-        applied, rows, next_ms = await self._run("finish", *args, *more)
-        return str(applied), self._claimed(rows, next_ms)
+        done = Finish(claimed, outcome, attempt, reason, retry_in_ms, refill)
+        [(applied, claim)] = await self.finish_many([done])
+        assert claim is not None  # a refill always gets a Claim, if an empty one
+        return applied, claim
+
+    async def finish_many(self, finishes: Sequence[Finish]) -> list[tuple[str, Claim | None]]:
+        """Record several outcomes in one script call, in order, then claim what their
+        refills ask for in all. Each gets the outcome applied ('stale', 'ignored') and, if
+        it asked for a refill, its share of the claimed jobs (fewer, or none, when the lanes
+        run dry: the first in order are served first). A Redis error is every one's."""
+        args: list[str | int] = [self.result_ttl_seconds, self.success_ttl_seconds,
+                                 len(finishes)]  # fmt: skip
+        for done in finishes:
+            entry = done.attempt.model_dump_json(exclude_none=True)
+            args += [done.held.task_id, done.held.token, done.outcome, entry, done.reason,
+                     done.retry_in_ms]  # fmt: skip
+        refills = [done.refill for done in finishes if done.refill is not None]
+        if not refills:
+            return [(str(applied), None) for applied in await self._run("finish", *args)]
+        if len({(r.worker_id, r.lease_ms) for r in refills}) > 1:
+            raise ValueError("one finish_many call claims for one worker under one lease")
+        total = sum(r.count for r in refills)
+        claim = self._claim_args(refills[0].worker_id, total, refills[0].lease_ms)
+        applied, rows, next_ms = await self._run("finish", *args, *claim)
+        shares: list[tuple[str, Claim | None]] = []
+        for done, outcome in zip(finishes, applied, strict=True):
+            if done.refill is None:
+                shares.append((str(outcome), None))
+                continue
+            shares.append((str(outcome), self._claimed(rows[: done.refill.count], next_ms)))
+            rows = rows[done.refill.count :]
+        return shares
 
     async def fail_unreadable(self, lost: Unreadable) -> str:
         """Fail a claimed task whose job cannot be read: permanent, nothing was sent."""
         entry = Attempt(attempt=lost.attempt, outcome="failed", reply=lost.error)
-        return str(await self._run("finish", *self._finish_args(lost, "failed", entry,
-                                                                 lost.error, 0)))  # fmt: skip
+        [(applied, _)] = await self.finish_many([Finish(lost, "failed", entry, lost.error)])
+        return applied
 
     # -- managing -----------------------------------------------------------------------
 
@@ -886,6 +907,18 @@ class Refill:
     worker_id: str
     count: int
     lease_ms: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One attempt's outcome for ``Queue.finish_many``, and the claim to make with it."""
+
+    held: ClaimedJob | Unreadable
+    outcome: Outcome
+    attempt: Attempt
+    reason: str = ""
+    retry_in_ms: int = 0
+    refill: Refill | None = None  # claim this slot's next job(s) in the same call
 
 
 @dataclass(frozen=True)

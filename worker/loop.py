@@ -21,6 +21,7 @@ from typing import Any, ParamSpec
 
 import tenacity
 
+from emailq.coalesce import FinishCoalescer
 from emailq.errors import (
     LeaseLost,
     OutcomeUnknown,
@@ -32,7 +33,7 @@ from emailq.errors import (
 from emailq.logs import bind, unbind
 from emailq.message import envelope_sender, render
 from emailq.models import Attempt, ClaimedJob
-from emailq.queue import Claim, Outcome, Queue, Refill
+from emailq.queue import Claim, Finish, Outcome, Queue, Refill
 from emailq.relay import RelayStore
 from emailq.settings import Settings, UnknownOutcome
 from worker.observer import NoObserver, WorkerObserver
@@ -115,6 +116,7 @@ class Worker:
         self._abandoned: set[asyncio.Task[bool]] = set()  # cancelled BLPOPs still unwinding
         # The relay's breaker, probes and shared send rate (see worker.relay).
         self.relay = RelayGuard(RelayStore(queue), sender, settings, self.worker_id)
+        self.finishes = FinishCoalescer(queue)  # every outcome is recorded through it
 
     @property
     def in_flight(self) -> int:
@@ -392,17 +394,14 @@ class Worker:
         self, claimed: ClaimedJob, outcome: Outcome, entry: Attempt, **kwargs: Any
     ) -> None:
         self._recording.add(claimed.task_id)
-        refill = self._refill()
+        # The busy path: record, and claim the job that takes over this slot, in one round
+        # trip, shared with the other slots whose sends ended meanwhile (FinishCoalescer).
+        # The claim loop only claims for slots left empty.
+        done = Finish(claimed, outcome, entry, refill=self._refill(), **kwargs)
         try:
-            if refill is None:
-                applied = await self.queue.finish(claimed, outcome, entry, **kwargs)
-            else:
-                # The busy path: record, and claim the job that takes over this slot, in
-                # one round trip. The claim loop only claims for slots left empty.
-                sent = time.monotonic()
-                applied, claim = await self.queue.finish_and_claim(
-                    claimed, outcome, entry, refill, **kwargs
-                )
+            sent = time.monotonic()  # no later than the call: the lease clock's safe side
+            applied, claim = await self.finishes.finish(done)
+            if claim is not None:
                 await self._take(claim, sent)
         except StoreUnavailable:
             # The send already happened: keep trying to record it through a Redis outage.

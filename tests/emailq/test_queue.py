@@ -7,12 +7,15 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from emailq.coalesce import FinishCoalescer
 from emailq.errors import StoreUnavailable
 from emailq.models import Attempt, ClaimedJob, Job, Status
-from emailq.queue import EnqueueItem, Outcome, Queue, Refill
+from emailq.queue import EnqueueItem, Finish, Outcome, Queue, Refill
 from tests.helpers.ports import refused_redis_url
 from tests.helpers.queues import LONG, TTL, job, open_queue, redis_now_ms
 
@@ -482,6 +485,114 @@ async def test_finish_and_claim_records_then_hands_over_the_next_task(queue: Que
     assert (await task_hash(queue, "urgent"))["lease"] == "w1:1"
     assert await queue.redis.zscore(queue.keys.leases, "urgent") is not None
     assert await lane(queue) == ["t1"]
+
+
+async def evalsha_calls(queue: Queue) -> int:
+    return int((await queue.redis.info("commandstats"))["cmdstat_evalsha"]["calls"])
+
+
+def _outcomes(prefix: str) -> list[tuple[str, Outcome, int]]:
+    # task id, outcome, retry delay: a success, a retry and a failure
+    return [(f"{prefix}0", "success", 0), (f"{prefix}1", "retry", 60_000),
+            (f"{prefix}2", "failed", 0)]  # fmt: skip
+
+
+async def _finishes(queue: Queue, prefix: str, refill: Refill | None) -> list[Finish]:
+    await enqueue(queue, 3, prefix)
+    held = {c.task_id: c for c in await claim(queue, "w1", 3)}
+    return [Finish(held[tid], outcome, Attempt(attempt=1, outcome=outcome, code=250,
+                                                  reply="r"), "why", delay, refill)
+            for tid, outcome, delay in _outcomes(prefix)]  # fmt: skip
+
+
+def _per_task(events: list[Any], prefix: str) -> list[tuple[str, dict[str, Any]]]:
+    """Each task's events as the stream has them, without the parts that differ between
+    two runs (entry id, time, the task id's own prefix)."""
+    return [(e.task_id[len(prefix) :], e.model_dump(exclude={"id", "time", "task_id",
+                                                             "request_id"}))
+            for e in events if e.task_id.startswith(prefix)]  # fmt: skip
+
+
+async def test_finish_many_records_each_as_a_lone_finish_would_in_one_call(
+    queue: Queue,
+) -> None:
+    # The reference: the same three outcomes, one script call each.
+    lone, batch = await _finishes(queue, "a", None), await _finishes(queue, "b", None)
+    mark = (await queue.events(count=10_000))[-1].id
+    for done in lone:
+        await queue.finish(done.held, done.outcome, done.attempt, reason=done.reason,
+                           retry_in_ms=done.retry_in_ms)  # fmt: skip
+    before = await evalsha_calls(queue)
+
+    shares = await queue.finish_many(batch)
+
+    assert await evalsha_calls(queue) - before == 1
+    assert shares == [("success", None), ("retry", None), ("failed", None)]
+    events = [e for e in await queue.events(count=10_000) if e.id > mark]
+    reference = _per_task(events, "a")
+    assert [entry["type"] for _, entry in reference] == ["sent", "retry", "failed"]
+    assert _per_task(events, "b") == reference
+    for tid, outcome, _ in _outcomes("b"):
+        record = await task_hash(queue, tid)
+        assert record["status"] == ("pending" if outcome == "retry" else outcome)
+        assert "lease" not in record
+        assert await queue.redis.zscore(queue.keys.leases, tid) is None
+
+
+async def test_finish_many_splits_one_claim_between_the_refills_in_order(
+    queue: Queue,
+) -> None:
+    batch = await _finishes(queue, "t", None)
+    await enqueue(queue, 2, "n")  # two to claim, for three refills of one each
+    refill = Refill("w1", 1, LONG)
+    batch = [replace(batch[0], refill=refill), batch[1], replace(batch[2], refill=refill)]
+    stale = await claim(queue, "w2", 0)  # nothing: w1 holds t0-t2
+    assert stale == []
+
+    shares = await queue.finish_many([*batch, replace(batch[2], refill=refill)])
+
+    assert [applied for applied, _ in shares] == ["success", "retry", "failed", "ignored"]
+    claims = [claim for _, claim in shares]
+    assert claims[1] is None  # no refill asked
+    assert [[c.task_id for c in cl.jobs] for cl in claims if cl is not None] == [["n0"], ["n1"], []]
+    assert (await task_hash(queue, "n1"))["lease"].startswith("w1:")
+
+
+async def test_finish_many_refuses_refills_for_two_workers(queue: Queue) -> None:
+    batch = await _finishes(queue, "t", None)
+    mixed = [replace(batch[0], refill=Refill("w1", 1, LONG)),
+             replace(batch[1], refill=Refill("w2", 1, LONG))]  # fmt: skip
+    with pytest.raises(ValueError, match="one worker"):
+        await queue.finish_many(mixed)
+
+
+async def test_finish_coalescer_sends_the_finishes_that_wait_as_one_call(queue: Queue) -> None:
+    # Three sends end while a first finish is in flight: the three go in the next call.
+    first, *rest = await _finishes(queue, "t", None)
+    others = await _finishes(queue, "u", None)
+    coalescer = FinishCoalescer(queue)
+    before = await evalsha_calls(queue)
+
+    shares = await asyncio.gather(*(coalescer.finish(d) for d in [first, *rest, *others]))
+
+    assert [applied for applied, _ in shares] == ["success", "retry", "failed"] * 2
+    assert await evalsha_calls(queue) - before == 1  # all queued before the flush ran
+
+
+async def test_finish_coalescer_hands_a_redis_error_to_each_finish() -> None:
+    token = "w1:1"  # noqa: S105 (a lease token, not a secret)
+    claimed = ClaimedJob(task_id="t0", token=token, attempt=1, job=job("t0"), request_id=None)
+    done = Finish(claimed, "success", Attempt(attempt=1, outcome="success"))
+    with refused_redis_url() as url:
+        queue = Queue.from_url(url, timeout=0.5)
+        try:
+            coalescer = FinishCoalescer(queue)
+            calls = [coalescer.finish(done) for _ in range(3)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await queue.close()
+    assert len(results) == 3
+    assert all(isinstance(r, StoreUnavailable) for r in results)
 
 
 async def test_finish_and_claim_with_a_stale_lease_still_claims(queue: Queue) -> None:
