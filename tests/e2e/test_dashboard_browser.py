@@ -106,9 +106,11 @@ def test_dashboard_shows_a_dead_letter_and_a_backlog_live_and_requeues_it(
     browser.find_element(By.ID, "lookup-id").clear()
     browser.find_element(By.ID, "lookup-id").send_keys(dead)
     lookup_until(browser, "success")
-    log = text_of(browser, "#task table.attempts")
-    assert "550" in log
-    assert "success" in log
+    # The attempts table renders after the status line (and a live update may redraw it):
+    # wait for it rather than read it once.
+    wait_until(lambda: "550" in text_of(browser, "#task table.attempts"),
+               what="the refusal in the attempt log")  # fmt: skip
+    assert "success" in text_of(browser, "#task table.attempts")
     assert sum(1 for r in smtp.handler.received if r.task_id == dead) == 1
 
 
