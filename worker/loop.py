@@ -252,20 +252,30 @@ class Worker:
             _notify(self.observer.on_failed, lost, None, lost.error, 0.0)
 
     def _start(self, claimed: ClaimedJob) -> None:
+        # A task claimed again while its previous run winds down (see _forget) starts clean:
+        # that run's outcome is already recorded, or the task could not be claimed again.
+        for flags in (self._started, self._in_data, self._recording):
+            flags.discard(claimed.task_id)
         self._inflight[claimed.task_id] = claimed
         _notify(self.observer.on_claimed, claimed)
         task = asyncio.create_task(self._process(claimed))
         self._tasks[claimed.task_id] = task
-        task.add_done_callback(lambda _: self._forget(claimed.task_id))
+        task.add_done_callback(lambda done: self._forget(claimed.task_id, done))
 
-    def _forget(self, task_id: str) -> None:
+    def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
+        self._slot_freed.set()
+        if self._tasks.get(task_id) is not task:
+            # The same task was claimed again before this run's callback came (deferred,
+            # then taken at once by a refill): its new run owns these entries. Dropping
+            # them lost its lease deadline and its renewals, so its lease lapsed and cost
+            # an attempt.
+            return
         self._lease_until.pop(task_id, None)
         self._in_data.discard(task_id)
         self._inflight.pop(task_id, None)
         self._tasks.pop(task_id, None)
         self._started.discard(task_id)
         self._recording.discard(task_id)
-        self._slot_freed.set()
 
     # -- sending ----------------------------------------------------------------------
 
