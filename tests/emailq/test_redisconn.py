@@ -20,6 +20,7 @@ from emailq.redisconn import SentinelTarget, parse_sentinel_url
 from emailq.startup import load_settings
 from tests.helpers.polling import wait_until
 
+JOB = Job(to="a@example.com", subject="s", text="b")
 SECRET = "pa55-w0rd"  # noqa: S105  # a test's, to look for in what is printed
 
 
@@ -83,11 +84,18 @@ async def test_too_few_replicas_is_outcome_unknown_though_stored(redis_url: str)
     queue = Queue(Queue.from_url(redis_url, timeout=2).redis, replicas=Replicas(1, 0.05))
     try:
         with pytest.raises(StoreOutcomeUnknown, match="0 of 1 replicas"):
-            await queue.enqueue("t1", Job(to="a@example.com", subject="s", text="b"),
-                                request_id="r")  # fmt: skip
+            await queue.enqueue("t1", JOB, request_id="r")
         assert (await queue.get("t1")) is not None
     finally:
         await queue.close()
+
+
+def start_replica(master: RedisServer, tmp_path: Path) -> RedisServer:
+    """A running replica of ``master`` (the caller stops it)."""
+    replica = RedisServer(tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1",
+                                                            str(master.port)])  # fmt: skip
+    replica.start()
+    return replica
 
 
 async def test_a_replica_answering_readonly_is_not_stored_not_unknown(
@@ -95,14 +103,11 @@ async def test_a_replica_answering_readonly_is_not_stored_not_unknown(
 ) -> None:
     # A client still connected to a demoted master: READONLY means it ran nothing.
     master = redis_factory()
-    replica = RedisServer(tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1",
-                                                            str(master.port)])  # fmt: skip
-    replica.start()
+    replica = start_replica(master, tmp_path)
     queue = Queue.from_url(replica.url, timeout=2)
     try:
         with pytest.raises(StoreUnavailable, match="READONLY") as refused:
-            await queue.enqueue("t1", Job(to="a@example.com", subject="s", text="b"),
-                                request_id="r")  # fmt: skip
+            await queue.enqueue("t1", JOB, request_id="r")
         assert not isinstance(refused.value, StoreOutcomeUnknown)
     finally:
         await queue.close()
@@ -132,12 +137,10 @@ async def test_a_replay_waits_for_the_replica_like_the_first_try(
     # nothing, and a WAIT with no write of its own would count the stalled replica as
     # caught up: a 202 for a mail the replica never got.
     master = redis_factory()
-    replica = RedisServer(tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1",
-                                                            str(master.port)])  # fmt: skip
-    replica.start()
+    replica = start_replica(master, tmp_path)
     assert replica.process is not None
     pid = replica.process.pid
-    mail = Job(to="a@example.com", subject="s", text="b")
+    mail = JOB
     once = Idempotency("key", "retry-me", "f" * 64)
     first = Queue(Queue.from_url(master.url, timeout=2).redis, replicas=Replicas(1, 0.2))
     second = Queue(Queue.from_url(master.url, timeout=2).redis, replicas=Replicas(1, 0.2))
