@@ -31,7 +31,7 @@ from emailq.errors import (
     StoreUnavailable,
 )
 from emailq.logs import bind, unbind
-from emailq.message import envelope_sender, render
+from emailq.message import envelope_recipients, envelope_sender, render
 from emailq.models import Attempt, ClaimedJob
 from emailq.queue import Claim, Finish, Outcome, Queue, Refill
 from emailq.relay import RelayStore
@@ -309,7 +309,7 @@ class Worker:
             async with self.sender.session() as conn:
                 self._started.add(claimed.task_id)
                 sender = envelope_sender(claimed.job, self.settings.mail_from_address)
-                return await conn.send(msg, sender, claimed.job.recipients, guard)
+                return await conn.send(msg, sender, envelope_recipients(claimed.job), guard)
         except (SendError, LeaseLost):
             raise
         except Exception as exc:
