@@ -15,6 +15,8 @@ Tried as an attacker would, and what each attempt got:
 * ``bücher.example`` through a relay without SMTPUTF8: sent as ``xn--bcher-kva.example``;
   a non-ASCII local part there fails at once, permanently, naming SMTPUTF8, and the mail
   after it is sent.
+* a relay refusing MAIL FROM (550 5.7.1): each mail fails at once with a reason that says
+  the sender was refused and names it; nothing is retried in a loop.
 """
 
 from __future__ import annotations
@@ -215,3 +217,25 @@ def test_a_non_ascii_local_part_needs_smtputf8_else_fails_at_once(
     assert "SMTPUTF8" in result["reason"]
     assert [e["outcome"] for e in result["attempt_log"]] == ["failed"]
     assert relay.handler.rcpts == ["next@example.com"]
+
+
+# -- the relay refuses the sender ----------------------------------------------------------
+
+
+def test_a_refused_sender_fails_each_mail_at_once_saying_so(
+    start_relay: Callable[..., Relay],
+) -> None:
+    relay = start_relay(refuse_sender="550 5.7.1 Access denied")
+
+    ids = [relay.sent(to=f"user{n}@example.com") for n in range(3)]
+    results = [relay.result(task_id) for task_id in ids]
+
+    for result in results:
+        assert (result["status"], result["attempts"]) == ("failed", 1), result
+        assert result["reason"] == ("permanent error after 1 attempt(s): 550 sender "
+                                    "noreply@example.com refused at MAIL FROM: 5.7.1 Access "
+                                    "denied")  # fmt: skip
+    # One MAIL FROM per mail, and no RCPT: nothing retried behind the operator's back.
+    assert [address for address, _ in relay.handler.mails] == ["noreply@example.com"] * 3
+    assert relay.handler.rcpts == []
+    assert relay.handler.received == []
