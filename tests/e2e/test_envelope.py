@@ -11,7 +11,7 @@ Tried as an attacker would, and what each attempt got:
   422, nothing stored; nothing reaches the relay.
 * a homoglyph domain (``ex\\u0430mple.com``, a Cyrillic a): a different mailbox, sent to its
   own IDNA name (``xn--exmple-4nf.com``), never merged with ``example.com``; a key limited
-  to ``example.com`` may not send to it (tests/server/test_envelope_api.py).
+  to ``example.com`` may not send to it (tests/server/test_auth.py).
 * ``bücher.example`` through a relay without SMTPUTF8: sent as ``xn--bcher-kva.example``;
   a non-ASCII local part there fails at once, permanently, naming SMTPUTF8, and the mail
   after it is sent.
