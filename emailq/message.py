@@ -27,8 +27,7 @@ from email.utils import format_datetime, parseaddr
 from typing import Any, cast
 from urllib.parse import quote
 
-from email_validator import EmailNotValidError, validate_email
-
+from emailq.apikeys import ascii_domain
 from emailq.attachments import check_content_type, check_filename
 from emailq.errors import HeaderInjection
 from emailq.models import Attachment, Job
@@ -141,13 +140,12 @@ def unstructured(name: str, text: str) -> WireHeader:
 
 def _ascii_domain(address: str) -> str:
     domain = address.rpartition("@")[2]
-    if domain.isascii():
-        return domain
-    try:
-        ascii_domain = validate_email(address, check_deliverability=False).ascii_domain
-    except EmailNotValidError as exc:
-        raise HeaderInjection(f"address is not valid: {exc}", field="address") from exc
-    return str(ascii_domain)
+    # Cached per domain: the envelope and the headers of every mail to it ask again.
+    idna = ascii_domain(domain)
+    if not idna.isascii():
+        raise HeaderInjection(f"address is not valid: {domain!r} has no IDNA form",
+                              field="address")  # fmt: skip
+    return idna
 
 
 def _address_forms(address: str) -> tuple[str, str]:
