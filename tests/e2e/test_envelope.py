@@ -7,11 +7,11 @@ Tried as an attacker would, and what each attempt got:
 * one mailbox in To, Cc and Bcc, with the domain in other cases and in IDNA form, 50 times
   over: one RCPT TO; the headers keep To and Cc as given, and no Bcc.
 * 1000 recipients, most of them duplicates: 422 (50 at most), nothing stored.
-* CR/LF (raw, ``%0d%0a``-style text stays text) in an address, to add a RCPT or a header:
-  422, nothing stored; nothing reaches the relay.
+* CR, LF or CRLF in an address (To, Cc or Bcc), to add a RCPT TO or a header: 422,
+  nothing stored; nothing reaches the relay.
 * a homoglyph domain (``ex\\u0430mple.com``, a Cyrillic a): a different mailbox, sent to its
-  own IDNA name (``xn--exmple-4nf.com``), never merged with ``example.com``; a key limited
-  to ``example.com`` may not send to it (tests/server/test_auth.py).
+  own IDNA name (``xn--exmple-4nf.com``), never merged with ``example.com``; ALLOWED_RECIPIENTS
+  naming ``@example.com`` refuses it, 403 (tests/server/test_auth.py).
 * ``bücher.example`` through a relay without SMTPUTF8: sent as ``xn--bcher-kva.example``;
   a non-ASCII local part there fails at once, permanently, naming SMTPUTF8, and the mail
   after it is sent.
