@@ -12,12 +12,15 @@ list of entry strings. Only hashes are configured: a leaked
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
+
+from email_validator import EmailNotValidError, validate_email
 
 KEY_PREFIX = "eq_"  # makes a leaked key easy to recognise (and to grep for) in a paste
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -110,8 +113,9 @@ ANONYMOUS = Principal("anonymous", Scope.SEND, anonymous=True)
 
 
 def parse_domains(text: str) -> frozenset[str]:
-    """``a.com,b.com`` as a set of lower-case domain names."""
-    domains = frozenset(d.strip().lower().rstrip(".") for d in text.split(",") if d.strip())
+    """``a.com,b.com`` as a set of lower-case domain names (IDNA form: see ``domain_of``)."""
+    domains = frozenset(ascii_domain(d.strip().lower().rstrip(".")) for d in text.split(",")
+                        if d.strip())  # fmt: skip
     bad = sorted(d for d in domains if not _DOMAIN.match(d))
     if bad or not domains:
         raise ValueError(f"not a list of domain names: {text!r}")
@@ -149,7 +153,7 @@ def parse_api_keys(value: str) -> tuple[ApiKey, ...]:
 def parse_address_list(value: str, setting: str) -> frozenset[str]:
     """Lower-case addresses and ``@domain`` entries, comma-, ``;``- or space-separated (or a
     JSON list); ``setting`` names the list in errors."""
-    entries = frozenset(e.lower() for e in split_entries(value, ",;"))
+    entries = frozenset(_entry(e.lower()) for e in split_entries(value, ",;"))
     for entry in entries:
         ok = _DOMAIN.match(entry[1:]) if entry.startswith("@") else _ADDRESS.match(entry)
         if not ok:
@@ -179,9 +183,34 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+@functools.lru_cache(maxsize=256)
+def ascii_domain(domain: str) -> str:
+    """``domain`` in IDNA form (``bücher.example``: ``xn--bcher-kva.example``), as
+    email-validator writes it for the envelope; unchanged if ASCII or not a domain."""
+    if domain.isascii():
+        return domain
+    try:
+        return str(validate_email("x@" + domain, check_deliverability=False).ascii_domain)
+    except EmailNotValidError:
+        return domain  # matches no listed domain: every list entry is ASCII
+
+
+def _entry(entry: str) -> str:
+    local, at, domain = entry.rpartition("@")
+    return f"{local}{at}{ascii_domain(domain)}"
+
+
 def domain_of(address: str) -> str:
-    """The lower-case domain of an address."""
-    return address.rpartition("@")[2].lower().rstrip(".")
+    """The lower-case domain of an address, in IDNA form.
+
+    The API stores ``user@bücher.example`` as given, lists of domains in the settings are
+    held in IDNA form (``bücher.example`` there becomes ``xn--bcher-kva.example``), and the
+    worker sends that form: compared so, a listed domain matches in either spelling (a
+    list could only name ``xn--bcher-kva.example`` before, and then matched no recipient),
+    and a look-alike (``xn--exmple-4nf.com``: example.com with a Cyrillic a) never
+    matches the domain it imitates.
+    """
+    return ascii_domain(address.rpartition("@")[2].lower().rstrip("."))
 
 
 def in_domains(address: str, domains: frozenset[str]) -> bool:
@@ -191,4 +220,6 @@ def in_domains(address: str, domains: frozenset[str]) -> bool:
 
 def in_allow_list(address: str, allowed: frozenset[str]) -> bool:
     """Is ``address`` listed itself, or by its ``@domain``?"""
-    return address.lower() in allowed or "@" + domain_of(address) in allowed
+    domain = domain_of(address)
+    local = address.rpartition("@")[0].lower()
+    return f"{local}@{domain}" in allowed or "@" + domain in allowed

@@ -14,6 +14,8 @@
     ├── Forbidden            the caller may not send this mail (API answers 403)
     ├── SendError            one SMTP attempt failed (worker); ``permanent`` decides retry
     │   ├── OutcomeUnknown   the message was sent, its final reply never came
+    │   ├── SenderRefused    MAIL FROM refused (a 4xx or 5xx but 421/451/454): the reason
+    │   │                    names the sender, which is what to fix
     │   ├── RelayUnavailable the relay, not the mail: unreachable, TLS, login, greeting,
     │   │                    a timeout or drop before DATA (no attempt is used up)
     │   └── RelayThrottled   421/451/454 to MAIL, RCPT or DATA: the relay's rate limit
@@ -115,6 +117,17 @@ class OutcomeUnknown(SendError):
     """The whole message was sent but the relay's reply to the end of DATA never came (a
     timeout, a dropped connection): it may have been delivered. Never retried as a plain
     failure; ON_UNKNOWN_OUTCOME decides."""
+
+
+class SenderRefused(SendError):
+    """The relay refused the envelope sender (MAIL FROM); a 5xx fails the mail at once, as
+    any 5xx does. The reply text alone ("550 5.7.1 Access denied") did not say that it
+    was the sender, not the recipient or the message, that the relay turned down."""
+
+    def __init__(self, sender: str, reply: str, *, code: int) -> None:
+        super().__init__(f"sender {sender} refused at MAIL FROM: {reply}", code=code,
+                         permanent=500 <= code < 600)  # fmt: skip
+        self.sender = sender
 
 
 class LeaseLost(EmailqError):

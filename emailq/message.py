@@ -27,8 +27,7 @@ from email.utils import format_datetime, parseaddr
 from typing import Any, cast
 from urllib.parse import quote
 
-from email_validator import EmailNotValidError, validate_email
-
+from emailq.apikeys import ascii_domain
 from emailq.attachments import check_content_type, check_filename
 from emailq.errors import HeaderInjection
 from emailq.models import Attachment, Job
@@ -141,13 +140,12 @@ def unstructured(name: str, text: str) -> WireHeader:
 
 def _ascii_domain(address: str) -> str:
     domain = address.rpartition("@")[2]
-    if domain.isascii():
-        return domain
-    try:
-        ascii_domain = validate_email(address, check_deliverability=False).ascii_domain
-    except EmailNotValidError as exc:
-        raise HeaderInjection(f"address is not valid: {exc}", field="address") from exc
-    return str(ascii_domain)
+    # Cached per domain: the envelope and the headers of every mail to it ask again.
+    idna = ascii_domain(domain)
+    if not idna.isascii():
+        raise HeaderInjection(f"address is not valid: {domain!r} has no IDNA form",
+                              field="address")  # fmt: skip
+    return idna
 
 
 def _address_forms(address: str) -> tuple[str, str]:
@@ -252,7 +250,44 @@ def envelope_sender(job: Job, mail_from_address: str) -> str:
     the From domain too); bounces then go to that domain, whose owner listed it in
     ALLOWED_SENDERS. Within MAIL_FROM's domain (the default) both choices are the same.
     """
-    return job.sender.address if job.sender is not None else mail_from_address
+    return envelope_address(job.sender.address if job.sender is not None else mail_from_address)
+
+
+def envelope_address(address: str) -> str:
+    """``address`` as MAIL FROM and RCPT TO take it: an ASCII local part with its domain in
+    IDNA form (``user@xn--bcher-kva.example``), else the address as stored.
+
+    The API stores domains as Unicode (email-validator's normalized form). Sent so, they
+    made the whole transaction SMTPUTF8: a relay without it refused every such mail, and
+    one with it needed SMTPUTF8 at every later hop too. RFC 6531 3.2 says not to ask for
+    SMTPUTF8 when the mail does not need it; only a non-ASCII local part does, since it has
+    no ASCII form (without SMTPUTF8 that mail fails permanently, see worker.sender).
+    """
+    if address.isascii():
+        return address
+    local = address.rpartition("@")[0]
+    return f"{local}@{_ascii_domain(address)}" if local.isascii() else address
+
+
+def envelope_recipients(job: Job) -> list[str]:
+    """RCPT TO: every distinct mailbox of To, Cc and Bcc once, in that order.
+
+    An address given twice (in To and Bcc, in To and Cc) was sent as two RCPT TO, and a
+    relay may deliver each. Domains are compared case-insensitively and in IDNA form
+    (``bücher.example`` is ``XN--BCHER-KVA.example``); the local part as written, since RFC
+    5321 2.4 leaves its case to the receiving host. Headers keep what the request gave.
+    """
+    if not job.cc and not job.bcc:
+        return [envelope_address(job.to)]
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for address in job.recipients:
+        local = address.rpartition("@")[0]
+        domain = _ascii_domain(address)
+        if (local, domain.lower()) not in seen:
+            seen.add((local, domain.lower()))
+            unique.append(f"{local}@{domain}" if local.isascii() else address)
+    return unique
 
 
 # RFC 2231 attribute-char: printable ASCII but space, '*', "'", '%' and the tspecials.

@@ -5,7 +5,8 @@ names the setting, its window and whose budget it was, and when to retry:
 
 * ``RATE_LIMIT_PER_KEY`` on the send endpoints, per API key id (per client address while
   ``API_KEYS`` is unset). A batch costs its number of messages: the limit is on mail, and a
-  batch must not be a way around it.
+  batch must not be a way around it. Template previews have a budget of their own at the
+  same rate (each renders a template; none sends mail).
 * ``RATE_LIMIT_PER_FORM_ADDRESS`` per client address per contact form, through
   ``check_form_rate``.
 
@@ -21,7 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import limits
 import redis.asyncio
@@ -161,9 +162,13 @@ def _too_many(budget: Budget, usage: Usage, cost: int, whose: str) -> HTTPExcept
 
 
 async def check_key_rate(
-    request: Request, response: Response, principal: Principal, *, cost: int = 1
-) -> Usage | None:
-    """Count a send of ``cost`` messages against the caller's RATE_LIMIT_PER_KEY budget."""
+    request: Request, response: Response, principal: Principal, *, cost: int = 1,
+    use: Literal["send", "preview"] = "send",
+) -> Usage | None:  # fmt: skip
+    """Count a send of ``cost`` messages against the caller's RATE_LIMIT_PER_KEY budget.
+
+    ``use="preview"``: a template preview, counted at the same rate in a budget of its own,
+    so a dashboard previewing as one types takes nothing from the mail a key may send."""
     rate_limits = rate_limits_of(request)
     if rate_limits.per_key is None:
         return None
@@ -172,7 +177,9 @@ async def check_key_rate(
     who = ("address", client_key(request)) if principal.anonymous else ("key", principal.key_id)
     # Key ids are the operator's own names ([A-Za-z0-9_.-]); the address is the caller's own.
     whose = f"{who[0]} {who[1]!r}" if who[0] == "key" else "this address"
-    usage = await rate_limits.hit(rate_limits.per_key, "send", *who, whose=whose, cost=cost)
+    if use == "preview":
+        whose += "'s template previews"
+    usage = await rate_limits.hit(rate_limits.per_key, use, *who, whose=whose, cost=cost)
     response.headers.update(usage.headers)
     return usage
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,7 @@ from server.auth import PrincipalDep
 from server.deps import SettingsDep, TemplatesDep
 from server.errors import ErrorBody, error_response
 from server.openapi import errors
+from server.ratelimit import check_key_rate
 from server.schemas import _example
 
 router = APIRouter(prefix="/templates", tags=["templates"])
@@ -121,7 +122,11 @@ async def list_templates(principal: PrincipalDep, templates: TemplatesDep) -> Te
     response_model_exclude_none=True,
     responses=errors(
         404,
-        why={404: "no such template", 422: "a part could not be rendered: see `parts`"},
+        why={
+            404: "no such template",
+            422: "a part could not be rendered: see `parts`",
+            429: "over RATE_LIMIT_PER_KEY: previews count in a budget of their own",
+        },
         model=PreviewError,
     ),
 )
@@ -130,6 +135,7 @@ async def preview_template(
     body: PreviewRequest,
     principal: PrincipalDep,
     request: Request,
+    response: Response,
     templates: TemplatesDep,
     settings: SettingsDep,
 ) -> Preview | JSONResponse:
@@ -137,6 +143,8 @@ async def preview_template(
     text or error."""
     if templates.get(name) is None:
         raise HTTPException(404, f"no template {name!r}")
+    # Counted before rendering, which is the work the limit bounds (RATE_LIMIT_PER_KEY).
+    usage = await check_key_rate(request, response, principal, use="preview")
     results = templates.preview(name, body.variables, max_body_bytes=settings.max_body_bytes)
     answer = Preview(template=name, parts={r.part: _part(r) for r in results})
     failed = [r.error for r in results if r.error is not None]
@@ -146,5 +154,7 @@ async def preview_template(
         {"loc": ["body", e.field], "msg": str(e)}
         for e in failed if isinstance(e, InvalidMessage) and e.field
     ]  # fmt: skip
-    return error_response(request, 422, "invalid_message", str(failed[0]), fields=fields,
-                          **answer.model_dump(exclude_none=True))  # fmt: skip
+    refused = error_response(request, 422, "invalid_message", str(failed[0]), fields=fields,
+                             **answer.model_dump(exclude_none=True))  # fmt: skip
+    refused.headers.update(usage.headers if usage else {})
+    return refused

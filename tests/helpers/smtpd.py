@@ -247,3 +247,34 @@ def start_smtp(
 def delayed_smtp(smtp_factory: Callable[..., SmtpServer], delay: float) -> SmtpServer:
     """An SMTP server that takes ``delay`` seconds over each mail."""
     return smtp_factory(handler=RecordingHandler(delay=delay))
+
+
+@dataclass
+class EnvelopeHandler(RecordingHandler):
+    """Records every MAIL FROM (address and parameters) and every RCPT TO command as it
+    arrived, accepted or not, so a test counts commands rather than stored envelopes.
+    ``refuse_sender`` answers every MAIL FROM with that reply ("550 5.7.1 ...")."""
+
+    refuse_sender: str | None = None
+    mails: list[tuple[str, list[str]]] = field(default_factory=list)
+    rcpts: list[str] = field(default_factory=list)
+
+    async def handle_MAIL(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        with self.lock:
+            self.mails.append((address, list(mail_options)))
+        if self.refuse_sender is not None:
+            return self.refuse_sender
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        with self.lock:
+            self.rcpts.append(address)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"

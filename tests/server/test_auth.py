@@ -9,6 +9,8 @@ Tried as an attacker would, and what each attempt got:
 * a domain-limited send key mailing another domain in To, in Cc only, in Bcc only, with an
   upper-case domain, and with a subdomain of the allowed one: 403 ``forbidden``, nothing
   stored; in a batch, that message alone is rejected (403 if none is left).
+* a look-alike of a listed domain (``example.com`` with a Cyrillic a): 403; the same
+  international domain in Unicode or IDNA form, in the list or the request: one domain.
 * a send key calling each admin endpoint: 403; from a loopback address: still 401/403
   (loopback earns nothing once keys are configured).
 * a send key reading another key's task, with and without ``wait=``: 404, answered at once,
@@ -165,6 +167,32 @@ def test_a_domain_limited_key_cannot_send_elsewhere(
 def test_a_domain_limited_key_sends_inside_its_domains(client: TestClient) -> None:
     fields = {"to": "User@EXAMPLE.com", "cc": ["a@example.org"], "bcc": ["b@example.com"]}
     assert send(client, LIMITED, **fields).status_code == 202
+
+
+INTL = "eq_intl-test-key-0123456789"  # a test key, not a credential
+HOMOGLYPH = "user@ex\u0430mple.com"  # example.com with a Cyrillic a: xn--exmple-4nf.com
+
+
+@pytest.mark.parametrize("listed", ["bücher.example", "xn--bcher-kva.example"])
+def test_an_international_domain_matches_in_either_spelling_and_a_look_alike_never(
+    make_settings: Callable[..., Settings], store: redis.Redis, listed: str
+) -> None:
+    settings = make_settings(
+        api_keys=f"intl:send:{hash_key(INTL)}:{listed},example.com",
+        allowed_recipients=f"@{listed}, @example.com",
+    )
+    with TestClient(create_app(settings)) as client:
+        taken = [send(client, INTL, to=to).status_code
+                 for to in ("user@bücher.example", "user@XN--BCHER-KVA.example",
+                            "user@\uff45xample.com")]  # fmt: skip
+        look_alike = send(client, INTL, to=HOMOGLYPH)
+        in_bcc = send(client, INTL, bcc=["user@xn--bcher-kva.com"])
+
+    # The fullwidth e is example.com itself (IDNA maps it), so it is in the key's domains.
+    assert taken == [202, 202, 202]
+    assert "ALLOWED_RECIPIENTS" in assert_error(look_alike, 403, "forbidden")["detail"]
+    assert_error(in_bcc, 403, "forbidden")
+    assert len(task_keys(store)) == 3
 
 
 def test_batch_rejects_only_the_messages_outside_the_key_domains(

@@ -15,6 +15,9 @@ Tried as an attacker would, and what each attempt got:
   stored, nothing rendered (see tests/emailq/test_templates.py for the whole list).
 * preview and list without a key when API_KEYS is set: 401; from another machine without
   API_KEYS: 403, as a send.
+* previews as fast as one can, to render without end: over RATE_LIMIT_PER_KEY, 429 in the
+  one error shape, nothing rendered or stored; a failed render counts too. A 10 MB variable:
+  413 before it is read (not counted); one that renders past MAX_BODY_BYTES: 422, counted.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -32,7 +36,7 @@ from emailq.queue import Keys
 from emailq.settings import Settings
 from server.main import create_app
 from tests.emailq.test_templates import ESCAPES
-from tests.helpers.api import ALICE, API_KEYS, MAX_BODY, assert_error, bearer, local_client
+from tests.helpers.api import ALICE, API_KEYS, BOB, MAX_BODY, assert_error, bearer, local_client
 from tests.helpers.templates import EXAMPLES, OTP_SUBJECT, otp_text, write_templates
 
 SEND = "/api/v1/email/received"
@@ -232,6 +236,57 @@ def test_preview_and_list_need_what_a_send_needs(
     with TestClient(app, base_url="http://localhost", client=("203.0.113.9", 5000)) as remote:
         assert_error(remote.get(LIST), 403, "forbidden")
         assert_error(remote.post(preview_url("otp"), json={}), 403, "forbidden")
+
+
+def test_previews_are_rate_limited_in_a_budget_of_their_own(
+    make_settings: Callable[..., Settings], templates_dir: Path, store: redis.Redis
+) -> None:
+    settings = make_settings(templates_dir=templates_dir, api_keys=API_KEYS,
+                             rate_limit_per_key="3/minute", max_body_bytes=MAX_BODY)  # fmt: skip
+    otp_code = {"variables": {"code": "1"}}
+    with local_client(create_app(settings)) as client:
+
+        def preview(key: str = ALICE, body: dict[str, Any] = otp_code) -> httpx.Response:
+            return client.post(preview_url("otp"), json=body, headers=bearer(key))
+
+        answers = [preview(), preview(body={"variables": {}}), preview()]  # 200, 422, 200
+        refused = preview()
+        stored = keys(store)
+        others = [preview(BOB), client.post(SEND, json=otp(), headers=bearer(ALICE))]
+
+    assert [a.status_code for a in answers] == [200, 422, 200]  # a failed render counts too
+    assert [a.headers["RateLimit-Remaining"] for a in answers] == ["2", "1", "0"]
+    body = assert_error(refused, 429, "too_many_requests")
+    assert body["detail"].startswith(
+        "over RATE_LIMIT_PER_KEY (3/minute) for key 'alice''s template previews; retry in "
+    )
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "parts" not in body  # refused before anything was rendered
+    # The previews stored nothing but their own count.
+    assert stored
+    assert all(k.startswith(KEYS.rate_limit_prefix) for k in stored), stored
+    # Bob's previews and Alice's mail have budgets of their own.
+    assert [o.status_code for o in others] == [200, 202]
+
+
+def test_a_huge_preview_is_refused_before_it_is_read_or_counted(
+    make_settings: Callable[..., Settings], templates_dir: Path, store: redis.Redis
+) -> None:
+    settings = make_settings(templates_dir=templates_dir, api_keys=API_KEYS,
+                             rate_limit_per_key="1/minute", max_body_bytes=MAX_BODY)  # fmt: skip
+    with local_client(create_app(settings)) as client:
+        url = preview_url("greet")
+        huge = client.post(url, json={"variables": {"name": "x" * 10_000_000}},
+                           headers=bearer(ALICE))  # fmt: skip
+        # Under the request limit, over MAX_BODY_BYTES once rendered: 422, and it counted.
+        big = client.post(url, json={"variables": {"name": "x" * (2 * MAX_BODY)}},
+                          headers=bearer(ALICE))  # fmt: skip
+        then = client.post(url, json={"variables": {"name": "Kim"}}, headers=bearer(ALICE))
+
+    assert_error(huge, 413, "payload_too_large")
+    assert big.status_code == 422, big.text
+    assert_error(then, 429, "too_many_requests")
+    assert not [k for k in keys(store) if ":task:" in k]
 
 
 def test_the_api_serves_the_example_as_make_dev_does(

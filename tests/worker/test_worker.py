@@ -19,7 +19,7 @@ from emailq.settings import Settings
 from tests.helpers.polling import wait_for
 from tests.helpers.ports import port_of, refused_port
 from tests.helpers.queues import preload
-from tests.helpers.smtpd import Authenticator, SmtpServer
+from tests.helpers.smtpd import Authenticator, EnvelopeHandler, SmtpServer
 from tests.helpers.workers import Factory, TrackingHandler, deliver, running, scripted
 from worker.__main__ import build_worker
 from worker.loop import _cancel_all
@@ -171,6 +171,26 @@ async def test_a_non_ascii_address_the_relay_cannot_take_fails_alone_and_pauses_
     assert breaker.state is RelayState.CLOSED
     assert breaker.error is None
     assert server.handler.task_ids() == [plain]
+
+
+@pytest.mark.parametrize(("reply", "outcomes"), [
+    ("450 4.1.8 Sender domain has no MX", ["retry", "retry", "failed"]),
+    ("451 4.7.1 Slow down", ["deferred"]),  # throttling: the relay's, no attempt used
+])  # fmt: skip
+async def test_a_4xx_to_mail_from_is_retried_naming_the_sender_unless_it_is_throttling(
+    make_settings: Callable[..., Settings], smtp_factory: Factory, reply: str,
+    outcomes: list[str],
+) -> None:  # fmt: skip
+    server = smtp_factory(handler=EnvelopeHandler(refuse_sender=reply))
+    settings = make_settings(smtp_port=server.port, max_attempts=3, **SHORT_OUTAGE)
+
+    [record] = await deliver(settings)
+
+    assert record.status is Status.FAILED
+    assert [e.outcome for e in record.log][: len(outcomes)] == outcomes
+    named = "sender noreply@example.com refused at MAIL FROM: "
+    assert (named in (record.reason or "")) is (outcomes[0] == "retry"), record.reason
+    assert server.handler.received == []
 
 
 async def test_refused_connection_uses_no_attempt_and_fails_at_the_outage_ceiling(
