@@ -117,6 +117,8 @@ class Worker:
         # The relay's breaker, probes and shared send rate (see worker.relay).
         self.relay = RelayGuard(RelayStore(queue), sender, settings, self.worker_id)
         self.finishes = FinishCoalescer(queue)  # every outcome is recorded through it
+        # Settings are fixed for the run; the property parses MAIL_FROM on every read.
+        self._mail_from_address = settings.mail_from_address
 
     @property
     def in_flight(self) -> int:
@@ -308,7 +310,7 @@ class Worker:
             guard = functools.partial(self._check_lease, claimed)
             async with self.sender.session() as conn:
                 self._started.add(claimed.task_id)
-                sender = envelope_sender(claimed.job, self.settings.mail_from_address)
+                sender = envelope_sender(claimed.job, self._mail_from_address)
                 return await conn.send(msg, sender, claimed.job.recipients, guard)
         except (SendError, LeaseLost):
             raise
