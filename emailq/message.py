@@ -20,6 +20,7 @@ import re
 import secrets
 import time
 from datetime import UTC, datetime
+from email import base64mime, quoprimime
 from email.header import Header
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, MIMEPart
@@ -127,7 +128,26 @@ def _encoded_words(name: str, text: str, *, fold: bool = True) -> str:
     # CPython's folder (before gh-144156) can leave the space between two encoded words
     # outside them, where decoders drop it: "발송 확인" arrives as "발송확인". The legacy
     # encoder keeps every space inside the words and folds to 76 columns (0: never).
+    single = _one_encoded_word(name, text, fold=fold)
+    if single is not None:
+        return single
     return Header(text, "utf-8", header_name=name).encode(maxlinelen=None if fold else 0)
+
+
+def _one_encoded_word(name: str, text: str, *, fold: bool) -> str | None:
+    """What ``Header.encode`` writes for ``text`` when it fits one encoded word on the
+    header's first line (most subjects), else None. Header picks the shorter of base64
+    and quoted-printable for the whole text, then splits it a character at a time,
+    encoding every prefix again: for a line that needs no split that loop only repeats,
+    per message, the one encode done here (a test holds the two to the same output)."""
+    if text and text.splitlines() != [text]:
+        return None  # Header encodes each line on its own (check_header refuses these)
+    raw = text.encode("utf-8")
+    word = quoprimime.header_encode(raw, "utf-8")
+    b64 = base64mime.header_encode(raw, "utf-8")
+    if len(b64) < len(word):
+        word = b64
+    return word if not fold or len(name) + 2 + len(word) <= MAX_LINE else None
 
 
 def unstructured(name: str, text: str) -> WireHeader:
