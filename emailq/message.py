@@ -18,7 +18,9 @@ import binascii
 import functools
 import re
 import secrets
+import time
 from datetime import UTC, datetime
+from email import base64mime, quoprimime
 from email.header import Header
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, MIMEPart
@@ -125,7 +127,26 @@ def _encoded_words(name: str, text: str, *, fold: bool = True) -> str:
     # CPython's folder (before gh-144156) can leave the space between two encoded words
     # outside them, where decoders drop it: "발송 확인" arrives as "발송확인". The legacy
     # encoder keeps every space inside the words and folds to 76 columns (0: never).
+    single = _one_encoded_word(name, text, fold=fold)
+    if single is not None:
+        return single
     return Header(text, "utf-8", header_name=name).encode(maxlinelen=None if fold else 0)
+
+
+def _one_encoded_word(name: str, text: str, *, fold: bool) -> str | None:
+    """What ``Header.encode`` writes for ``text`` when it fits one encoded word on the
+    header's first line (most subjects), else None. Header picks the shorter of base64
+    and quoted-printable for the whole text, then splits it a character at a time,
+    encoding every prefix again: for a line that needs no split that loop only repeats,
+    per message, the one encode done here (a test holds the two to the same output)."""
+    if text and text.splitlines() != [text]:
+        return None  # Header encodes each line on its own (check_header refuses these)
+    raw = text.encode("utf-8")
+    word = quoprimime.header_encode(raw, "utf-8")
+    b64 = base64mime.header_encode(raw, "utf-8")
+    if len(b64) < len(word):
+        word = b64
+    return word if not fold or len(name) + 2 + len(word) <= MAX_LINE else None
 
 
 def unstructured(name: str, text: str) -> WireHeader:
@@ -229,10 +250,17 @@ def named_address(name: str, display: str, address: str) -> WireHeader:
 def message_id(task_id: str, mail_from: str) -> str:
     """A Message-ID derived from the task id: every attempt of a task carries the same one,
     so a receiving system can recognise a repeat."""
+    return f"<{task_id}@{_message_id_domain(mail_from)}>"
+
+
+@functools.lru_cache(maxsize=16)
+def _message_id_domain(mail_from: str) -> str:
+    # Cached: every message of a worker has the same MAIL_FROM, and parseaddr was a tenth
+    # of the message's build.
     _, at, domain = parseaddr(mail_from)[1].rpartition("@")
     # Only a plain host name: anything else from MAIL_FROM stays out of the header.
     ok = at and _HOSTNAME.fullmatch(domain) and len(domain) <= 253
-    return f"<{task_id}@{domain if ok else _PLACEHOLDER_DOMAIN}>"
+    return domain if ok else _PLACEHOLDER_DOMAIN
 
 
 def from_header(job: Job, mail_from: str) -> WireHeader:
@@ -353,9 +381,23 @@ def attachment_part(item: Attachment) -> MIMEPart:
     return part
 
 
-def _date() -> WireHeader:
-    now = format_datetime(datetime.now(UTC))
-    return WireHeader("Date", now, now)
+class _DateHeader:
+    """``Date``: the current second, made once per second (it has no finer resolution),
+    not once per message."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._header = WireHeader("Date", "", "")
+
+    def __call__(self) -> WireHeader:
+        second = int(time.time())
+        if second != self._second:
+            now = format_datetime(datetime.fromtimestamp(second, UTC))
+            self._header, self._second = WireHeader("Date", now, now), second
+        return self._header
+
+
+_date = _DateHeader()
 
 
 def _headers(task_id: str, job: Job, mail_from: str) -> list[WireHeader]:

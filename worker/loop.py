@@ -119,6 +119,8 @@ class Worker:
         # The relay's breaker, probes and shared send rate (see worker.relay).
         self.relay = RelayGuard(RelayStore(queue), sender, settings, self.worker_id)
         self.finishes = FinishCoalescer(queue)  # every outcome is recorded through it
+        # Settings are fixed for the run; the property parses MAIL_FROM on every read.
+        self._mail_from_address = settings.mail_from_address
 
     @property
     def in_flight(self) -> int:
@@ -265,19 +267,20 @@ class Worker:
         task.add_done_callback(lambda done: self._forget(claimed.task_id, done))
 
     def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
-        self._slot_freed.set()
-        if self._tasks.get(task_id) is not task:
-            # The same task was claimed again before this run's callback came (deferred,
-            # then taken at once by a refill): its new run owns these entries. Dropping
-            # them lost its lease deadline and its renewals, so its lease lapsed and cost
-            # an attempt.
-            return
-        self._lease_until.pop(task_id, None)
-        self._in_data.discard(task_id)
-        self._inflight.pop(task_id, None)
-        self._tasks.pop(task_id, None)
-        self._started.discard(task_id)
-        self._recording.discard(task_id)
+        if self._tasks.get(task_id) is task:
+            self._lease_until.pop(task_id, None)
+            self._in_data.discard(task_id)
+            self._inflight.pop(task_id, None)
+            self._tasks.pop(task_id, None)
+            self._started.discard(task_id)
+            self._recording.discard(task_id)
+        # Else the same task was claimed again before this run's callback came (deferred,
+        # then taken at once by a refill): its new run owns these entries. Dropping them
+        # lost its lease deadline and its renewals, so its lease lapsed and cost an attempt.
+        if len(self._inflight) < self.concurrency:
+            # Only a free slot wakes the claim loop: on a busy worker the finish's refill
+            # has already taken this slot over, and a wake-up per mail found it full.
+            self._slot_freed.set()
 
     # -- sending ----------------------------------------------------------------------
 
@@ -310,7 +313,7 @@ class Worker:
             guard = functools.partial(self._check_lease, claimed)
             async with self.sender.session() as conn:
                 self._started.add(claimed.task_id)
-                sender = envelope_sender(claimed.job, self.settings.mail_from_address)
+                sender = envelope_sender(claimed.job, self._mail_from_address)
                 return await conn.send(msg, sender, envelope_recipients(claimed.job), guard)
         except LeaseLost:
             raise
@@ -326,8 +329,10 @@ class Worker:
         self, claimed: ClaimedJob, delivery: Delivery, started: float, ctx: dict[str, Any]
     ) -> None:
         ms = (time.perf_counter() - started) * 1000
-        log.info("sent", extra={**ctx, "smtp_code": delivery.code, "smtp_reply": delivery.reply,
-                                "duration_ms": round(ms, 1)})  # fmt: skip
+        if log.isEnabledFor(logging.INFO):  # the line's fields are not built for nothing
+            log.info("sent", extra={**ctx, "smtp_code": delivery.code,
+                                    "smtp_reply": delivery.reply,
+                                    "duration_ms": round(ms, 1)})  # fmt: skip
         entry = Attempt(attempt=claimed.attempt, outcome="success", code=delivery.code,
                         reply=delivery.reply, duration_ms=round(ms, 2))  # fmt: skip
         await self._record(claimed, "success", entry)

@@ -6,13 +6,15 @@ import base64
 import email
 import email.policy
 import re
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 
 import pytest
 from aiosmtplib.email import flatten_message
+from hypothesis import given
+from hypothesis import strategies as st
 
 import emailq.message
 from emailq.errors import HeaderInjection
@@ -306,3 +308,20 @@ def test_international_addresses_are_utf8_in_smtputf8_and_idna_otherwise() -> No
 @pytest.mark.parametrize("mail_from", ["a <x@evil.test\u2028Bcc: y@evil.test>", "x@=?u?q?a?=.b"])
 def test_message_id_keeps_only_a_plain_host_name(mail_from: str) -> None:
     assert message_id("t", mail_from) == "<t@emailq.invalid>"
+
+
+@given(
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=80)
+    | st.lists(
+        st.sampled_from(["a", " ", "é", "한", "😀", "=", "?", "_", "x" * 20]), max_size=40
+    ).map("".join),
+    st.sampled_from(["Subject", "From", "", "X-A-Rather-Long-Header-Name"]),
+    st.booleans(),
+)
+def test_encoded_words_are_what_the_legacy_header_encoder_writes(
+    text: str, name: str, fold: bool
+) -> None:
+    # The one-word shortcut must write exactly what email.header.Header writes, folded or
+    # not, in base64 or quoted-printable, whichever Header would have chosen.
+    expected = Header(text, "utf-8", header_name=name).encode(maxlinelen=None if fold else 0)
+    assert emailq.message._encoded_words(name, text, fold=fold) == expected
