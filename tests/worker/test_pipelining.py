@@ -1,0 +1,160 @@
+"""Sending to a relay that offers PIPELINING (RFC 2920): MAIL, RCPT and DATA go out in one
+write, and every reply still means what it meant one command at a time. A real aiosmtpd
+server that advertises PIPELINING, scripted per command."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from emailq.errors import RelayThrottled, SendError
+from emailq.message import render
+from emailq.models import Job
+from emailq.settings import Settings
+from tests.helpers.smtpd import RecordingHandler, SmtpServer, start_smtp
+from worker.sender import Delivery, Sender, SmtpPool
+
+SENDER = "noreply@example.com"
+
+
+@dataclass
+class PipeliningHandler(RecordingHandler):
+    """Offers PIPELINING; ``mail_replies`` answer the next MAILs, ``rcpt_replies`` the
+    named recipients; everything else is taken. ``waiting`` keeps, for each MAIL, the
+    commands that had already arrived behind it."""
+
+    mail_replies: list[str] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    waiting: list[bytes] = field(default_factory=list)
+
+    async def handle_EHLO(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self.waiting.append(bytes(server._reader._buffer))  # aiosmtpd reads a line at a time
+        if self.mail_replies:
+            return self.mail_replies.pop(0)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+@pytest.fixture
+def relay() -> Iterator[SmtpServer]:
+    server = start_smtp(handler=PipeliningHandler())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def sender(
+    make_settings: Callable[..., Settings], relay: SmtpServer
+) -> AsyncIterator[Sender]:
+    settings = make_settings(smtp_port=relay.port)
+    sender = Sender(SmtpPool(settings, size=1))
+    yield sender
+    await sender.close()
+
+
+def handler(relay: SmtpServer) -> PipeliningHandler:
+    assert isinstance(relay.handler, PipeliningHandler)
+    return relay.handler
+
+
+async def send(sender: Sender, *recipients: str, subject: str = "hi") -> Delivery:
+    job = Job(to=recipients[0], cc=list(recipients[1:]), subject=subject, text="body")
+    async with sender.session() as conn:
+        return await conn.send(render(subject, job, SENDER), SENDER, job.recipients)
+
+
+async def test_mail_rcpt_and_data_arrive_in_one_write(sender: Sender, relay: SmtpServer) -> None:
+    delivery = await send(sender, "a@example.com", "b@example.com")
+    assert delivery.code == 250
+    [got] = relay.handler.received
+    assert got.rcpt_tos == ["a@example.com", "b@example.com"]
+    assert got.message["Subject"] == "hi"
+    # When the server read MAIL, both RCPTs and DATA were already waiting behind it.
+    assert handler(relay).waiting == [
+        b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+    ]
+
+
+async def test_one_refused_recipient_is_reported_and_the_rest_get_the_mail(
+    sender: Sender, relay: SmtpServer
+) -> None:
+    handler(relay).rcpt_replies["gone@example.com"] = "550 5.1.1 no such user"
+    delivery = await send(sender, "a@example.com", "gone@example.com", "c@example.com")
+    assert delivery.code == 250
+    assert "gone@example.com: 550 5.1.1 no such user" in delivery.reply
+    [got] = relay.handler.received
+    assert got.rcpt_tos == ["a@example.com", "c@example.com"]
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "permanent"),
+    [
+        ({"mail": "550 5.7.1 sender refused"}, 550, True),
+        ({"mail": "452 4.3.1 insufficient storage"}, 452, False),
+        ({"rcpt": "550 5.1.1 no such user"}, 550, True),
+        ({"rcpt": "450 4.2.0 mailbox busy"}, 450, False),
+    ],
+)
+async def test_a_refusal_is_the_same_error_and_the_connection_goes_on(
+    sender: Sender, relay: SmtpServer, script: dict[str, str], code: int, permanent: bool
+) -> None:
+    if "mail" in script:
+        handler(relay).mail_replies.append(script["mail"])
+    else:
+        handler(relay).rcpt_replies["a@example.com"] = script["rcpt"]
+    with pytest.raises(SendError) as info:
+        await send(sender, "a@example.com", subject="refused")
+    assert (info.value.code, info.value.permanent) == (code, permanent)
+    assert type(info.value) is SendError
+    assert relay.handler.received == []
+    # The replies to the rest of the group were read: the next mail, on the same
+    # connection (RSET), is answered in step.
+    assert (await send(sender, "b@example.com", subject="next")).code == 250
+    assert [r.message["Subject"] for r in relay.handler.received] == ["next"]
+    assert relay.handler.connections() == 1
+
+
+@pytest.mark.parametrize("where", ["mail", "rcpt"])
+async def test_421_mid_group_is_the_relay_throttling(
+    sender: Sender, relay: SmtpServer, where: str
+) -> None:
+    closing = "421 4.7.0 Try again later, closing connection"
+    if where == "mail":
+        handler(relay).mail_replies.append(closing)
+    else:
+        handler(relay).rcpt_replies["a@example.com"] = closing
+    with pytest.raises(RelayThrottled) as info:
+        await send(sender, "a@example.com", "b@example.com")
+    assert info.value.code == 421
+    assert relay.handler.received == []
+    # The pool drops that connection; the next mail goes out on a new one.
+    assert (await send(sender, "b@example.com", subject="next")).code == 250
+    assert [r.message["Subject"] for r in relay.handler.received] == ["next"]
+
+
+async def test_a_refused_end_of_data_is_the_same_error(sender: Sender, relay: SmtpServer) -> None:
+    relay.handler.replies.append("554 5.7.1 spam")
+    with pytest.raises(SendError) as info:
+        await send(sender, "a@example.com")
+    assert (info.value.code, info.value.permanent) == (554, True)
+    assert (await send(sender, "a@example.com", subject="next")).code == 250
