@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiosmtplib.email import quote_address
 
 from emailq.errors import RelayThrottled, SendError
 from emailq.message import render
 from emailq.models import Job
 from emailq.settings import Settings
 from tests.helpers.smtpd import RecordingHandler, SmtpServer, start_smtp
-from worker.sender import Delivery, Sender, SmtpPool
+from worker.sender import Delivery, Sender, SmtpPool, smtp_path
 
 SENDER = "noreply@example.com"
 
@@ -158,3 +159,22 @@ async def test_a_refused_end_of_data_is_the_same_error(sender: Sender, relay: Sm
         await send(sender, "a@example.com")
     assert (info.value.code, info.value.permanent) == (554, True)
     assert (await send(sender, "a@example.com", subject="next")).code == 250
+
+
+def outcome(quote: Callable[[str], str], address: str) -> str:
+    try:
+        return quote(address)
+    except ValueError:
+        return "refused"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["a@example.com", "first.last+tag@sub.example.org", "홍@example.kr", "user@bücher.example",
+     "a!#$%&'*+/=?^_`{|}~-@example.com", "Name <a@example.com>", '"quoted local"@example.com',
+     "a@[127.0.0.1]", "a(comment)@example.com", "a@b@example.com", "a,b@example.com",
+     "a@example.com\r\nRSET", "a b@example.com", "<a@x> SIZE=1", "a@x\x00y"],
+)  # fmt: skip
+def test_smtp_path_is_what_aiosmtplib_would_send(address: str) -> None:
+    # The same path, or the same refusal (ValueError: nothing is sent).
+    assert outcome(smtp_path, address) == outcome(quote_address, address)
