@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiosmtplib.email import quote_address
 
-from emailq.errors import RelayThrottled, SendError
+from emailq.errors import LeaseLost, RelayThrottled, SendError
 from emailq.message import render
 from emailq.models import Job
 from emailq.settings import Settings
@@ -178,3 +178,23 @@ def outcome(quote: Callable[[str], str], address: str) -> str:
 def test_smtp_path_is_what_aiosmtplib_would_send(address: str) -> None:
     # The same path, or the same refusal (ValueError: nothing is sent).
     assert outcome(smtp_path, address) == outcome(quote_address, address)
+
+
+@pytest.mark.parametrize("step", ["MAIL FROM", "DATA", "message"])
+async def test_the_lease_guard_still_stops_a_pipelined_send(
+    sender: Sender, relay: SmtpServer, step: str
+) -> None:
+    async def guard(at: str) -> None:
+        if at == step:
+            raise LeaseLost(f"lease passed to another worker before {at}")
+
+    job = Job(to="a@example.com", subject="guarded", text="body")
+    with pytest.raises(LeaseLost):
+        async with sender.session() as conn:
+            await conn.send(render("t", job, SENDER), SENDER, job.recipients, guard)
+    assert relay.handler.received == []
+    # Stopped before the group: the relay saw no MAIL at all; after the 354, no message.
+    assert handler(relay).waiting == (
+        [] if step != "message" else [b"RCPT TO:<a@example.com>\r\nDATA\r\n"]
+    )
+    assert (await send(sender, "b@example.com", subject="next")).code == 250
