@@ -42,15 +42,32 @@ _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 # brackets, comments, lists or controls): sent as it is, without parsing it per mail.
 _BARE_ADDRESS = re.compile(r'[^\s<>"(),;:\\\[\]\x00-\x1f\x7f]+@[^\s<>"(),;:\\\[\]@\x00-\x1f\x7f]+')
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+# Reject all C0 controls + DEL anywhere in an address, as aiosmtplib rejects them in a
+# command: CR/LF would end the command line early. Checked before parsing, because
+# parseaddr finds an address in a string with a line break in it ('"x\r\n<b@y>"@z' is b@y).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def smtp_path(address: str) -> str:
     """``<address>`` for MAIL FROM / RCPT TO: what aiosmtplib's ``quote_address`` gives,
     which parses every address (a few per cent of the worker's CPU at 256 in flight), for
-    the bare addr-specs the API stores; anything else still goes through it."""
+    the bare addr-specs the API stores; anything else still goes through it. ``ValueError``
+    (as aiosmtplib's) for an address that cannot go on a command line."""
     if _BARE_ADDRESS.fullmatch(address):
         return f"<{address}>"
+    if _CONTROL.search(address):
+        raise ValueError(f"Address {address!r} contains a prohibited control character")
     return quote_address(address)
+
+
+def _envelope(sender: str, recipients: list[str]) -> list[str]:
+    """The MAIL FROM and RCPT TO paths, checked before anything is sent. The API stores only
+    valid addresses; one that came another way and cannot be sent fails for good (what
+    aiosmtplib raises here is a ValueError, which no caller would take for the mail's)."""
+    try:
+        return [smtp_path(address) for address in (sender, *recipients)]
+    except ValueError as exc:
+        raise SendError(f"address refused before sending: {exc}", permanent=True) from exc
 
 
 async def no_guard(step: str) -> None:
@@ -112,6 +129,7 @@ class TimedSMTP(aiosmtplib.SMTP):
         message = wire.as_bytes(utf8=utf8, eight_bit=eight_bit)
         if self.supports_extension("pipelining"):
             return await self._pipelined(sender, recipients, message, options, utf8=utf8)
+        _envelope(sender, recipients)  # the same refusals, before aiosmtplib sends anything
         return await self.sendmail(sender, recipients, message, mail_options=options)
 
     async def _pipelined(
@@ -124,9 +142,9 @@ class TimedSMTP(aiosmtplib.SMTP):
         if self.supports_extension("size"):
             options = [f"SIZE={len(message)}", *options]  # render() wrote CRLF lines
         encoding = "utf-8" if utf8 else "ascii"
-        group = [b" ".join([b"MAIL FROM:" + smtp_path(sender).encode(encoding),
-                            *(o.encode("ascii") for o in options)])]  # fmt: skip
-        group += [b"RCPT TO:" + smtp_path(r).encode(encoding) for r in recipients]
+        mail_from, *rcpt_to = (path.encode(encoding) for path in _envelope(sender, recipients))
+        group = [b" ".join([b"MAIL FROM:" + mail_from, *(o.encode("ascii") for o in options)])]
+        group += [b"RCPT TO:" + path for path in rcpt_to]
         await self.guard("MAIL FROM")
         await self.guard("DATA")
         commands = b"\r\n".join([*group, b"DATA"]) + b"\r\n"
