@@ -54,13 +54,25 @@ class Received:
 @dataclass
 class RecordingHandler:
     """Accepts mail and records it. ``replies`` scripts the DATA answers ("451 later", ...):
-    each message pops one; when empty, messages are accepted. ``delay`` slows each DATA."""
+    each message pops one; when empty, messages are accepted. ``delay`` slows each DATA.
+    ``pipelining=False``: a relay that does not offer PIPELINING (one command a trip)."""
 
     replies: list[str] = field(default_factory=list)
     delay: float = 0.0
     received: list[Received] = field(default_factory=list)
     data_calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Offer PIPELINING (RFC 2920), as Postfix, Exim, Gmail and SES do; aiosmtpd reads
+    # one command at a time either way, so pipelined commands simply wait their turn.
+    pipelining: bool = True
+
+    async def handle_EHLO(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         with self.lock:

@@ -1,6 +1,7 @@
 """Leases and unknown outcomes in the worker, against a real Redis and real SMTP servers:
 claim replies that come back after their lease (a second worker takes the jobs over
-meanwhile), and a send the drain cuts off while the relay holds its message."""
+meanwhile), a send the drain cuts off while the relay holds its message, and a task claimed
+again before its previous run's done callback came."""
 
 from __future__ import annotations
 
@@ -135,3 +136,65 @@ async def test_a_send_cut_off_by_the_drain_after_its_message_is_outcome_unknown(
         assert record.next_attempt_at is not None  # ON_UNKNOWN_OUTCOME=retry
     finally:
         await producer.close()
+
+
+class HeldDoneCallbacks(Worker):
+    """The worker as it is, except that while ``hold`` is set the done callback of each send
+    (``_forget``) is kept in ``held`` until the test calls it. The event loop runs that
+    callback one turn after the send ends; a claim reply read in that turn starts the task's
+    next run first. Holding it makes that order certain instead of one run in three."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold = True
+        self.held: list[tuple[Any, ...]] = []
+
+    def _forget(self, *args: Any) -> None:  # any signature: the test ran on older ones too
+        if self.hold:
+            self.held.append(args)
+        else:
+            super()._forget(*args)
+
+
+async def test_a_run_ending_after_its_task_was_claimed_again_leaves_the_new_run_its_lease(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    # With a shared send rate a throttled mail goes back at once: claimable again at once.
+    settings = make_settings(smtp_max_per_second=1000)
+    smtp.handler.replies.append("421 4.7.0 Try again later, closing connection")
+    queue = open_queue(settings)
+    worker = HeldDoneCallbacks(queue, Sender(SmtpPool(settings, size=2)), settings)
+    task_id = str(uuid.uuid4())
+    await queue.enqueue(task_id, Job(to="u@example.com", subject="s", text="t"), request_id="r")
+
+    async def claim_and_start() -> asyncio.Task[None]:
+        sent = time.monotonic()
+        claim = await queue.claim(worker.worker_id, 1, worker.lease_ms)
+        assert [c.task_id for c in claim.jobs] == [task_id]
+        await worker._take(claim, sent)
+        return worker._tasks[task_id]
+
+    try:
+        first = await claim_and_start()
+        await asyncio.wait({first})  # throttled at the end of DATA: deferred, not counted
+        assert smtp.handler.data_calls == 1
+        assert smtp.handler.received == []
+        second = await claim_and_start()
+        claimed_again = worker._inflight[task_id]
+        # Only now does the first run's done callback come.
+        [callback] = worker.held
+        worker.hold = False
+        worker._forget(*callback)
+        assert task_id in worker._lease_until, "the new run's lease deadline was dropped"
+        assert worker._inflight.get(task_id) is claimed_again
+        assert worker._tasks.get(task_id) is second
+        await asyncio.wait({second})
+        assert smtp.handler.task_ids() == [task_id]  # sent by the second run, once
+        record = await queue.get(task_id)
+        assert record is not None
+        assert record.status is Status.SUCCESS
+        assert record.attempts == 1  # the throttled run used none
+        assert [entry.outcome for entry in record.log] == ["deferred", "success"]
+    finally:
+        await worker.sender.close()
+        await queue.close()
