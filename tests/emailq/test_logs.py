@@ -201,29 +201,33 @@ def test_past_its_bound_the_queue_drops_lines_and_says_how_many() -> None:
     assert after == "after"
 
 
+@pytest.mark.parametrize(
+    ("backlog", "wait"),
+    [(3 * logs.MAX_BATCH + 5, logs.LINGER_SECONDS), (logs.BUSY_LINES, logs.BUSY_LINGER_SECONDS)],
+)
 def test_a_backlog_is_written_batch_after_batch_with_no_wait_between(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, backlog: int, wait: float
 ) -> None:
-    # The listener waits LINGER_SECONDS only once it has caught up: were it to wait after
-    # every full batch, it could write no more than MAX_BATCH lines per wait, and a busy API
-    # would fill the queue and drop lines.
+    # The listener waits only once it has caught up: were it to wait after every full
+    # batch, it could write no more than MAX_BATCH lines per wait, and a busy API would fill
+    # the queue and drop lines. It waits longer after a batch of BUSY_LINES or more.
     waits: list[float] = []
     monkeypatch.setattr(logs, "time", SimpleNamespace(sleep=waits.append, gmtime=time.gmtime,
                                                       strftime=time.strftime))  # fmt: skip
     stream = Lines()
     pipeline = LogPipeline("INFO", LogFormat.JSON, stream)
-    backlog = logging.getLogger("emailq.test.backlog")
-    backlog.propagate = False
-    backlog.addHandler(pipeline.handler)
+    lines = logging.getLogger("emailq.test.backlog")
+    lines.propagate = False
+    lines.addHandler(pipeline.handler)
     try:
-        for n in range(3 * logs.MAX_BATCH + 5):  # queued before the listener reads any
-            backlog.warning("n %d", n)
+        for n in range(backlog):  # queued before the listener reads any
+            lines.warning("n %d", n)
         pipeline.listener.start()
-        wait_until(lambda: len(stream.lines()) == 3 * logs.MAX_BATCH + 5, what="every line")
+        wait_until(lambda: len(stream.lines()) == backlog, what="every line")
         pipeline.stop()
     finally:
-        backlog.removeHandler(pipeline.handler)
-    assert waits == [logs.LINGER_SECONDS]  # once, after the last batch
+        lines.removeHandler(pipeline.handler)
+    assert waits == [wait]  # once, after the last batch
 
 
 def test_auto_is_text_on_a_terminal_and_json_anywhere_else() -> None:
