@@ -9,6 +9,7 @@ value (except for settings that may hold a secret).
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,3 +94,27 @@ def exit_on_config_error() -> Iterator[None]:
         sys.stderr.write(f"emailq: {exc}\n")
         sys.stderr.flush()
         raise SystemExit(EXIT_CONFIG) from None
+
+
+# Container objects allocated, net of those freed, before a young collection runs (CPython's
+# default is 700). A request's objects die by reference counting, but the ones of requests
+# in flight together (32 in the benchmark) were enough to start a collection every dozen
+# requests, which promoted them to older generations, each pass a cost and a pause.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def freeze_heap() -> None:
+    """Keep the garbage collector out of a serving process's way: call it once the app is
+    built, before it serves.
+
+    What start-up built (the modules, classes and pydantic validators) is frozen
+    (``gc.freeze``): it took the collector about 100 ms a full pass on this machine, and a
+    busy API made one every half second or so, a seventh of the process's time and its p99
+    latency. Collected first, so no garbage is frozen with it. The young generation then
+    waits for ``GC_YOUNG_THRESHOLD`` allocations, so requests in flight no longer start a
+    pass of their own: measured in process, 32 at a time, no collection ran at all.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

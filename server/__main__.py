@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from emailq.logs import configure_logging
-from emailq.startup import exit_on_config_error, load_settings
+from emailq.startup import exit_on_config_error, freeze_heap, load_settings
 from server.deps import state_of
 from server.main import create_app
 from server.routes.email import MAX_WAIT_SECONDS
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
     )
     server = _Server(config, app)
+    freeze_heap()  # the app is built: spare its heap the collector's passes while it serves
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
         server.run()
     # uvicorn.run's exit code when it could not start (the port taken, say).

@@ -96,6 +96,9 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
     return (name, int(match.group(3)) if match.group(3) else None) if name else None
 
 
+# Asked once per local send, with the few Host values a machine is called by; bounded, as
+# the header is the caller's to choose.
+@functools.lru_cache(maxsize=256)
 def is_local_host(value: str | None) -> bool:
     """Does a ``Host`` header name this machine: localhost, ``*.localhost``, a loopback IP
     (``[::1]`` bracketed), with or without a port? A DNS-rebinding page sends its own name."""

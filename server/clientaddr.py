@@ -40,6 +40,8 @@ _BRACKETED = re.compile(r"^\[([^\]]+)\](?::(\d{1,5}))?$")
 _V4_PORT = re.compile(r"^([0-9.]+):(\d{1,5})$")
 _MAX_HOP = 100  # longer than any address with a port: garbage, not worth parsing
 _CLIENT_STATE = "client_address"  # where a request keeps its client's address once known
+# Headers a proxy adds, as the ASGI scope lists them (lower case, as Starlette reads them).
+_FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
 
 
 # Bounded, so hops a client makes up cannot grow it; a server sees the same few peers and
@@ -120,11 +122,20 @@ def client_address(request: Request) -> str:
     return known
 
 
+# A peer that sent no X-Forwarded-For: its address depends on the peer and TRUSTED_PROXIES
+# alone. Bounded; the peers of a server are few, and a key holds no header text.
+@functools.lru_cache(maxsize=4096)
+def _unforwarded(peer: str, trusted_proxies: str) -> str:
+    return forwarded_client(peer, [], parse_networks(trusted_proxies))
+
+
 def _client_address(request: Request) -> str:
     peer = request.client.host if request.client else UNKNOWN
     settings = settings_of(request)
-    proxies = parse_networks(settings.trusted_proxies)
     headers = request.headers.getlist("X-Forwarded-For")
+    if not headers:
+        return _unforwarded(peer, settings.trusted_proxies)
+    proxies = parse_networks(settings.trusted_proxies)
     # From a trusted peer the walk below reads the header anyway; from any other, a peer
     # that is one of the header's hops was put there by the server, not by the socket.
     untrusted = not _trusted(parse_address(peer), proxies)
@@ -153,8 +164,7 @@ def arrived_through_proxy(request: Request) -> bool:
 
     A local reverse proxy not listed in TRUSTED_PROXIES makes every remote client look like
     loopback; the headers it adds give it away, so such a request is not a local one."""
-    headers = request.headers
-    if not any(name in headers for name in ("x-forwarded-for", "forwarded", "x-real-ip")):
+    if not any(name in _FORWARDING for name, _ in request.scope["headers"]):
         return False
     peer = request.client.host if request.client else UNKNOWN
     settings = settings_of(request)

@@ -17,7 +17,7 @@ from emailq.logs import configure_logging, redact_url
 from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
-from emailq.startup import exit_on_config_error, load_settings
+from emailq.startup import exit_on_config_error, freeze_heap, load_settings
 from emailq.templates import load_templates
 from emailq.waiting import ResultWaiter
 from emailq.webhooks.config import load_webhooks
@@ -148,7 +148,9 @@ def _app_from_environment() -> FastAPI:
     with exit_on_config_error():
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
-        return create_app(settings)
+        app = create_app(settings)
+    freeze_heap()  # as `python -m server` does (emailq.startup.freeze_heap)
+    return app
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from emailq.compose import MAX_RECIPIENTS, EmailRequest, compose
+from emailq import compose as compose_module
+from emailq.compose import MAX_RECIPIENTS, EmailRequest, compose, normalize_address
 from emailq.errors import HeaderInjection, InvalidMessage, MessageTooLarge
 from emailq.models import Job
 
@@ -189,3 +190,29 @@ def test_an_encoded_word_in_an_address_is_rejected(field: str, address: str) -> 
     value: object = [address] if field in ("cc", "bcc") else address
     with pytest.raises(ValidationError, match="encoded word"):
         request(**{field: value})
+
+
+def test_validated_addresses_are_cached_within_bounds() -> None:
+    # A flood of distinct addresses (an attacker's, or a mailing) keeps at most the cache's
+    # size; an address too long to be valid takes no slot.
+    cache = compose_module._cached_normalized
+    for i in range(compose_module.ADDRESS_CACHE_SIZE + 50):
+        normalize_address(f"flood{i}@example.com")
+    assert cache.cache_info().currsize == compose_module.ADDRESS_CACHE_SIZE
+    before = cache.cache_info()
+    with pytest.raises(ValueError, match="too long"):
+        normalize_address("a" * 400 + "@example.com")
+    assert cache.cache_info() == before
+
+
+def test_a_cached_address_answers_as_it_was_validated() -> None:
+    # Each spelling is its own entry, with its own normalized form; a refusal is never
+    # remembered as an answer, however often it is asked after a valid neighbour.
+    assert normalize_address("User@EXAMPLE.com") == "User@example.com"
+    assert normalize_address("user@example.com") == "user@example.com"
+    assert normalize_address("User@EXAMPLE.com") == "User@example.com"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="two periods"):
+            normalize_address("user@example..com")
+        with pytest.raises(ValueError, match="=\\?"):
+            normalize_address("=?us-ascii?q?x?=@example.com")

@@ -11,11 +11,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from emailq import logs
 from emailq.logs import LogPipeline, bind, configure_logging, resolve_format, unbind
 from emailq.settings import LogFormat, Settings
 from emailq.startup import describe
@@ -196,6 +199,35 @@ def test_past_its_bound_the_queue_drops_lines_and_says_how_many() -> None:
     assert dropped == f"{150 - len(kept)} log line(s) dropped: the reader of this log did " \
                       "not keep up"  # fmt: skip
     assert after == "after"
+
+
+@pytest.mark.parametrize(
+    ("backlog", "wait"),
+    [(3 * logs.MAX_BATCH + 5, logs.LINGER_SECONDS), (logs.BUSY_LINES, logs.BUSY_LINGER_SECONDS)],
+)
+def test_a_backlog_is_written_batch_after_batch_with_no_wait_between(
+    monkeypatch: pytest.MonkeyPatch, backlog: int, wait: float
+) -> None:
+    # The listener waits only once it has caught up: were it to wait after every full
+    # batch, it could write no more than MAX_BATCH lines per wait, and a busy API would fill
+    # the queue and drop lines. It waits longer after a batch of BUSY_LINES or more.
+    waits: list[float] = []
+    monkeypatch.setattr(logs, "time", SimpleNamespace(sleep=waits.append, gmtime=time.gmtime,
+                                                      strftime=time.strftime))  # fmt: skip
+    stream = Lines()
+    pipeline = LogPipeline("INFO", LogFormat.JSON, stream)
+    lines = logging.getLogger("emailq.test.backlog")
+    lines.propagate = False
+    lines.addHandler(pipeline.handler)
+    try:
+        for n in range(backlog):  # queued before the listener reads any
+            lines.warning("n %d", n)
+        pipeline.listener.start()
+        wait_until(lambda: len(stream.lines()) == backlog, what="every line")
+        pipeline.stop()
+    finally:
+        lines.removeHandler(pipeline.handler)
+    assert waits == [wait]  # once, after the last batch
 
 
 def test_auto_is_text_on_a_terminal_and_json_anywhere_else() -> None:

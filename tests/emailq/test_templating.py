@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from emailq.errors import HeaderInjection, MessageTooLarge
-from emailq.templating import check_header, render
+from emailq.templating import check_header, placeholders, render, unfilled
 
 VALUES = {"username": "홍길동", "code": "1234"}
 
@@ -94,3 +97,46 @@ def test_check_header_refuses_tab_unless_allowed() -> None:
 @pytest.mark.parametrize("ok", ["Hello", "안녕", "=?utf-8?b?SGk=?=", "a\u00a0b", "\U0001f600"])
 def test_check_header_returns_a_safe_value(ok: str) -> None:
     assert check_header(ok, "subject") == ok
+
+
+# The scan as it was written before templates were split once and cached: the oracle.
+_SCAN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+
+
+def _scanned_render(template: str, values: dict[str, str], limit: int) -> str | None:
+    matches = [m for m in _SCAN.finditer(template) if m.group(1) in values]
+    growth = sum(len(values[m.group(1)]) - len(m.group(0)) for m in matches)
+    if len(template) + growth > limit:
+        return None
+    return _SCAN.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+# Braces, names that are and are not placeholders, and text that looks like neither.
+_TEXT = st.lists(st.sampled_from(["{", "}", "{a}", "{b}", "{_c1}", "{a.b}", "{0}", "a", " ",
+                                  "{{a}}", "{" + "n" * 64 + "}", "{" + "n" * 65 + "}", "é",
+                                  "\t"]),
+                 max_size=12).map("".join)  # fmt: skip
+_VALUES = st.dictionaries(st.sampled_from(["a", "b", "_c1", "n" * 64]),
+                          st.sampled_from(["", "x", "{b}", "긴 값" * 3]))  # fmt: skip
+
+
+@given(_TEXT, _VALUES, st.integers(min_value=0, max_value=80))
+def test_render_and_the_name_lists_agree_with_a_plain_scan(
+    template: str, values: dict[str, str], limit: int
+) -> None:
+    expected = _scanned_render(template, values, limit)
+    if expected is None:
+        with pytest.raises(MessageTooLarge):
+            render(template, values, limit=limit)
+    else:
+        assert render(template, values, limit=limit) == expected
+    names = list(dict.fromkeys(m.group(1) for m in _SCAN.finditer(template)))
+    assert placeholders(template, values) == [n for n in names if n in values]
+    assert unfilled(template, values) == [n for n in names if n not in values]
+
+
+def test_a_long_template_renders_as_a_short_one() -> None:
+    # Past the cached size every call scans the text itself; the answer is the same.
+    long = "{username} " * 1000
+    assert render(long, VALUES, limit=100_000) == "홍길동 " * 1000
+    assert unfilled(long + "{x}", VALUES) == ["x"]
