@@ -148,3 +148,12 @@ class RelayUnavailable(SendError):
 
 class RelayThrottled(SendError):
     """The relay answered MAIL, RCPT or DATA with 421, 451 or 454: slow down, try later."""
+
+
+def closed_transport(exc: BaseException) -> bool:
+    """Is this uvloop's answer to a write on a transport it has already closed (the peer
+    reset the connection: a Redis killed or failed over)? uvloop raises a RuntimeError
+    ("unable to perform operation on <TCPTransport closed=True ...>; the handler is
+    closed"), where asyncio's own loop raises an OSError that redis-py turns into a
+    ConnectionError. Nothing was written; seen when a reconnect's HELLO met a killed master."""
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)

@@ -54,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from emailq import rediscluster
-from emailq.errors import ConfigError, NotConnected
+from emailq.errors import ConfigError, NotConnected, closed_transport
 
 if TYPE_CHECKING:
     from emailq.settings import Settings
@@ -226,7 +226,21 @@ def _is_read_only(exc: ResponseError) -> bool:
     return isinstance(exc, ReadOnlyError) or "-READONLY" in str(exc)
 
 
-class _ReadOnlyIsNotConnected(AbstractConnection):
+class _ClosedTransportIsDropped(AbstractConnection):
+    """A write on a transport uvloop has closed is a dropped connection, as it is on
+    asyncio's loop: redis-py's retry and our store errors then treat it like any other,
+    instead of a RuntimeError stopping the worker's claim loop."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:  # redis-py has already dropped the connection
+            if not closed_transport(exc):
+                raise
+            raise RedisConnectionError("connection closed by the server") from exc
+
+
+class _ReadOnlyIsNotConnected(_ClosedTransportIsDropped):
     """A reply of READONLY means this node is a replica now (a failover demoted it): nothing
     ran. Drop the connection, so the next one finds the master (Sentinel asks again; a plain
     URL resolves its name again), and say ``NotConnected`` so the call retries once."""

@@ -3,6 +3,7 @@ password; REDIS_WAIT_REPLICAS and READONLY against real servers."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Callable
@@ -165,3 +166,32 @@ async def test_a_replay_waits_for_the_replica_like_the_first_try(
         await second.close()
         await warm.close()
         replica.stop()
+
+
+def test_a_write_on_a_transport_uvloop_closed_is_a_dropped_connection(redis_url: str) -> None:
+    # Seen under a Sentinel failover: a reconnect's HELLO met the killed master's reset, and
+    # uvloop's RuntimeError ("the handler is closed") stopped the worker's claim loop. It must
+    # be a ConnectionError, which redis-py retries on a new connection and we convert.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> tuple[BaseException | None, bool]:
+        client = Queue.from_url(redis_url, timeout=2).redis
+        assert isinstance(client, redis.asyncio.Redis)
+        try:
+            await client.ping()
+            conn = await client.connection_pool.get_connection()
+            conn._writer.transport.abort()  # type: ignore[attr-defined]  # closed, as on a reset
+            await asyncio.sleep(0.05)
+            raised: BaseException | None = None
+            try:
+                await conn.send_command("PING")
+            except BaseException as exc:  # which kind is the point
+                raised = exc
+            await client.connection_pool.release(conn)
+            return raised, bool(await client.ping())  # the client goes on, newly connected
+        finally:
+            await client.aclose()
+
+    raised, answered = uvloop.run(scenario())
+    assert isinstance(raised, redis.exceptions.ConnectionError), repr(raised)
+    assert answered
