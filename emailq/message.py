@@ -293,8 +293,11 @@ def envelope_address(address: str) -> str:
     """
     if address.isascii():
         return address
-    local = address.rpartition("@")[0]
-    return f"{local}@{_ascii_domain(address)}" if local.isascii() else address
+    local, _, domain = address.rpartition("@")
+    idna = ascii_domain(domain)
+    # A domain with no IDNA form (stored before a rule of IDNA changed, or not through the
+    # API) goes as stored too, as it did before: over SMTPUTF8, for the relay to judge.
+    return f"{local}@{idna}" if local.isascii() and idna.isascii() else address
 
 
 def envelope_recipients(job: Job) -> list[str]:
@@ -307,15 +310,11 @@ def envelope_recipients(job: Job) -> list[str]:
     """
     if not job.cc and not job.bcc:
         return [envelope_address(job.to)]
-    seen: set[tuple[str, str]] = set()
-    unique = []
+    unique: dict[tuple[str, str], str] = {}
     for address in job.recipients:
-        local = address.rpartition("@")[0]
-        domain = _ascii_domain(address)
-        if (local, domain.lower()) not in seen:
-            seen.add((local, domain.lower()))
-            unique.append(f"{local}@{domain}" if local.isascii() else address)
-    return unique
+        local, _, domain = address.rpartition("@")
+        unique.setdefault((local, ascii_domain(domain).lower()), envelope_address(address))
+    return list(unique.values())
 
 
 # RFC 2231 attribute-char: printable ASCII but space, '*', "'", '%' and the tspecials.

@@ -139,7 +139,7 @@ def _client_address(request: Request) -> str:
     # From a trusted peer the walk below reads the header anyway; from any other, a peer
     # that is one of the header's hops was put there by the server, not by the socket.
     untrusted = not _trusted(parse_address(peer), proxies)
-    if headers and untrusted and rewritten_by_server(peer, headers):
+    if untrusted and rewritten_by_server(peer, headers):
         _warn_rewrite()
         return UNKNOWN
     return forwarded_client(peer, headers, proxies)

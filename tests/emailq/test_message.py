@@ -86,6 +86,9 @@ def test_bcc_is_in_the_envelope_only() -> None:
      ["u@xn--bcher-kva.example"]),
     ({"to": "用户@bücher.example", "bcc": ["用户@xn--bcher-kva.example"]}, ["用户@bücher.example"]),
     ({"cc": ["user@ex\u0430mple.com"]}, ["user@example.com", "user@xn--exmple-4nf.com"]),
+    # No IDNA form (a domain stored earlier, or not through the API): sent as stored.
+    ({"bcc": ["b@\u2603.example", "用户@\u2603.example"]},
+     ["user@example.com", "b@\u2603.example", "用户@\u2603.example"]),
 ])  # fmt: skip
 def test_the_envelope_names_each_mailbox_once(fields: dict[str, Any], envelope: list[str]) -> None:
     j = job(**fields)

@@ -261,6 +261,14 @@ def delayed_smtp(smtp_factory: Callable[..., SmtpServer], delay: float) -> SmtpS
     return smtp_factory(handler=RecordingHandler(delay=delay))
 
 
+def take_mail(envelope: Any, address: str, options: list[str]) -> str:
+    """For a handler's ``handle_MAIL``: what aiosmtpd does itself when a handler has none
+    (keep the sender and its parameters, answer 250)."""
+    envelope.mail_from = address
+    envelope.mail_options.extend(options)
+    return "250 OK"
+
+
 @dataclass
 class EnvelopeHandler(RecordingHandler):
     """Records every MAIL FROM (address and parameters) and every RCPT TO command as it
@@ -278,9 +286,7 @@ class EnvelopeHandler(RecordingHandler):
             self.mails.append((address, list(mail_options)))
         if self.refuse_sender is not None:
             return self.refuse_sender
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 OK"
+        return take_mail(envelope, address, mail_options)
 
     async def handle_RCPT(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]

@@ -15,7 +15,7 @@ from emailq.errors import LeaseLost, RelayThrottled, SendError
 from emailq.message import render
 from emailq.models import Job
 from emailq.settings import Settings
-from tests.helpers.smtpd import RecordingHandler, SmtpServer, start_smtp
+from tests.helpers.smtpd import RecordingHandler, SmtpServer, start_smtp, take_mail
 from worker.sender import Delivery, Sender, SmtpPool, smtp_path
 
 SENDER = "noreply@example.com"
@@ -37,9 +37,7 @@ class PipeliningHandler(RecordingHandler):
         self.waiting.append(bytes(server._reader._buffer))  # aiosmtpd reads a line at a time
         if self.mail_replies:
             return self.mail_replies.pop(0)
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 OK"
+        return take_mail(envelope, address, options)
 
     async def handle_RCPT(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]

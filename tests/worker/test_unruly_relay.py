@@ -15,7 +15,7 @@ import pytest
 
 from emailq.models import Status
 from emailq.settings import Settings
-from tests.helpers.smtpd import RecordingHandler, SmtpServer
+from tests.helpers.smtpd import RecordingHandler, SmtpServer, take_mail
 from tests.helpers.workers import running
 
 MAILS = 6
@@ -40,13 +40,12 @@ class UnrulyHandler(RecordingHandler):
     async def handle_MAIL(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
+        taken = take_mail(envelope, address, options)
         if self.fault == "421 to MAIL" and self._spoil():
             return "421 4.7.0 Try again later, closing connection"
         if self.fault == "an extra line" and self._spoil():
             return "250 OK\r\n250 2.1.0 a reply to no command"
-        return "250 OK"
+        return taken
 
     async def handle_RCPT(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
