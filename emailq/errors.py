@@ -30,6 +30,9 @@ that emailq.queue converts to ``StoreUnavailable`` rather than ``StoreOutcomeUnk
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 
@@ -150,10 +153,17 @@ class RelayThrottled(SendError):
     """The relay answered MAIL, RCPT or DATA with 421, 451 or 454: slow down, try later."""
 
 
-def closed_transport(exc: BaseException) -> bool:
-    """Is this uvloop's answer to a write on a transport it has already closed (the peer
-    reset the connection: a Redis killed or failed over)? uvloop raises a RuntimeError
-    ("unable to perform operation on <TCPTransport closed=True ...>; the handler is
-    closed"), where asyncio's own loop raises an OSError that redis-py turns into a
-    ConnectionError. Nothing was written; seen when a reconnect's HELLO met a killed master."""
-    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
+@contextmanager
+def closed_transport_is_dropped() -> Iterator[None]:
+    """A write on a transport uvloop has already closed (the peer reset the connection: a
+    Redis killed or failed over) as the dropped connection it is. uvloop raises a
+    RuntimeError ("unable to perform operation on <TCPTransport closed=True ...>; the
+    handler is closed") where asyncio's own loop raises an OSError that redis-py turns into
+    a ConnectionError. Nothing was written; seen when a reconnect's HELLO met a killed
+    master. redis-py's retry and our store errors then treat it like any other drop."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "handler is closed" not in str(exc):
+            raise
+        raise RedisConnectionError("connection closed by the server") from exc

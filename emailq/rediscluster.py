@@ -46,7 +46,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from emailq.errors import NotConnected, closed_transport
+from emailq.errors import NotConnected, closed_transport_is_dropped
 
 SCHEMES = ("redis+cluster", "rediss+cluster")  # rediss+: TLS to every node
 _T = TypeVar("_T")
@@ -127,15 +127,12 @@ def _closed_under_us() -> Iterator[None]:
     """redis-py's cluster client, on CLUSTERDOWN, closes every connection of every node,
     those other tasks are using included: their socket is then gone mid-call, which shows
     as an AttributeError on it. A lost connection, like any other; so is a write on a
-    transport uvloop has closed (``closed_transport``)."""
+    transport uvloop has closed (``closed_transport_is_dropped``)."""
     try:
-        yield
+        with closed_transport_is_dropped():
+            yield
     except AttributeError as exc:
         raise RedisConnectionError("connection closed while in use") from exc
-    except RuntimeError as exc:
-        if not closed_transport(exc):
-            raise
-        raise RedisConnectionError("connection closed by the server") from exc
 
 
 class _CountedConnection(Connection):

@@ -54,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from emailq import rediscluster
-from emailq.errors import ConfigError, NotConnected, closed_transport
+from emailq.errors import ConfigError, NotConnected, closed_transport_is_dropped
 
 if TYPE_CHECKING:
     from emailq.settings import Settings
@@ -232,12 +232,8 @@ class _ClosedTransportIsDropped(AbstractConnection):
     instead of a RuntimeError stopping the worker's claim loop."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        try:
+        with closed_transport_is_dropped():  # redis-py has already dropped the connection
             await super().send_packed_command(command, check_health)
-        except RuntimeError as exc:  # redis-py has already dropped the connection
-            if not closed_transport(exc):
-                raise
-            raise RedisConnectionError("connection closed by the server") from exc
 
 
 class _ReadOnlyIsNotConnected(_ClosedTransportIsDropped):
