@@ -21,13 +21,8 @@ import limits
 from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from emailq.apikeys import (
-    ApiKey,
-    domain_of,
-    parse_allowed_recipients,
-    parse_allowed_senders,
-    parse_api_keys,
-)
+from emailq.addresses import domain_of
+from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_allowed_senders, parse_api_keys
 from emailq.errors import ConfigError
 from emailq.netlists import IPNetwork, parse_networks, split_list
 from emailq.redisconn import check_url, uses_tls
