@@ -1,5 +1,5 @@
-"""API keys and recipient allow-lists as configured: parsing, hashing, matching; and the
-``Principal`` a request is sent as.
+"""API keys and recipient allow-lists as configured: parsing and hashing (matching an
+address against them is ``emailq.addresses``'s); and the ``Principal`` a request is sent as.
 
 An ``API_KEYS`` entry is ``<id>:<scope>:<sha256 hex of the key>[:<domains>[:<senders>]]``:
 ``<domains>`` (``a.com,b.com``) limits the recipients' domains, ``<senders>``
@@ -12,7 +12,6 @@ list of entry strings. Only hashes are configured: a leaked
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -20,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 
-from email_validator import EmailNotValidError, validate_email
+from emailq.addresses import ascii_domain
 
 KEY_PREFIX = "eq_"  # makes a leaked key easy to recognise (and to grep for) in a paste
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -113,7 +112,8 @@ ANONYMOUS = Principal("anonymous", Scope.SEND, anonymous=True)
 
 
 def parse_domains(text: str) -> frozenset[str]:
-    """``a.com,b.com`` as a set of lower-case domain names (IDNA form: see ``domain_of``)."""
+    """``a.com,b.com`` as a set of lower-case domain names (IDNA form: see
+    ``emailq.addresses.domain_of``)."""
     domains = frozenset(ascii_domain(d.strip().lower().rstrip(".")) for d in text.split(",")
                         if d.strip())  # fmt: skip
     bad = sorted(d for d in domains if not _DOMAIN.match(d))
@@ -183,43 +183,6 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-@functools.lru_cache(maxsize=256)
-def ascii_domain(domain: str) -> str:
-    """``domain`` in IDNA form (``bücher.example``: ``xn--bcher-kva.example``), as
-    email-validator writes it for the envelope; unchanged if ASCII or not a domain."""
-    if domain.isascii():
-        return domain
-    try:
-        return str(validate_email("x@" + domain, check_deliverability=False).ascii_domain)
-    except EmailNotValidError:
-        return domain  # matches no listed domain: every list entry is ASCII
-
-
 def _entry(entry: str) -> str:
     local, at, domain = entry.rpartition("@")
     return f"{local}{at}{ascii_domain(domain)}"
-
-
-def domain_of(address: str) -> str:
-    """The lower-case domain of an address, in IDNA form.
-
-    The API stores ``user@bücher.example`` as given, lists of domains in the settings are
-    held in IDNA form (``bücher.example`` there becomes ``xn--bcher-kva.example``), and the
-    worker sends that form: compared so, a listed domain matches in either spelling (a
-    list could only name ``xn--bcher-kva.example`` before, and then matched no recipient),
-    and a look-alike (``xn--exmple-4nf.com``: example.com with a Cyrillic a) never
-    matches the domain it imitates.
-    """
-    return ascii_domain(address.rpartition("@")[2].lower().rstrip("."))
-
-
-def in_domains(address: str, domains: frozenset[str]) -> bool:
-    """Is ``address`` in one of ``domains`` (exactly: subdomains are not included)?"""
-    return domain_of(address) in domains
-
-
-def in_allow_list(address: str, allowed: frozenset[str]) -> bool:
-    """Is ``address`` listed itself, or by its ``@domain``?"""
-    domain = domain_of(address)
-    local = address.rpartition("@")[0].lower()
-    return f"{local}@{domain}" in allowed or "@" + domain in allowed

@@ -29,7 +29,7 @@ from email.utils import format_datetime, parseaddr
 from typing import Any, cast
 from urllib.parse import quote
 
-from emailq.apikeys import ascii_domain
+from emailq.addresses import ascii_domain
 from emailq.attachments import check_content_type, check_filename
 from emailq.errors import HeaderInjection
 from emailq.models import Attachment, Job

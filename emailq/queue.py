@@ -96,6 +96,7 @@ from emailq.models import (
 from emailq.rediscluster import ShardedListener
 from emailq.redisconn import Client, Use
 from emailq.settings import Settings
+from emailq.startup import given_settings
 
 Outcome = Literal["success", "retry", "failed"]
 # What one queued task takes in Redis besides its job JSON (hash fields, lane entry,
@@ -396,9 +397,12 @@ class Queue:
         **kwargs: Any,
     ) -> Queue:
         """Shortcut for tests and tools: a client for ``url`` (every other setting at its
-        default) with bounded connect and read times (see ``emailq.redisconn.connect``)."""
-        use = Use(timeout, read_timeout, max_connections)
-        return cls(redisconn.connect(Settings.model_construct(redis_url=url), use), **kwargs)
+        default, none read from the environment) with bounded connect and read times (see
+        ``emailq.redisconn.connect``). ``url`` and ``timeout`` are validated as REDIS_URL and
+        REDIS_TIMEOUT_SECONDS are: ``ConfigError`` names a wrong one."""
+        settings = given_settings(redis_url=url, redis_timeout_seconds=timeout)
+        use = Use(settings.redis_timeout_seconds, read_timeout, max_connections)
+        return cls(redisconn.connect(settings, use), **kwargs)
 
     @classmethod
     def from_settings(

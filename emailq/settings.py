@@ -19,15 +19,15 @@ from typing import Annotated
 
 import limits
 from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-from emailq.apikeys import (
-    ApiKey,
-    domain_of,
-    parse_allowed_recipients,
-    parse_allowed_senders,
-    parse_api_keys,
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
 )
+
+from emailq.addresses import domain_of
+from emailq.apikeys import ApiKey, parse_allowed_recipients, parse_allowed_senders, parse_api_keys
 from emailq.errors import ConfigError
 from emailq.netlists import IPNetwork, parse_networks, split_list
 from emailq.redisconn import check_url, uses_tls
@@ -481,6 +481,23 @@ class Settings(BaseSettings):
         default, all parsed in memory at once): 16 MiB, about 160 KiB per message of a full
         batch, and never less than one largest single message."""
         return max(16 * 1024 * 1024, self.max_request_bytes)
+
+
+class GivenSettings(Settings):
+    """``Settings`` of the values given and the defaults, validated as always, with no
+    environment or ``.env`` read: what a tool or test shortcut that names its values builds
+    (``emailq.startup.given_settings``), so the operator's configuration cannot leak in."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 # The widest network a trusted proxy may be given, per IP version. Every address in it may

@@ -4,7 +4,8 @@ The API, the worker, the CLI and the dev runner all start here, so a bad value r
 same everywhere: ``emailq: MAX_ATTEMPTS: must be an integer (got 'abc')``, exit code 2, no
 traceback. pydantic's ``ValidationError`` is converted where ``Settings`` is built, into a
 ``ConfigError`` that names the environment variable, says what it must be and echoes the
-value (except for settings that may hold a secret).
+value (except for settings that may hold a secret). ``given_settings`` does the same for a
+tool's or a test's named values (``Queue.from_url``), reading no environment.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from emailq.errors import ConfigError
-from emailq.settings import Settings
+from emailq.settings import GivenSettings, Settings
 
 # The exit status of a configuration error, like a command-line usage error.
 EXIT_CONFIG = 2
@@ -82,6 +83,16 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def given_settings(**values: Any) -> Settings:
+    """``Settings`` of ``values`` and the defaults only (no environment, no ``.env``),
+    validated as ``load_settings`` validates, or ``ConfigError``."""
+    try:
+        return GivenSettings(**values)
+    except ValidationError as exc:
+        # describe() keeps REDIS_URL's password out; pydantic's own text echoes every input.
         raise ConfigError(describe(exc)) from None
 
 

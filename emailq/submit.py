@@ -38,7 +38,8 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from emailq import labels
-from emailq.apikeys import Principal, Scope, in_allow_list, in_domains
+from emailq.addresses import in_allow_list, in_domains
+from emailq.apikeys import Principal, Scope
 from emailq.attachments import check_blocked
 from emailq.compose import EmailRequest, Schedule, TemplateRenderer, compose, schedule
 from emailq.errors import Forbidden, InvalidMessage, MessageTooLarge

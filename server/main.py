@@ -82,6 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.waiter = ResultWaiter(state.queue)
         state.webhooks = WebhookStore(state.queue)
         await state.waiter.start()
+        # A second Redis pool, kept apart from the queue's on purpose (server.ratelimit).
         state.rate_limits = RateLimits(settings)
         # One pooled client for CAPTCHA verification, not a new one (and TLS handshake) per
         # form submission.

@@ -106,9 +106,14 @@ class RateLimits:
                 # limits hands these on to RedisCluster; its option type is too narrow.
                 retry=Retry(NoBackoff(), 1),  # type: ignore[arg-type]
             )  # fmt: skip
-        # Our own client (limits' scripts expect bytes), built as the queue's is for the
-        # other topologies; limits takes its pool, so the URL it is given only picks its
-        # Redis code.
+        # A client and pool of our own, built as the queue's is for the other topologies;
+        # limits takes its pool, so the URL it is given only picks its Redis code. Not the
+        # queue's pool, though one could serve both: every request is counted here before
+        # it is stored, a flood answered 429 included, and in the queue's pool (a blocking
+        # one of 64) those round trips would hold the connections that stores and reads
+        # wait for, so one client over its limit would turn other clients' sends into 503s
+        # (no free connection). Apart, the 503 bound (README, "What an answer means") holds
+        # whatever the limiter is asked. Bytes, as limits' own clients return them.
         client = redisconn.connect(settings, Use(timeout, decode_responses=False))
         assert isinstance(client, redis.asyncio.Redis)  # a cluster URL was handled above
         self._client = client

@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec
 
-import aiosmtplib
 import tenacity
 
 from emailq.coalesce import FinishCoalescer
@@ -28,7 +27,6 @@ from emailq.errors import (
     OutcomeUnknown,
     RelayThrottled,
     RelayUnavailable,
-    SenderRefused,
     SendError,
     StoreUnavailable,
 )
@@ -315,10 +313,8 @@ class Worker:
                 self._started.add(claimed.task_id)
                 sender = envelope_sender(claimed.job, self._mail_from_address)
                 return await conn.send(msg, sender, envelope_recipients(claimed.job), guard)
-        except LeaseLost:
+        except (LeaseLost, SendError):
             raise
-        except SendError as exc:
-            raise _named(exc) from exc.__cause__
         except Exception as exc:
             # A bug or a message that cannot be built: every retry would repeat it, and an
             # unrecorded crash would send the task round the lease-expiry loop instead.
@@ -559,17 +555,6 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECORD_ON_EXIT_SECONDS):
                     await self._unknown(claimed, cut, time.perf_counter(), ctx)
-
-
-def _named(exc: SendError) -> SendError:
-    """``exc`` as ``SenderRefused`` when it was the relay's answer to MAIL FROM (the sender's
-    address is then in the reason), else unchanged. Throttling stays ``RelayThrottled``."""
-    # Read from the aiosmtplib error convert_error (worker.sender) was raised from: both its
-    # sendmail path and a pipelined one raise SMTPSenderRefused for a refused MAIL FROM.
-    refused = exc.__cause__
-    if isinstance(refused, aiosmtplib.SMTPSenderRefused) and not isinstance(exc, RelayThrottled):
-        return SenderRefused(refused.sender, refused.message, code=refused.code)
-    return exc
 
 
 def _log_context(claimed: ClaimedJob) -> dict[str, Any]:

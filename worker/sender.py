@@ -2,12 +2,12 @@
 
 aiosmtplib's errors are converted to ``SendError`` here, where they enter: 5xx replies are
 permanent, and so is a mail the relay cannot take at all (a non-ASCII address without
-SMTPUTF8); everything else (4xx, timeouts, drops) is transient. Two kinds say nothing
-about the mail and use up none of its attempts (see worker.relay): ``RelayUnavailable``
-(any failure to connect, greet, STARTTLS or log in; a timeout or drop before DATA) and
-``RelayThrottled`` (421, 451 or 454 to MAIL, RCPT or DATA). A timeout or drop while waiting
-for the reply to the end of DATA is ``OutcomeUnknown``: the message was sent by then (see
-``TimedSMTP``).
+SMTPUTF8); everything else (4xx, timeouts, drops) is transient. A refused MAIL FROM is
+``SenderRefused``, whose reason names the sender. Two kinds say nothing about the mail and
+use up none of its attempts (see worker.relay): ``RelayUnavailable`` (any failure to
+connect, greet, STARTTLS or log in; a timeout or drop before DATA) and ``RelayThrottled``
+(421, 451 or 454 to MAIL, RCPT or DATA). A timeout or drop while waiting for the reply to
+the end of DATA is ``OutcomeUnknown``: the message was sent by then (see ``TimedSMTP``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from aiosmtplib import SMTPResponse, SMTPStatus
 from aiosmtplib.email import quote_address
 from aiosmtplib.typing import Default
 
-from emailq.errors import OutcomeUnknown, RelayThrottled, RelayUnavailable, SendError
+from emailq.errors import (
+    OutcomeUnknown,
+    RelayThrottled,
+    RelayUnavailable,
+    SenderRefused,
+    SendError,
+)
 from emailq.message import Wire
 from emailq.settings import Settings, SmtpSecurity
 from worker.pipeline import ReplyReader
@@ -288,12 +294,20 @@ def convert_error(
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         return _recipients_refused(exc)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        if exc.code in THROTTLE_CODES:
-            return RelayThrottled(exc.message, code=exc.code)
-        return SendError(exc.message, code=exc.code, permanent=500 <= exc.code < 600)
+        return _reply_error(exc)
     if before_data:
         return RelayUnavailable(_text(exc))
     return SendError(_text(exc))
+
+
+def _reply_error(exc: aiosmtplib.SMTPResponseException) -> SendError:
+    """The relay's reply to MAIL, RCPT or DATA as the ``SendError`` it means."""
+    if exc.code in THROTTLE_CODES:
+        return RelayThrottled(exc.message, code=exc.code)
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        # Both send paths (sendmail and the pipelined group) raise it for MAIL FROM.
+        return SenderRefused(exc.sender, exc.message, code=exc.code)
+    return SendError(exc.message, code=exc.code, permanent=500 <= exc.code < 600)
 
 
 def _recipients_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> SendError:

@@ -17,7 +17,7 @@ import pytest
 from emailq.settings import Settings
 from tests.helpers import polling
 from tests.helpers.polling import wait_until
-from tests.helpers.processes import Procs
+from tests.helpers.processes import PATIENT_REDIS_SECONDS, Procs
 from tests.helpers.smtpd import Received, RecordingHandler, SmtpServer
 
 SEND = "/api/v1/email/received"
@@ -101,7 +101,7 @@ def test_300_concurrent_waiters_are_served_while_mail_flows(
     handler = handler_of(timed_smtp)
     # Not a test of the 503 bound: on a loaded machine, 300 requests at once can keep one
     # Redis call past the default 0.5 s, and a 503 here would say nothing about waiting.
-    settings = make_settings(smtp_port=timed_smtp.port, redis_timeout_seconds=5)
+    settings = make_settings(smtp_port=timed_smtp.port, redis_timeout_seconds=PATIENT_REDIS_SECONDS)
     base = procs.api(settings)
     ids = post_batches(base, 3)
 

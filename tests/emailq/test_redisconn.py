@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,24 @@ def test_a_bad_url_is_one_line_naming_redis_url_without_the_password(url: str, s
     assert says in text
     assert SECRET not in text
     assert "\n" not in text
+
+
+def test_queue_from_url_refuses_a_wrong_value_in_one_line_without_the_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Queue.from_url(f"http://u:{SECRET}@h:6379/0", timeout=2)
+    assert str(refused.value).startswith("REDIS_URL: the scheme must be")
+    assert SECRET not in str(refused.value)
+    with pytest.raises(ConfigError, match="REDIS_TIMEOUT_SECONDS: must be more than 0"):
+        Queue.from_url("redis://h:6379/0", timeout=0)
+
+
+def test_queue_from_url_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An operator's REDIS_* stays out of a tool's client (this CA file would be refused).
+    monkeypatch.setenv("REDIS_TLS_CA_FILE", "/nonexistent/ca.pem")
+    monkeypatch.setenv("REDIS_VALIDATE_CERTS", "false")
+    queue = Queue.from_url("rediss://h:6380/0", timeout=2)
+    kwargs = queue.redis.connection_pool.connection_kwargs
+    assert (kwargs.get("ssl_ca_certs"), kwargs["ssl_cert_reqs"]) == (None, ssl.CERT_REQUIRED)
 
 
 def test_tls_files_are_checked_at_startup(tmp_path: Path) -> None:

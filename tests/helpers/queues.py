@@ -71,10 +71,10 @@ async def within_one_minute_bucket(queue: Queue, needed_ms: int = 10_000) -> Non
 
 
 @asynccontextmanager
-async def producer(settings: Settings) -> AsyncIterator[Queue]:
+async def producer(settings: Settings, *, redis_timeout: float = 2) -> AsyncIterator[Queue]:
     """A client of its own, as the API has: enqueues and reads, never works."""
-    queue = Queue.from_url(settings.redis_url, timeout=2, prefix=settings.redis_key_prefix,
-                           max_attempts=settings.max_attempts,
+    queue = Queue.from_url(settings.redis_url, timeout=redis_timeout,
+                           prefix=settings.redis_key_prefix, max_attempts=settings.max_attempts,
                            result_ttl_seconds=settings.result_ttl_seconds)  # fmt: skip
     try:
         yield queue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiosmtplib
 import pytest
 
+from emailq.errors import RelayThrottled, SenderRefused
 from worker.sender import convert_error
 
 
@@ -22,11 +23,9 @@ def refused(*codes: int) -> aiosmtplib.SMTPRecipientsRefused:
     [
         aiosmtplib.SMTPResponseException(421, "service not available"),
         aiosmtplib.SMTPDataError(451, "local error"),
-        aiosmtplib.SMTPSenderRefused(452, "insufficient storage", "me@example.com"),
         aiosmtplib.SMTPConnectResponseError(421, "too busy"),
         aiosmtplib.SMTPResponseException(554, "transaction failed"),
         aiosmtplib.SMTPDataError(552, "message too big"),
-        aiosmtplib.SMTPSenderRefused(553, "sender rejected", "me@example.com"),
         aiosmtplib.SMTPAuthenticationError(535, "bad credentials"),
     ],
 )
@@ -36,6 +35,28 @@ def test_reply_keeps_its_code_and_only_5xx_is_permanent(
     err = convert_error(exc)
     assert (err.code, err.permanent) == (exc.code, exc.code >= 500)
     assert str(err) == f"{exc.code} {exc.message}"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiosmtplib.SMTPSenderRefused(452, "insufficient storage", "me@example.com"),
+        aiosmtplib.SMTPSenderRefused(553, "sender rejected", "me@example.com"),
+    ],
+)
+def test_a_refused_mail_from_names_the_sender_and_keeps_its_code(
+    exc: aiosmtplib.SMTPSenderRefused,
+) -> None:
+    err = convert_error(exc)
+    assert isinstance(err, SenderRefused)
+    assert (err.code, err.permanent) == (exc.code, exc.code >= 500)
+    assert str(err) == f"{exc.code} sender me@example.com refused at MAIL FROM: {exc.message}"
+
+
+def test_a_throttling_reply_to_mail_from_stays_throttling() -> None:
+    err = convert_error(aiosmtplib.SMTPSenderRefused(451, "slow down", "me@example.com"))
+    assert type(err) is RelayThrottled
+    assert (err.code, err.permanent) == (451, False)
 
 
 def test_all_recipients_refused_with_5xx_is_permanent() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiosmtplib.email import quote_address
 
-from emailq.errors import LeaseLost, RelayThrottled, SendError
+from emailq.errors import LeaseLost, RelayThrottled, SenderRefused, SendError
 from emailq.message import render
 from emailq.models import Job
 from emailq.settings import Settings
@@ -107,17 +107,18 @@ async def test_one_refused_recipient_is_reported_and_the_rest_get_the_mail(
 
 
 @pytest.mark.parametrize(
-    ("script", "code", "permanent"),
+    ("script", "code", "permanent", "error"),
     [
-        ({"mail": "550 5.7.1 sender refused"}, 550, True),
-        ({"mail": "452 4.3.1 insufficient storage"}, 452, False),
-        ({"rcpt": "550 5.1.1 no such user"}, 550, True),
-        ({"rcpt": "450 4.2.0 mailbox busy"}, 450, False),
+        ({"mail": "550 5.7.1 sender refused"}, 550, True, SenderRefused),
+        ({"mail": "452 4.3.1 insufficient storage"}, 452, False, SenderRefused),
+        ({"rcpt": "550 5.1.1 no such user"}, 550, True, SendError),
+        ({"rcpt": "450 4.2.0 mailbox busy"}, 450, False, SendError),
     ],
 )
 async def test_a_refusal_is_the_same_error_and_the_connection_goes_on(
-    sender: Sender, relay: SmtpServer, script: dict[str, str], code: int, permanent: bool
-) -> None:
+    sender: Sender, relay: SmtpServer, script: dict[str, str], code: int, permanent: bool,
+    error: type[SendError],
+) -> None:  # fmt: skip
     if "mail" in script:
         handler(relay).mail_replies.append(script["mail"])
     else:
@@ -125,7 +126,9 @@ async def test_a_refusal_is_the_same_error_and_the_connection_goes_on(
     with pytest.raises(SendError) as info:
         await send(sender, "a@example.com", subject="refused")
     assert (info.value.code, info.value.permanent) == (code, permanent)
-    assert type(info.value) is SendError
+    assert type(info.value) is error
+    # A refused MAIL FROM says it was the sender, not the recipient, that was turned down.
+    assert (f"sender {SENDER} refused at MAIL FROM: " in str(info.value)) is ("mail" in script)
     assert relay.handler.received == []
     # The replies to the rest of the group were read: the next mail, on the same
     # connection (RSET), is answered in step.
