@@ -4,7 +4,9 @@ A log call on the event loop only builds the record, stamps it with the context 
 request or task it belongs to, and puts it on a queue (``ContextQueueHandler``). One
 thread (a ``QueueListener``) formats the records and writes them, many lines per write
 when they come faster than one at a time. So a line per accepted mail costs the loop a
-record and a queue put, never a format, an encode or a blocking write to a slow pipe.
+record and a queue put, never a format, an encode or a blocking write to a slow pipe. A
+line per request (the API's "accepted") goes by ``log_line``, which queues only a tuple:
+the record too is made on the listener's thread.
 
 Every line says which request and which task it is about: ``request_id``, ``task_id``,
 ``worker_id``, ``lane``, ``attempt``, ``smtp_code``, ``duration_ms``... (``FIELDS``),
@@ -137,14 +139,26 @@ class ContextQueueHandler(QueueHandler):
         try:
             if self.direct:
                 self.writer.handle(self.prepare(record))
-            elif self.pending.qsize() >= self.max_queued:
-                self.dropped += 1
             else:
-                if self.dropped:
-                    self.pending.put_nowait(self._dropped_line())
-                self.pending.put_nowait(self.prepare(record))
+                self._put(record)
         except Exception:
             self.handleError(record)
+
+    def put_line(self, line: Line) -> None:
+        """Queue a ``log_line`` as it is: the listener makes its record (``as_record``)."""
+        with self.lock:  # type: ignore[union-attr]  # createLock made it; emit's lock too
+            if self.direct:
+                self.writer.handle(as_record(line))
+            else:
+                self._put(line)
+
+    def _put(self, item: logging.LogRecord | Line) -> None:
+        if self.pending.qsize() >= self.max_queued:
+            self.dropped += 1
+            return
+        if self.dropped:
+            self.pending.put_nowait(self._dropped_line())
+        self.pending.put_nowait(self.prepare(item) if isinstance(item, logging.LogRecord) else item)
 
     def _dropped_line(self) -> logging.LogRecord:
         line = logging.makeLogRecord({
@@ -169,6 +183,53 @@ class ContextQueueHandler(QueueHandler):
 
 
 _EXC_FORMATTER = logging.Formatter()
+
+# What a record's relativeCreated counts from (logging's own, private, start time).
+_LOGGING_STARTED: float = vars(logging)["_startTime"]
+
+# A line of ``log_line``, as queued: the time of the call, the logger's name, the level, the
+# event, and its fields (the call's over the bound context's).
+Line = tuple[float, str, int, str, Mapping[str, object]]
+
+
+def as_record(line: Line) -> logging.LogRecord:
+    """The record ``logger.log(level, event, extra=fields)`` would have made at the call,
+    with the bound context stamped on it (``ContextQueueHandler.prepare``): the same line
+    in either format. Made on the listener's thread, by attribute, not by ``LogRecord``'s
+    constructor, which reads the clock and looks up names no format of ours writes."""
+    created, name, level, event, fields = line
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    attrs = record.__dict__
+    attrs.update(fields)
+    attrs.update(
+        name=name, msg=event, args=None, levelname=logging.getLevelName(level), levelno=level,
+        pathname="(unknown file)", filename="(unknown file)", module="(unknown file)",
+        exc_info=None, exc_text=None, stack_info=None, lineno=0, funcName="(unknown function)",
+        created=created, msecs=int((created - int(created)) * 1000) + 0.0,
+        relativeCreated=(created - _LOGGING_STARTED) * 1000,
+        thread=None, threadName=None, processName=None, process=None,
+    )  # fmt: skip
+    return record
+
+
+def log_line(logger: logging.Logger, level: int, event: str, fields: Mapping[str, object]) -> None:
+    """``logger.log(level, event, extra=fields)``, for a line per request: the same line,
+    but the caller's thread (the event loop) only reads the clock and the bound context and
+    queues a tuple; the record is made on the listener's thread. ``event`` takes no
+    arguments and ``fields`` hold plain values (str, int, float, None), formatted later.
+
+    Whenever the line would not go to the pipeline's handler alone (no pipeline, a handler
+    or filter elsewhere on the way, as pytest's capture adds), it is logged as usual."""
+    if not logger.isEnabledFor(level):
+        return
+    pipeline = _active
+    if pipeline is None or not pipeline.takes(logger, level):
+        logger.log(level, event, extra=dict(fields))
+        return
+    context = _CONTEXT.get()
+    pipeline.handler.put_line(
+        (time.time(), logger.name, level, event, {**context, **fields} if context else fields)
+    )
 
 
 class _Clock:
@@ -305,6 +366,13 @@ class BatchWriter(logging.Handler):
             self.stream.flush()
 
 
+class _Listener(QueueListener):
+    """The listener thread; it makes the record of a ``log_line`` (``as_record``)."""
+
+    def prepare(self, record: logging.LogRecord | Line) -> logging.LogRecord:
+        return as_record(record) if isinstance(record, tuple) else record
+
+
 class LogPipeline:
     """The root logger's queue handler and the listener thread that writes its lines."""
 
@@ -318,11 +386,25 @@ class LogPipeline:
                                  else TextFormatter())  # fmt: skip
         self.pending = pending
         self.handler = ContextQueueHandler(pending, self.writer, max_queued)
-        self.listener = QueueListener(pending, self.writer)
+        self.listener = _Listener(pending, self.writer)
         self.level = level.upper()
         self._lock = threading.Lock()
         self._stopped = False
         self._undo: list[Callable[[], object]] = []
+
+    def takes(self, logger: logging.Logger, level: int) -> bool:
+        """Would a line of ``logger`` at ``level`` reach this pipeline's handler, and only
+        it, with no filter on the way (``log_line``'s condition for its short cut)?"""
+        node: logging.Logger | None = logger
+        root = logging.root
+        while node is not root:
+            if node is None or node.handlers or node.filters or not node.propagate:
+                return False
+            node = node.parent
+        handlers = root.handlers
+        handler = self.handler
+        return (len(handlers) == 1 and handlers[0] is handler and not root.filters
+                and not handler.filters and level >= handler.level)  # fmt: skip
 
     def start(self) -> None:
         """Put the handler on the root logger, start the thread, and make sure it is
@@ -353,7 +435,7 @@ class LogPipeline:
         self.handler.direct = True
         while True:  # anything queued between the listener's last read and `direct`
             try:
-                self.writer.handle(self.pending.get_nowait())
+                self.writer.handle(self.listener.prepare(self.pending.get_nowait()))
             except queue.Empty:
                 break
         self.writer.flush()

@@ -152,6 +152,80 @@ def test_formatting_happens_on_the_listener_thread_not_the_callers(
     assert seen == [listener]
 
 
+@pytest.mark.parametrize("pipeline", [LogFormat.JSON, LogFormat.TEXT], indirect=True)
+def test_log_line_writes_the_line_logger_log_writes(
+    pipeline: tuple[LogPipeline, Lines], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, stream = pipeline
+    logging.getLogger().handlers[:] = [started.handler]  # as in a served process
+    monkeypatch.setattr(time, "time", lambda: 1764700000.0421)  # both lines at one instant
+    fields = {
+        "task_id": "t-1",
+        "lane": "default",
+        "path": "/x\ny",
+        "http_status": 404,
+        "duration_ms": 1.5,
+        "smtp_reply": "550 no ***@example.com",
+        "attempt": None,
+    }
+    token = bind(request_id="r-1", worker_id="w-1", lane="bound")
+    try:
+        for level in (logging.INFO, logging.WARNING):
+            log.log(level, "accepted user@example.com", extra=fields)
+            logs.log_line(log, level, "accepted user@example.com", fields)
+    finally:
+        unbind(token)
+    started.stop()
+
+    lines = stream.lines()
+    assert len(lines) == 4
+    assert lines[0] == lines[1]
+    assert lines[2] == lines[3]
+    for part in ("***@example.com", "r-1", "default"):
+        assert part in lines[0]
+
+
+def test_log_line_makes_its_record_on_the_listener_thread(
+    pipeline: tuple[LogPipeline, Lines], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, _ = pipeline
+    logging.getLogger().handlers[:] = [started.handler]
+    listener = started.listener._thread.name  # type: ignore[union-attr]
+    made_on: list[str] = []
+    as_record = logs.as_record
+
+    def traced(line: logs.Line) -> logging.LogRecord:
+        made_on.append(threading.current_thread().name)
+        return as_record(line)
+
+    monkeypatch.setattr(logs, "as_record", traced)
+    logs.log_line(log, logging.INFO, "accepted", {"task_id": "t-1"})
+    logs.log_line(log, logging.DEBUG - 1, "below the level", {})
+
+    [line] = _json(pipeline)
+    assert (line["event"], line["task_id"]) == ("accepted", "t-1")
+    assert made_on == [listener]
+
+
+def test_log_line_goes_the_usual_way_to_any_other_handler(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    started, _ = pipeline
+    seen: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger().handlers[:] = [started.handler]
+    log.addHandler(other)  # as a test's capture handler would be
+    try:
+        logs.log_line(log, logging.INFO, "accepted", {"task_id": "t-1"})
+    finally:
+        log.removeHandler(other)
+
+    [line] = _json(pipeline)
+    assert line["task_id"] == "t-1"
+    assert [(r.getMessage(), getattr(r, "task_id", None)) for r in seen] == [("accepted", "t-1")]
+
+
 def test_a_blocked_stream_never_blocks_a_log_call_and_loses_nothing(
     pipeline: tuple[LogPipeline, Lines],
 ) -> None:
