@@ -27,6 +27,7 @@ from server.errors import IdempotencyConflict
 from server.schemas import Accepted
 
 HEADER = "Idempotency-Key"
+HEADER_KEY = b"idempotency-key"  # HEADER as an ASGI scope lists it (server.deps.header)
 REPLAYED = "Idempotent-Replayed"
 ANONYMOUS = "anonymous"  # the key id while no API key identifies the caller
 MAX_KEY_CHARS = 256
