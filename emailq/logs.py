@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 from logging.handlers import QueueHandler, QueueListener
 from types import FrameType, MappingProxyType, TracebackType
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from emailq.settings import LogFormat
 
@@ -249,6 +249,20 @@ class _Clock:
 
 # One encoder for every line: json.dumps builds a new one for each call given options.
 _JSON = json.JSONEncoder(separators=(",", ":"), default=str)
+# What _JSON writes a str with (ensure_ascii): json's own function, so the text is the same.
+_QUOTED: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_FIELD_KEYS = {name: f',"{name}":' for name in FIELDS}
+
+
+def _json_value(value: object) -> str:
+    """``value`` as ``_JSON`` writes it: a str or an int at once, anything else (a float
+    that may be NaN, a bool, an enum, a list) by ``_JSON`` itself."""
+    kind = type(value)
+    if kind is str:
+        return _QUOTED(cast("str", value))
+    if kind is int:
+        return int.__repr__(cast("int", value))
+    return _JSON.encode(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -260,21 +274,23 @@ class JsonFormatter(logging.Formatter):
         self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
+        # Written piece by piece, as _JSON would write the object {time, level, logger,
+        # event, fields..., exc}: building a dict and an encoder for it was most of a
+        # line's cost, on a thread that shares the interpreter with the event loop.
         attrs = record.__dict__
-        line: dict[str, object] = {
-            "time": self._clock(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": scrub(record.getMessage()),
-        }
+        parts = ['{"time":"', self._clock(record), '","level":',
+                 _json_value(record.levelname.lower()), ',"logger":', _json_value(record.name),
+                 ',"event":', _json_value(scrub(record.getMessage()))]  # fmt: skip
         for name in FIELDS:
             value = attrs.get(name)
             if value is not None and value != "-":
-                line[name] = scrub(value) if isinstance(value, str) else value
+                parts += (_FIELD_KEYS[name], _json_value(scrub(value) if isinstance(value, str)
+                                                         else value))  # fmt: skip
         trace = _trace(self, record)
         if trace:
-            line["exc"] = scrub(trace)
-        return _JSON.encode(line)
+            parts += (',"exc":', _json_value(scrub(trace)))
+        parts.append("}")
+        return "".join(parts)
 
 
 class TextFormatter(logging.Formatter):

@@ -13,13 +13,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from emailq import logs
 from emailq.logs import LogPipeline, bind, configure_logging, resolve_format, unbind
+from emailq.models import Priority
 from emailq.settings import LogFormat, Settings
 from emailq.startup import describe
 from tests.helpers.logs import RFC3339_MS
@@ -213,7 +217,7 @@ def test_log_line_goes_the_usual_way_to_any_other_handler(
     started, _ = pipeline
     seen: list[logging.LogRecord] = []
     other = logging.Handler()
-    other.emit = seen.append  # type: ignore[method-assign]
+    other.emit = seen.append  # type: ignore[method-assign,assignment]
     logging.getLogger().handlers[:] = [started.handler]
     log.addHandler(other)  # as a test's capture handler would be
     try:
@@ -224,6 +228,42 @@ def test_log_line_goes_the_usual_way_to_any_other_handler(
     [line] = _json(pipeline)
     assert line["task_id"] == "t-1"
     assert [(r.getMessage(), getattr(r, "task_id", None)) for r in seen] == [("accepted", "t-1")]
+
+
+def _json_as_a_dict_was(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """The JSON line as the formatter wrote it before it was written piece by piece."""
+    line: dict[str, object] = {
+        "time": formatter._clock(record),  # type: ignore[attr-defined]
+        "level": record.levelname.lower(), "logger": record.name,
+        "event": logs.scrub(record.getMessage()),
+    }  # fmt: skip
+    for name in logs.FIELDS:
+        value = record.__dict__.get(name)
+        if value is not None and value != "-":
+            line[name] = logs.scrub(value) if isinstance(value, str) else value
+    if record.exc_text:
+        line["exc"] = logs.scrub(record.exc_text)
+    return json.dumps(line, separators=(",", ":"), default=str)
+
+
+_VALUES = st.one_of(
+    st.none(), st.text(), st.integers(), st.floats(), st.booleans(), st.just("-"),
+    st.sampled_from(list(Priority)), st.sampled_from(list(HTTPStatus)), st.lists(st.text()),
+)  # fmt: skip
+
+
+@given(
+    event=st.text(), name=st.text(min_size=1), level=st.sampled_from([10, 20, 30, 40, 35]),
+    fields=st.dictionaries(st.sampled_from(logs.FIELDS), _VALUES), exc=st.none() | st.text(),
+)  # fmt: skip
+def test_a_json_line_is_what_the_json_encoder_writes_for_it(
+    event: str, name: str, level: int, fields: dict[str, object], exc: str | None
+) -> None:
+    record = logs.as_record((1764700000.0421, name, level, event, fields))
+    record.exc_text = exc
+    formatter = logs.JsonFormatter()
+
+    assert formatter.format(record) == _json_as_a_dict_was(formatter, record)
 
 
 def test_a_blocked_stream_never_blocks_a_log_call_and_loses_nothing(
