@@ -125,7 +125,7 @@ class ContextQueueHandler(QueueHandler):
     every record at the call and copies it."""
 
     def __init__(
-        self, q: queue.SimpleQueue[Any], writer: logging.Handler, max_queued: int = MAX_QUEUED
+        self, q: queue.SimpleQueue[Any], writer: BatchWriter, max_queued: int = MAX_QUEUED
     ) -> None:
         super().__init__(q)
         self.pending = q
@@ -145,10 +145,10 @@ class ContextQueueHandler(QueueHandler):
             self.handleError(record)
 
     def put_line(self, line: Line) -> None:
-        """Queue a ``log_line`` as it is: the listener makes its record (``as_record``)."""
+        """Queue a ``log_line`` as it is: the listener formats it (``BatchWriter.emit_line``)."""
         with self.lock:  # type: ignore[union-attr]  # createLock made it; emit's lock too
             if self.direct:
-                self.writer.handle(as_record(line))
+                self.writer.emit_line(line)
             else:
                 self._put(line)
 
@@ -240,11 +240,16 @@ class _Clock:
         self._prefix = ""
 
     def __call__(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+        return self.at(record.created)
+
+    def at(self, created: float) -> str:
+        """The time ``created`` (epoch seconds) as a record made then shows it."""
+        second = int(created)
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._prefix}.{int(record.msecs):03d}Z"
+        # LogRecord.msecs, as int(): int((created - int(created)) * 1000)
+        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
 
 
 # One encoder for every line: json.dumps builds a new one for each call given options.
@@ -252,6 +257,7 @@ _JSON = json.JSONEncoder(separators=(",", ":"), default=str)
 # What _JSON writes a str with (ensure_ascii): json's own function, so the text is the same.
 _QUOTED: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _FIELD_KEYS = {name: f',"{name}":' for name in FIELDS}
+MAX_HEADS = 1024  # (level, logger, event) triples whose JSON a formatter keeps
 
 
 def _json_value(value: object) -> str:
@@ -272,6 +278,7 @@ class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._clock = _Clock()
+        self._heads: dict[tuple[int, str, str], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         # Written piece by piece, as _JSON would write the object {time, level, logger,
@@ -291,6 +298,31 @@ class JsonFormatter(logging.Formatter):
             parts += (',"exc":', _json_value(scrub(trace)))
         parts.append("}")
         return "".join(parts)
+
+    def format_line(self, line: Line) -> str:
+        """What ``format(as_record(line))`` writes, without the record: a ``log_line``."""
+        created, name, level, event, fields = line
+        head = self._heads.get((level, name, event))
+        if head is None:
+            head = self._head(level, name, event)
+        parts = ['{"time":"', self._clock.at(created), head]
+        for key in FIELDS:
+            value = fields.get(key)
+            if value is not None and value != "-":
+                parts += (_FIELD_KEYS[key], _json_value(scrub(value) if isinstance(value, str)
+                                                        else value))  # fmt: skip
+        parts.append("}")
+        return "".join(parts)
+
+    def _head(self, level: int, name: str, event: str) -> str:
+        # A log_line's event is a constant of the code that logs it: a few, made once each.
+        if len(self._heads) >= MAX_HEADS:
+            self._heads.clear()
+        head = self._heads[level, name, event] = (
+            f'","level":{_json_value(logging.getLevelName(level).lower())},"logger":'
+            f'{_json_value(name)},"event":{_json_value(scrub(str(event)))}'
+        )
+        return head
 
 
 class TextFormatter(logging.Formatter):
@@ -351,19 +383,36 @@ class BatchWriter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.append(self.format(record))
-            caught_up = self._queue.empty()
-            if caught_up or len(self._lines) >= MAX_BATCH:
-                busy = len(self._lines) >= BUSY_LINES
-                self._write()
-                if caught_up and self.linger:
-                    # Let lines gather before the next read: a thread woken for every line
-                    # takes the GIL from the event loop once per line, and each hand-over
-                    # costs the loop more than the line's format. Only once caught up: a
-                    # full batch is followed by the next at once, however many wait.
-                    time.sleep(max(self.linger, BUSY_LINGER_SECONDS) if busy else self.linger)
+            self._add(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def emit_line(self, line: Line) -> None:
+        """``handle(as_record(line))``; in JSON, formatted with no record made at all."""
+        formatter = self.formatter
+        if not isinstance(formatter, JsonFormatter):
+            self.handle(as_record(line))
+            return
+        self.acquire()
+        try:
+            self._add(formatter.format_line(line))
+        except Exception:
+            self.handleError(as_record(line))
+        finally:
+            self.release()
+
+    def _add(self, text: str) -> None:
+        self._lines.append(text)
+        caught_up = self._queue.empty()
+        if caught_up or len(self._lines) >= MAX_BATCH:
+            busy = len(self._lines) >= BUSY_LINES
+            self._write()
+            if caught_up and self.linger:
+                # Let lines gather before the next read: a thread woken for every line
+                # takes the GIL from the event loop once per line, and each hand-over
+                # costs the loop more than the line's format. Only once caught up: a
+                # full batch is followed by the next at once, however many wait.
+                time.sleep(max(self.linger, BUSY_LINGER_SECONDS) if busy else self.linger)
 
     def flush(self) -> None:
         self.acquire()
@@ -383,10 +432,17 @@ class BatchWriter(logging.Handler):
 
 
 class _Listener(QueueListener):
-    """The listener thread; it makes the record of a ``log_line`` (``as_record``)."""
+    """The listener thread; it hands a ``log_line`` to the writer as it is."""
 
-    def prepare(self, record: logging.LogRecord | Line) -> logging.LogRecord:
-        return as_record(record) if isinstance(record, tuple) else record
+    def __init__(self, pending: queue.SimpleQueue[Any], writer: BatchWriter) -> None:
+        super().__init__(pending, writer)
+        self.writer = writer
+
+    def handle(self, record: logging.LogRecord | Line) -> None:
+        if isinstance(record, tuple):
+            self.writer.emit_line(record)
+        else:
+            super().handle(record)
 
 
 class LogPipeline:
@@ -451,7 +507,7 @@ class LogPipeline:
         self.handler.direct = True
         while True:  # anything queued between the listener's last read and `direct`
             try:
-                self.writer.handle(self.listener.prepare(self.pending.get_nowait()))
+                self.listener.handle(self.pending.get_nowait())
             except queue.Empty:
                 break
         self.writer.flush()

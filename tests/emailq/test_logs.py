@@ -189,26 +189,29 @@ def test_log_line_writes_the_line_logger_log_writes(
         assert part in lines[0]
 
 
-def test_log_line_makes_its_record_on_the_listener_thread(
+@pytest.mark.parametrize("pipeline", [LogFormat.JSON, LogFormat.TEXT], indirect=True)
+def test_log_line_is_formatted_on_the_listener_thread(
     pipeline: tuple[LogPipeline, Lines], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started, _ = pipeline
+    started, stream = pipeline
     logging.getLogger().handlers[:] = [started.handler]
     listener = started.listener._thread.name  # type: ignore[union-attr]
-    made_on: list[str] = []
-    as_record = logs.as_record
+    formatted_on: list[str] = []
+    emit_line = logs.BatchWriter.emit_line
 
-    def traced(line: logs.Line) -> logging.LogRecord:
-        made_on.append(threading.current_thread().name)
-        return as_record(line)
+    def traced(self: logs.BatchWriter, line: logs.Line) -> None:
+        formatted_on.append(threading.current_thread().name)
+        emit_line(self, line)
 
-    monkeypatch.setattr(logs, "as_record", traced)
+    monkeypatch.setattr(logs.BatchWriter, "emit_line", traced)
     logs.log_line(log, logging.INFO, "accepted", {"task_id": "t-1"})
     logs.log_line(log, logging.DEBUG - 1, "below the level", {})
+    started.stop()
 
-    [line] = _json(pipeline)
-    assert (line["event"], line["task_id"]) == ("accepted", "t-1")
-    assert made_on == [listener]
+    [line] = stream.lines()
+    assert "accepted" in line
+    assert "t-1" in line
+    assert formatted_on == [listener]
 
 
 def test_log_line_goes_the_usual_way_to_any_other_handler(
@@ -255,13 +258,17 @@ _VALUES = st.one_of(
 @given(
     event=st.text(), name=st.text(min_size=1), level=st.sampled_from([10, 20, 30, 40, 35]),
     fields=st.dictionaries(st.sampled_from(logs.FIELDS), _VALUES), exc=st.none() | st.text(),
+    created=st.floats(min_value=0, max_value=4e9),
 )  # fmt: skip
 def test_a_json_line_is_what_the_json_encoder_writes_for_it(
-    event: str, name: str, level: int, fields: dict[str, object], exc: str | None
+    event: str, name: str, level: int, fields: dict[str, object], exc: str | None, created: float
 ) -> None:
-    record = logs.as_record((1764700000.0421, name, level, event, fields))
-    record.exc_text = exc
+    line = (created, name, level, event, fields)
+    record = logs.as_record(line)
     formatter = logs.JsonFormatter()
+    if exc is None:  # a log_line carries no traceback
+        assert formatter.format_line(line) == _json_as_a_dict_was(formatter, record)
+    record.exc_text = exc
 
     assert formatter.format(record) == _json_as_a_dict_was(formatter, record)
 
