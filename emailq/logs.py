@@ -4,7 +4,9 @@ A log call on the event loop only builds the record, stamps it with the context 
 request or task it belongs to, and puts it on a queue (``ContextQueueHandler``). One
 thread (a ``QueueListener``) formats the records and writes them, many lines per write
 when they come faster than one at a time. So a line per accepted mail costs the loop a
-record and a queue put, never a format, an encode or a blocking write to a slow pipe.
+record and a queue put, never a format, an encode or a blocking write to a slow pipe. A
+line per request (the API's "accepted") goes by ``log_line``, which queues only a tuple:
+the record too is made on the listener's thread.
 
 Every line says which request and which task it is about: ``request_id``, ``task_id``,
 ``worker_id``, ``lane``, ``attempt``, ``smtp_code``, ``duration_ms``... (``FIELDS``),
@@ -41,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 from logging.handlers import QueueHandler, QueueListener
 from types import FrameType, MappingProxyType, TracebackType
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from emailq.settings import LogFormat
 
@@ -123,7 +125,7 @@ class ContextQueueHandler(QueueHandler):
     every record at the call and copies it."""
 
     def __init__(
-        self, q: queue.SimpleQueue[Any], writer: logging.Handler, max_queued: int = MAX_QUEUED
+        self, q: queue.SimpleQueue[Any], writer: BatchWriter, max_queued: int = MAX_QUEUED
     ) -> None:
         super().__init__(q)
         self.pending = q
@@ -137,14 +139,26 @@ class ContextQueueHandler(QueueHandler):
         try:
             if self.direct:
                 self.writer.handle(self.prepare(record))
-            elif self.pending.qsize() >= self.max_queued:
-                self.dropped += 1
             else:
-                if self.dropped:
-                    self.pending.put_nowait(self._dropped_line())
-                self.pending.put_nowait(self.prepare(record))
+                self._put(record)
         except Exception:
             self.handleError(record)
+
+    def put_line(self, line: Line) -> None:
+        """Queue a ``log_line`` as it is: the listener formats it (``BatchWriter.emit_line``)."""
+        with self.lock:  # type: ignore[union-attr]  # createLock made it; emit's lock too
+            if self.direct:
+                self.writer.emit_line(line)
+            else:
+                self._put(line)
+
+    def _put(self, item: logging.LogRecord | Line) -> None:
+        if self.pending.qsize() >= self.max_queued:
+            self.dropped += 1
+            return
+        if self.dropped:
+            self.pending.put_nowait(self._dropped_line())
+        self.pending.put_nowait(self.prepare(item) if isinstance(item, logging.LogRecord) else item)
 
     def _dropped_line(self) -> logging.LogRecord:
         line = logging.makeLogRecord({
@@ -170,6 +184,53 @@ class ContextQueueHandler(QueueHandler):
 
 _EXC_FORMATTER = logging.Formatter()
 
+# What a record's relativeCreated counts from (logging's own, private, start time).
+_LOGGING_STARTED: float = vars(logging)["_startTime"]
+
+# A line of ``log_line``, as queued: the time of the call, the logger's name, the level, the
+# event, and its fields (the call's over the bound context's).
+Line = tuple[float, str, int, str, Mapping[str, object]]
+
+
+def as_record(line: Line) -> logging.LogRecord:
+    """The record ``logger.log(level, event, extra=fields)`` would have made at the call,
+    with the bound context stamped on it (``ContextQueueHandler.prepare``): the same line
+    in either format. Made on the listener's thread, by attribute, not by ``LogRecord``'s
+    constructor, which reads the clock and looks up names no format of ours writes."""
+    created, name, level, event, fields = line
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    attrs = record.__dict__
+    attrs.update(fields)
+    attrs.update(
+        name=name, msg=event, args=None, levelname=logging.getLevelName(level), levelno=level,
+        pathname="(unknown file)", filename="(unknown file)", module="(unknown file)",
+        exc_info=None, exc_text=None, stack_info=None, lineno=0, funcName="(unknown function)",
+        created=created, msecs=int((created - int(created)) * 1000) + 0.0,
+        relativeCreated=(created - _LOGGING_STARTED) * 1000,
+        thread=None, threadName=None, processName=None, process=None,
+    )  # fmt: skip
+    return record
+
+
+def log_line(logger: logging.Logger, level: int, event: str, fields: Mapping[str, object]) -> None:
+    """``logger.log(level, event, extra=fields)``, for a line per request: the same line,
+    but the caller's thread (the event loop) only reads the clock and the bound context and
+    queues a tuple; the record is made on the listener's thread. ``event`` takes no
+    arguments and ``fields`` hold plain values (str, int, float, None), formatted later.
+
+    Whenever the line would not go to the pipeline's handler alone (no pipeline, a handler
+    or filter elsewhere on the way, as pytest's capture adds), it is logged as usual."""
+    if not logger.isEnabledFor(level):
+        return
+    pipeline = _active
+    if pipeline is None or not pipeline.takes(logger, level):
+        logger.log(level, event, extra=dict(fields))
+        return
+    context = _CONTEXT.get()
+    pipeline.handler.put_line(
+        (time.time(), logger.name, level, event, {**context, **fields} if context else fields)
+    )
+
 
 class _Clock:
     """RFC 3339 UTC with milliseconds; the part up to the second is made once a second."""
@@ -179,15 +240,35 @@ class _Clock:
         self._prefix = ""
 
     def __call__(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+        return self.at(record.created)
+
+    def at(self, created: float) -> str:
+        """The time ``created`` (epoch seconds) as a record made then shows it."""
+        second = int(created)
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._prefix}.{int(record.msecs):03d}Z"
+        # LogRecord.msecs, as int(): int((created - int(created)) * 1000)
+        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
 
 
 # One encoder for every line: json.dumps builds a new one for each call given options.
 _JSON = json.JSONEncoder(separators=(",", ":"), default=str)
+# What _JSON writes a str with (ensure_ascii): json's own function, so the text is the same.
+_QUOTED: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_FIELD_KEYS = {name: f',"{name}":' for name in FIELDS}
+MAX_HEADS = 1024  # (level, logger, event) triples whose JSON a formatter keeps
+
+
+def _json_value(value: object) -> str:
+    """``value`` as ``_JSON`` writes it: a str or an int at once, anything else (a float
+    that may be NaN, a bool, an enum, a list) by ``_JSON`` itself."""
+    kind = type(value)
+    if kind is str:
+        return _QUOTED(cast("str", value))
+    if kind is int:
+        return int.__repr__(cast("int", value))
+    return _JSON.encode(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -197,23 +278,51 @@ class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._clock = _Clock()
+        self._heads: dict[tuple[int, str, str], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
+        # Written piece by piece, as _JSON would write the object {time, level, logger,
+        # event, fields..., exc}: building a dict and an encoder for it was most of a
+        # line's cost, on a thread that shares the interpreter with the event loop.
         attrs = record.__dict__
-        line: dict[str, object] = {
-            "time": self._clock(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": scrub(record.getMessage()),
-        }
+        parts = ['{"time":"', self._clock(record), '","level":',
+                 _json_value(record.levelname.lower()), ',"logger":', _json_value(record.name),
+                 ',"event":', _json_value(scrub(record.getMessage()))]  # fmt: skip
         for name in FIELDS:
             value = attrs.get(name)
             if value is not None and value != "-":
-                line[name] = scrub(value) if isinstance(value, str) else value
+                parts += (_FIELD_KEYS[name], _json_value(scrub(value) if isinstance(value, str)
+                                                         else value))  # fmt: skip
         trace = _trace(self, record)
         if trace:
-            line["exc"] = scrub(trace)
-        return _JSON.encode(line)
+            parts += (',"exc":', _json_value(scrub(trace)))
+        parts.append("}")
+        return "".join(parts)
+
+    def format_line(self, line: Line) -> str:
+        """What ``format(as_record(line))`` writes, without the record: a ``log_line``."""
+        created, name, level, event, fields = line
+        head = self._heads.get((level, name, event))
+        if head is None:
+            head = self._head(level, name, event)
+        parts = ['{"time":"', self._clock.at(created), head]
+        for key in FIELDS:
+            value = fields.get(key)
+            if value is not None and value != "-":
+                parts += (_FIELD_KEYS[key], _json_value(scrub(value) if isinstance(value, str)
+                                                        else value))  # fmt: skip
+        parts.append("}")
+        return "".join(parts)
+
+    def _head(self, level: int, name: str, event: str) -> str:
+        # A log_line's event is a constant of the code that logs it: a few, made once each.
+        if len(self._heads) >= MAX_HEADS:
+            self._heads.clear()
+        head = self._heads[level, name, event] = (
+            f'","level":{_json_value(logging.getLevelName(level).lower())},"logger":'
+            f'{_json_value(name)},"event":{_json_value(scrub(str(event)))}'
+        )
+        return head
 
 
 class TextFormatter(logging.Formatter):
@@ -274,19 +383,36 @@ class BatchWriter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.append(self.format(record))
-            caught_up = self._queue.empty()
-            if caught_up or len(self._lines) >= MAX_BATCH:
-                busy = len(self._lines) >= BUSY_LINES
-                self._write()
-                if caught_up and self.linger:
-                    # Let lines gather before the next read: a thread woken for every line
-                    # takes the GIL from the event loop once per line, and each hand-over
-                    # costs the loop more than the line's format. Only once caught up: a
-                    # full batch is followed by the next at once, however many wait.
-                    time.sleep(max(self.linger, BUSY_LINGER_SECONDS) if busy else self.linger)
+            self._add(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def emit_line(self, line: Line) -> None:
+        """``handle(as_record(line))``; in JSON, formatted with no record made at all."""
+        formatter = self.formatter
+        if not isinstance(formatter, JsonFormatter):
+            self.handle(as_record(line))
+            return
+        self.acquire()
+        try:
+            self._add(formatter.format_line(line))
+        except Exception:
+            self.handleError(as_record(line))
+        finally:
+            self.release()
+
+    def _add(self, text: str) -> None:
+        self._lines.append(text)
+        caught_up = self._queue.empty()
+        if caught_up or len(self._lines) >= MAX_BATCH:
+            busy = len(self._lines) >= BUSY_LINES
+            self._write()
+            if caught_up and self.linger:
+                # Let lines gather before the next read: a thread woken for every line
+                # takes the GIL from the event loop once per line, and each hand-over
+                # costs the loop more than the line's format. Only once caught up: a
+                # full batch is followed by the next at once, however many wait.
+                time.sleep(max(self.linger, BUSY_LINGER_SECONDS) if busy else self.linger)
 
     def flush(self) -> None:
         self.acquire()
@@ -305,6 +431,20 @@ class BatchWriter(logging.Handler):
             self.stream.flush()
 
 
+class _Listener(QueueListener):
+    """The listener thread; it hands a ``log_line`` to the writer as it is."""
+
+    def __init__(self, pending: queue.SimpleQueue[Any], writer: BatchWriter) -> None:
+        super().__init__(pending, writer)
+        self.writer = writer
+
+    def handle(self, record: logging.LogRecord | Line) -> None:
+        if isinstance(record, tuple):
+            self.writer.emit_line(record)
+        else:
+            super().handle(record)
+
+
 class LogPipeline:
     """The root logger's queue handler and the listener thread that writes its lines."""
 
@@ -318,11 +458,25 @@ class LogPipeline:
                                  else TextFormatter())  # fmt: skip
         self.pending = pending
         self.handler = ContextQueueHandler(pending, self.writer, max_queued)
-        self.listener = QueueListener(pending, self.writer)
+        self.listener = _Listener(pending, self.writer)
         self.level = level.upper()
         self._lock = threading.Lock()
         self._stopped = False
         self._undo: list[Callable[[], object]] = []
+
+    def takes(self, logger: logging.Logger, level: int) -> bool:
+        """Would a line of ``logger`` at ``level`` reach this pipeline's handler, and only
+        it, with no filter on the way (``log_line``'s condition for its short cut)?"""
+        node: logging.Logger | None = logger
+        root = logging.root
+        while node is not root:
+            if node is None or node.handlers or node.filters or not node.propagate:
+                return False
+            node = node.parent
+        handlers = root.handlers
+        handler = self.handler
+        return (len(handlers) == 1 and handlers[0] is handler and not root.filters
+                and not handler.filters and level >= handler.level)  # fmt: skip
 
     def start(self) -> None:
         """Put the handler on the root logger, start the thread, and make sure it is
@@ -353,7 +507,7 @@ class LogPipeline:
         self.handler.direct = True
         while True:  # anything queued between the listener's last read and `direct`
             try:
-                self.writer.handle(self.pending.get_nowait())
+                self.listener.handle(self.pending.get_nowait())
             except queue.Empty:
                 break
         self.writer.flush()

@@ -30,7 +30,7 @@ from emailq.netlists import split_list
 from emailq.queue import Queue
 from emailq.settings import Settings
 from server.clientaddr import arrived_through_proxy, client_address, client_key
-from server.deps import SettingsDep, queue_of, settings_of
+from server.deps import SettingsDep, header, queue_of, settings_of
 
 log = logging.getLogger("emailq.api")
 
@@ -124,12 +124,13 @@ def _same_origin(origin: str, scheme: str, host: str) -> bool:
 def _cross_origin(request: Request, settings: Settings) -> bool:
     """Sent by a page of another origin? Browsers send ``Origin`` on every POST and on
     cross-origin requests, and ``Sec-Fetch-Site`` on everything; curl sends neither."""
-    origin = request.headers.get("Origin")
+    origin = header(request, b"origin")
     if origin is not None:
         listed = origin in split_list(settings.cors_origins)  # the operator allowed that page
-        served = _same_origin(origin, request.url.scheme, request.headers.get("Host", ""))
+        served = _same_origin(origin, request.url.scheme, header(request, b"host") or "")
         return not (listed or served)
-    return request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin")
+    site = header(request, b"sec-fetch-site")
+    return site is not None and site not in ("none", "same-origin")
 
 
 def local_refusal(request: Request, settings: Settings) -> str | None:
@@ -140,7 +141,7 @@ def local_refusal(request: Request, settings: Settings) -> str | None:
     # Behind a TRUSTED_PROXIES proxy on loopback, the forwarded client decides, not the proxy.
     if not is_loopback(client_address(request)):
         return "only clients on this machine are served while API_KEYS is unset"
-    if not is_local_host(request.headers.get("Host")):
+    if not is_local_host(header(request, b"host")):
         return "the Host header must name this machine (localhost) while API_KEYS is unset"
     if _cross_origin(request, settings):
         return "cross-origin requests are refused while API_KEYS is unset"

@@ -19,6 +19,7 @@ from typing import Annotated
 from fastapi import Header, Request, Response
 
 from emailq.coalesce import EnqueueCoalescer
+from emailq.logs import log_line
 from emailq.queue import EnqueueItem, Idempotency, Queue
 from server.clientaddr import client_address
 from server.deps import metrics_of
@@ -26,6 +27,7 @@ from server.errors import IdempotencyConflict
 from server.schemas import Accepted
 
 HEADER = "Idempotency-Key"
+HEADER_KEY = b"idempotency-key"  # HEADER as an ASGI scope lists it (server.deps.header)
 REPLAYED = "Idempotent-Replayed"
 ANONYMOUS = "anonymous"  # the key id while no API key identifies the caller
 MAX_KEY_CHARS = 256
@@ -87,8 +89,8 @@ async def send_once(
     replay = await enqueuer.enqueue_once(item, once)
     if replay is None:
         metrics_of(request).accepted(item.lane)
-        log.info("accepted", extra={"request_id": item.request_id, "task_id": item.task_id,
-                                    "lane": item.lane})  # fmt: skip
+        fields = {"request_id": item.request_id, "task_id": item.task_id, "lane": item.lane}
+        log_line(log, logging.INFO, "accepted", fields)
         return Accepted(task_id=item.task_id)
     if not replay.same_request:
         raise IdempotencyConflict(f"this {HEADER} was used with a different request body")

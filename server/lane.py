@@ -12,9 +12,10 @@ declined request's body, if read, is handed on as it was read).
 
 What the router would have noted on the scope (``route``, ``endpoint``, ``path_params``:
 the metrics name a request by its route) is set the same way, and an exception raised on
-the lane is answered by the app's own exception handlers, looked up from the app on its
-first request, through Starlette's ``ExceptionMiddleware`` exactly as the app builds it.
-So a refusal after a side effect (503, 507, 409, 429 ...) answers exactly as before.
+the lane is answered by the app's own exception handlers, through Starlette's
+``ExceptionMiddleware`` exactly as the app builds it (made only once there is one to
+answer: an ordinary request, answered, pays for no guard it does not use). So a refusal
+after a side effect (503, 507, 409, 429 ...) answers exactly as before.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ class DirectLane:
     def __init__(self, app: ASGIApp, *, routes: Mapping[str, DirectRoute]) -> None:
         self.app = app
         self.routes = {path: route for path, route in routes.items() if route.serves_directly}
-        self._guarded: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # A root_path would change which path the router matches: leave that to it.
@@ -87,26 +87,34 @@ class DirectLane:
         scope["route"] = route
         scope["endpoint"] = route.endpoint
         scope["path_params"] = {}
-        guarded = self._guarded or self._guard(scope["app"])
-        await guarded(scope, receive, send)
-
-    def _guard(self, app: FastAPI) -> ASGIApp:
-        # Built on the first request, when every handler is registered, from the app's own
-        # table: the same split as FastAPI.build_middleware_stack makes.
-        handlers = {key: handler for key, handler in app.exception_handlers.items()
-                    if key not in _SERVER_ERROR_KEYS}  # fmt: skip
-        self._guarded = ExceptionMiddleware(self._serve, handlers=handlers, debug=app.debug)
-        return self._guarded
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         recorded = _Recorded(receive)
-        route: DirectRoute = scope["route"]
-        answer = await route.direct(Request(scope, recorded, send))
+        try:
+            answer = await route.direct(Request(scope, recorded, send))
+        except Exception as exc:
+            await self._answer_error(exc, scope, receive, send)
+            return
         if answer is None:
+            # The app answers it as it would have: its own exception middleware included.
             scope[DECLINED] = True
             await self.app(scope, recorded.replay(), send)
             return
         await answer(scope, receive, send)
+
+    async def _answer_error(
+        self, exc: Exception, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Answer ``exc`` as the app would: through Starlette's ``ExceptionMiddleware`` with
+        the app's handlers (one that has none escapes it, as it escapes the app). Made
+        only for a refusal: an answer sent needs no guard (nothing is raised after it)."""
+
+        async def reraise(scope: Scope, receive: Receive, send: Send) -> None:
+            raise exc
+
+        app: FastAPI = scope["app"]
+        # The same split as FastAPI.build_middleware_stack makes.
+        handlers = {key: handler for key, handler in app.exception_handlers.items()
+                    if key not in _SERVER_ERROR_KEYS}  # fmt: skip
+        await ExceptionMiddleware(reraise, handlers=handlers, debug=app.debug)(scope, receive, send)
 
 
 def direct_routes(prefix: str, *routers: APIRouter) -> dict[str, DirectRoute]:

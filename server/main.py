@@ -28,8 +28,7 @@ from server.cors import ApiCorsMiddleware
 from server.deps import attach_state
 from server.errors import install_error_handlers
 from server.lane import DirectLane, direct_routes
-from server.metrics import MetricsMiddleware
-from server.middleware import RequestContextMiddleware
+from server.middleware import RequestLayer
 from server.openapi import install_openapi
 from server.ratelimit import RateLimits
 from server.routes import (
@@ -108,19 +107,22 @@ def create_app(settings: Settings) -> FastAPI:
     )
     attach_state(app, state)
     # Innermost, added first: the send and batch routes' ordinary requests are answered here,
-    # inside the request context, metrics and size limit, before FastAPI's routing.
+    # inside the request layer (metrics, request context, size limit), before FastAPI's
+    # routing.
     app.add_middleware(DirectLane, routes=direct_routes(API_PREFIX, email.router, batch.router))
+    cors = None
+    if settings.cors_origins:
+        # Inside the metrics, outside the request context: preflights are answered before
+        # anything else runs, and counted.
+        cors = functools.partial(ApiCorsMiddleware, origins=split_list(settings.cors_origins),
+                                 prefix=API_PREFIX, exclude=[API_PREFIX + "/forms/"])  # fmt: skip
     app.add_middleware(
-        RequestContextMiddleware,
+        RequestLayer,
+        metrics=state.metrics,
         max_request_bytes=settings.max_request_bytes,
         path_limits={API_PREFIX + batch.BATCH_PATH: settings.max_batch_request_bytes},
+        cors=cors,
     )
-    if settings.cors_origins:
-        # Outside the request context, so preflights are answered before anything else runs.
-        app.add_middleware(ApiCorsMiddleware, origins=split_list(settings.cors_origins),
-                           prefix=API_PREFIX, exclude=[API_PREFIX + "/forms/"])  # fmt: skip
-    # Outermost, added last: it counts every answer, preflights and 404s included.
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     install_error_handlers(app)
     app.include_router(email.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)

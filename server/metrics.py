@@ -4,10 +4,10 @@
   apps built side by side, as the tests build them, never share one): requests by route
   template, method and status, latency per route, mails accepted by lane, and error answers
   by their ``error`` code.
-- ``MetricsMiddleware`` fills the request series: plain ASGI, outermost, so it sees every
-  answer (CORS preflights and 404s included). Each route's template and series are looked
-  up once, on its first request; after that a request costs two clock reads, a few dict
-  lookups and two increments.
+- ``ApiMetrics.answered`` fills the request series; the outermost layer
+  (``server.middleware.RequestLayer``) calls it for every answer (CORS preflights and 404s
+  included). Each route's template and series are looked up once, on its first request;
+  after that a request costs two clock reads, a few dict lookups and two increments.
 - ``ApiMetrics.render`` is what ``GET /metrics`` answers: the queue's gauges come from one
   ``Queue.gauges`` script call, awaited by the route *before* the text is rendered.
   prometheus_client's collectors are synchronous; a Redis call inside one would block the
@@ -20,7 +20,6 @@ invented method) would make a new series per request.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from emailq.errors import StoreUnavailable
 from emailq.models import LANES, QueueGauges
@@ -211,35 +210,3 @@ def queue_families(gauges: QueueGauges | None) -> Iterator[Metric]:
                  gauges.live_workers)  # fmt: skip
     yield _gauge("emailq_stored_bytes", "Job bytes of all mail waiting to be sent (what "
                  "MAX_STORED_BYTES limits)", gauges.stored_bytes)  # fmt: skip
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request into ``ApiMetrics`` (see the module doc)."""
-
-    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        except Exception:
-            # Escaped the app's handlers: Starlette's outermost layer answers it 500
-            # internal_error, unless an answer had started (the client saw that status).
-            if status == 0:
-                self.metrics.rejected(INTERNAL_ERROR)
-            self.metrics.answered(scope, status or 500, time.perf_counter() - started)
-            raise
-        self.metrics.answered(scope, status, time.perf_counter() - started)

@@ -14,9 +14,17 @@ from emailq.compose import EmailRequest
 from emailq.forms import OWNER_PREFIX
 from emailq.submit import prepare
 from server.auth import Principal, PrincipalDep, authenticate, local_refusal
-from server.deps import QueueDep, WaiterDep, enqueuer_of, request_id_of, settings_of, templates_of
+from server.deps import (
+    QueueDep,
+    WaiterDep,
+    enqueuer_of,
+    header,
+    request_id_of,
+    settings_of,
+    templates_of,
+)
 from server.direct import direct_route, json_model
-from server.idempotency import HEADER, IdempotencyKeyDep, send_once, valid_key
+from server.idempotency import HEADER_KEY, IdempotencyKeyDep, send_once, valid_key
 from server.openapi import errors
 from server.quota import quota_owner
 from server.ratelimit import check_key_rate
@@ -43,7 +51,7 @@ async def ordinary_send(request: Request, model: type[M]) -> tuple[Principal, M,
     """A send's caller, body and Idempotency-Key, resolved as FastAPI would (see
     server/direct.py), or None, before anything is counted, for a request FastAPI must
     judge. The batch resolves its request the same way."""
-    key = request.headers.get(HEADER)
+    key = header(request, HEADER_KEY)
     if key is not None and not valid_key(key):
         return None
     body = await json_model(request, model)

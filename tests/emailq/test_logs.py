@@ -13,13 +13,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from emailq import logs
 from emailq.logs import LogPipeline, bind, configure_logging, resolve_format, unbind
+from emailq.models import Priority
 from emailq.settings import LogFormat, Settings
 from emailq.startup import describe
 from tests.helpers.logs import RFC3339_MS
@@ -150,6 +154,123 @@ def test_formatting_happens_on_the_listener_thread_not_the_callers(
     [line] = _json(pipeline)
     assert line["event"] == "value traced"
     assert seen == [listener]
+
+
+@pytest.mark.parametrize("pipeline", [LogFormat.JSON, LogFormat.TEXT], indirect=True)
+def test_log_line_writes_the_line_logger_log_writes(
+    pipeline: tuple[LogPipeline, Lines], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, stream = pipeline
+    logging.getLogger().handlers[:] = [started.handler]  # as in a served process
+    monkeypatch.setattr(time, "time", lambda: 1764700000.0421)  # both lines at one instant
+    fields = {
+        "task_id": "t-1",
+        "lane": "default",
+        "path": "/x\ny",
+        "http_status": 404,
+        "duration_ms": 1.5,
+        "smtp_reply": "550 no ***@example.com",
+        "attempt": None,
+    }
+    token = bind(request_id="r-1", worker_id="w-1", lane="bound")
+    try:
+        for level in (logging.INFO, logging.WARNING):
+            log.log(level, "accepted user@example.com", extra=fields)
+            logs.log_line(log, level, "accepted user@example.com", fields)
+    finally:
+        unbind(token)
+    started.stop()
+
+    lines = stream.lines()
+    assert len(lines) == 4
+    assert lines[0] == lines[1]
+    assert lines[2] == lines[3]
+    for part in ("***@example.com", "r-1", "default"):
+        assert part in lines[0]
+
+
+@pytest.mark.parametrize("pipeline", [LogFormat.JSON, LogFormat.TEXT], indirect=True)
+def test_log_line_is_formatted_on_the_listener_thread(
+    pipeline: tuple[LogPipeline, Lines], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, stream = pipeline
+    logging.getLogger().handlers[:] = [started.handler]
+    listener = started.listener._thread.name  # type: ignore[union-attr]
+    formatted_on: list[str] = []
+    emit_line = logs.BatchWriter.emit_line
+
+    def traced(self: logs.BatchWriter, line: logs.Line) -> None:
+        formatted_on.append(threading.current_thread().name)
+        emit_line(self, line)
+
+    monkeypatch.setattr(logs.BatchWriter, "emit_line", traced)
+    logs.log_line(log, logging.INFO, "accepted", {"task_id": "t-1"})
+    logs.log_line(log, logging.DEBUG - 1, "below the level", {})
+    started.stop()
+
+    [line] = stream.lines()
+    assert "accepted" in line
+    assert "t-1" in line
+    assert formatted_on == [listener]
+
+
+def test_log_line_goes_the_usual_way_to_any_other_handler(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    started, _ = pipeline
+    seen: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = seen.append  # type: ignore[method-assign,assignment]
+    logging.getLogger().handlers[:] = [started.handler]
+    log.addHandler(other)  # as a test's capture handler would be
+    try:
+        logs.log_line(log, logging.INFO, "accepted", {"task_id": "t-1"})
+    finally:
+        log.removeHandler(other)
+
+    [line] = _json(pipeline)
+    assert line["task_id"] == "t-1"
+    assert [(r.getMessage(), getattr(r, "task_id", None)) for r in seen] == [("accepted", "t-1")]
+
+
+def _json_as_a_dict_was(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """The JSON line as the formatter wrote it before it was written piece by piece."""
+    line: dict[str, object] = {
+        "time": formatter._clock(record),  # type: ignore[attr-defined]
+        "level": record.levelname.lower(), "logger": record.name,
+        "event": logs.scrub(record.getMessage()),
+    }  # fmt: skip
+    for name in logs.FIELDS:
+        value = record.__dict__.get(name)
+        if value is not None and value != "-":
+            line[name] = logs.scrub(value) if isinstance(value, str) else value
+    if record.exc_text:
+        line["exc"] = logs.scrub(record.exc_text)
+    return json.dumps(line, separators=(",", ":"), default=str)
+
+
+_VALUES = st.one_of(
+    st.none(), st.text(), st.integers(), st.floats(), st.booleans(), st.just("-"),
+    st.sampled_from(list(Priority)), st.sampled_from(list(HTTPStatus)), st.lists(st.text()),
+)  # fmt: skip
+
+
+@given(
+    event=st.text(), name=st.text(min_size=1), level=st.sampled_from([10, 20, 30, 40, 35]),
+    fields=st.dictionaries(st.sampled_from(logs.FIELDS), _VALUES), exc=st.none() | st.text(),
+    created=st.floats(min_value=0, max_value=4e9),
+)  # fmt: skip
+def test_a_json_line_is_what_the_json_encoder_writes_for_it(
+    event: str, name: str, level: int, fields: dict[str, object], exc: str | None, created: float
+) -> None:
+    line = (created, name, level, event, fields)
+    record = logs.as_record(line)
+    formatter = logs.JsonFormatter()
+    if exc is None:  # a log_line carries no traceback
+        assert formatter.format_line(line) == _json_as_a_dict_was(formatter, record)
+    record.exc_text = exc
+
+    assert formatter.format(record) == _json_as_a_dict_was(formatter, record)
 
 
 def test_a_blocked_stream_never_blocks_a_log_call_and_loses_nothing(
