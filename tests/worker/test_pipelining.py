@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from hypothesis import given
+from hypothesis import strategies as st
 
 from emailq.errors import LeaseLost, RelayThrottled, SendError
 from emailq.message import render
 from emailq.models import Job
 from emailq.settings import Settings
 from tests.helpers.smtpd import RecordingHandler, SmtpServer, start_smtp, take_mail
-from worker.sender import Delivery, Sender, SmtpPool, smtp_path
+from worker.sender import Delivery, Sender, SmtpPool, _framed, smtp_path
 
 SENDER = "noreply@example.com"
 
@@ -186,6 +189,29 @@ def test_smtp_path_is_what_aiosmtplib_would_send(address: str) -> None:
         assert outcome(smtp_path, address) == "refused"
     else:
         assert outcome(smtp_path, address) == outcome(quote_address, address)
+
+
+def aiosmtplib_framed(message: bytes) -> bytes:
+    """What aiosmtplib's own DATA sends for ``message`` (``execute_data_command``)."""
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+
+
+# Line ends of every kind, dots at line starts, and text: what the framing may have to fix.
+_PIECES = st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"a", b" ", b"\r\n.\r\n"])
+
+
+@given(st.lists(_PIECES, max_size=40).map(b"".join))
+def test_framing_is_what_aiosmtplib_would_send(message: bytes) -> None:
+    # _framed skips the regular expressions when they would change nothing: never a
+    # different byte on the wire (a lone CR or LF, or a dot at a line start, still fixed).
+    assert _framed(message) == aiosmtplib_framed(message)
+
+
+def test_framing_of_a_rendered_message_is_what_aiosmtplib_would_send() -> None:
+    job = Job(to="a@example.com", subject="s", text=".leading dot\n..two\nplain\r\n.")
+    message = render("t-1", job, SENDER).as_bytes()
+    assert b"\r\n.." in _framed(message)
+    assert _framed(message) == aiosmtplib_framed(message)
 
 
 @pytest.mark.parametrize("step", ["MAIL FROM", "DATA", "message"])
