@@ -4,6 +4,7 @@ server that advertises PIPELINING, scripted per command."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from emailq.errors import LeaseLost, RelayThrottled, SendError
+from emailq.errors import LeaseLost, RelayThrottled, RelayUnavailable, SendError
 from emailq.message import render
 from emailq.models import Job
 from emailq.settings import Settings
@@ -33,6 +34,7 @@ class PipeliningHandler(RecordingHandler):
     mail_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     waiting: list[bytes] = field(default_factory=list)
+    rcpt_delay: float = 0.0  # seconds before each RCPT's reply
 
     async def handle_MAIL(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -45,6 +47,7 @@ class PipeliningHandler(RecordingHandler):
     async def handle_RCPT(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        await asyncio.sleep(self.rcpt_delay)
         if address in self.rcpt_replies:
             return self.rcpt_replies[address]
         envelope.rcpt_tos.append(address)
@@ -189,6 +192,23 @@ def test_smtp_path_is_what_aiosmtplib_would_send(address: str) -> None:
         assert outcome(smtp_path, address) == "refused"
     else:
         assert outcome(smtp_path, address) == outcome(quote_address, address)
+
+
+async def test_a_group_reply_that_never_comes_times_out_and_sends_nothing(
+    make_settings: Callable[..., Settings], relay: SmtpServer
+) -> None:
+    # The group's replies wait SMTP_TIMEOUT_SECONDS, as aiosmtplib's own commands do; the
+    # relay has none of the mail then, so it is the relay's fault (no attempt used).
+    pipelining_only(relay)
+    handler(relay).rcpt_delay = 5.0
+    sender = Sender(SmtpPool(make_settings(smtp_port=relay.port, smtp_timeout_seconds=0.3),
+                             size=1))  # fmt: skip
+    try:
+        with pytest.raises(RelayUnavailable, match="SMTPReadTimeoutError"):
+            await send(sender, "a@example.com")
+    finally:
+        await sender.close()
+    assert relay.handler.received == []
 
 
 def aiosmtplib_framed(message: bytes) -> bytes:
