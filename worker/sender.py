@@ -244,11 +244,15 @@ class TimedSMTP(aiosmtplib.SMTP):
         return await self._final_reply(_framed(message))
 
     async def _final_reply(self, framed: bytes) -> SMTPResponse:
-        if self.protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        self.protocol.write(framed)  # raises, before anything is sent, if already closed
+        # Read as the group's replies are (ReplyReader): aiosmtplib's own read costs an
+        # asyncio.wait_for (a second future, a timer and callbacks) on every mail.
+        transport = cast(asyncio.Transport | None, self.transport)
+        if self.protocol is None or transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")  # nothing was sent
+        reader = ReplyReader(transport, self.protocol)
         try:
-            reply = await self.protocol.read_response(timeout=self.data_timeout)
+            transport.write(framed)
+            reply = await reader.reply(self.data_timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             self.close()  # a late reply must never be read as the next command's
             what = "timed out" if isinstance(exc, aiosmtplib.SMTPTimeoutError) else "lost"
@@ -256,6 +260,13 @@ class TimedSMTP(aiosmtplib.SMTP):
                 f"the reply to the end of DATA {what} after the message was sent "
                 f"({type(exc).__name__}); the relay may have delivered it"
             ) from exc
+        except BaseException:
+            self.close()  # a malformed reply, or cancelled: the connection is out of step
+            raise
+        finally:
+            reader.restore()
+        if reader.unread:
+            self.close()  # the relay answered more than was asked: out of step from here
         if reply.code != SMTPStatus.completed:
             raise aiosmtplib.SMTPDataError(reply.code, reply.message)
         return reply
