@@ -211,6 +211,22 @@ async def test_a_group_reply_that_never_comes_times_out_and_sends_nothing(
     assert relay.handler.received == []
 
 
+async def test_a_relay_answering_more_than_asked_at_the_end_of_data_is_hung_up_on(
+    sender: Sender, relay: SmtpServer
+) -> None:
+    # The mail was taken (250); a line after it answers nothing, and on a reused connection
+    # it could pass for the next command's reply: this connection goes, the next mail gets
+    # a fresh one, and each is delivered once.
+    relay.handler.replies.append("250 2.0.0 OK queued\r\n250 2.0.0 a reply to no command")
+    job = Job(to="a@example.com", subject="first", text="body")
+    async with sender.session() as conn:
+        delivery = await conn.send(render("first", job, SENDER), SENDER, job.recipients)
+        assert delivery.code == 250
+        assert not conn.smtp.is_connected
+    assert (await send(sender, "b@example.com", subject="second")).reply == "2.0.0 OK queued"
+    assert [got.message["Subject"] for got in relay.handler.received] == ["second"]
+
+
 def aiosmtplib_framed(message: bytes) -> bytes:
     """What aiosmtplib's own DATA sends for ``message`` (``execute_data_command``)."""
     return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
