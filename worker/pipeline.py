@@ -30,6 +30,7 @@ class ReplyReader(asyncio.Protocol):
         self._buffer = bytearray()
         self._lost: Exception | None = None
         self._wake: asyncio.Future[None] | None = None
+        self._expired = False  # the current reply() waited its whole time
         transport.set_protocol(self)
 
     def restore(self) -> None:
@@ -72,24 +73,36 @@ class ReplyReader(asyncio.Protocol):
     async def reply(self, seconds: float | None) -> SMTPResponse:
         """The next reply; ``SMTPReadTimeoutError`` after ``seconds`` without one,
         ``SMTPServerDisconnected`` if the connection ends first (what aiosmtplib raises)."""
+        if (reply := self._parse()) is not None:
+            return reply  # the common case behind the first reply: already in the buffer
         loop = asyncio.get_running_loop()
-        deadline = None if seconds is None else loop.time() + seconds
-        while (reply := self._parse()) is None:
-            if self._lost is not None:
-                raise self._lost
-            self._wake = loop.create_future()
-            left = None if deadline is None else deadline - loop.time()
-            try:
-                await asyncio.wait_for(self._wake, left)
-            except TimeoutError as exc:
-                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
-            finally:
-                self._wake = None
+        # One timer for the whole wait that wakes it, where asyncio.wait_for made a second
+        # future, a timer and callbacks for every wait.
+        self._expired = False
+        timer = None if seconds is None else loop.call_later(seconds, self._time_out)
+        try:
+            while (reply := self._parse()) is None:
+                if self._lost is not None:
+                    raise self._lost
+                if self._expired:
+                    raise SMTPReadTimeoutError("Timed out waiting for server response")
+                self._wake = loop.create_future()
+                try:
+                    await self._wake
+                finally:
+                    self._wake = None
+        finally:
+            if timer is not None:
+                timer.cancel()
         return reply
 
     def _notify(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+
+    def _time_out(self) -> None:
+        self._expired = True
+        self._notify()
 
     def _parse(self) -> SMTPResponse | None:
         """One complete reply off the buffer (RFC 5321 4.2: "250-" lines continue it)."""

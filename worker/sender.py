@@ -84,10 +84,17 @@ def _framed(message: str | bytes) -> bytes:
     """The message as sent after DATA (RFC 5321 4.5.2): CRLF lines, dot-stuffed, ".\\r\\n"
     last, exactly as aiosmtplib's own ``data()`` frames it."""
     raw = message.encode("ascii") if isinstance(message, str) else message
-    raw = _LINE_ENDINGS.sub(b"\r\n", raw)
+    # The regular expressions visit every byte (as much CPU as building the message, per
+    # mail). ``render`` already writes CRLF lines, and a body line starting with a dot is
+    # rare: a few C-speed counts and a search tell when they would change nothing.
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
+        raw = _LINE_ENDINGS.sub(b"\r\n", raw)
     if not raw.endswith(b"\r\n"):
         raw += b"\r\n"
-    return _LEADING_DOT.sub(b"..", raw) + b".\r\n"
+    if raw.startswith(b".") or b"\n." in raw:
+        raw = _LEADING_DOT.sub(b"..", raw)
+    return raw + b".\r\n"
 
 
 class TimedSMTP(aiosmtplib.SMTP):
@@ -243,11 +250,15 @@ class TimedSMTP(aiosmtplib.SMTP):
         return await self._final_reply(_framed(message))
 
     async def _final_reply(self, framed: bytes) -> SMTPResponse:
-        if self.protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        self.protocol.write(framed)  # raises, before anything is sent, if already closed
+        # Read as the group's replies are (ReplyReader): aiosmtplib's own read costs an
+        # asyncio.wait_for (a second future, a timer and callbacks) on every mail.
+        transport = cast(asyncio.Transport | None, self.transport)
+        if self.protocol is None or transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")  # nothing was sent
+        reader = ReplyReader(transport, self.protocol)
         try:
-            reply = await self.protocol.read_response(timeout=self.data_timeout)
+            transport.write(framed)
+            reply = await reader.reply(self.data_timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             self.close()  # a late reply must never be read as the next command's
             what = "timed out" if isinstance(exc, aiosmtplib.SMTPTimeoutError) else "lost"
@@ -255,6 +266,13 @@ class TimedSMTP(aiosmtplib.SMTP):
                 f"the reply to the end of DATA {what} after the message was sent "
                 f"({type(exc).__name__}); the relay may have delivered it"
             ) from exc
+        except BaseException:
+            self.close()  # a malformed reply, or cancelled: the connection is out of step
+            raise
+        finally:
+            reader.restore()
+        if reader.unread:
+            self.close()  # the relay answered more than was asked: out of step from here
         if reply.code != SMTPStatus.completed:
             raise aiosmtplib.SMTPDataError(reply.code, reply.message)
         return reply

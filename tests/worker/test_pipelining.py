@@ -4,19 +4,23 @@ server that advertises PIPELINING, scripted per command."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from hypothesis import given
+from hypothesis import strategies as st
 
-from emailq.errors import LeaseLost, RelayThrottled, SenderRefused, SendError
+from emailq.errors import LeaseLost, RelayThrottled, RelayUnavailable, SenderRefused, SendError
 from emailq.message import render
 from emailq.models import Job
 from emailq.settings import Settings
 from tests.helpers.smtpd import RecordingHandler, SmtpServer, start_smtp, take_mail
-from worker.sender import Delivery, Sender, SmtpPool, smtp_path
+from worker.sender import Delivery, Sender, SmtpPool, _framed, smtp_path
 
 SENDER = "noreply@example.com"
 
@@ -30,6 +34,7 @@ class PipeliningHandler(RecordingHandler):
     mail_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     waiting: list[bytes] = field(default_factory=list)
+    rcpt_delay: float = 0.0  # seconds before each RCPT's reply
 
     async def handle_MAIL(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -42,6 +47,7 @@ class PipeliningHandler(RecordingHandler):
     async def handle_RCPT(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        await asyncio.sleep(self.rcpt_delay)
         if address in self.rcpt_replies:
             return self.rcpt_replies[address]
         envelope.rcpt_tos.append(address)
@@ -189,6 +195,62 @@ def test_smtp_path_is_what_aiosmtplib_would_send(address: str) -> None:
         assert outcome(smtp_path, address) == "refused"
     else:
         assert outcome(smtp_path, address) == outcome(quote_address, address)
+
+
+async def test_a_group_reply_that_never_comes_times_out_and_sends_nothing(
+    make_settings: Callable[..., Settings], relay: SmtpServer
+) -> None:
+    # The group's replies wait SMTP_TIMEOUT_SECONDS, as aiosmtplib's own commands do; the
+    # relay has none of the mail then, so it is the relay's fault (no attempt used).
+    pipelining_only(relay)
+    handler(relay).rcpt_delay = 5.0
+    sender = Sender(SmtpPool(make_settings(smtp_port=relay.port, smtp_timeout_seconds=0.3),
+                             size=1))  # fmt: skip
+    try:
+        with pytest.raises(RelayUnavailable, match="SMTPReadTimeoutError"):
+            await send(sender, "a@example.com")
+    finally:
+        await sender.close()
+    assert relay.handler.received == []
+
+
+async def test_a_relay_answering_more_than_asked_at_the_end_of_data_is_hung_up_on(
+    sender: Sender, relay: SmtpServer
+) -> None:
+    # The mail was taken (250); a line after it answers nothing, and on a reused connection
+    # it could pass for the next command's reply: this connection goes, the next mail gets
+    # a fresh one, and each is delivered once.
+    relay.handler.replies.append("250 2.0.0 OK queued\r\n250 2.0.0 a reply to no command")
+    job = Job(to="a@example.com", subject="first", text="body")
+    async with sender.session() as conn:
+        delivery = await conn.send(render("first", job, SENDER), SENDER, job.recipients)
+        assert delivery.code == 250
+        assert not conn.smtp.is_connected
+    assert (await send(sender, "b@example.com", subject="second")).reply == "2.0.0 OK queued"
+    assert [got.message["Subject"] for got in relay.handler.received] == ["second"]
+
+
+def aiosmtplib_framed(message: bytes) -> bytes:
+    """What aiosmtplib's own DATA sends for ``message`` (``execute_data_command``)."""
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+
+
+# Line ends of every kind, dots at line starts, and text: what the framing may have to fix.
+_PIECES = st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"a", b" ", b"\r\n.\r\n"])
+
+
+@given(st.lists(_PIECES, max_size=40).map(b"".join))
+def test_framing_is_what_aiosmtplib_would_send(message: bytes) -> None:
+    # _framed skips the regular expressions when they would change nothing: never a
+    # different byte on the wire (a lone CR or LF, or a dot at a line start, still fixed).
+    assert _framed(message) == aiosmtplib_framed(message)
+
+
+def test_framing_of_a_rendered_message_is_what_aiosmtplib_would_send() -> None:
+    job = Job(to="a@example.com", subject="s", text=".leading dot\n..two\nplain\r\n.")
+    message = render("t-1", job, SENDER).as_bytes()
+    assert b"\r\n.." in _framed(message)
+    assert _framed(message) == aiosmtplib_framed(message)
 
 
 @pytest.mark.parametrize("step", ["MAIL FROM", "DATA", "message"])
