@@ -30,8 +30,12 @@ dev: $(STAMP)  ## run API, worker, Redis and an SMTP capture server on this mach
 cli: $(STAMP)  ## run `emailq $(ARGS)` against REDIS_URL (default: make dev's Redis)
 	$(if $(call cmdline,REDIS_PORT),REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0) $(BIN)/emailq $(ARGS)
 
+# The suite on every core (pytest-xdist), then the load-sensitive tests (marker `serial`)
+# alone. `--dist load` hands out single tests: schemathesis' cases share one node id, and
+# the schedulers that group by file or mark would run only one of them.
 test: $(STAMP) lint typecheck  ## the whole suite, plus ruff and mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist load -m "not performance and not serial"
+	$(BIN)/pytest -m "serial and not performance"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -163,6 +163,7 @@ class Load:
         return len(self.accepted) >= count
 
 
+@pytest.mark.serial  # kill -9 under load: it makes the load, others' load skews it
 @pytest.mark.parametrize("wait_replicas", [0, 1])
 def test_kill_9_of_the_slot_master_under_load_fails_over_without_restarts(
     procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer,

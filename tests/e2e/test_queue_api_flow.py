@@ -95,6 +95,7 @@ def test_wait_answers_once_the_mail_is_sent(
     print(f"\nwait= answered {', '.join(f'{lag * 1000:.1f}' for lag in lags)} ms after acceptance")
 
 
+@pytest.mark.serial  # 300 mails must flow within the waiters' wait=10
 def test_300_concurrent_waiters_are_served_while_mail_flows(
     procs: Procs, make_settings: Callable[..., Settings], timed_smtp: SmtpServer
 ) -> None:

@@ -61,6 +61,7 @@ def original_flow(procs: Procs, settings: Settings, smtp: SmtpServer) -> None:
 
 
 @needs_tls
+@pytest.mark.serial  # TLS handshakes under load outlast the 0.5 s Redis timeout
 def test_tls_with_ca_and_client_certificate_runs_the_flow(
     tmp_path: Path, procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer
 ) -> None:
@@ -217,6 +218,7 @@ def _errors_logged(procs: Procs) -> list[str]:
     return [line[-1500:] for line in lines if '"level":"error"' in line][:2]
 
 
+@pytest.mark.serial  # kill -9 under load: it makes the load, others' load skews it
 @pytest.mark.parametrize("wait_replicas", [1, 0])
 def test_kill_9_of_the_master_under_load(
     wait_replicas: int, tmp_path: Path, procs: Procs, make_settings: Callable[..., Settings],

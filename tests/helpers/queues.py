@@ -109,6 +109,9 @@ async def settle(queue: Queue, ids: list[str]) -> dict[str, TaskRecord]:
     return done
 
 
+FILL_ROUND = 100  # filler writes sent at once by fill_until_full
+
+
 def fill_until_full(url: str) -> int:
     """Write filler keys until Redis refuses one with OOM, then keep it over its limit.
 
@@ -120,12 +123,21 @@ def fill_until_full(url: str) -> int:
     client = redis.Redis.from_url(url)
     n = 0
     try:
+        # In pipelined rounds: the test servers fsync every write, and one SET a round
+        # trip spent seconds on thousands of fsyncs. A round goes on past a refusal (a
+        # refused write may leave room for the next); what it wrote still counts.
         while True:
-            try:
-                client.set(f"filler:{n}", b"x" * 2_000)
-            except redis.exceptions.OutOfMemoryError:
+            pipe = client.pipeline(transaction=False)
+            for i in range(n, n + FILL_ROUND):
+                pipe.set(f"filler:{i}", b"x" * 2_000)
+            replies = pipe.execute(raise_on_error=False)
+            refused = [r for r in replies if isinstance(r, Exception)]
+            n += len(replies) - len(refused)
+            for error in refused:
+                if not isinstance(error, redis.exceptions.OutOfMemoryError):
+                    raise error
+            if refused:
                 break
-            n += 1
         used = int(client.info("memory")["used_memory"])
         client.config_set("maxmemory", used - 64 * 1024)
         return n

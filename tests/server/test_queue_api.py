@@ -450,12 +450,15 @@ def test_cancel_refuses_a_task_being_sent_or_unknown(client: TestClient, redis_u
 
 # -- admin access ------------------------------------------------------------------------
 
+# A fixed task id, not uuid4(): the ids of parametrized tests must be the same in every
+# pytest process, or pytest-xdist's workers disagree on what they collected.
+NO_SUCH_TASK = "5f0c6f4e-3c5b-4d2a-9e8f-0a1b2c3d4e5f"
 ADMIN_CALLS = [
     ("GET", "/stats", None),
     ("GET", "/failed", None),
     ("POST", "/failed/requeue", {"all": True}),
-    ("POST", f"/tasks/{uuid.uuid4()}/requeue", None),
-    ("POST", f"/tasks/{uuid.uuid4()}/cancel", None),
+    ("POST", f"/tasks/{NO_SUCH_TASK}/requeue", None),
+    ("POST", f"/tasks/{NO_SUCH_TASK}/cancel", None),
 ]
 
 
