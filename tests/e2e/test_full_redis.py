@@ -45,6 +45,9 @@ class Load:
         self.lock = threading.Lock()
         self.statuses: Counter[int | str] = Counter()
         self.accepted: list[str] = []
+        # A store whose reply Redis did not give in time (503 store_outcome_unknown, under
+        # a loaded machine) may have been stored: its mail may arrive, unnamed to anyone.
+        self.unknown_outcomes = False
 
     def post(self, client: httpx.Client, n: int) -> int | str:
         body = {"to": f"user{n}@example.com", "subject": f"full {n}", "body": BODY}
@@ -55,7 +58,10 @@ class Load:
         else:
             answer = response.status_code
             if answer != 202:
-                assert response.json()["error"], response.text  # the JSON error shape
+                error = response.json()["error"]
+                assert error, response.text  # the JSON error shape
+                if error == "store_outcome_unknown":
+                    self.unknown_outcomes = True
         with self.lock:
             self.statuses[answer] += 1
             if answer == 202:
@@ -131,7 +137,8 @@ def test_a_full_redis_answers_507_loses_nothing_and_sends_nothing_twice(
     load.accepted.extend(api.enqueue(1))
     results |= api.wait_terminal(load.accepted[-1:])
 
-    counts = Counts.of(load.accepted, smtp.handler).report("full Redis")
+    counts = Counts.of(load.accepted, smtp.handler,
+                       unknown_outcomes=load.unknown_outcomes).report("full Redis")  # fmt: skip
     print(f"answers: {dict(load.statuses)}")
     assert set(load.statuses) <= ALLOWED, load.statuses  # never a 500, never no answer
     all_succeeded(results)
