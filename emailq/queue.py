@@ -69,7 +69,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from emailq import labels, redisconn
+from emailq import labels, redisconn, scriptcall
 from emailq.errors import (
     NotConnected,
     QuotaExceeded,
@@ -385,6 +385,10 @@ class Queue:
             name: redis.register_script(_load_script(name)) for name in _SCRIPTS
         }
         self._auth_failure = redis.register_script(_AUTH_FAILURE)
+        # Script calls packed once and written directly where the client allows it (a plain
+        # or Sentinel client from redisconn), by SHA; see emailq.scriptcall.
+        self._lean_client = scriptcall.lean_client(redis)
+        self._lean: dict[str, scriptcall.ScriptCall] = {}
 
     @classmethod
     def from_url(
@@ -446,9 +450,19 @@ class Queue:
     ) -> Any:
         """Call a script made with ``_load_script`` (the prelude's shared keys and
         arguments first, then ``args``), with Redis errors converted (see _store_errors)."""
-        shared = self.keys.shared_args(self.events_maxlen, self.publish)
+        call = self._lean.get(script.sha)
+        if call is None and self._lean_client is not None:
+            call = self._lean[script.sha] = scriptcall.ScriptCall(
+                self._lean_client, script, self.keys.shared_keys(), self._shared_args()
+            )
         with _store_errors(write=write):
-            return await script(self.keys.shared_keys(), [*shared, *args])
+            if call is not None:
+                return await call(args)
+            # A cluster (or a client not built by redisconn): redis-py's own path.
+            return await script(self.keys.shared_keys(), [*self._shared_args(), *args])
+
+    def _shared_args(self) -> list[str | int]:
+        return self.keys.shared_args(self.events_maxlen, self.publish)
 
     # -- producing ----------------------------------------------------------------------
 

@@ -273,20 +273,56 @@ class _SentinelTlsConnection(SentinelManagedSSLConnection, _TlsConnection):
     pass
 
 
-class _MarksNotConnected(aioredis.ConnectionPool):
-    """A pool whose own failures are ``NotConnected``. redis-py takes the connection before
-    it sends, outside its retries, so such a failure sent nothing."""
+class _MarksNotConnected(aioredis.BlockingConnectionPool):
+    """A blocking pool whose own failures are ``NotConnected``. redis-py takes the
+    connection before it sends, outside its retries, so such a failure sent nothing.
+
+    An idle connection is taken and given back directly when nobody waits for one: the
+    blocking pool's condition, timer and telemetry cost about as much as a script call's
+    packing did, every call. Whenever the pool's own path has something to decide (none
+    idle, a waiter, maintenance, a connection to reconnect or re-authenticate), it does."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if not args and not kwargs and self._available_connections and self._quiet():
+                return await self._take_idle()
             return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if isinstance(exc, NotConnected):
                 raise
             raise NotConnected(f"{exc.__class__.__name__}: {exc}") from exc
 
+    def _quiet(self) -> bool:
+        # asyncio.Condition keeps its waiters there: one woken by a release must get the
+        # connection it was woken for, so while any waits the pool's own path serves.
+        waiters = self._condition._waiters
+        return not waiters and not self._in_maintenance
 
-class Pool(_MarksNotConnected, aioredis.BlockingConnectionPool):
+    async def _take_idle(self) -> AbstractConnection:
+        connection: AbstractConnection = self._available_connections.pop()
+        self._in_use_connections.add(connection)
+        try:
+            try:  # as ensure_connection: connected, nothing unread (a dropped one reads EOF)
+                ready = connection.is_connected and not await connection.can_read()
+            except (RedisConnectionError, OSError):
+                ready = False
+            if not ready:
+                await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        reauth = getattr(connection, "_re_auth_token", None) is not None
+        if not self._quiet() or reauth or connection.should_reconnect():  # type: ignore[no-untyped-call]
+            await super().release(connection)
+            return
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
+
+
+class Pool(_MarksNotConnected):
     """redis-py's blocking pool for one node, marking its own failures ``NotConnected``."""
 
 
