@@ -21,6 +21,7 @@ their slots refilled, by the next single call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Sequence
 
@@ -45,6 +46,12 @@ class EnqueueCoalescer:
         self.budget_seconds = budget_seconds  # longest wait for an answer; None: no limit
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Every caller's deadline, in the order they came: with one budget for all, that is
+        # the order in which they fall due, so one timer (the watchdog, set for the oldest
+        # deadline not yet answered) serves every caller, rather than a timer set and
+        # cancelled per send. Answered callers are dropped when the watchdog goes off.
+        self._deadlines: collections.deque[tuple[float, _Future]] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def enqueue_once(
         self, item: EnqueueItem, idempotency: Idempotency | None
@@ -57,16 +64,31 @@ class EnqueueCoalescer:
             # Runs after the callbacks already scheduled in this loop iteration, so requests
             # parsed from the same read of the sockets share the first call.
             self._flusher = asyncio.create_task(self._flush())
-        if self.budget_seconds is None:
-            return await future
-        # A timer that answers this caller's own future, rather than wait_for(shield(...)),
-        # which costs a second future and its callbacks on every send. The future is this
-        # caller's alone: answering it early cancels nothing its neighbours share.
-        timer = loop.call_later(self.budget_seconds, self._give_up, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        if self.budget_seconds is not None:
+            # The watchdog answers this caller's own future when its budget is spent,
+            # rather than wait_for(shield(...)), which costs a second future and its
+            # callbacks on every send. The future is this caller's alone: answering it
+            # early cancels nothing its neighbours share.
+            deadline = loop.time() + self.budget_seconds
+            self._deadlines.append((deadline, future))
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(deadline, self._expire)
+        return await future
+
+    def _expire(self) -> None:
+        """The watchdog: give up on every caller whose budget is spent, then wait for the
+        next deadline of one still waiting, if any."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            deadline, future = deadlines[0]
+            if not future.done() and deadline > now:
+                self._watchdog = loop.call_at(deadline, self._expire)
+                return
+            deadlines.popleft()
+            self._give_up(future)
 
     def _give_up(self, future: _Future) -> None:
         """The caller's budget is spent with no answer from Redis: not stored (it was still
@@ -129,7 +151,16 @@ class EnqueueCoalescer:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+        self._forget_answered()
         return True
+
+    def _forget_answered(self) -> None:
+        # Callers are answered mostly in the order they came: drop the answered ones at
+        # the front now, rather than keep their futures (and whatever those hold) alive
+        # until the watchdog next goes off.
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
 
     def _encode(self, batch: Sequence[_Pending]) -> tuple[list[str], list[_Future]]:
         # A task that cannot be encoded fails its own request, never the others in the call.

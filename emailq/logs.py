@@ -184,8 +184,15 @@ class ContextQueueHandler(QueueHandler):
 
 _EXC_FORMATTER = logging.Formatter()
 
-# What a record's relativeCreated counts from (logging's own, private, start time).
-_LOGGING_STARTED: float = vars(logging)["_startTime"]
+
+def _logging_started() -> float:
+    """What a record's ``relativeCreated`` counts from: logging's start time, read off a
+    record it makes (its own name for it is private)."""
+    probe = logging.makeLogRecord({})
+    return probe.created - probe.relativeCreated / 1000
+
+
+_LOGGING_STARTED = _logging_started()
 
 # A line of ``log_line``, as queued: the time of the call, the logger's name, the level, the
 # event, and its fields (the call's over the bound context's).
@@ -271,6 +278,16 @@ def _json_value(value: object) -> str:
     return _JSON.encode(value)
 
 
+def _json_fields(parts: list[str], values: Mapping[str, object], names: tuple[str, ...]) -> None:
+    """Append ``values``' fields ``names`` (FIELDS, or those of them a line has, in FIELDS'
+    order) as _JSON writes them in an object; None and "-" are left out."""
+    for name in names:
+        value = values.get(name)
+        if value is not None and value != "-":
+            parts += (_FIELD_KEYS[name], _json_value(scrub(value) if isinstance(value, str)
+                                                     else value))  # fmt: skip
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per event: time, level, logger, event, the known ``FIELDS``, and
     ``exc`` (the traceback) for an error. ASCII only, so a line is a line in any pipe."""
@@ -279,6 +296,7 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._clock = _Clock()
         self._heads: dict[tuple[int, str, str], str] = {}
+        self._known: dict[tuple[str, ...], tuple[str, ...]] = {}  # format_line's names
 
     def format(self, record: logging.LogRecord) -> str:
         # Written piece by piece, as _JSON would write the object {time, level, logger,
@@ -288,11 +306,7 @@ class JsonFormatter(logging.Formatter):
         parts = ['{"time":"', self._clock(record), '","level":',
                  _json_value(record.levelname.lower()), ',"logger":', _json_value(record.name),
                  ',"event":', _json_value(scrub(record.getMessage()))]  # fmt: skip
-        for name in FIELDS:
-            value = attrs.get(name)
-            if value is not None and value != "-":
-                parts += (_FIELD_KEYS[name], _json_value(scrub(value) if isinstance(value, str)
-                                                         else value))  # fmt: skip
+        _json_fields(parts, attrs, FIELDS)
         trace = _trace(self, record)
         if trace:
             parts += (',"exc":', _json_value(scrub(trace)))
@@ -306,13 +320,22 @@ class JsonFormatter(logging.Formatter):
         if head is None:
             head = self._head(level, name, event)
         parts = ['{"time":"', self._clock.at(created), head]
-        for key in FIELDS:
-            value = fields.get(key)
-            if value is not None and value != "-":
-                parts += (_FIELD_KEYS[key], _json_value(scrub(value) if isinstance(value, str)
-                                                        else value))  # fmt: skip
+        # Only the names the line has, in FIELDS' order: a few, where FIELDS has eleven.
+        names = tuple(fields)
+        known = self._known.get(names)
+        if known is None:
+            known = self._known_fields(names)
+        _json_fields(parts, fields, known)
         parts.append("}")
         return "".join(parts)
+
+    def _known_fields(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        # A log_line's field names are those of its call and of the bound context: a few
+        # sets in a process, made once each.
+        if len(self._known) >= MAX_HEADS:
+            self._known.clear()
+        known = self._known[names] = tuple(name for name in FIELDS if name in names)
+        return known
 
     def _head(self, level: int, name: str, event: str) -> str:
         # A log_line's event is a constant of the code that logs it: a few, made once each.
@@ -463,16 +486,22 @@ class LogPipeline:
         self._lock = threading.Lock()
         self._stopped = False
         self._undo: list[Callable[[], object]] = []
+        # By logger name: does its line pass up to the root with no handler or filter on
+        # the way (``_plain_path``)? Walked once per logger, not per line: loggers other
+        # than the root are given handlers at start-up, if ever; ``configure_logging``
+        # makes a new pipeline, and so a new cache. The root's handlers, which a test's
+        # log capture changes at any time, are checked on every line.
+        self._plain_path: dict[str, bool] = {}
 
     def takes(self, logger: logging.Logger, level: int) -> bool:
         """Would a line of ``logger`` at ``level`` reach this pipeline's handler, and only
         it, with no filter on the way (``log_line``'s condition for its short cut)?"""
-        node: logging.Logger | None = logger
+        plain = self._plain_path.get(logger.name)
+        if plain is None:
+            plain = self._plain_path[logger.name] = _plain_path(logger)
+        if not plain:
+            return False
         root = logging.root
-        while node is not root:
-            if node is None or node.handlers or node.filters or not node.propagate:
-                return False
-            node = node.parent
         handlers = root.handlers
         handler = self.handler
         return (len(handlers) == 1 and handlers[0] is handler and not root.filters
@@ -518,6 +547,17 @@ class LogPipeline:
         self.stop()
         while self._undo:
             self._undo.pop()()
+
+
+def _plain_path(logger: logging.Logger) -> bool:
+    """Does a line of ``logger`` reach the root logger with no handler or filter of another
+    logger on the way?"""
+    node: logging.Logger | None = logger
+    while node is not logging.root:
+        if node is None or node.handlers or node.filters or not node.propagate:
+            return False
+        node = node.parent
+    return True
 
 
 _active: LogPipeline | None = None
