@@ -43,6 +43,17 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
+def flush_all(redis_url: str) -> None:
+    """Empty the bench's Redis between parts. FLUSHALL is written to the AOF and fsynced:
+    after a wrk run has written a large AOF, the disk took longer than redis-py's default
+    5 s socket timeout once (the bench died between its http and relay parts), so wait."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=120)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
 def settings_env(redis_url: str, smtp_port: int, concurrency: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "REDIS_"))}
     env.update(

@@ -16,6 +16,7 @@ from bench.common import (
     RedisStats,
     cpu_seconds,
     exe,
+    flush_all,
     job,
     new_task_id,
     rss_mb,
@@ -65,8 +66,8 @@ def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: i
                  tmp: Path) -> dict[str, Any]:  # fmt: skip
     """Preload ``n`` mails, start ``workers`` processes, time from the first claim to the
     empty queue (process start-up is not counted, as it is not for the peers)."""
+    flush_all(redis_url)
     client = redis.Redis.from_url(redis_url)
-    client.flushall()
     stats = RedisStats(client)
     before = stats.snapshot()
     asyncio.run(preload(redis_url, n))
@@ -106,8 +107,8 @@ def peer_drain(peer: str, redis_url: str, port: int, n: int, concurrency: int, t
     python = ROOT / f".venv-{peer}" / "bin" / "python"
     if not python.exists():
         return None
+    flush_all(redis_url)
     client = redis.Redis.from_url(redis_url)
-    client.flushall()
     stats = RedisStats(client)
     before = stats.snapshot()
     env = settings_env(redis_url, port, concurrency)

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
-from bench.common import exe, settings_env, spawn, stop, wait_until
+from bench.common import exe, flush_all, settings_env, spawn, stop, wait_until
 from bench.sink import Arrivals, start_python_sink
 from emailq.devtools.redis_server import free_port
 
@@ -114,9 +113,7 @@ def _one_round(redis_url: str, smtp_port: int, tmp: Path, seconds: int) -> dict[
     for name, extra in EMAILQ_RUNS.items():
         # Each run starts from an empty store: the last one's backlog (no worker drains it)
         # would otherwise count against the caller's MAX_STORED_BYTES_PER_KEY.
-        flush = redis.Redis.from_url(redis_url)
-        flush.flushall()
-        flush.close()
+        flush_all(redis_url)
         proc, base = serve_emailq(_shipped_env(redis_url, smtp_port, **extra), tmp / f"{name}.log")
         try:
             measured[name] = _wrk(base, seconds, tmp, proc.pid)
@@ -227,9 +224,7 @@ def pcts(values: list[float]) -> dict[str, float]:
 
 async def _e2e(redis_url: str, tmp: Path, drain_rate: float) -> dict[str, Any]:
     # The wrk run left a backlog with no worker to drain it; latency starts from empty.
-    flush = redis.Redis.from_url(redis_url)
-    flush.flushall()
-    flush.close()
+    flush_all(redis_url)
     arrivals = Arrivals(timestamps=True)
     port = free_port()
     sink = await start_python_sink(port, arrivals)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import redis
 import uvloop
 
 from bench import drain
@@ -33,6 +32,7 @@ from bench.common import (
     SENDER,
     cpu_seconds,
     exe,
+    flush_all,
     job,
     listening,
     new_task_id,
@@ -143,7 +143,5 @@ def one_delay(redis_url: str, delay_ms: float, n: int, connections: int, tmp: Pa
 
 def run(redis_url: str, tmp: Path, *, delays_ms: list[float], n: int, connections: int,
         peers: bool) -> list[dict[str, Any]]:  # fmt: skip
-    flush = redis.Redis.from_url(redis_url)
-    flush.flushall()
-    flush.close()
+    flush_all(redis_url)
     return [one_delay(redis_url, d, n, connections, tmp, peers) for d in delays_ms]
