@@ -108,6 +108,7 @@ class Worker:
         self._started: set[str] = set()
         self._recording: set[str] = set()  # outcome being written; its lease goes with it
         self._slot_freed = asyncio.Event()
+        self._send_slots = asyncio.Semaphore(self.concurrency)
         self._stopping = asyncio.Event()
         self._renewed_at = 0.0  # monotonic time the last successful renewal was sent
         # task id -> monotonic time until which its lease is known to hold (see _lease_ok)
@@ -284,25 +285,39 @@ class Worker:
 
     async def _process(self, claimed: ClaimedJob) -> None:
         ctx = _log_context(claimed)
-        started = time.perf_counter()
-        try:
-            delivery = await self._attempt(claimed, ctx)
-        except LeaseLost as exc:
+        # The send slot is given back as the send ends: recording the outcome holds none.
+        async with self._send_slots:
+            started = time.perf_counter()  # the attempt's time, not its wait for a slot
+            try:
+                result: Delivery | LeaseLost | SendError = await self._attempt(claimed, ctx)
+            except (LeaseLost, SendError) as exc:
+                result = exc
+        await self._settle(claimed, result, started, ctx)
+
+    async def _settle(
+        self,
+        claimed: ClaimedJob,
+        result: Delivery | LeaseLost | SendError,
+        started: float,
+        ctx: dict[str, Any],
+    ) -> None:
+        """Record what the attempt came to and tell the relay's guard how the relay did."""
+        if isinstance(result, LeaseLost):
             # Nothing was sent and nothing is recorded: the job is its new owner's.
-            log.info("not sent: %s", exc, extra=ctx)
-            _notify(self.observer.on_lease_lost, claimed, str(exc))
-        except OutcomeUnknown as exc:
-            await self._unknown(claimed, exc, started, ctx)
-        except (RelayUnavailable, RelayThrottled) as exc:
-            await self.relay.failed(exc)
-            await self._defer(claimed, exc, started, ctx)
-        except SendError as exc:
-            if exc.code is not None:  # the relay answered about the mail: it works
+            log.info("not sent: %s", result, extra=ctx)
+            _notify(self.observer.on_lease_lost, claimed, str(result))
+        elif isinstance(result, OutcomeUnknown):
+            await self._unknown(claimed, result, started, ctx)
+        elif isinstance(result, RelayUnavailable | RelayThrottled):
+            await self.relay.failed(result)
+            await self._defer(claimed, result, started, ctx)
+        elif isinstance(result, SendError):
+            if result.code is not None:  # the relay answered about the mail: it works
                 self.relay.delivered()
-            await self._failed(claimed, exc, started, ctx)
+            await self._failed(claimed, result, started, ctx)
         else:
             self.relay.delivered()
-            await self._sent(claimed, delivery, started, ctx)
+            await self._sent(claimed, result, started, ctx)
 
     async def _attempt(self, claimed: ClaimedJob, ctx: dict[str, Any]) -> Delivery:
         try:
