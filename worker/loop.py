@@ -1,7 +1,8 @@
 """The worker: claim -> send -> finish, with leases renewed while sends are in flight.
 
 One task claims (blocking on Redis when there is nothing to do), one renews leases, and
-each claimed job runs as its own task, at most WORKER_CONCURRENCY at once. Every outcome is
+each claimed job runs as its own task, sending at most WORKER_CONCURRENCY at once (with
+WORKER_PREFETCH, that many more wait claimed for a send slot). Every outcome is
 written to Redis before the job leaves the in-flight set, so a crash at any point leaves
 the job either finished or under a lease that will lapse and put it back.
 """
@@ -97,6 +98,9 @@ class Worker:
         self.observer: WorkerObserver = observer or NoObserver()
         self.worker_id = new_worker_id()
         self.concurrency = settings.worker_concurrency
+        # Jobs held at once: the sends, and the jobs claimed ahead of a free send slot
+        # (WORKER_PREFETCH), which wait for one in _process.
+        self.held_limit = self.concurrency + settings.worker_prefetch
         self.lease_ms = int(settings.job_lease_seconds * 1000)
         self.policy = RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -220,10 +224,10 @@ class Worker:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _free_slots(self) -> int:
-        while len(self._inflight) >= self.concurrency and not self._stopping.is_set():
+        while len(self._inflight) >= self.held_limit and not self._stopping.is_set():
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        return self.concurrency - len(self._inflight)
+        return self.held_limit - len(self._inflight)
 
     @staticmethod
     def _block_seconds(next_deadline_ms: int | None) -> float:
@@ -276,7 +280,7 @@ class Worker:
         # Else the same task was claimed again before this run's callback came (deferred,
         # then taken at once by a refill): its new run owns these entries. Dropping them
         # lost its lease deadline and its renewals, so its lease lapsed and cost an attempt.
-        if len(self._inflight) < self.concurrency:
+        if len(self._inflight) < self.held_limit:
             # Only a free slot wakes the claim loop: on a busy worker the finish's refill
             # has already taken this slot over, and a wake-up per mail found it full.
             self._slot_freed.set()
@@ -285,7 +289,8 @@ class Worker:
 
     async def _process(self, claimed: ClaimedJob) -> None:
         ctx = _log_context(claimed)
-        # The send slot is given back as the send ends: recording the outcome holds none.
+        # A job claimed ahead (WORKER_PREFETCH) waits here for a send slot, which is given
+        # back as the send ends: recording its outcome takes no slot from the next send.
         async with self._send_slots:
             started = time.perf_counter()  # the attempt's time, not its wait for a slot
             try:
