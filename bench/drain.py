@@ -63,9 +63,10 @@ def _drained(client: redis.Redis) -> bool:
 
 
 def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: int,
-                 tmp: Path) -> dict[str, Any]:  # fmt: skip
+                 tmp: Path, prefetch: int = 0) -> dict[str, Any]:  # fmt: skip
     """Preload ``n`` mails, start ``workers`` processes, time from the first claim to the
-    empty queue (process start-up is not counted, as it is not for the peers)."""
+    empty queue (process start-up is not counted, as it is not for the peers).
+    ``prefetch``: WORKER_PREFETCH (0, the default, as shipped)."""
     flush_all(redis_url)
     client = redis.Redis.from_url(redis_url)
     stats = RedisStats(client)
@@ -75,7 +76,8 @@ def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: i
     # As shipped: the default LOG_LEVEL (INFO, a "sent" line per mail), what users run. The
     # peers write no line per job (run in-process, no logging configured), so this errs
     # against us, never for us.
-    env = settings_env(redis_url, port, concurrency, LOG_LEVEL="INFO")
+    extra = {"LOG_LEVEL": "INFO"} | ({"WORKER_PREFETCH": str(prefetch)} if prefetch else {})
+    env = settings_env(redis_url, port, concurrency, **extra)
     procs = [spawn([exe(), "-m", "worker"], env, tmp / f"worker-{i}.log") for i in range(workers)]
     lane = Keys().lane("default")
     started = wait_until(lambda: client.llen(lane) < n, timeout=60, every=0.002)
@@ -93,7 +95,7 @@ def emailq_drain(redis_url: str, port: int, n: int, workers: int, concurrency: i
         # CPU the worker processes used while draining: a share of 1.0 per process is a
         # worker that is CPU-bound, whatever the relay's latency.
         "cpu_share": cpu / (done - started), "cpu_us_per_mail": cpu / n * 1e6,
-        "settings": {"WORKER_CONCURRENCY": concurrency, "LOG_LEVEL": "INFO"},
+        "settings": {"WORKER_CONCURRENCY": concurrency, **extra},
         "enqueue_calls": enqueue_cost["calls"], "drain_calls": drain_cost["calls"],
         "memory_per_queued": enqueue_cost["memory"] / n,
         "memory_per_finished": (enqueue_cost["memory"] + drain_cost["memory"]) / n,

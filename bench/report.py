@@ -53,7 +53,18 @@ def _drain_rows(r: dict[str, Any]) -> list[str]:
              f"{one['rate'] / plain:.2f}x plain", ">= 0.9x"),
         _row("emailq worker drain, 2 processes", f"{two['rate']:,.0f} mails/s",
              f"{two['rate'] / plain:.2f}x plain", ""),
+        *_prefetch_row(r, plain),
     ]  # fmt: skip
+
+
+def _prefetch_row(r: dict[str, Any], plain: float) -> list[str]:
+    ahead = r.get("emailq_1_prefetch")  # absent from runs before WORKER_PREFETCH existed
+    if not ahead:
+        return []
+    n = ahead["settings"]["WORKER_PREFETCH"]
+    return [_row(f"emailq worker drain, 1 process, WORKER_PREFETCH={n}",
+                 f"{ahead['rate']:,.0f} mails/s", f"{ahead['rate'] / plain:.2f}x plain",
+                 ">= 0.9x")]  # fmt: skip
 
 
 def _peer_rows(r: dict[str, Any]) -> list[str]:

@@ -1,7 +1,8 @@
 """The worker: claim -> send -> finish, with leases renewed while sends are in flight.
 
 One task claims (blocking on Redis when there is nothing to do), one renews leases, and
-each claimed job runs as its own task, at most WORKER_CONCURRENCY at once. Every outcome is
+each claimed job runs as its own task, sending at most WORKER_CONCURRENCY at once (with
+WORKER_PREFETCH, that many more wait claimed for a send slot). Every outcome is
 written to Redis before the job leaves the in-flight set, so a crash at any point leaves
 the job either finished or under a lease that will lapse and put it back.
 """
@@ -97,6 +98,9 @@ class Worker:
         self.observer: WorkerObserver = observer or NoObserver()
         self.worker_id = new_worker_id()
         self.concurrency = settings.worker_concurrency
+        # Jobs held at once: the sends, and the jobs claimed ahead of a free send slot
+        # (WORKER_PREFETCH), which wait for one in _process.
+        self.held_limit = self.concurrency + settings.worker_prefetch
         self.lease_ms = int(settings.job_lease_seconds * 1000)
         self.policy = RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -108,6 +112,7 @@ class Worker:
         self._started: set[str] = set()
         self._recording: set[str] = set()  # outcome being written; its lease goes with it
         self._slot_freed = asyncio.Event()
+        self._send_slots = asyncio.Semaphore(self.concurrency)
         self._stopping = asyncio.Event()
         self._renewed_at = 0.0  # monotonic time the last successful renewal was sent
         # task id -> monotonic time until which its lease is known to hold (see _lease_ok)
@@ -219,10 +224,10 @@ class Worker:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _free_slots(self) -> int:
-        while len(self._inflight) >= self.concurrency and not self._stopping.is_set():
+        while len(self._inflight) >= self.held_limit and not self._stopping.is_set():
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        return self.concurrency - len(self._inflight)
+        return self.held_limit - len(self._inflight)
 
     @staticmethod
     def _block_seconds(next_deadline_ms: int | None) -> float:
@@ -275,7 +280,7 @@ class Worker:
         # Else the same task was claimed again before this run's callback came (deferred,
         # then taken at once by a refill): its new run owns these entries. Dropping them
         # lost its lease deadline and its renewals, so its lease lapsed and cost an attempt.
-        if len(self._inflight) < self.concurrency:
+        if len(self._inflight) < self.held_limit:
             # Only a free slot wakes the claim loop: on a busy worker the finish's refill
             # has already taken this slot over, and a wake-up per mail found it full.
             self._slot_freed.set()
@@ -284,25 +289,40 @@ class Worker:
 
     async def _process(self, claimed: ClaimedJob) -> None:
         ctx = _log_context(claimed)
-        started = time.perf_counter()
-        try:
-            delivery = await self._attempt(claimed, ctx)
-        except LeaseLost as exc:
+        # A job claimed ahead (WORKER_PREFETCH) waits here for a send slot, which is given
+        # back as the send ends: recording its outcome takes no slot from the next send.
+        async with self._send_slots:
+            started = time.perf_counter()  # the attempt's time, not its wait for a slot
+            try:
+                result: Delivery | LeaseLost | SendError = await self._attempt(claimed, ctx)
+            except (LeaseLost, SendError) as exc:
+                result = exc
+        await self._settle(claimed, result, started, ctx)
+
+    async def _settle(
+        self,
+        claimed: ClaimedJob,
+        result: Delivery | LeaseLost | SendError,
+        started: float,
+        ctx: dict[str, Any],
+    ) -> None:
+        """Record what the attempt came to and tell the relay's guard how the relay did."""
+        if isinstance(result, LeaseLost):
             # Nothing was sent and nothing is recorded: the job is its new owner's.
-            log.info("not sent: %s", exc, extra=ctx)
-            _notify(self.observer.on_lease_lost, claimed, str(exc))
-        except OutcomeUnknown as exc:
-            await self._unknown(claimed, exc, started, ctx)
-        except (RelayUnavailable, RelayThrottled) as exc:
-            await self.relay.failed(exc)
-            await self._defer(claimed, exc, started, ctx)
-        except SendError as exc:
-            if exc.code is not None:  # the relay answered about the mail: it works
+            log.info("not sent: %s", result, extra=ctx)
+            _notify(self.observer.on_lease_lost, claimed, str(result))
+        elif isinstance(result, OutcomeUnknown):
+            await self._unknown(claimed, result, started, ctx)
+        elif isinstance(result, RelayUnavailable | RelayThrottled):
+            await self.relay.failed(result)
+            await self._defer(claimed, result, started, ctx)
+        elif isinstance(result, SendError):
+            if result.code is not None:  # the relay answered about the mail: it works
                 self.relay.delivered()
-            await self._failed(claimed, exc, started, ctx)
+            await self._failed(claimed, result, started, ctx)
         else:
             self.relay.delivered()
-            await self._sent(claimed, delivery, started, ctx)
+            await self._sent(claimed, result, started, ctx)
 
     async def _attempt(self, claimed: ClaimedJob, ctx: dict[str, Any]) -> Delivery:
         try:

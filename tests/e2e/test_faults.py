@@ -106,15 +106,64 @@ def test_kill_9_mid_send_loses_nothing_and_repeats_only_in_flight(
     assert repeated <= interrupted
 
 
+def test_kill_9_with_jobs_held_ahead_repeats_only_what_was_sending(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    # WORKER_PREFETCH: a killed worker also held jobs it had not begun. Their leases lapse
+    # like the sends', which costs each an attempt (the price the setting names), but none
+    # of them reached the relay, so only what was sending can arrive twice.
+    handler = CommitFirstHandler(delay=0.5)
+    smtp = smtp_factory(handler=handler)
+    concurrency, prefetch = 4, 4
+    settings = make_settings(smtp_port=smtp.port, worker_concurrency=concurrency,
+                             worker_prefetch=prefetch, job_lease_seconds=1)  # fmt: skip
+    api = Api(procs.api(settings))
+    ids = api.enqueue(20)
+    worker_a = procs.worker(settings)
+
+    wait_until(lambda: handler.answered >= concurrency and handler.unanswered() > 0,
+               what="some mails delivered and more in flight", proc=worker_a)  # fmt: skip
+    sigkill(worker_a)
+    interrupted = {t for t, r in api.results(ids).items()
+                   if r["status"] == "pending" and r["attempts"] >= 1}  # fmt: skip
+    reached_relay = set(handler.task_ids())
+    procs.worker(settings)
+
+    results = api.wait_terminal(ids)
+    counts = Counts.of(ids, smtp.handler).report("kill -9, jobs held ahead")
+    all_succeeded(results)
+    assert counts.lost == 0
+    assert counts.duplicated <= concurrency
+    assert concurrency < len(interrupted) <= concurrency + prefetch  # held ones too
+    expired = {t for t, r in results.items() if "lease_expired" in outcomes(r)}
+    assert expired == interrupted
+    repeated = {t for t, n in Counter(smtp.handler.task_ids()).items() if n > 1}
+    assert repeated <= interrupted & reached_relay
+
+
 # -- 2. SIGTERM drains: in-flight sends finish, unstarted jobs go back -------------------------
 
 
 def test_sigterm_drains_without_loss_or_duplicates(
     procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
 ) -> None:
+    sigterm_drains(procs, make_settings, smtp_factory)
+
+
+def test_sigterm_gives_back_the_jobs_held_ahead_uncounted(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    # WORKER_PREFETCH: the jobs waiting for a send slot are unstarted, so they go back.
+    sigterm_drains(procs, make_settings, smtp_factory, worker_prefetch=4)
+
+
+def sigterm_drains(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer],
+    **extra: Any,
+) -> None:  # fmt: skip
     smtp = delayed_smtp(smtp_factory, 0.5)
     settings = make_settings(smtp_port=smtp.port, worker_concurrency=4, job_lease_seconds=2,
-                             worker_shutdown_grace_seconds=10)  # fmt: skip
+                             worker_shutdown_grace_seconds=10, **extra)  # fmt: skip
     api = Api(procs.api(settings))
     ids = api.enqueue(20)
     worker_a = procs.worker(settings)

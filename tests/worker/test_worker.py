@@ -249,6 +249,31 @@ async def test_sends_run_concurrently_up_to_the_limit(
     assert handler.max_in_flight == 4
 
 
+async def test_jobs_held_ahead_wait_for_a_send_slot_and_cannot_be_cancelled(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    # WORKER_PREFETCH: the worker holds more jobs than it sends at once. The extra ones wait,
+    # leased, for a send slot; being leased, they answer a cancel as 'sending' (the price
+    # the setting's documentation names) and are sent, once.
+    server = scripted(smtp_factory, delay=0.3)
+    handler = server.handler
+    assert isinstance(handler, TrackingHandler)
+    settings = make_settings(smtp_port=server.port, worker_concurrency=2, worker_prefetch=3)
+    ids = await preload(settings, ["Hi"] * 12)
+    client = redis.Redis.from_url(settings.redis_url)
+    leases = Keys(settings.redis_key_prefix).leases
+    async with running(settings) as run:
+        await wait_for(lambda: client.zcard(leases) == 5, "the worker to hold 2 + 3 jobs")
+        answer = await run.queue.cancel(ids[4])  # claimed last of the first five
+        records = [await run.settled(task_id) for task_id in ids]
+    client.close()
+
+    assert answer == "sending"
+    assert {r.status for r in records} == {Status.SUCCESS}
+    assert sorted(m.task_id for m in handler.received) == sorted(ids)
+    assert handler.max_in_flight == 2
+
+
 def eval_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
