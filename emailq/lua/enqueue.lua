@@ -75,25 +75,25 @@ local function store(t)
   local send_at, expires_at, idem, fingerprint, ttl, key_id = t[6], t[7], t[8], t[9], t[10], t[11]
   local owner, labels = t[12], t[13]
   if idem ~= '' then
-    redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', now)
-    redis.call('EXPIRE', idem, ttl)
+    redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', num(now))
+    redis.call('EXPIRE', idem, num(ttl))
   end
   local task = TASK .. id
   -- The whole new task in one HSET (see fields in _prelude.lua).
-  local set = {'status', 'pending', 'to', to, 'attempts', 0, 'lane', lane,
-               'job', job, 'request_id', request_id, 'created_at', now, 'updated_at', now}
+  local set = {'status', 'pending', 'to', to, 'attempts', '0', 'lane', lane,
+               'job', job, 'request_id', request_id, 'created_at', num(now), 'updated_at', num(now)}
   if key_id ~= '' then extend(set, 'key_id', key_id) end
   if owner ~= '' then extend(set, 'quota', owner) end
   -- Kept after the job is gone (a success drops it): results and reports still show them.
   if labels and labels ~= '' then extend(set, 'labels', labels) end
-  extend(set, 'bytes', #job)  -- its charge (see charge in _prelude.lua)
-  if expires_at > 0 then extend(set, 'expires_at', expires_at) end
+  extend(set, 'bytes', num(#job))  -- its charge (see charge in _prelude.lua)
+  if expires_at > 0 then extend(set, 'expires_at', num(expires_at)) end
   local scheduled = send_at > now
-  if scheduled then extend(set, 'scheduled_at', send_at) end
+  if scheduled then extend(set, 'scheduled_at', num(send_at)) end
   redis.call('HSET', task, unpack(set))
   count_stored(owner, #job)
   if scheduled then
-    redis.call('ZADD', K_SCHEDULED, send_at, id)
+    redis.call('ZADD', K_SCHEDULED, num(send_at), id)
     nudge()
   else
     make_ready(lane, id, false)

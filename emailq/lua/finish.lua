@@ -42,8 +42,8 @@ local function record(at)
     local due = now + tonumber(ARGV[at + 5])
     -- The relay answered about this mail: a later outage starts a new outage clock.
     redis.call('HDEL', task, 'lease', 'outage_since')
-    redis.call('HSET', task, 'log', f.new_log, 'updated_at', now, 'next_attempt_at', due)
-    redis.call('ZADD', K_SCHEDULED, due, id)
+    redis.call('HSET', task, 'log', f.new_log, 'updated_at', num(now), 'next_attempt_at', num(due))
+    redis.call('ZADD', K_SCHEDULED, num(due), id)
     nudge()
     event.reason = entry['reply']
     emit('retry', id, now, event)
