@@ -59,7 +59,8 @@ local function fields(task, names)
 end
 
 -- The attempt log is a JSON array inside the task hash; keep the newest 50 entries.
--- Returns the log as `raw` (the field as read; false or nil: none yet) plus `entry`.
+-- Returns the JSON of the log `raw` (the field as read; false or nil: none yet) with `entry`
+-- appended.
 local function log_with(raw, entry)
   local log = {}
   if raw then log = cjson.decode(raw) end
