@@ -27,19 +27,50 @@ local function lane_depths(first)
   return lanes
 end
 
+-- A number as a Redis argument: its text when it is whole. Given a Lua number, redis.call
+-- formats it with '%.17g' (and '..' with '%.14g'), which for a double costs libc a few
+-- thousand instructions: the twenty or so per mail were a tenth of Redis's own CPU. '%d'
+-- costs a small part of that, and each value (the time, an attempt count) is formatted once
+-- a call and then looked up. Anything else is returned as it is.
+local number_texts, format = {}, string.format
+local function num(v)
+  local text = number_texts[v]
+  if text then return text end
+  if type(v) ~= 'number' or v % 1 ~= 0 or v >= 2 ^ 53 or v <= -2 ^ 53 then return v end
+  text = format('%d', v)
+  number_texts[v] = text
+  return text
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A task's fields by name (false where missing), read in one HMGET: in the hot paths a
+-- redis.call's own cost (its arguments and reply converted between Lua and RESP, and a
+-- write's propagation) is several times a hash field read's, so each step reads its task
+-- once and writes each key as few times as it can.
+local function fields(task, names)
+  local values = redis.call('HMGET', task, unpack(names))
+  local f = {}
+  for i, name in ipairs(names) do f[name] = values[i] end
+  return f
+end
+
 -- The attempt log is a JSON array inside the task hash; keep the newest 50 entries.
-local function append_log(task, entry)
-  local raw = redis.call('HGET', task, 'log')
+-- Returns the JSON of the log `raw` (the field as read; false or nil: none yet) with `entry`
+-- appended.
+local function log_with(raw, entry)
   local log = {}
   if raw then log = cjson.decode(raw) end
   log[#log + 1] = entry
   while #log > 50 do table.remove(log, 1) end
-  redis.call('HSET', task, 'log', cjson.encode(log))
+  return cjson.encode(log)
+end
+
+local function append_log(task, entry)
+  redis.call('HSET', task, 'log', log_with(redis.call('HGET', task, 'log'), entry))
 end
 
 -- The durable event stream: every state change that matters is appended here by the script
@@ -50,7 +81,9 @@ end
 -- once per node. Called after the step's first write: in a Redis at maxmemory a script is
 -- refused only at its first write that can grow memory (see finish.lua), so the append
 -- never stops an outcome from being recorded.
--- E (optional): attempt (default: the task's count), code (SMTP), reason, worker.
+-- E (optional): attempt (default: the task's count), code (SMTP), reason, worker; and the
+-- task's lane, attempts (its count) and request_id where the caller has read them already
+-- (lane false: the task has none), which spares a read here.
 local REASON_MAX = 200  -- bytes: a reason is a summary here; the task's hash has it whole
 
 -- The first `max` bytes of `text`, cut at a character boundary: half a UTF-8 character
@@ -67,12 +100,16 @@ end
 
 local function emit(kind, id, now, E)
   E = E or {}
-  local f = redis.call('HMGET', TASK .. id, 'lane', 'attempts', 'request_id')
+  local lane, attempts, request_id = E.lane, E.attempts, E.request_id
+  if lane == nil then
+    local f = redis.call('HMGET', TASK .. id, 'lane', 'attempts', 'request_id')
+    lane, attempts, request_id = f[1], f[2], f[3]
+  end
   local reason = clip(E.reason or '', REASON_MAX)
   redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*',
-    'type', kind, 'task_id', id, 'time', now, 'lane', f[1] or '',
-    'attempt', E.attempt or f[2] or 0, 'code', E.code or '', 'reason', reason,
-    'request_id', f[3] or '', 'worker', E.worker or '')
+    'type', kind, 'task_id', id, 'time', num(now), 'lane', lane or '',
+    'attempt', num(E.attempt or attempts or 0), 'code', num(E.code or ''), 'reason', reason,
+    'request_id', request_id or '', 'worker', E.worker or '')
 end
 
 -- The worker a lease token names (tokens are '<worker id>:<attempt>', see claim_ready).
@@ -80,11 +117,11 @@ local function token_worker(token)
   return string.match(token or '', '^(.*):%d+$') or ''
 end
 
--- Per-minute counters of finished tasks, for the stats endpoint (kept two hours).
+-- Per-minute counters of finished tasks, for the stats endpoint (kept two hours). The TTL is
+-- set when the minute's first finish creates the counter; INCR keeps it.
 local function count_finished(status, now)
-  local key = STATS .. status .. ':' .. math.floor(now / 60000)
-  redis.call('INCR', key)
-  redis.call('EXPIRE', key, 7200)
+  local key = STATS .. status .. ':' .. num(math.floor(now / 60000))
+  if redis.call('INCR', key) == 1 then redis.call('EXPIRE', key, 7200) end
 end
 
 -- Stored bytes: while a task waits to be sent (pending, scheduled, retrying, in flight) its
@@ -93,48 +130,71 @@ end
 -- once: whichever path ends the task refunds what is recorded there, and nothing else.
 local STORED_TOTAL = 'total'  -- owners are 'key:...', 'address:...', 'form:...'
 
+-- The totals' side of a charge; the task's 'bytes' is written by the caller (enqueue.lua
+-- writes it with the rest of the new task, in one HSET).
+local function count_stored(owner, bytes)
+  redis.call('HINCRBY', K_STORED, STORED_TOTAL, num(bytes))
+  if owner and owner ~= '' then redis.call('HINCRBY', K_STORED, owner, num(bytes)) end
+end
+
 local function charge(task, owner, bytes)
   redis.call('HSET', task, 'bytes', bytes)
-  redis.call('HINCRBY', K_STORED, STORED_TOTAL, bytes)
-  if owner and owner ~= '' then redis.call('HINCRBY', K_STORED, owner, bytes) end
+  count_stored(owner, bytes)
 end
 
 local function refund_field(field, bytes)
-  if redis.call('HINCRBY', K_STORED, field, -bytes) <= 0 then
+  if redis.call('HINCRBY', K_STORED, field, num(-bytes)) <= 0 then
     redis.call('HDEL', K_STORED, field)  -- an owner with nothing stored leaves no trace
   end
 end
 
-local function refund(task)
-  local f = redis.call('HMGET', task, 'bytes', 'quota')
-  if not f[1] then return end
-  redis.call('HDEL', task, 'bytes')
-  refund_field(STORED_TOTAL, tonumber(f[1]))
-  if f[2] and f[2] ~= '' then refund_field(f[2], tonumber(f[1])) end
+-- Takes back what the task's 'bytes' and 'quota' (as read) say was charged. The caller
+-- deletes 'bytes' in the same step (finish_task's HDEL), so the refund happens once.
+local function refund(bytes, quota)
+  if not bytes then return end
+  refund_field(STORED_TOTAL, tonumber(bytes))
+  if quota and quota ~= '' then refund_field(quota, tonumber(bytes)) end
+end
+
+-- `list` with the arguments after it appended: one HSET's field list built in steps.
+local function extend(list, ...)
+  for i = 1, select('#', ...) do list[#list + 1] = select(i, ...) end
+  return list
 end
 
 -- Final states keep the hash for RESULT_TTL_SECONDS; pending tasks never expire.
 -- Failed tasks are indexed by time (the dead-letter list); waiters hear of every end.
 -- E: the event's fields (see emit); E.type names a failure that is not a plain 'failed'
 -- ('cancelled', 'expired'). A success is 'sent'.
-local function finish_task(id, status, now, ttl, reason, E)
+-- T (optional): the task's fields as finish.lua's record() read them (RECORD_FIELDS), and
+-- T.new_log, its attempt log to write with the final status; given only by a caller that
+-- has already dropped the task's lease entry.
+local function finish_task(id, status, now, ttl, reason, E, T)
   local task = TASK .. id
-  redis.call('ZREM', K_LEASES, id)
+  local set = {}  -- the fields written with the final status
+  if T then
+    set = {'log', T.new_log}
+  else
+    redis.call('ZREM', K_LEASES, id)
+    T = fields(task, {'bytes', 'quota'})
+  end
   redis.call('ZREM', K_SCHEDULED, id)
   -- A failed task keeps its job (for requeue) until it expires, but no longer counts: it
   -- cannot grow, and a key must not stay locked out by its dead letters for a week.
-  refund(task)
+  refund(T.bytes, T.quota)
   if status == 'success' then
-    redis.call('HSET', task, 'status', 'success', 'sent_at', now, 'updated_at', now)
+    redis.call('HSET', task, unpack(extend(set, 'status', 'success', 'sent_at', num(now),
+                                           'updated_at', num(now))))
     -- Content is not kept once delivered: it is no longer needed, and it is private.
-    redis.call('HDEL', task, 'job', 'reason', 'lease', 'next_attempt_at')
+    redis.call('HDEL', task, 'job', 'reason', 'lease', 'next_attempt_at', 'bytes')
   else
-    redis.call('HSET', task, 'status', 'failed', 'reason', reason, 'updated_at', now)
-    redis.call('HDEL', task, 'lease', 'next_attempt_at')
-    redis.call('ZADD', K_FAILED, now, id)
-    redis.call('ZREMRANGEBYSCORE', K_FAILED, '-inf', now - ttl * 1000)
+    redis.call('HSET', task, unpack(extend(set, 'status', 'failed', 'reason', reason,
+                                           'updated_at', num(now))))
+    redis.call('HDEL', task, 'lease', 'next_attempt_at', 'bytes')
+    redis.call('ZADD', K_FAILED, num(now), id)
+    redis.call('ZREMRANGEBYSCORE', K_FAILED, '-inf', num(now - ttl * 1000))
   end
-  redis.call('EXPIRE', task, ttl)
+  redis.call('EXPIRE', task, num(ttl))
   count_finished(status, now)
   E = E or {}
   if status ~= 'success' then E.reason = reason end
@@ -155,6 +215,15 @@ local function nudge()
   if redis.call('LLEN', K_WAKE) == 0 then redis.call('LPUSH', K_WAKE, '1') end
 end
 
+-- What claim_ready's take() reads of a task, in one HMGET.
+local TAKE_FIELDS = {'status', 'expires_at', 'attempts', 'job', 'request_id', 'lane'}
+
+-- The earliest score in a sorted set (a deadline), or nil when it is empty.
+local function first_score(key)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return first[2] and tonumber(first[2]) or nil
+end
+
 -- Move due scheduled work into its lane, put back work whose lease lapsed, then claim up
 -- to COUNT ready tasks for WORKER under a lease. Used by claim.lua, and by finish.lua to
 -- refill the slot a finished send leaves (one round trip per mail instead of two).
@@ -163,24 +232,40 @@ end
 local function claim_ready(C, now)
   local count, lease_ms, worker, lanes = C.count, C.lease_ms, C.worker, C.lanes
   local max_attempts, ttl, fair_every = C.max_attempts, C.ttl, C.fair_every
+  -- Each set's earliest deadline, read once: a set is scanned only when something in it is
+  -- due, and these are the deadlines returned unless `moved` (below) says otherwise.
+  local scheduled_at, lease_at = first_score(K_SCHEDULED), first_score(K_LEASES)
+  -- Whether either set changed in a way not followed here (anything but a new lease of
+  -- this claim's): then both deadlines are read again at the end.
+  local moved = false
+
   -- Due retries and scheduled sends join the back of their lane.
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', now, 'LIMIT', 0, 100)) do
-    redis.call('ZREM', K_SCHEDULED, id)
-    local task = TASK .. id
-    local lane = redis.call('HGET', task, 'lane')
-    if lane and redis.call('HGET', task, 'status') == 'pending' then
-      redis.call('HDEL', task, 'next_attempt_at')
-      make_ready(lane, id, false)
+  if scheduled_at and scheduled_at <= now then
+    moved = true
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', now, 'LIMIT', 0, 100)) do
+      redis.call('ZREM', K_SCHEDULED, id)
+      local task = TASK .. id
+      local f = fields(task, {'lane', 'status'})
+      if f.lane and f.status == 'pending' then
+        redis.call('HDEL', task, 'next_attempt_at')
+        make_ready(f.lane, id, false)
+      end
     end
   end
 
   -- A lapsed lease means its worker died or lost Redis. The interrupted attempt counts.
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 100)) do
+  local lapsed = {}
+  if lease_at and lease_at <= now then
+    moved = true
+    lapsed = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 100)
+  end
+  for _, id in ipairs(lapsed) do
     redis.call('ZREM', K_LEASES, id)
     local task = TASK .. id
-    local lane = redis.call('HGET', task, 'lane')
-    if lane and redis.call('HGET', task, 'status') == 'pending' then
-      local attempts = tonumber(redis.call('HGET', task, 'attempts') or '0')
+    local f = fields(task, {'lane', 'status', 'attempts'})
+    local lane = f.lane
+    if lane and f.status == 'pending' then
+      local attempts = tonumber(f.attempts or '0')
       redis.call('HDEL', task, 'lease')
       append_log(task, {at = now, attempt = attempts, outcome = 'lease_expired',
                         reply = 'worker stopped renewing its lease'})
@@ -220,21 +305,29 @@ local function claim_ready(C, now)
   -- A task past its expires_at is failed as 'expired' instead of sent.
   local function take(id)
     local task = TASK .. id
-    if redis.call('HGET', task, 'status') ~= 'pending' then return nil end
-    local expires_at = tonumber(redis.call('HGET', task, 'expires_at') or '0')
+    local f = fields(task, TAKE_FIELDS)
+    if f.status ~= 'pending' then return nil end
+    local expires_at = tonumber(f.expires_at or '0')
+    local attempts = tonumber(f.attempts or '0')
     if expires_at > 0 and now >= expires_at then
-      local attempts = tonumber(redis.call('HGET', task, 'attempts') or '0')
+      moved = true
       append_log(task, {at = now, attempt = attempts, outcome = 'expired'})
       finish_task(id, 'failed', now, ttl, 'expired', {type = 'expired'})
       return nil
     end
-    local attempt = redis.call('HINCRBY', task, 'attempts', 1)
-    local token = worker .. ':' .. attempt
-    redis.call('HSET', task, 'lease', token, 'updated_at', now)
-    redis.call('ZADD', K_LEASES, now + lease_ms, id)
-    emit('claimed', id, now, {worker = worker})
-    local f = redis.call('HMGET', task, 'job', 'request_id', 'lane')
-    return {id, token, attempt, f[1], f[2] or '', f[3] or ''}
+    -- Written with the lease rather than by HINCRBY: the count was just read.
+    local attempt = attempts + 1
+    local token = worker .. ':' .. num(attempt)
+    redis.call('HSET', task, 'attempts', num(attempt), 'lease', token, 'updated_at', num(now))
+    local due = now + lease_ms
+    if redis.call('ZADD', K_LEASES, num(due), id) == 0 then
+      moved = true  -- it had a lease entry already, which may have been the earliest
+    elseif not lease_at or due < lease_at then
+      lease_at = due
+    end
+    emit('claimed', id, now, {worker = worker, lane = f.lane, attempts = attempt,
+                              request_id = f.request_id})
+    return {id, token, attempt, f.job, f.request_id or '', f.lane or ''}
   end
 
   local claimed, popped = {}, 0
@@ -246,18 +339,12 @@ local function claim_ready(C, now)
     if row then claimed[#claimed + 1] = row end
   end
   -- One wake token stands for one ready task; drop the ones this claim used up.
-  if popped > 0 then redis.call('LPOP', K_WAKE, popped) end
+  if popped > 0 then redis.call('LPOP', K_WAKE, num(popped)) end
 
-  local next_at = -1
-  for _, key in ipairs({K_SCHEDULED, K_LEASES}) do
-    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    if first[2] then
-      local at = tonumber(first[2])
-      if next_at < 0 or at < next_at then next_at = at end
-    end
-  end
-  if next_at >= 0 then next_at = math.max(0, next_at - now) end
-  return {claimed, next_at}
+  if moved then scheduled_at, lease_at = first_score(K_SCHEDULED), first_score(K_LEASES) end
+  local next_at = scheduled_at
+  if lease_at and (not next_at or lease_at < next_at) then next_at = lease_at end
+  return {claimed, next_at and math.max(0, next_at - now) or -1}
 end
 
 -- The claim parameters as the scripts receive them, from ARGV[first]: count, lease ms,

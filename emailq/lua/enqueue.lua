@@ -30,10 +30,6 @@ if headroom > 0 then
   end
 end
 
-local function stored_by(field)
-  return tonumber(redis.call('HGET', K_STORED, field) or '0')
-end
-
 -- Nil if `need` more job bytes (in `count` tasks) fit every limit, else the refusal.
 local function refusal(owner, need, count)
   if count == 0 then return nil end
@@ -43,12 +39,14 @@ local function refusal(owner, need, count)
       return {'refused', 'memory', estimate, memory_used, memory_max}
     end
   end
-  local total = stored_by(STORED_TOTAL)
+  -- Both counters in one read (the owner's is not looked at unless it has a limit).
+  local stored = redis.call('HMGET', K_STORED, STORED_TOTAL, owner ~= '' and owner or STORED_TOTAL)
+  local total = tonumber(stored[1] or '0')
   if max_total > 0 and total + need > max_total then
     return {'refused', 'total', need, total, max_total}
   end
   if max_owner > 0 and owner ~= '' then
-    local held = stored_by(owner)
+    local held = tonumber(stored[2] or '0')
     if held + need > max_owner then return {'refused', 'quota', need, held, max_owner} end
   end
   return nil
@@ -77,27 +75,30 @@ local function store(t)
   local send_at, expires_at, idem, fingerprint, ttl, key_id = t[6], t[7], t[8], t[9], t[10], t[11]
   local owner, labels = t[12], t[13]
   if idem ~= '' then
-    redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', now)
-    redis.call('EXPIRE', idem, ttl)
+    redis.call('HSET', idem, 'task_id', id, 'fingerprint', fingerprint, 'created', num(now))
+    redis.call('EXPIRE', idem, num(ttl))
   end
   local task = TASK .. id
-  redis.call('HSET', task,
-    'status', 'pending', 'to', to, 'attempts', 0, 'lane', lane,
-    'job', job, 'request_id', request_id, 'created_at', now, 'updated_at', now)
-  if key_id ~= '' then redis.call('HSET', task, 'key_id', key_id) end
-  if owner ~= '' then redis.call('HSET', task, 'quota', owner) end
+  -- The whole new task in one HSET (see fields in _prelude.lua).
+  local set = {'status', 'pending', 'to', to, 'attempts', '0', 'lane', lane,
+               'job', job, 'request_id', request_id, 'created_at', num(now), 'updated_at', num(now)}
+  if key_id ~= '' then extend(set, 'key_id', key_id) end
+  if owner ~= '' then extend(set, 'quota', owner) end
   -- Kept after the job is gone (a success drops it): results and reports still show them.
-  if labels and labels ~= '' then redis.call('HSET', task, 'labels', labels) end
-  charge(task, owner, #job)
-  if expires_at > 0 then redis.call('HSET', task, 'expires_at', expires_at) end
-  if send_at > now then
-    redis.call('HSET', task, 'scheduled_at', send_at)
-    redis.call('ZADD', K_SCHEDULED, send_at, id)
+  if labels and labels ~= '' then extend(set, 'labels', labels) end
+  extend(set, 'bytes', num(#job))  -- its charge (see charge in _prelude.lua)
+  if expires_at > 0 then extend(set, 'expires_at', num(expires_at)) end
+  local scheduled = send_at > now
+  if scheduled then extend(set, 'scheduled_at', num(send_at)) end
+  redis.call('HSET', task, unpack(set))
+  count_stored(owner, #job)
+  if scheduled then
+    redis.call('ZADD', K_SCHEDULED, num(send_at), id)
     nudge()
   else
     make_ready(lane, id, false)
   end
-  emit('accepted', id, now)
+  emit('accepted', id, now, {lane = lane, attempts = 0, request_id = request_id})
   if memory_left then memory_left = memory_left - #job - overhead end
   return now
 end
@@ -116,8 +117,9 @@ local function request(tasks, first, last, replies)
   local refused = refusal(tasks[first][12], need, count)
   for i = first, last do
     if not replies[i] then
-      -- Re-checked: two tasks of one request may carry the same idempotency key.
-      replies[i] = refused or replay_of(tasks[i]) or store(tasks[i])
+      -- Re-checked: two tasks of one request may carry the same idempotency key. Not the
+      -- first: nothing has been stored since it was checked above.
+      replies[i] = refused or (i > first and replay_of(tasks[i])) or store(tasks[i])
     end
   end
 end

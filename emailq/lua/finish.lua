@@ -11,15 +11,21 @@
 local now = now_ms()
 local ttl_failed, ttl_success, n = ARGV[5], ARGV[6], tonumber(ARGV[7])
 
+-- What record() reads of a task, in one HMGET: what it checks, the attempt log it extends,
+-- the event's fields (see emit) and what was charged for it (see refund).
+local RECORD_FIELDS = {'status', 'lease', 'log', 'lane', 'attempts', 'request_id', 'bytes',
+                       'quota'}
+
 -- One attempt, its arguments from ARGV[at]: the same steps, whichever place it has.
 local function record(at)
   local id, token, outcome = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   local task = TASK .. id
-  if redis.call('HGET', task, 'status') ~= 'pending' then return 'ignored' end
+  local f = fields(task, RECORD_FIELDS)
+  if f.status ~= 'pending' then return 'ignored' end
   -- A worker whose lease lapsed may not decide a retry or a failure any more: the task is
   -- someone else's now. A late *success* still counts: recording it keeps the task from
   -- being sent again by whoever claims it next.
-  if redis.call('HGET', task, 'lease') ~= token and outcome ~= 'success' then return 'stale' end
+  if f.lease ~= token and outcome ~= 'success' then return 'stale' end
   -- The script's first write (the first attempt recorded, whichever place it has) is one
   -- that cannot grow memory: Redis refuses a script at maxmemory only at its first write
   -- that can (a script cannot stop halfway), so outcomes are recorded even in a full Redis,
@@ -28,21 +34,23 @@ local function record(at)
   redis.call('ZREM', K_LEASES, id)
   local entry = cjson.decode(ARGV[at + 3])
   entry['at'] = now
-  append_log(task, entry)
-  local event = {attempt = entry['attempt'], code = entry['code'], worker = token_worker(token)}
+  -- The log is written with the outcome's other fields, in the same HSET.
+  f.new_log = log_with(f.log, entry)
+  local event = {attempt = entry['attempt'], code = entry['code'], worker = token_worker(token),
+                 lane = f.lane, attempts = f.attempts, request_id = f.request_id}
   if outcome == 'retry' then
     local due = now + tonumber(ARGV[at + 5])
     -- The relay answered about this mail: a later outage starts a new outage clock.
     redis.call('HDEL', task, 'lease', 'outage_since')
-    redis.call('HSET', task, 'updated_at', now, 'next_attempt_at', due)
-    redis.call('ZADD', K_SCHEDULED, due, id)
+    redis.call('HSET', task, 'log', f.new_log, 'updated_at', num(now), 'next_attempt_at', num(due))
+    redis.call('ZADD', K_SCHEDULED, num(due), id)
     nudge()
     event.reason = entry['reply']
     emit('retry', id, now, event)
     return 'retry'
   end
   local ttl = tonumber(outcome == 'success' and ttl_success or ttl_failed)
-  finish_task(id, outcome, now, ttl, ARGV[at + 4], event)
+  finish_task(id, outcome, now, ttl, ARGV[at + 4], event, f)
   return outcome
 end
 
