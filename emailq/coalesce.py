@@ -243,4 +243,4 @@ class FinishCoalescer:
             # Back to their lane now, rather than leased to nobody until the lease lapses
             # (best effort: that lapse is the fallback).
             with contextlib.suppress(StoreUnavailable):
-                await self.queue.release(orphans, worker_id=owner)
+                await self.queue.release(orphans, worker_id=owner, retire=False)

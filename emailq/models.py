@@ -233,6 +233,8 @@ class ClaimedJob(BaseModel):
     request_id: str | None
     job: Job
     lane: str | None = None  # for log lines; None from a claim that did not say
+    # Ms left before the task's expires_at when it was claimed (Redis's clock); None: none.
+    expires_in_ms: int | None = None
 
 
 class MinuteCount(BaseModel):

@@ -781,7 +781,7 @@ class Queue:
     @staticmethod
     def _claimed(rows: list[Any], next_ms: Any) -> Claim:
         claim = Claim([], None if int(next_ms) < 0 else int(next_ms))
-        for task_id, token, attempt, payload, request_id, lane in rows:
+        for task_id, token, attempt, payload, request_id, lane, expires_in in rows:
             try:
                 job = Job.model_validate_json(payload or "")
             except ValidationError as exc:
@@ -791,7 +791,9 @@ class Queue:
                 continue
             claim.jobs.append(ClaimedJob(task_id=task_id, token=token, attempt=int(attempt),
                                          request_id=request_id or None, job=job,
-                                         lane=lane or None))  # fmt: skip
+                                         lane=lane or None,
+                                         expires_in_ms=None if int(expires_in) < 0
+                                         else int(expires_in)))  # fmt: skip
         return claim
 
     async def claim(self, worker_id: str, count: int, lease_ms: int) -> Claim:
@@ -811,10 +813,13 @@ class Queue:
         pairs = [value for c in held for value in (c.task_id, c.token)]
         return list(await self._run("renew", worker_id, lease_ms, *pairs))
 
-    async def release(self, unstarted: Sequence[ClaimedJob], *, worker_id: str) -> int:
-        """Leave the live-worker list; return unstarted tasks to their lane, uncounted."""
+    async def release(
+        self, unstarted: Sequence[ClaimedJob], *, worker_id: str, retire: bool = True
+    ) -> int:
+        """Return unstarted tasks to their lane, uncounted; with ``retire``, also leave the
+        live-worker list (a worker that is stopping)."""
         pairs = [value for c in unstarted for value in (c.task_id, c.token)]
-        return int(await self._run("release", worker_id, *pairs))
+        return int(await self._run("release", worker_id, "1" if retire else "0", *pairs))
 
     async def finish(
         self,

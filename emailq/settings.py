@@ -128,7 +128,8 @@ class Settings(BaseSettings):
     # that records the last outcome and claims its successor: more mails/s to a fast relay.
     # The price, and why it is off by default: a job held ahead can no longer be cancelled,
     # a high-priority mail may queue behind the jobs held, and a worker killed outright
-    # costs the jobs it held an attempt each (their leases lapse, as an in-flight send's).
+    # (or cut off from Redis past its leases) costs the jobs it held an attempt each. A job
+    # whose expires_at passes while it is held is given back, never sent.
     worker_prefetch: int = Field(default=0, ge=0, le=512)
     job_lease_seconds: float = Field(default=10.0, ge=1)
     worker_shutdown_grace_seconds: float = Field(default=25.0, ge=0)

@@ -117,6 +117,8 @@ class Worker:
         self._renewed_at = 0.0  # monotonic time the last successful renewal was sent
         # task id -> monotonic time until which its lease is known to hold (see _lease_ok)
         self._lease_until: dict[str, float] = {}
+        # task id -> monotonic time its expires_at passes, for the jobs that have one
+        self._expires_at: dict[str, float] = {}
         self._in_data: set[str] = set()  # message sent or being sent; no longer abortable
         self._abandoned: set[asyncio.Task[bool]] = set()  # cancelled BLPOPs still unwinding
         # The relay's breaker, probes and shared send rate (see worker.relay).
@@ -245,12 +247,17 @@ class Worker:
             # A claim that was on its way when stop() came (a finish's refill, typically):
             # the drain has already chosen what to wait for, so give these back unstarted.
             # A late one may already be another worker's: release is fenced by our token.
-            release = functools.partial(self.queue.release, claim.jobs, worker_id=self.worker_id)
+            release = functools.partial(
+                self.queue.release, claim.jobs, worker_id=self.worker_id, retire=False
+            )
             await _best_effort(release, "release")
         else:
             deadline = self._lease_deadline(sent)
             for claimed in claim.jobs:
                 self._lease_until[claimed.task_id] = deadline
+                if claimed.expires_in_ms is not None:
+                    # On the safe side: Redis read its clock after `sent`.
+                    self._expires_at[claimed.task_id] = sent + claimed.expires_in_ms / 1000
                 self._start(claimed)
         for lost in claim.unreadable:
             # It can never be sent; failing it keeps it from coming back on every claim.
@@ -272,6 +279,7 @@ class Worker:
     def _forget(self, task_id: str, task: asyncio.Task[None]) -> None:
         if self._tasks.get(task_id) is task:
             self._lease_until.pop(task_id, None)
+            self._expires_at.pop(task_id, None)
             self._in_data.discard(task_id)
             self._inflight.pop(task_id, None)
             self._tasks.pop(task_id, None)
@@ -292,12 +300,33 @@ class Worker:
         # A job claimed ahead (WORKER_PREFETCH) waits here for a send slot, which is given
         # back as the send ends: recording its outcome takes no slot from the next send.
         async with self._send_slots:
-            started = time.perf_counter()  # the attempt's time, not its wait for a slot
-            try:
-                result: Delivery | LeaseLost | SendError = await self._attempt(claimed, ctx)
-            except (LeaseLost, SendError) as exc:
-                result = exc
-        await self._settle(claimed, result, started, ctx)
+            if self._expired_while_waiting(claimed.task_id):
+                result: Delivery | LeaseLost | SendError | None = None
+            else:
+                started = time.perf_counter()  # the attempt's time, not its wait for a slot
+                try:
+                    result = await self._attempt(claimed, ctx)
+                except (LeaseLost, SendError) as exc:
+                    result = exc
+        if result is None:
+            await self._give_back_expired(claimed, ctx)
+        else:
+            await self._settle(claimed, result, started, ctx)
+
+    def _expired_while_waiting(self, task_id: str) -> bool:
+        """Whether the job's expires_at has passed since it was claimed: a job held ahead
+        of a free slot (WORKER_PREFETCH) can outwait it, and must then never be sent."""
+        expires_at = self._expires_at.get(task_id)
+        return expires_at is not None and time.monotonic() >= expires_at
+
+    async def _give_back_expired(self, claimed: ClaimedJob, ctx: dict[str, Any]) -> None:
+        # Back to its lane uncounted, where the next claim fails it as 'expired', as it
+        # does a mail that expired in the queue. Not reachable (Redis down): its lease lapses
+        # and the claim after that fails it all the same.
+        log.info("not sent: its expires_at passed while it waited for a send slot", extra=ctx)
+        release = functools.partial(self.queue.release, [claimed], worker_id=self.worker_id,
+                                    retire=False)  # fmt: skip
+        await _best_effort(release, "release")
 
     async def _settle(
         self,

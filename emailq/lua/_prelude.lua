@@ -327,7 +327,10 @@ local function claim_ready(C, now)
     end
     emit('claimed', id, now, {worker = worker, lane = f.lane, attempts = attempt,
                               request_id = f.request_id})
-    return {id, token, attempt, f.job, f.request_id or '', f.lane or ''}
+    -- The ms left before expires_at (-1: none): a worker that holds the job ahead of a free
+    -- send slot (WORKER_PREFETCH) must not send it once that has passed.
+    local expires_in = expires_at > 0 and num(expires_at - now) or -1
+    return {id, token, attempt, f.job, f.request_id or '', f.lane or '', expires_in}
   end
 
   local claimed, popped = {}, 0

@@ -1,10 +1,12 @@
--- Give back claimed tasks that were never started (worker shutting down). The attempt
--- did not happen, so it is not counted. Also takes the worker off the live list.
--- ARGV[5..]: worker id, then (task id, token) pairs
-redis.call('ZREM', K_WORKERS, ARGV[5])
+-- Give back claimed tasks that were never started (a worker shutting down, a claim reply
+-- that came too late, a mail that expired while it waited for a send slot). The attempt
+-- did not happen, so it is not counted.
+-- ARGV[5..]: worker id, '1' to take the worker off the live list (it is stopping) or '0',
+-- then (task id, token) pairs
+if ARGV[6] == '1' then redis.call('ZREM', K_WORKERS, ARGV[5]) end
 local now = nil  -- read once, and only if a task is given back
 local released = 0
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   local task = TASK .. id
   if redis.call('HGET', task, 'lease') == token then

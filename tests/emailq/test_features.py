@@ -332,6 +332,8 @@ async def test_live_workers_come_from_heartbeats_and_leave_on_release(queue: Que
     await queue.renew([], LONG, worker_id="w2")
     assert (await queue.stats(live_window_ms=LONG)).live_workers == 2
 
+    await queue.release([], worker_id="w2", retire=False)  # a give-back mid-run: still live
+    assert (await queue.stats(live_window_ms=LONG)).live_workers == 2
     await queue.release([], worker_id="w1")
     assert (await queue.stats(live_window_ms=LONG)).live_workers == 1
 

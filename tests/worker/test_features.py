@@ -144,12 +144,18 @@ async def test_an_idle_blocked_worker_is_woken_for_a_newly_scheduled_mail(
 # -- expiry ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backlog", [6, 0], ids=["behind-a-slow-backlog", "worker-starts-late"])
+@pytest.mark.parametrize(
+    ("backlog", "prefetch"), [(6, 0), (0, 0), (6, 8)],
+    # held-ahead: the worker claims the OTP early (WORKER_PREFETCH) and it expires while
+    # waiting for the one send slot; it must be given back and failed, not sent.
+    ids=["behind-a-slow-backlog", "worker-starts-late", "held-ahead"],
+)  # fmt: skip
 async def test_an_expired_otp_is_never_sent(
-    make_settings: Callable[..., Settings], smtp_factory: Factory, backlog: int
+    make_settings: Callable[..., Settings], smtp_factory: Factory, backlog: int, prefetch: int
 ) -> None:
     server = scripted(smtp_factory, delay=0.3)  # 6 sends one at a time outlast the 1 s ttl
-    settings = make_settings(smtp_port=server.port, worker_concurrency=1)
+    settings = make_settings(smtp_port=server.port, worker_concurrency=1,
+                             worker_prefetch=prefetch)  # fmt: skip
     async with producer(settings) as queue:
         ahead = await add(queue, "bulk", backlog)
         expires = await redis_now_ms(queue) + 1000
