@@ -273,6 +273,16 @@ def test_a_json_line_is_what_the_json_encoder_writes_for_it(
     assert formatter.format(record) == _json_as_a_dict_was(formatter, record)
 
 
+@given(created=st.floats(min_value=0, max_value=4e9))
+def test_a_line_time_is_rfc_3339_utc_with_the_records_milliseconds(created: float) -> None:
+    # The milliseconds as LogRecord.msecs has them: int((created - int(created)) * 1000).
+    second = int(created)
+    expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    assert logs.JsonFormatter()._clock.at(created) == (
+        f"{expected}.{int((created - second) * 1000):03d}Z"
+    )
+
+
 def test_a_blocked_stream_never_blocks_a_log_call_and_loses_nothing(
     pipeline: tuple[LogPipeline, Lines],
 ) -> None:
