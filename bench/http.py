@@ -152,6 +152,9 @@ def enqueue_rates(
     return results
 
 
+IDLE_SECONDS = 2.0  # well inside uvicorn's keep-alive timeout (5 s)
+
+
 class RawClient:
     """A minimal HTTP/1.1 keep-alive client for the latency runs.
 
@@ -163,7 +166,10 @@ class RawClient:
     def __init__(self, base: str) -> None:
         host, port = base.removeprefix("http://").rsplit(":", 1)
         self.host, self.port = host, int(port)
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # Idle connections with the time each was last used. uvicorn closes one left idle
+        # for its keep-alive timeout (5 s); reusing it then raced that close and the POST read
+        # nothing (IncompleteReadError, which ended a bench run). Kept for 2 s at most.
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     async def post(self, path: str, body: bytes) -> bytes:
         """POST JSON; returns the response body (one connection per request in flight)."""
@@ -176,20 +182,27 @@ class RawClient:
         head = f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n"
         return await self._request("GET", path, head.encode())
 
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self._idle:
+            reader, writer, used = self._idle.pop()
+            if time.perf_counter() - used < IDLE_SECONDS:
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
     async def _request(self, method: str, path: str, request: bytes) -> bytes:
-        reader, writer = self._idle.pop() if self._idle else \
-            await asyncio.open_connection(self.host, self.port)  # fmt: skip
+        reader, writer = await self._connection()
         writer.write(request)
         answer = await reader.readuntil(b"\r\n\r\n")
         length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", answer)
         reply = await reader.readexactly(int(length.group(1)) if length else 0)
         if not answer.startswith(b"HTTP/1.1 2"):
             raise RuntimeError(f"{method} {path} answered {answer.splitlines()[0]!r}: {reply!r}")
-        self._idle.append((reader, writer))
+        self._idle.append((reader, writer, time.perf_counter()))
         return reply
 
     def close(self) -> None:
-        for _, writer in self._idle:
+        for _, writer, _ in self._idle:
             writer.close()
 
 
