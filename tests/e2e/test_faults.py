@@ -74,11 +74,48 @@ def wait_received(handler: RecordingHandler, count: int, proc: subprocess.Popen[
 def test_kill_9_mid_send_loses_nothing_and_repeats_only_in_flight(
     procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
 ) -> None:
+    run = killed_mid_send(procs, make_settings, smtp_factory, "kill -9")
+    assert 0 < len(run.interrupted) <= run.concurrency
+    for task_id in run.interrupted:
+        assert run.results[task_id]["attempts"] >= 2, run.results[task_id]
+        assert "lease_expired" in outcomes(run.results[task_id]), run.results[task_id]
+    assert run.repeated <= run.interrupted
+
+
+def test_kill_9_with_jobs_held_ahead_repeats_only_what_was_sending(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    # WORKER_PREFETCH: a killed worker also held jobs it had not begun. Their leases lapse
+    # like the sends', which costs each an attempt (the price the setting names), but none
+    # of them reached the relay, so only what was sending can arrive twice.
+    prefetch = 4
+    run = killed_mid_send(procs, make_settings, smtp_factory, "kill -9, jobs held ahead",
+                          worker_prefetch=prefetch)  # fmt: skip
+    assert run.concurrency < len(run.interrupted) <= run.concurrency + prefetch  # held too
+    assert run.repeated <= run.interrupted & run.reached_relay
+
+
+@dataclass
+class KilledMidSend:
+    concurrency: int
+    interrupted: set[str]  # claimed by the killed worker and not finished
+    reached_relay: set[str]  # at the SMTP server when it was killed
+    results: dict[str, dict[str, Any]]
+    repeated: set[str]  # arrived more than once
+
+
+def killed_mid_send(
+    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer],
+    label: str, **extra: Any,
+) -> KilledMidSend:  # fmt: skip
+    """kill -9 a worker with sends in flight, let a second one finish; every mail arrives,
+    at most the killed worker's concurrency twice, and exactly the mails it had claimed
+    record a lapsed lease."""
     handler = CommitFirstHandler(delay=0.5)
     smtp = smtp_factory(handler=handler)
     concurrency = 4
     settings = make_settings(smtp_port=smtp.port, worker_concurrency=concurrency,
-                             job_lease_seconds=1)  # fmt: skip
+                             job_lease_seconds=1, **extra)  # fmt: skip
     api = Api(procs.api(settings))
     ids = api.enqueue(20)
     worker_a = procs.worker(settings)
@@ -89,56 +126,18 @@ def test_kill_9_mid_send_loses_nothing_and_repeats_only_in_flight(
     # Claimed by A and never finished: what the kill interrupted (B is not running yet).
     interrupted = {t for t, r in api.results(ids).items()
                    if r["status"] == "pending" and r["attempts"] >= 1}  # fmt: skip
-    procs.worker(settings)
-
-    results = api.wait_terminal(ids)
-    counts = Counts.of(ids, smtp.handler).report("kill -9")
-    all_succeeded(results)
-    assert counts.lost == 0
-    assert counts.duplicated <= concurrency
-    assert 0 < len(interrupted) <= concurrency
-    for task_id in interrupted:
-        assert results[task_id]["attempts"] >= 2, results[task_id]
-        assert "lease_expired" in outcomes(results[task_id]), results[task_id]
-    expired = {t for t, r in results.items() if "lease_expired" in outcomes(r)}
-    assert expired == interrupted
-    repeated = {t for t, n in Counter(smtp.handler.task_ids()).items() if n > 1}
-    assert repeated <= interrupted
-
-
-def test_kill_9_with_jobs_held_ahead_repeats_only_what_was_sending(
-    procs: Procs, make_settings: Callable[..., Settings], smtp_factory: Callable[..., SmtpServer]
-) -> None:
-    # WORKER_PREFETCH: a killed worker also held jobs it had not begun. Their leases lapse
-    # like the sends', which costs each an attempt (the price the setting names), but none
-    # of them reached the relay, so only what was sending can arrive twice.
-    handler = CommitFirstHandler(delay=0.5)
-    smtp = smtp_factory(handler=handler)
-    concurrency, prefetch = 4, 4
-    settings = make_settings(smtp_port=smtp.port, worker_concurrency=concurrency,
-                             worker_prefetch=prefetch, job_lease_seconds=1)  # fmt: skip
-    api = Api(procs.api(settings))
-    ids = api.enqueue(20)
-    worker_a = procs.worker(settings)
-
-    wait_until(lambda: handler.answered >= concurrency and handler.unanswered() > 0,
-               what="some mails delivered and more in flight", proc=worker_a)  # fmt: skip
-    sigkill(worker_a)
-    interrupted = {t for t, r in api.results(ids).items()
-                   if r["status"] == "pending" and r["attempts"] >= 1}  # fmt: skip
     reached_relay = set(handler.task_ids())
     procs.worker(settings)
 
     results = api.wait_terminal(ids)
-    counts = Counts.of(ids, smtp.handler).report("kill -9, jobs held ahead")
+    counts = Counts.of(ids, smtp.handler).report(label)
     all_succeeded(results)
     assert counts.lost == 0
     assert counts.duplicated <= concurrency
-    assert concurrency < len(interrupted) <= concurrency + prefetch  # held ones too
     expired = {t for t, r in results.items() if "lease_expired" in outcomes(r)}
     assert expired == interrupted
     repeated = {t for t, n in Counter(smtp.handler.task_ids()).items() if n > 1}
-    assert repeated <= interrupted & reached_relay
+    return KilledMidSend(concurrency, interrupted, reached_relay, results, repeated)
 
 
 # -- 2. SIGTERM drains: in-flight sends finish, unstarted jobs go back -------------------------
