@@ -127,9 +127,10 @@ class Settings(BaseSettings):
     # whose send ends then starts the next at once instead of idling through the round trip
     # that records the last outcome and claims its successor: more mails/s to a fast relay.
     # The price, and why it is off by default: a job held ahead can no longer be cancelled,
-    # a high-priority mail may queue behind the jobs held, and a worker killed outright
-    # (or cut off from Redis past its leases) costs the jobs it held an attempt each. A job
-    # whose expires_at passes while it is held is given back, never sent.
+    # and a worker killed outright (or cut off from Redis past its leases) costs the jobs
+    # it held an attempt each. A held job whose expires_at passes is given back, never
+    # sent; held jobs take free slots by lane, as the claim does (worker.slots), so a
+    # high-priority mail waits behind no more than the sends already running.
     worker_prefetch: int = Field(default=0, ge=0, le=512)
     job_lease_seconds: float = Field(default=10.0, ge=1)
     worker_shutdown_grace_seconds: float = Field(default=25.0, ge=0)

@@ -33,14 +33,15 @@ from emailq.errors import (
 )
 from emailq.logs import bind, log_line, unbind
 from emailq.message import envelope_recipients, envelope_sender, render
-from emailq.models import Attempt, ClaimedJob
-from emailq.queue import Claim, Finish, Outcome, Queue, Refill
+from emailq.models import LANES, Attempt, ClaimedJob, Priority
+from emailq.queue import FAIR_EVERY, Claim, Finish, Outcome, Queue, Refill
 from emailq.relay import RelayStore
 from emailq.settings import Settings, UnknownOutcome
 from worker.observer import NoObserver, WorkerObserver
 from worker.relay import RelayGuard
 from worker.retry import RetryPolicy
 from worker.sender import Delivery, Sender
+from worker.slots import SendSlots
 
 log = logging.getLogger("emailq.worker")
 
@@ -112,7 +113,7 @@ class Worker:
         self._started: set[str] = set()
         self._recording: set[str] = set()  # outcome being written; its lease goes with it
         self._slot_freed = asyncio.Event()
-        self._send_slots = asyncio.Semaphore(self.concurrency)
+        self._send_slots = SendSlots(self.concurrency, LANES, FAIR_EVERY, Priority.DEFAULT)
         self._stopping = asyncio.Event()
         self._renewed_at = 0.0  # monotonic time the last successful renewal was sent
         # task id -> monotonic time until which its lease is known to hold (see _lease_ok)
@@ -297,9 +298,11 @@ class Worker:
 
     async def _process(self, claimed: ClaimedJob) -> None:
         ctx = _log_context(claimed)
-        # A job claimed ahead (WORKER_PREFETCH) waits here for a send slot, which is given
-        # back as the send ends: recording its outcome takes no slot from the next send.
-        async with self._send_slots:
+        # A job claimed ahead (WORKER_PREFETCH) waits here for a send slot, by its lane,
+        # which is given back as the send ends: recording its outcome takes no slot from
+        # the next send.
+        await self._send_slots.acquire(claimed.lane)
+        try:
             if self._expired_while_waiting(claimed.task_id):
                 result: Delivery | LeaseLost | SendError | None = None
             else:
@@ -308,6 +311,8 @@ class Worker:
                     result = await self._attempt(claimed, ctx)
                 except (LeaseLost, SendError) as exc:
                     result = exc
+        finally:
+            self._send_slots.release()
         if result is None:
             await self._give_back_expired(claimed, ctx)
         else:
