@@ -512,36 +512,28 @@ class Checkout:
         tb: TracebackType | None,
     ) -> None:
         assert self.conn is not None  # set by __aenter__, which the body ran after
-        await self.pool.give_back(self.conn, exc)
+        error = self._converted(self.conn, exc)
+        await self.pool.give_back(self.conn, error)
+        if error is not exc:
+            assert error is not None
+            raise error from exc
+
+    def _converted(self, conn: Connection, exc: BaseException | None) -> BaseException | None:
+        """What the body's ``exc`` is to the pool, and to the caller: itself, here."""
+        return exc
 
 
-class Session:
-    """``async with sender.session()``: a pool ``Checkout`` whose body's aiosmtplib and
-    socket errors are converted to ``SendError`` (``convert_error``) before the checkout
-    sees them, and raised as that."""
+class Session(Checkout):
+    """``async with sender.session()``: a ``Checkout`` whose body's aiosmtplib and socket
+    errors are converted to ``SendError`` (``convert_error``) before the pool sees them,
+    and raised as that."""
 
-    __slots__ = ("checkout",)
+    __slots__ = ()
 
-    def __init__(self, pool: SmtpPool) -> None:
-        self.checkout = Checkout(pool)
-
-    async def __aenter__(self) -> Connection:
-        return await self.checkout.__aenter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not isinstance(exc, TimeoutError | aiosmtplib.SMTPException | OSError):
-            await self.checkout.__aexit__(exc_type, exc, tb)
-            return
-        conn = self.checkout.conn
-        assert conn is not None
-        converted = convert_error(exc, before_data=not conn.smtp.data_started)
-        await self.checkout.__aexit__(type(converted), converted, tb)
-        raise converted from exc
+    def _converted(self, conn: Connection, exc: BaseException | None) -> BaseException | None:
+        if isinstance(exc, TimeoutError | aiosmtplib.SMTPException | OSError):
+            return convert_error(exc, before_data=not conn.smtp.data_started)
+        return exc
 
 
 class Sender:
