@@ -44,7 +44,15 @@ class TrackingHandler(RecordingHandler):
 
 def scripted(factory: Factory, replies: Iterable[str] = (), delay: float = 0.0) -> SmtpServer:
     """An SMTP server (``smtp_factory``) answering DATA with ``replies``, then 250."""
-    return factory(handler=TrackingHandler(replies=list(replies), delay=delay))
+    return tracked(factory, replies, delay)[0]
+
+
+def tracked(
+    factory: Factory, replies: Iterable[str] = (), delay: float = 0.0
+) -> tuple[SmtpServer, TrackingHandler]:
+    """``scripted``, and its handler as the ``TrackingHandler`` it is (for its counts)."""
+    handler = TrackingHandler(replies=list(replies), delay=delay)
+    return factory(handler=handler), handler
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tests.helpers.polling import wait_for
 from tests.helpers.ports import port_of, refused_port
 from tests.helpers.queues import preload
 from tests.helpers.smtpd import Authenticator, EnvelopeHandler, SmtpServer
-from tests.helpers.workers import Factory, TrackingHandler, deliver, running, scripted
+from tests.helpers.workers import Factory, TrackingHandler, deliver, running, scripted, tracked
 from worker.__main__ import build_worker
 from worker.loop import _cancel_all
 
@@ -225,9 +225,7 @@ async def test_connections_are_reused(
 async def test_a_connection_survives_a_4xx_reply(
     make_settings: Callable[..., Settings], smtp_factory: Factory
 ) -> None:
-    server = scripted(smtp_factory, ["450 4.2.1 mailbox busy"])
-    handler = server.handler
-    assert isinstance(handler, TrackingHandler)
+    server, handler = tracked(smtp_factory, ["450 4.2.1 mailbox busy"])
 
     records = await deliver(make_settings(smtp_port=server.port, worker_concurrency=1), 5)
 
@@ -239,9 +237,7 @@ async def test_a_connection_survives_a_4xx_reply(
 async def test_sends_run_concurrently_up_to_the_limit(
     make_settings: Callable[..., Settings], smtp_factory: Factory
 ) -> None:
-    server = scripted(smtp_factory, delay=0.3)
-    handler = server.handler
-    assert isinstance(handler, TrackingHandler)
+    server, handler = tracked(smtp_factory, delay=0.3)
 
     records = await deliver(make_settings(smtp_port=server.port, worker_concurrency=4), 10)
 
@@ -255,9 +251,7 @@ async def test_jobs_held_ahead_wait_for_a_send_slot_and_cannot_be_cancelled(
     # WORKER_PREFETCH: the worker holds more jobs than it sends at once. The extra ones wait,
     # leased, for a send slot; being leased, they answer a cancel as 'sending' (the price
     # the setting's documentation names) and are sent, once.
-    server = scripted(smtp_factory, delay=0.3)
-    handler = server.handler
-    assert isinstance(handler, TrackingHandler)
+    server, handler = tracked(smtp_factory, delay=0.3)
     settings = make_settings(smtp_port=server.port, worker_concurrency=2, worker_prefetch=3)
     ids = await preload(settings, ["Hi"] * 12)
     client = redis.Redis.from_url(settings.redis_url)
