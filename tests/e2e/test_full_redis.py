@@ -47,10 +47,11 @@ class Load:
         self.accepted: list[str] = []
         # A store whose reply Redis did not give in time (503 store_outcome_unknown, under
         # a loaded machine) may have been stored: its mail may arrive, unnamed to anyone.
-        self.unknown_outcomes = False
+        self.unknown_outcomes = 0
 
     def post(self, client: httpx.Client, n: int) -> int | str:
         body = {"to": f"user{n}@example.com", "subject": f"full {n}", "body": BODY}
+        error = ""
         try:
             response = client.post("/api/v1/email/received", json=body)
         except httpx.HTTPError as exc:  # a dropped connection, a timeout: no answer at all
@@ -60,9 +61,8 @@ class Load:
             if answer != 202:
                 error = response.json()["error"]
                 assert error, response.text  # the JSON error shape
-                if error == "store_outcome_unknown":
-                    self.unknown_outcomes = True
         with self.lock:
+            self.unknown_outcomes += error == "store_outcome_unknown"
             self.statuses[answer] += 1
             if answer == 202:
                 self.accepted.append(response.json()["task_id"])
