@@ -9,6 +9,9 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
+from opentelemetry import _logs, trace
+from opentelemetry import metrics as otel_metrics
 
 from emailq import __version__
 from emailq.coalesce import EnqueueCoalescer
@@ -50,6 +53,28 @@ from server.state import AppState
 log = logging.getLogger("emailq.api")
 
 API_PREFIX = "/api/v1"
+
+# What OpenTelemetry's API hands out while no provider has been set: FastAPI's own test for
+# "not configured" (``fastapi.telemetry._api._unconfigured``), by class, as it does.
+_UNSET_PROVIDERS = frozenset({
+    ("opentelemetry.trace", "ProxyTracerProvider"),
+    ("opentelemetry.metrics._internal", "_ProxyMeterProvider"),
+    ("opentelemetry._logs._internal", "ProxyLoggerProvider"),
+})  # fmt: skip
+
+
+def native_telemetry() -> TelemetryConfig | None:
+    """FastAPI's native OpenTelemetry, decided once, as the app is built: FastAPI's defaults
+    when a global provider is set by then (``opentelemetry-instrument`` sets them before
+    any app code runs), else off. Left to FastAPI, every request asks OpenTelemetry for its
+    three providers (environment reads each time), about 2% of a send's CPU, to find what
+    does not change while the process runs. emailq's own telemetry is ``/metrics`` and its
+    log lines."""
+    providers = (trace.get_tracer_provider(), otel_metrics.get_meter_provider(),
+                 _logs.get_logger_provider())  # fmt: skip
+    if any((type(p).__module__, type(p).__name__) not in _UNSET_PROVIDERS for p in providers):
+        return None
+    return {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -104,6 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=docs.OPENAPI_URL if settings.api_docs else None,
+        telemetry=native_telemetry(),
     )
     attach_state(app, state)
     # Innermost, added first: the send and batch routes' ordinary requests are answered here,
