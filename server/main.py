@@ -15,6 +15,7 @@ from opentelemetry import metrics as otel_metrics
 
 from emailq import __version__
 from emailq.coalesce import EnqueueCoalescer
+from emailq.errors import ConfigError
 from emailq.forms import load_forms
 from emailq.logs import configure_logging, redact_url
 from emailq.netlists import split_list
@@ -67,11 +68,19 @@ def native_telemetry() -> TelemetryConfig | None:
     """FastAPI's native OpenTelemetry, decided once, as the app is built: FastAPI's defaults
     when a global provider is set by then (``opentelemetry-instrument`` sets them before
     any app code runs), else off. Left to FastAPI, every request asks OpenTelemetry for its
-    three providers (environment reads each time), about 2% of a send's CPU, to find what
-    does not change while the process runs. emailq's own telemetry is ``/metrics`` and its
-    log lines."""
-    providers = (trace.get_tracer_provider(), otel_metrics.get_meter_provider(),
-                 _logs.get_logger_provider())  # fmt: skip
+    three providers (environment reads each time), 5% of a send's instructions, to find
+    what does not change while the process runs. emailq's own telemetry is ``/metrics`` and its
+    log lines. Raises ``ConfigError`` when a provider named in the environment does not
+    load (FastAPI would have failed every request with it instead)."""
+    try:
+        providers = (trace.get_tracer_provider(), otel_metrics.get_meter_provider(),
+                     _logs.get_logger_provider())  # fmt: skip
+    except Exception as exc:  # OTEL_PYTHON_*_PROVIDER names an entry point that does not load
+        raise ConfigError(
+            "OpenTelemetry: a provider named by OTEL_PYTHON_TRACER_PROVIDER, "
+            "OTEL_PYTHON_METER_PROVIDER or OTEL_PYTHON_LOGGER_PROVIDER did not load "
+            f"({type(exc).__name__}); unset it, or install the package that provides it"
+        ) from exc
     if any((type(p).__module__, type(p).__name__) not in _UNSET_PROVIDERS for p in providers):
         return None
     return {"tracing": False, "metrics": False, "logs": False}

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from opentelemetry import trace
 
+from emailq.errors import ConfigError
 from emailq.settings import Settings
 from server.main import create_app
 from tests.helpers.api import local_client, mail
@@ -92,3 +93,12 @@ def test_a_provider_set_before_the_app_is_built_gets_fastapis_spans(
     # A server span a request, named by its method until the route is known (a no-op span
     # takes no new name).
     assert provider.spans == ["POST", "POST"], provider.spans
+
+
+def test_a_provider_that_does_not_load_stops_the_start_with_its_setting_named(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    # FastAPI alone would fail every request with it; emailq refuses to start instead.
+    monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "no_such_provider")
+    with pytest.raises(ConfigError, match="OTEL_PYTHON_TRACER_PROVIDER"):
+        create_app(settings)
