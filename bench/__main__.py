@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "relay" in args.parts:
             result["relay"] = slow_relay.run(url, tmp, delays_ms=args.relay_delays,
                                              n=args.relay_n, connections=args.relay_connections,
-                                             peers=not args.relay_no_peers)  # fmt: skip
+                                             peers=not args.relay_no_peers,
+                                             rounds=args.relay_rounds)  # fmt: skip
     finally:
         redis_server.stop()
     return result
@@ -131,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="slow-relay reply delays (ms)")  # fmt: skip
     parser.add_argument("--relay-n", type=int, default=10_000, help="mails per slow-relay run")
     parser.add_argument("--relay-connections", type=int, default=256)
+    parser.add_argument("--relay-rounds", type=int, default=3,
+                        help="emailq drains per relay delay; the median is shown")  # fmt: skip
     parser.add_argument("--relay-no-peers", action="store_true",
                         help="skip arq and SAQ against the slow relay")  # fmt: skip
     parser.add_argument("--scaling-sizes", type=lambda t: [int(x) for x in t.split(",") if x],

@@ -142,6 +142,14 @@ def _cost_rows(r: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def _rounds(s: dict[str, Any], limit: float) -> str:
+    """Every round's ratio, when the worker drained more than once (the median is shown)."""
+    rates = s.get("emailq_rates") or []
+    if len(rates) < 2:
+        return ""
+    return " (the median of " + ", ".join(f"{rate / limit:.2f}" for rate in rates) + ")"
+
+
 def _relay_rows(s: dict[str, Any]) -> list[str]:
     d, c, limit = f"{s['delay_ms']:g} ms", s["connections"], s["limit"]
     ours = s["emailq"]
@@ -158,7 +166,8 @@ def _relay_rows(s: dict[str, Any]) -> list[str]:
              f"sink {s['plain_sink_cpu_share']:.2f} cores", ""),
         _row(f"relay {d}: emailq worker, 1 process, WORKER_CONCURRENCY={c}",
              f"{ours['rate']:,.0f} mails/s",
-             f"**{ours['rate'] / limit:.2f}x limit**; RSS {ours['rss_mb']:.0f} MB; "
+             f"**{ours['rate'] / limit:.2f}x limit**{_rounds(s, limit)}; "
+             f"RSS {ours['rss_mb']:.0f} MB; "
              f"{round_trips(ours, s['n']):.2f} Redis round trips/mail; CPU: worker "
              f"{ours['cpu_share']:.2f} ({ours['cpu_us_per_mail']:.0f} us/mail), "
              f"sink {s['emailq_sink_cpu_share']:.2f} cores",

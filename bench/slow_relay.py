@@ -11,6 +11,7 @@ For each delay (20 ms and 100 ms by default), against the same sink process:
   Python process sending with aiosmtplib reaches, with no queue at all;
 - the emailq worker, one process, ``WORKER_CONCURRENCY=connections``: mails/s, its ratio to
   the limit, RSS, and Redis calls per mail (INFO commandstats, as the fast drain counts);
+  the median of ``rounds`` drains, every round's rate kept;
 - optionally the peers at the same concurrency.
 """
 
@@ -108,8 +109,25 @@ class Cpu:
         self.sink = (cpu_seconds(self.sink_pid) - sink) / elapsed
 
 
+def _median_drain(
+    redis_url: str, port: int, n: int, connections: int, tmp: Path, sink_pid: int, rounds: int
+) -> tuple[dict[str, Any], Cpu, list[float]]:
+    """``rounds`` worker drains into the sink: the one of the median rate (with the sink's
+    CPU over it), and every round's rate. The limit is set by latency alone and does not
+    move with this VM's speed, but a worker at 256 in flight is CPU-bound and does: one drain
+    is one sample of that speed (0.78x, 0.91x and 0.84x the limit in three runs of one day)."""
+    drains = []
+    for _ in range(rounds):
+        with Cpu(sink_pid) as cpu:
+            ours = drain.emailq_drain(redis_url, port, n, 1, connections, tmp)
+        drains.append((ours, cpu))
+    ranked = sorted(drains, key=lambda d: d[0]["rate"])
+    ours, cpu = ranked[len(ranked) // 2]
+    return ours, cpu, [d[0]["rate"] for d in drains]
+
+
 def one_delay(redis_url: str, delay_ms: float, n: int, connections: int, tmp: Path,
-              peers: bool) -> dict[str, Any]:  # fmt: skip
+              peers: bool, rounds: int = 1) -> dict[str, Any]:  # fmt: skip
     port = free_port()
     sink = spawn([exe(), "-m", "bench.sink", str(port), str(delay_ms)], {"PYTHONPATH": str(ROOT)},
                  tmp / f"slow-sink-{delay_ms:g}.log")  # fmt: skip
@@ -121,13 +139,13 @@ def one_delay(redis_url: str, delay_ms: float, n: int, connections: int, tmp: Pa
         pipelined = uvloop.run(pipelined_connection(port, count))
         with Cpu(sink.pid) as plain_cpu:
             plain = uvloop.run(drain.plain_loop(port, n, connections))
-        with Cpu(sink.pid) as ours_cpu:
-            ours = drain.emailq_drain(redis_url, port, n, 1, connections, tmp)
+        ours, ours_cpu, rates = _median_drain(redis_url, port, n, connections, tmp, sink.pid,
+                                              rounds)  # fmt: skip
         result: dict[str, Any] = {
             "delay_ms": delay_ms, "connections": connections, "n": n,
             "one_connection_s_per_mail": per_mail, "pipelined_s_per_mail": pipelined,
             "limit": connections / per_mail, "pipelined_limit": connections / pipelined,
-            "plain_rate": plain, "emailq": ours,
+            "plain_rate": plain, "emailq": ours, "emailq_rates": rates,
             "plain_cpu_share": plain_cpu.own, "plain_sink_cpu_share": plain_cpu.sink,
             "emailq_sink_cpu_share": ours_cpu.sink,
         }  # fmt: skip
@@ -142,6 +160,6 @@ def one_delay(redis_url: str, delay_ms: float, n: int, connections: int, tmp: Pa
 
 
 def run(redis_url: str, tmp: Path, *, delays_ms: list[float], n: int, connections: int,
-        peers: bool) -> list[dict[str, Any]]:  # fmt: skip
+        peers: bool, rounds: int = 1) -> list[dict[str, Any]]:  # fmt: skip
     flush_all(redis_url)
-    return [one_delay(redis_url, d, n, connections, tmp, peers) for d in delays_ms]
+    return [one_delay(redis_url, d, n, connections, tmp, peers, rounds) for d in delays_ms]
