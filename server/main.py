@@ -56,7 +56,9 @@ log = logging.getLogger("emailq.api")
 API_PREFIX = "/api/v1"
 
 # What OpenTelemetry's API hands out while no provider has been set: FastAPI's own test for
-# "not configured" (``fastapi.telemetry._api._unconfigured``), by class, as it does.
+# "not configured" (``fastapi.telemetry._api._unconfigured``, private), by class, as it does.
+# Should FastAPI add a class there, this set takes it for a configured provider and leaves
+# FastAPI's defaults: the per-request ask comes back, and nothing else changes.
 _UNSET_PROVIDERS = frozenset({
     ("opentelemetry.trace", "ProxyTracerProvider"),
     ("opentelemetry.metrics._internal", "_ProxyMeterProvider"),
