@@ -16,7 +16,7 @@ from opentelemetry import trace
 
 from emailq.errors import ConfigError
 from emailq.settings import Settings
-from server.main import create_app
+from server.main import _UNSET_PROVIDERS, create_app
 from tests.helpers.api import local_client, mail
 
 
@@ -102,3 +102,11 @@ def test_a_provider_that_does_not_load_stops_the_start_with_its_setting_named(
     monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "no_such_provider")
     with pytest.raises(ConfigError, match="OTEL_PYTHON_TRACER_PROVIDER"):
         create_app(settings)
+
+
+def test_the_unset_provider_classes_are_fastapis() -> None:
+    # server/main.py keeps a copy (FastAPI's is private); an upgrade that changes FastAPI's
+    # set fails here rather than quietly bringing the per-request ask back.
+    from fastapi.telemetry._api import _DEFERRED_PROVIDERS
+
+    assert _UNSET_PROVIDERS == _DEFERRED_PROVIDERS
