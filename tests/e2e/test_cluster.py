@@ -19,7 +19,7 @@ import pytest
 from emailq.settings import Settings
 from emailq.webhooks.signing import new_secret
 from tests.e2e.test_webhooks import FAST_WEBHOOKS, sent_events, webhooks_file
-from tests.helpers.api import TERMINAL, Api, all_succeeded, outcomes
+from tests.helpers.api import TERMINAL, Api, all_succeeded
 from tests.helpers.cluster import LocalCluster, cluster_skip_reason
 from tests.helpers.polling import read_log, wait_until
 from tests.helpers.processes import Procs, settings_env
@@ -132,6 +132,18 @@ def settled(api: Api, task_id: str) -> bool:
     return response.status_code == 404 or response.json()["status"] in TERMINAL
 
 
+def _attempts_logged(log: str) -> set[tuple[str, int]]:
+    """(task id, attempt) of every worker log line about an attempt it held."""
+    found = set()
+    for line in log.splitlines():
+        if '"attempt":' not in line:
+            continue
+        record = json.loads(line)
+        if "task_id" in record:
+            found.add((record["task_id"], int(record["attempt"])))
+    return found
+
+
 class Load:
     """POSTs one mail after another from a thread until stopped; records every answer."""
 
@@ -239,5 +251,13 @@ def test_kill_9_of_the_slot_master_under_load_fails_over_without_restarts(
     print(f"tasks the new master does not know: {counts.accepted - len(known)}")
     results = api.results(known)
     all_succeeded(results)
-    # Renewals rode out the failover: no lease lapsed, so nothing was claimed twice for it.
-    assert not [t for t, r in results.items() if "lease_expired" in outcomes(r)]
+    # Renewals rode out the failover: no lease the worker held lapsed. A claim whose reply
+    # the kill cut (it reached the replica, the worker never got the job) is another
+    # matter: that lease lapses and the job is claimed again, as it must be (seen in CI:
+    # attempt 1 lapsed, attempt 2 sent once). The worker logs every attempt it held ("sent",
+    # "not sent: ..."), so a lapsed attempt must be one it never logged.
+    held = _attempts_logged(read_log(worker))
+    lapsed = [(t, e["attempt"]) for t, r in results.items() for e in r["attempt_log"]
+              if e["outcome"] == "lease_expired"]  # fmt: skip
+    print(f"leases lapsed (claims whose reply was lost): {len(lapsed)}")  # a figure
+    assert not [attempt for attempt in lapsed if attempt in held], (lapsed, held)
