@@ -16,7 +16,7 @@ from typing import Any
 import uvloop
 
 from bench import drain, http, scaling, slow_relay
-from bench.common import ROOT, exe, listening, spawn, stop, wait_until
+from bench.common import ROOT, exe, listening, median_by, spawn, stop, wait_until
 from bench.sink import smtp_sink_path, start_smtp_sink
 from emailq.devtools.redis_server import RedisServer, free_port
 
@@ -86,8 +86,8 @@ def _drain_rounds(url: str, port: int, args: argparse.Namespace, tmp: Path) -> d
               for _ in range(args.drain_rounds)]  # fmt: skip
     ratios = {name: [r[name]["rate"] / r["plain_rate"] for r in rounds]
               for name in ("emailq_1", "emailq_1_prefetch")}  # fmt: skip
-    median = sorted(rounds, key=lambda r: r["emailq_1"]["rate"] / r["plain_rate"])
-    return {**median[len(median) // 2], "drain_ratios": ratios}
+    median = median_by(rounds, lambda r: r["emailq_1"]["rate"] / r["plain_rate"])
+    return {**median, "drain_ratios": ratios}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

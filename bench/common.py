@@ -8,15 +8,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosmtplib
 import redis
 
 from emailq.message import render
 from emailq.models import Job
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIL_FROM = "bench <noreply@example.com>"
@@ -133,3 +135,9 @@ def cpu_seconds(pid: int) -> float:
 
 def exe() -> str:
     return sys.executable
+
+
+def median_by(items: Sequence[T], key: Callable[[T], float]) -> T:
+    """The item of the median ``key`` (the upper one of an even count): a whole run, so its
+    own figures stay together rather than a mix of runs."""
+    return sorted(items, key=key)[len(items) // 2]

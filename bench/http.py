@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import exe, flush_all, settings_env, spawn, stop, wait_until
+from bench.common import exe, flush_all, median_by, settings_env, spawn, stop, wait_until
 from bench.sink import Arrivals, start_python_sink
 from emailq.devtools.redis_server import free_port
 
@@ -124,7 +124,7 @@ def _one_round(redis_url: str, smtp_port: int, tmp: Path, seconds: int) -> dict[
 
 def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     """The run with the median rate (its own p50 and p99, not a mix of runs)."""
-    return sorted(runs, key=lambda run: run["rate"])[len(runs) // 2]
+    return median_by(runs, lambda run: run["rate"])
 
 
 def enqueue_rates(

@@ -71,10 +71,7 @@ def _prefetch_row(r: dict[str, Any], plain: float) -> list[str]:
 def _ratio_to_plain(r: dict[str, Any], name: str) -> str:
     """The median of the rounds' ratios, and each (one pair only in runs before rounds)."""
     ratios = r.get("drain_ratios", {}).get(name) or [r[name]["rate"] / r["plain_rate"]]
-    text = f"{statistics.median(ratios):.2f}x plain"
-    if len(ratios) > 1:
-        text += f" (median of rounds {', '.join(f'{x:.2f}' for x in ratios)})"
-    return text
+    return f"{statistics.median(ratios):.2f}x plain{_rounds(ratios)}"
 
 
 def _peer_rows(r: dict[str, Any]) -> list[str]:
@@ -142,12 +139,11 @@ def _cost_rows(r: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def _rounds(s: dict[str, Any], limit: float) -> str:
-    """Every round's ratio, when the worker drained more than once (the median is shown)."""
-    rates = s.get("emailq_rates") or []
-    if len(rates) < 2:
+def _rounds(ratios: list[float]) -> str:
+    """Every round's ratio after the median shown, when there was more than one round."""
+    if len(ratios) < 2:
         return ""
-    return " (the median of " + ", ".join(f"{rate / limit:.2f}" for rate in rates) + ")"
+    return f" (median of rounds {', '.join(f'{x:.2f}' for x in ratios)})"
 
 
 def _relay_rows(s: dict[str, Any]) -> list[str]:
@@ -166,7 +162,8 @@ def _relay_rows(s: dict[str, Any]) -> list[str]:
              f"sink {s['plain_sink_cpu_share']:.2f} cores", ""),
         _row(f"relay {d}: emailq worker, 1 process, WORKER_CONCURRENCY={c}",
              f"{ours['rate']:,.0f} mails/s",
-             f"**{ours['rate'] / limit:.2f}x limit**{_rounds(s, limit)}; "
+             f"**{ours['rate'] / limit:.2f}x limit**"
+             f"{_rounds([rate / limit for rate in s.get('emailq_rates', [])])}; "
              f"RSS {ours['rss_mb']:.0f} MB; "
              f"{round_trips(ours, s['n']):.2f} Redis round trips/mail; CPU: worker "
              f"{ours['cpu_share']:.2f} ({ours['cpu_us_per_mail']:.0f} us/mail), "

@@ -36,6 +36,7 @@ from bench.common import (
     flush_all,
     job,
     listening,
+    median_by,
     new_task_id,
     send_job,
     spawn,
@@ -121,8 +122,7 @@ def _median_drain(
         with Cpu(sink_pid) as cpu:
             ours = drain.emailq_drain(redis_url, port, n, 1, connections, tmp)
         drains.append((ours, cpu))
-    ranked = sorted(drains, key=lambda d: d[0]["rate"])
-    ours, cpu = ranked[len(ranked) // 2]
+    ours, cpu = median_by(drains, lambda d: d[0]["rate"])
     return ours, cpu, [d[0]["rate"] for d in drains]
 
 
