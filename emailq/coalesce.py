@@ -186,8 +186,8 @@ class FinishCoalescer:
     groups: every finish that comes while a call is in flight goes in the next one. A lone
     finish is sent at once. A Redis error of a call is the error of every finish in it
     (Redis ran all of them or none: one script), so each caller retries on its own, as it
-    did when it had a call of its own; a retry of one already recorded comes back
-    'ignored', and the worker warns of a possible duplicate as before."""
+    did when it had a call of its own; a retry of one Redis had recorded after all is
+    answered as that call was (finish.lua)."""
 
     def __init__(self, queue: Queue, *, max_batch: int = MAX_BATCH) -> None:
         self.queue = queue

@@ -830,7 +830,8 @@ class Queue:
         reason: str = "",
         retry_in_ms: int = 0,
     ) -> str:
-        """Record one attempt's outcome. Returns the outcome applied, 'stale' or 'ignored'."""
+        """Record one attempt's outcome. Returns the outcome applied, 'stale' or 'ignored'
+        (this call run again after its reply was lost answers as its first run did)."""
         [(applied, _)] = await self.finish_many([Finish(claimed, outcome, attempt, reason,
                                                         retry_in_ms)])  # fmt: skip
         return applied

@@ -474,10 +474,13 @@ class Worker:
             applied, claim = await self.finishes.finish(done)
             if claim is not None:
                 await self._take(claim, sent)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # The send already happened: keep trying to record it through a Redis outage.
             # Without a claim: jobs claimed by a call whose reply was lost would sit leased
-            # to nobody until their lease lapsed.
+            # to nobody until their lease lapsed. Should Redis have run the call that
+            # failed, the retry is answered as that call was (finish.lua).
+            log.warning("Redis unavailable during finish (%s); retrying", exc,
+                        extra=_log_context(claimed))  # fmt: skip
             async for attempt in _until_redis_answers("finish"):
                 with attempt:
                     applied = await self.queue.finish(claimed, outcome, entry, **kwargs)

@@ -73,6 +73,23 @@ local function append_log(task, entry)
   redis.call('HSET', task, 'log', log_with(redis.call('HGET', task, 'log'), entry))
 end
 
+-- A call run twice: a worker whose finish or defer call timed out, or lost its connection,
+-- after Redis had run it sends it again, and the first run has already recorded the attempt
+-- and dropped the lease. Returns the log's last entry (`raw`, as read) if it is the one
+-- `entry_json` (as the worker sent it) records: the same attempt, code, reply and duration,
+-- measured by that worker. Anything recorded since (a lapsed lease, the next attempt) would
+-- be last instead. Only read on the paths that refuse a call, never on the busy one.
+local function own_record(raw, entry_json)
+  if not raw then return nil end
+  local log, ours = cjson.decode(raw), cjson.decode(entry_json)
+  local last = log[#log]
+  if last and last.attempt == ours.attempt and last.code == ours.code
+      and last.reply == ours.reply and last.duration_ms == ours.duration_ms then
+    return last
+  end
+  return nil
+end
+
 -- The durable event stream: every state change that matters is appended here by the script
 -- that makes it, in the same atomic step, so a consumer (metrics, the dashboard, webhooks)
 -- that reads it from where it left off misses nothing, unlike the 'done' pub/sub, which

@@ -5,13 +5,18 @@
 -- reason the worker gave.
 -- ARGV[5..11]: task id, lease token, attempt-log entry json, reason if it fails now,
 -- ceiling ms, delay ms (0: front of its lane), ttl s.
--- Returns 'deferred', 'failed', 'stale' or 'ignored'.
+-- Returns 'deferred', 'failed', 'stale' or 'ignored' (a call run again after its reply was
+-- lost answers as its first run did, and changes nothing: see own_record).
 local id, token = ARGV[5], ARGV[6]
 local ceiling, delay, ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local task = TASK .. id
 local now = now_ms()
-if redis.call('HGET', task, 'status') ~= 'pending' then return 'ignored' end
-if redis.call('HGET', task, 'lease') ~= token then return 'stale' end
+local status, lease, raw_log = unpack(redis.call('HMGET', task, 'status', 'lease', 'log'))
+if status ~= 'pending' or lease ~= token then
+  local last = own_record(raw_log, ARGV[7])
+  if last then return last.outcome end  -- 'deferred', or 'failed' at the ceiling
+  return status ~= 'pending' and 'ignored' or 'stale'
+end
 redis.call('HINCRBY', task, 'attempts', -1)
 local since = tonumber(redis.call('HGET', task, 'outage_since') or '')
 if not since then

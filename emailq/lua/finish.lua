@@ -2,9 +2,10 @@
 -- ARGV[5], ARGV[6]: ttl s of a failed task, of a successful one; ARGV[7]: how many attempts,
 -- N; from ARGV[8], six arguments for each: task id, lease token, outcome, attempt-log entry
 -- json, reason, retry delay ms. Returns a list of N: the outcome applied, 'stale' or
--- 'ignored', for each in order. The worker sends the finishes of the sends that ended while
--- its previous call was in flight as one call (emailq.coalesce.FinishCoalescer): per mail,
--- the Redis client's cost is what counts, not Redis's.
+-- 'ignored', for each in order (a call run again after its reply was lost answers as its
+-- first run did, and changes nothing). The worker sends the finishes of the sends that ended
+-- while its previous call was in flight as one call (emailq.coalesce.FinishCoalescer): per
+-- mail, the Redis client's cost is what counts, not Redis's.
 -- With claim parameters after those (as claim.lua's), it then claims for the worker whose
 -- sends just ended, so a busy worker needs no round trip of its own to refill its slots,
 -- and returns {applied list, claimed rows, ms until the next deadline or -1}.
@@ -16,16 +17,26 @@ local ttl_failed, ttl_success, n = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local RECORD_FIELDS = {'status', 'lease', 'log', 'lane', 'attempts', 'request_id', 'bytes',
                        'quota'}
 
+-- An attempt this call would not record: its own earlier run's record (see own_record) is
+-- answered as that run was, with the outcome it applied; anything else is `refused`.
+local function refused_unless_replayed(f, at, refused)
+  local last = own_record(f.log, ARGV[at + 3])
+  if last and last.outcome == cjson.decode(ARGV[at + 3]).outcome then return ARGV[at + 2] end
+  return refused
+end
+
 -- One attempt, its arguments from ARGV[at]: the same steps, whichever place it has.
 local function record(at)
   local id, token, outcome = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   local task = TASK .. id
   local f = fields(task, RECORD_FIELDS)
-  if f.status ~= 'pending' then return 'ignored' end
+  if f.status ~= 'pending' then return refused_unless_replayed(f, at, 'ignored') end
   -- A worker whose lease lapsed may not decide a retry or a failure any more: the task is
   -- someone else's now. A late *success* still counts: recording it keeps the task from
   -- being sent again by whoever claims it next.
-  if f.lease ~= token and outcome ~= 'success' then return 'stale' end
+  if f.lease ~= token and outcome ~= 'success' then
+    return refused_unless_replayed(f, at, 'stale')
+  end
   -- The script's first write (the first attempt recorded, whichever place it has) is one
   -- that cannot grow memory: Redis refuses a script at maxmemory only at its first write
   -- that can (a script cannot stop halfway), so outcomes are recorded even in a full Redis,

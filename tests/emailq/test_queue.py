@@ -370,6 +370,55 @@ async def test_late_success_from_an_old_lease_wins(queue: Queue) -> None:
     assert record.status is Status.SUCCESS
 
 
+def _timed(claimed: ClaimedJob, outcome: Outcome, duration_ms: float) -> Attempt:
+    return Attempt(attempt=claimed.attempt, outcome=outcome, code=250, reply="ok",
+                   duration_ms=duration_ms)  # fmt: skip
+
+
+@pytest.mark.parametrize("outcome", ["success", "retry", "failed"])
+async def test_a_finish_run_again_after_its_reply_was_lost_answers_as_its_first_run(
+    queue: Queue, outcome: Outcome
+) -> None:
+    # A worker whose finish timed out after Redis ran it sends the same call again. It must
+    # hear what its first run did, not "ignored" or "stale": those say the lease was lost,
+    # and for a success the worker then warns of a duplicate that never went out.
+    await enqueue(queue)
+    claimed = await claim_one(queue)
+    entry = _timed(claimed, outcome, 12.34)
+    assert await queue.finish(claimed, outcome, entry, reason="why", retry_in_ms=60_000) == outcome
+    before = await snapshot(queue, "t0")
+    assert await queue.finish(claimed, outcome, entry, reason="why", retry_in_ms=60_000) == outcome
+    assert await snapshot(queue, "t0") == before
+    assert await outcomes(queue, "t0") == [outcome]
+
+
+async def test_a_retry_run_again_after_the_next_claim_leaves_that_claim_alone(
+    queue: Queue,
+) -> None:
+    await enqueue(queue)
+    first = await claim_one(queue, "w1")
+    entry = _timed(first, "retry", 3.5)
+    assert await queue.finish(first, "retry", entry, retry_in_ms=0) == "retry"
+    second = await eventually_claim(queue, "w2")
+    before = await snapshot(queue, "t0")
+    assert await queue.finish(first, "retry", entry, retry_in_ms=0) == "retry"
+    assert await snapshot(queue, "t0") == before
+    assert (await task_hash(queue, "t0"))["lease"] == second.token
+
+
+async def test_a_record_that_is_not_the_calls_own_is_still_refused(queue: Queue) -> None:
+    # The same worker and attempt, but not the entry that was recorded (its duration was
+    # measured once): not a replay. Nor is a retry of an attempt whose lease lapsed.
+    await enqueue(queue)
+    claimed = await claim_one(queue, "w1", lease_ms=SHORT)
+    await wait_lapsed(queue, "t0")
+    assert await claim(queue, "w2", count=0) == []  # logs the lapse as lease_expired
+    assert await queue.finish(claimed, "retry", _timed(claimed, "retry", 1.0)) == "stale"
+    assert await queue.finish(claimed, "success", _timed(claimed, "success", 1.0)) == "success"
+    assert await queue.finish(claimed, "success", _timed(claimed, "success", 1.01)) == "ignored"
+    assert await outcomes(queue, "t0") == ["lease_expired", "success"]
+
+
 async def test_late_success_while_requeued_is_never_claimed_again(queue: Queue) -> None:
     await enqueue(queue)
     old = await claim_one(queue, "w1", lease_ms=SHORT)
@@ -551,7 +600,9 @@ async def test_finish_many_splits_one_claim_between_the_refills_in_order(
 
     shares = await queue.finish_many([*batch, replace(batch[2], refill=refill)])
 
-    assert [applied for applied, _ in shares] == ["success", "retry", "failed", "ignored"]
+    # The fourth is the third run again: answered as the third was (own_record), and it
+    # still gets its refill's share.
+    assert [applied for applied, _ in shares] == ["success", "retry", "failed", "failed"]
     claims = [claim for _, claim in shares]
     assert claims[1] is None  # no refill asked
     assert [[c.task_id for c in cl.jobs] for cl in claims if cl is not None] == [["n0"], ["n1"], []]

@@ -237,6 +237,30 @@ async def test_a_deferral_with_a_lost_lease_changes_nothing(queue: Queue) -> Non
     assert record.attempts == 1
 
 
+@pytest.mark.parametrize(("ceiling_ms", "applied"), [(60_000, "deferred"), (0, "failed")])
+async def test_a_deferral_run_again_after_its_reply_was_lost_answers_as_its_first_run(
+    queue: Queue, ceiling_ms: int, applied: str
+) -> None:
+    # The worker retries a defer whose reply it never got; Redis had run it. The second run
+    # finds the lease gone (or the task failed at the ceiling) and must not say "stale":
+    # the worker would warn that the deferral was lost when it was recorded.
+    store = RelayStore(queue)
+    task_id, claimed = await claim_one(queue)
+    entry = Attempt(attempt=1, outcome="deferred", reply="ConnectionRefusedError",
+                    duration_ms=4.56)  # fmt: skip
+    how = Deferral("relay down too long", ceiling_ms)
+    assert await store.defer(claimed, entry, how) == applied  # type: ignore[arg-type]
+    before = await queue.redis.hgetall(queue.keys.task(task_id))
+    assert await store.defer(claimed, entry, how) == applied  # type: ignore[arg-type]
+    assert await queue.redis.hgetall(queue.keys.task(task_id)) == before
+    if applied == "deferred":  # claimed again (attempt 1 again: uncounted): still a replay
+        [again] = (await queue.claim("w2", 1, 60_000)).jobs
+        assert await store.defer(claimed, entry, how) == "deferred"  # type: ignore[arg-type]
+        assert (await queue.redis.hget(queue.keys.task(task_id), "lease")) == again.token
+        other = entry.model_copy(update={"duration_ms": 7.0})  # not the run recorded
+        assert await store.defer(claimed, other, how) == "stale"  # type: ignore[arg-type]
+
+
 async def test_the_sweep_fails_only_mail_that_waited_the_ceiling(queue: Queue) -> None:
     store = RelayStore(queue)
     old, young = str(uuid.uuid4()), str(uuid.uuid4())

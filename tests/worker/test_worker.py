@@ -441,6 +441,54 @@ async def test_a_send_whose_task_another_worker_finished_warns_once_of_a_duplica
     assert "duplicate" in warned[0].getMessage()
 
 
+# Keeps Redis busy for ARGV[1] microseconds: every other client's command waits behind it,
+# as behind a stalled or overloaded Redis.
+_STALL = """local t = redis.call('TIME'); local start = t[1] * 1e6 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > tonumber(ARGV[1])"""
+
+
+async def test_a_finish_whose_reply_came_too_late_is_retried_without_a_duplicate_warning(
+    make_settings: Callable[..., Settings],
+    smtp_factory: Factory,
+    worker_log: LogCapture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis stalls while the worker records a send: the call times out and is retried, but
+    # Redis runs the first call once the stall ends, and the retry finds the success
+    # recorded. It must not warn that "this copy may be a duplicate": one copy was sent.
+    # The worker's reads may take as long as its longest blocking wait (5 s, then 6.5 s to
+    # time out); a shorter wait brings that under the stall without a stall of seconds more.
+    import worker.__main__
+    import worker.loop
+
+    for module in (worker.loop, worker.__main__):
+        monkeypatch.setattr(module, "MAX_BLOCK_SECONDS", 0.2)  # reads time out at 1.7 s
+    server = scripted(smtp_factory, delay=1.0)
+    settings = make_settings(smtp_port=server.port, redis_timeout_seconds=0.5)
+    client = redis.Redis.from_url(settings.redis_url)
+    async with running(settings) as run:
+        # A first mail opens the connections the second one's calls will use: a call that
+        # times out opening its connection never reached Redis, and is no test of this.
+        await run.settled((await run.submit())[0])
+        [task_id] = await run.submit()
+        await wait_for(lambda: server.handler.data_calls == 2, "the send to start")
+        # Redis busy from 0 to 3.5 s: the relay answers at about 1 s, and that finish call
+        # times out at about 2.7 s, then its retries until Redis answers again.
+        stall = asyncio.get_running_loop().run_in_executor(
+            None, lambda: client.eval(_STALL, 0, 3_500_000)
+        )
+        await stall
+        record = await run.settled(task_id)
+    client.close()
+
+    assert record.status is Status.SUCCESS
+    assert [(e.attempt, e.outcome) for e in record.log] == [(1, "success")]
+    assert len(server.handler.received) == 2
+    warned = [r.getMessage() for r in worker_log.records if r.levelno >= logging.WARNING]
+    assert any("Redis unavailable during finish" in m for m in warned)  # it was retried
+    assert [m for m in warned if "Redis unavailable" not in m] == []  # and nothing else
+
+
 # -- robustness --------------------------------------------------------------------------
 
 
