@@ -77,8 +77,12 @@ end
 -- after Redis had run it sends it again, and the first run has already recorded the attempt
 -- and dropped the lease. Returns the log's last entry (`raw`, as read) if it is the one
 -- `entry_json` (as the worker sent it) records: the same attempt, code, reply and duration,
--- measured by that worker. Anything recorded since (a lapsed lease, the next attempt) would
--- be last instead. Only read on the paths that refuse a call, never on the busy one.
+-- measured by that worker (to 0.01 ms, worker/loop.py, which cjson's 14 digits keep
+-- exactly). Anything recorded since (a lapsed lease, the next attempt) would be last
+-- instead. Two workers holding the same attempt (a failover lost the first one's claim)
+-- whose entries also tie in code, reply and duration would be taken for one: that second
+-- copy then goes unwarned (its Message-ID still tells). finish.lua reads the log for this
+-- only on the paths that refuse a call, never on the busy one.
 local function own_record(raw, entry_json)
   if not raw then return nil end
   local log, ours = cjson.decode(raw), cjson.decode(entry_json)
@@ -129,9 +133,10 @@ local function emit(kind, id, now, E)
     'request_id', request_id or '', 'worker', E.worker or '')
 end
 
--- The worker a lease token names (tokens are '<worker id>:<attempt>', see claim_ready).
+-- The worker a lease token names (tokens are '<worker id>:<attempt>:<claim>', see
+-- claim_ready).
 local function token_worker(token)
-  return string.match(token or '', '^(.*):%d+$') or ''
+  return string.match(token or '', '^(.*):%d+:%d+$') or ''
 end
 
 -- Per-minute counters of finished tasks, for the stats endpoint (kept two hours). The TTL is
@@ -255,6 +260,12 @@ local function claim_ready(C, now)
   -- Whether either set changed in a way not followed here (anything but a new lease of
   -- this claim's): then both deadlines are read again at the end.
   local moved = false
+  -- What makes each claim's tokens its own: Redis's clock in microseconds (script calls run
+  -- one at a time, each for longer than one). Worker and attempt alone are not: a deferral
+  -- gives the attempt back, and the same worker may claim the task again, so a retried
+  -- defer or finish of the first claim (its reply lost) would pass for the second's.
+  local clock = redis.call('TIME')
+  local claim_id = clock[1] .. string.format('%06d', tonumber(clock[2]))
 
   -- Due retries and scheduled sends join the back of their lane.
   if scheduled_at and scheduled_at <= now then
@@ -334,7 +345,7 @@ local function claim_ready(C, now)
     end
     -- Written with the lease rather than by HINCRBY: the count was just read.
     local attempt = attempts + 1
-    local token = worker .. ':' .. num(attempt)
+    local token = worker .. ':' .. num(attempt) .. ':' .. claim_id
     redis.call('HSET', task, 'attempts', num(attempt), 'lease', token, 'updated_at', num(now))
     local due = now + lease_ms
     if redis.call('ZADD', K_LEASES, num(due), id) == 0 then

@@ -530,8 +530,8 @@ async def test_finish_and_claim_records_then_hands_over_the_next_task(queue: Que
     assert (await task_hash(queue, "t0"))["status"] == "success"
     [taken] = more.jobs  # the claim is a normal one: the high lane comes first
     assert taken.task_id == "urgent"
-    assert taken.token == "w1:1"  # noqa: S105 (a lease token, not a secret)
-    assert (await task_hash(queue, "urgent"))["lease"] == "w1:1"
+    assert taken.token.startswith("w1:1:")  # worker, attempt, then the claim's own id
+    assert (await task_hash(queue, "urgent"))["lease"] == taken.token
     assert await queue.redis.zscore(queue.keys.leases, "urgent") is not None
     assert await lane(queue) == ["t1"]
 
@@ -631,7 +631,7 @@ async def test_finish_coalescer_sends_the_finishes_that_wait_as_one_call(queue: 
 
 
 async def test_finish_coalescer_hands_a_redis_error_to_each_finish() -> None:
-    token = "w1:1"  # noqa: S105 (a lease token, not a secret)
+    token = "w1:1:1764763200000000"  # noqa: S105 (a lease token, not a secret)
     claimed = ClaimedJob(task_id="t0", token=token, attempt=1, job=job("t0"), request_id=None)
     done = Finish(claimed, "success", Attempt(attempt=1, outcome="success"))
     with refused_redis_url() as url:

@@ -261,6 +261,26 @@ async def test_a_deferral_run_again_after_its_reply_was_lost_answers_as_its_firs
         assert await store.defer(claimed, other, how) == "stale"  # type: ignore[arg-type]
 
 
+async def test_a_deferral_retried_after_its_worker_claimed_the_task_again_changes_nothing(
+    queue: Queue,
+) -> None:
+    # A deferral gives the attempt back, so the same worker's next claim of the task has
+    # the same worker and attempt: only the claim's own id tells the two leases apart. The
+    # first claim's defer, retried after its reply was lost, must not put the task back in
+    # its lane while the second claim is sending it (another worker would send it too).
+    store = RelayStore(queue)
+    task_id, first = await claim_one(queue)
+    entry = Attempt(attempt=1, outcome="deferred", reply="ConnectionRefusedError",
+                    duration_ms=1.25)  # fmt: skip
+    how = Deferral("relay down too long", 60_000)
+    assert await store.defer(first, entry, how) == "deferred"  # type: ignore[arg-type]
+    [second] = (await queue.claim("w1", 1, 60_000)).jobs
+    assert (second.attempt, second.token != first.token) == (1, True)  # type: ignore[attr-defined]
+    assert await store.defer(first, entry, how) == "deferred"  # type: ignore[arg-type]
+    assert await queue.redis.hget(queue.keys.task(task_id), "lease") == second.token
+    assert await queue.redis.lrange(queue.keys.lane("default"), 0, -1) == []
+
+
 async def test_the_sweep_fails_only_mail_that_waited_the_ceiling(queue: Queue) -> None:
     store = RelayStore(queue)
     old, young = str(uuid.uuid4()), str(uuid.uuid4())

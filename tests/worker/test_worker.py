@@ -29,6 +29,9 @@ SHORT_OUTAGE = {"smtp_outage_max_seconds": 1, "smtp_probe_max_seconds": 0.5}
 
 LogCapture = pytest.LogCaptureFixture
 
+# Another worker's lease on attempt 2 (tokens are worker:attempt:claim).
+OTHER_LEASE = "other-worker:2:1764763200000000"
+
 
 @pytest.fixture
 def worker_log(caplog: LogCapture) -> LogCapture:
@@ -411,7 +414,7 @@ async def test_a_lease_lost_mid_data_lets_the_late_success_count_without_a_warni
         [task_id] = await run.submit()
         await wait_for(lambda: server.handler.data_calls == 1, "the send to start")
         # Another worker took the task over, with a lease of its own.
-        client.hset(keys.task(task_id), "lease", "other-worker:2")
+        client.hset(keys.task(task_id), "lease", OTHER_LEASE)
         client.zadd(keys.leases, {task_id: int(time.time() * 1000) + 60_000})
         record = await run.settled(task_id)
     client.close()
@@ -431,7 +434,7 @@ async def test_a_send_whose_task_another_worker_finished_warns_once_of_a_duplica
         [task_id] = await run.submit()
         await wait_for(lambda: server.handler.data_calls == 1, "the send to start")
         # Its new owner already delivered it: this worker's copy is a second one.
-        client.hset(keys.task(task_id), mapping={"lease": "other-worker:2", "status": "success"})
+        client.hset(keys.task(task_id), mapping={"lease": OTHER_LEASE, "status": "success"})
         await wait_for(lambda: len(server.handler.received) == 1, "the first copy answered")
         await run.stop()
     client.close()
