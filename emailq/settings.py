@@ -123,7 +123,8 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     retry_backoff_max_seconds: float = Field(default=300.0, ge=0)
     worker_concurrency: int = Field(default=8, ge=1, le=512)
-    # Jobs a worker claims ahead of a free send slot; each waits, leased, for one. A slot
+    # Jobs a busy worker claims ahead of a free send slot (an idle one claims for its free
+    # slots alone, so a burst reaches every idle worker); each waits, leased, for one. A slot
     # whose send ends then starts the next at once instead of idling through the round trip
     # that records the last outcome and claims its successor: more mails/s to a fast relay.
     # The price, and why it is off by default: a job held ahead can no longer be cancelled,

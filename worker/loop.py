@@ -100,8 +100,10 @@ class Worker:
         self.worker_id = new_worker_id()
         self.concurrency = settings.worker_concurrency
         # Jobs held at once: the sends, and the jobs claimed ahead of a free send slot
-        # (WORKER_PREFETCH), which wait for one in _process.
+        # (WORKER_PREFETCH), which wait for one in _process. Only a busy worker's refills
+        # claim ahead (_claim_ahead); the claim loop claims for free send slots alone.
         self.held_limit = self.concurrency + settings.worker_prefetch
+        self._asked_ahead = 0  # jobs ahead asked for by refills whose claims are on the way
         self.lease_ms = int(settings.job_lease_seconds * 1000)
         self.policy = RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -227,10 +229,12 @@ class Worker:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _free_slots(self) -> int:
-        while len(self._inflight) >= self.held_limit and not self._stopping.is_set():
+        """Free send slots, once there is one. Not the room to hold jobs ahead: an idle
+        worker that claimed that too would keep a burst from the other idle workers."""
+        while len(self._inflight) >= self.concurrency and not self._stopping.is_set():
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        return self.held_limit - len(self._inflight)
+        return self.concurrency - len(self._inflight)
 
     @staticmethod
     def _block_seconds(next_deadline_ms: int | None) -> float:
@@ -289,7 +293,7 @@ class Worker:
         # Else the same task was claimed again before this run's callback came (deferred,
         # then taken at once by a refill): its new run owns these entries. Dropping them
         # lost its lease deadline and its renewals, so its lease lapsed and cost an attempt.
-        if len(self._inflight) < self.held_limit:
+        if len(self._inflight) < self.concurrency:
             # Only a free slot wakes the claim loop: on a busy worker the finish's refill
             # has already taken this slot over, and a wake-up per mail found it full.
             self._slot_freed.set()
@@ -468,10 +472,16 @@ class Worker:
         # The busy path: record, and claim the job that takes over this slot, in one round
         # trip, shared with the other slots whose sends ended meanwhile (FinishCoalescer).
         # The claim loop only claims for slots left empty.
-        done = Finish(claimed, outcome, entry, refill=self._refill(), **kwargs)
+        refill = self._refill()
+        done = Finish(claimed, outcome, entry, refill=refill, **kwargs)
         try:
             sent = time.monotonic()  # no later than the call: the lease clock's safe side
-            applied, claim = await self.finishes.finish(done)
+            try:
+                applied, claim = await self.finishes.finish(done)
+            finally:
+                # The jobs it brought are in _inflight as soon as _take starts (no await
+                # before it does): counted once either way.
+                self._asked_ahead -= refill.count - 1 if refill is not None else 0
             if claim is not None:
                 await self._take(claim, sent)
         except StoreUnavailable as exc:
@@ -510,7 +520,17 @@ class Worker:
         in-flight jobs back), or unless the relay is down."""
         if self._stopping.is_set() or self._renewal_is_stale() or not self.relay.accepting():
             return None
-        return Refill(self.worker_id, 1, self.lease_ms)
+        return Refill(self.worker_id, 1 + self._claim_ahead(), self.lease_ms)
+
+    def _claim_ahead(self) -> int:
+        """1 while every send slot is taken and fewer than WORKER_PREFETCH jobs are held
+        ahead (counting those asked for and on the way), else 0. So the hold builds one job
+        a finish on a busy worker only, and never past ``held_limit``."""
+        held = len(self._inflight) + self._asked_ahead  # the job finishing still counts
+        if not self.concurrency <= held < self.held_limit:
+            return 0
+        self._asked_ahead += 1
+        return 1
 
     def _renewal_is_stale(self) -> bool:
         return time.monotonic() - self._renewed_at > self.settings.job_lease_seconds / 2

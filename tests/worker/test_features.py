@@ -86,6 +86,9 @@ async def test_high_overtakes_a_backlog_of_1000_default(
         async with running(settings):
             if worker_first:  # the worker is busy with the backlog when the high mail comes
                 await wait_for(lambda: len(arrived()) >= 20, "the backlog to flow")
+                if prefetch:  # with its hold of default mail (built by its refills) full
+                    await eventually(lambda: _holds(queue, CONCURRENCY + prefetch - 1),
+                                     "the worker to hold its jobs ahead")  # fmt: skip
             [high] = await add(queue, "otp", lane=Priority.HIGH)
             # Counted from when the high mail is queued, not from before the enqueue: what a
             # slow enqueue lets through meanwhile is not overtaking (and made this flaky).
@@ -101,6 +104,10 @@ async def test_high_overtakes_a_backlog_of_1000_default(
     # ahead of the held default mail, but for one fair turn of the worker's own.
     assert ahead <= (CONCURRENCY + 2 if not prefetch else 2 * CONCURRENCY + 3)
     assert (await settle(queue, [high]))[high].status is Status.SUCCESS
+
+
+async def _holds(queue: Queue, jobs: int) -> bool:
+    return await queue.redis.zcard(queue.keys.leases) >= jobs
 
 
 # -- scheduled ---------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from emailq.models import RelayState, Status, TaskRecord
-from emailq.queue import Keys
+from emailq.models import EventType, Job, RelayState, Status, TaskRecord
+from emailq.queue import EnqueueItem, Keys
 from emailq.settings import Settings
 from tests.helpers.polling import wait_for
 from tests.helpers.ports import port_of, refused_port
@@ -261,7 +263,7 @@ async def test_jobs_held_ahead_wait_for_a_send_slot_and_cannot_be_cancelled(
     leases = Keys(settings.redis_key_prefix).leases
     async with running(settings) as run:
         await wait_for(lambda: client.zcard(leases) == 5, "the worker to hold 2 + 3 jobs")
-        answer = await run.queue.cancel(ids[4])  # claimed last of the first five
+        answer = await run.queue.cancel(ids[4])  # leased: held ahead, or sending
         records = [await run.settled(task_id) for task_id in ids]
     client.close()
 
@@ -269,6 +271,36 @@ async def test_jobs_held_ahead_wait_for_a_send_slot_and_cannot_be_cancelled(
     assert {r.status for r in records} == {Status.SUCCESS}
     assert sorted(m.task_id for m in handler.received) == sorted(ids)
     assert handler.max_in_flight == 2
+
+
+async def test_an_idle_burst_goes_to_every_idle_worker_even_with_jobs_held_ahead(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    # WORKER_PREFETCH builds its hold on a busy worker only: an idle worker claims for its
+    # free send slots. A burst (one-time codes after a quiet spell) then goes out through
+    # every idle worker, not into the hold of the first one to wake while the other idles.
+    server, handler = tracked(smtp_factory, delay=0.5)
+    settings = make_settings(smtp_port=server.port, worker_concurrency=2, worker_prefetch=8)
+    client = redis.Redis.from_url(settings.redis_url)
+
+    def blocked() -> int:
+        return sum(c["cmd"] == "blpop" for c in client.client_list())
+
+    async with running(settings) as one, running(settings) as two:
+        await wait_for(lambda: blocked() == 2, "both workers to wait for work")
+        burst = [EnqueueItem(str(uuid.uuid4()), Job(to="user@example.com", subject="code",
+                                                    text="123456"), "req")
+                 for _ in range(4)]  # fmt: skip
+        await one.queue.enqueue_many(burst)  # one call: all four ready at once
+        ids = [item.task_id for item in burst]
+        records = [await one.settled(task_id) for task_id in ids]
+        claimed = [e for e in await one.queue.events(count=1000) if e.type == EventType.CLAIMED]
+    client.close()
+
+    assert {r.status for r in records} == {Status.SUCCESS}
+    by_worker = collections.Counter(e.worker for e in claimed)
+    assert by_worker == {one.worker.worker_id: 2, two.worker.worker_id: 2}
+    assert len(handler.received) == 4
 
 
 def eval_calls(client: redis.Redis) -> int:
