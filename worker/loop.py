@@ -473,15 +473,16 @@ class Worker:
         # trip, shared with the other slots whose sends ended meanwhile (FinishCoalescer).
         # The claim loop only claims for slots left empty.
         refill = self._refill()
+        ahead = refill.count - 1 if refill is not None else 0  # counted in _asked_ahead
         done = Finish(claimed, outcome, entry, refill=refill, **kwargs)
         try:
             sent = time.monotonic()  # no later than the call: the lease clock's safe side
             try:
                 applied, claim = await self.finishes.finish(done)
             finally:
-                # The jobs it brought are in _inflight as soon as _take starts (no await
-                # before it does): counted once either way.
-                self._asked_ahead -= refill.count - 1 if refill is not None else 0
+                # What the claim brought is in _inflight once _take starts (no await before
+                # it does), so it is counted there and not here.
+                self._asked_ahead -= ahead
             if claim is not None:
                 await self._take(claim, sent)
         except StoreUnavailable as exc:
