@@ -526,9 +526,12 @@ class Worker:
     def _claim_ahead(self) -> int:
         """1 while every send slot is taken and fewer than WORKER_PREFETCH jobs are held
         ahead (counting those asked for and on the way), else 0. So the hold builds one job
-        a finish on a busy worker only, and never past ``held_limit``."""
+        a finish on a busy worker only, and never past ``held_limit``. The slots are judged
+        by the jobs held alone: a slot left empty (a deferral, say) is the claim loop's to
+        fill, and counting a job asked ahead against it as well let the hold pass its limit
+        (helper review: 5 held at a limit of 4 with a slow Redis)."""
         held = len(self._inflight) + self._asked_ahead  # the job finishing still counts
-        if not self.concurrency <= held < self.held_limit:
+        if len(self._inflight) < self.concurrency or held >= self.held_limit:
             return 0
         self._asked_ahead += 1
         return 1
