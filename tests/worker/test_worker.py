@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from emailq.models import EventType, Job, RelayState, Status, TaskRecord
+from emailq.models import ClaimedJob, EventType, Job, RelayState, Status, TaskRecord
 from emailq.queue import EnqueueItem, Keys
 from emailq.settings import Settings
 from tests.helpers.polling import wait_for
@@ -301,6 +301,32 @@ async def test_an_idle_burst_goes_to_every_idle_worker_even_with_jobs_held_ahead
     by_worker = collections.Counter(e.worker for e in claimed)
     assert by_worker == {one.worker.worker_id: 2, two.worker.worker_id: 2}
     assert len(handler.received) == 4
+
+
+@pytest.mark.parametrize(("held", "asked", "ahead"), [
+    (2, 0, 0),  # a send slot is free: the claim loop fills it
+    (2, 1, 0),  # the same with a job asked ahead on the way (counting it let the hold pass
+                # its limit: 5 held at a limit of 4 with a slow Redis and a deferral)
+    (3, 0, 1),  # every send slot holds a job and the hold is empty: one more
+    (3, 1, 0),  # the hold's one place is already asked for
+    (4, 0, 0),  # the hold is full
+])  # fmt: skip
+async def test_a_refill_asks_ahead_only_while_every_send_slot_holds_a_job(
+    make_settings: Callable[..., Settings], held: int, asked: int, ahead: int
+) -> None:
+    # The rule that keeps the hold within WORKER_CONCURRENCY + WORKER_PREFETCH (here 3 + 1),
+    # read at the moment a finish asks for its refill; the finishing job still counts.
+    worker = build_worker(make_settings(worker_concurrency=3, worker_prefetch=1))
+    try:
+        job = Job(to="user@example.com", subject="s", text="t")
+        worker._inflight = {f"t{i}": ClaimedJob(task_id=f"t{i}", token=f"w:1:{i}", attempt=1,
+                                                request_id=None, job=job)
+                            for i in range(held)}  # fmt: skip
+        worker._asked_ahead = asked
+        assert worker._claim_ahead() == ahead
+        assert worker._asked_ahead == asked + ahead  # counted until its claim comes back
+    finally:
+        await worker.queue.close()
 
 
 def eval_calls(client: redis.Redis) -> int:
