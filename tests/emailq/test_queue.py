@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections import Counter
@@ -75,9 +76,15 @@ async def wait_lapsed(queue: Queue, task_id: str) -> None:
 
 
 async def finish(
-    queue: Queue, claimed: ClaimedJob, outcome: Outcome, reason: str = "", retry_in_ms: int = 0
+    queue: Queue,
+    claimed: ClaimedJob,
+    outcome: Outcome,
+    reason: str = "",
+    retry_in_ms: int = 0,
+    duration_ms: float | None = None,
 ) -> str:
-    entry = Attempt(attempt=claimed.attempt, outcome=outcome, code=250, reply="ok")
+    entry = Attempt(attempt=claimed.attempt, outcome=outcome, code=250, reply="ok",
+                    duration_ms=duration_ms)  # fmt: skip
     return await queue.finish(claimed, outcome, entry, reason=reason, retry_in_ms=retry_in_ms)
 
 
@@ -370,11 +377,6 @@ async def test_late_success_from_an_old_lease_wins(queue: Queue) -> None:
     assert record.status is Status.SUCCESS
 
 
-def _timed(claimed: ClaimedJob, outcome: Outcome, duration_ms: float) -> Attempt:
-    return Attempt(attempt=claimed.attempt, outcome=outcome, code=250, reply="ok",
-                   duration_ms=duration_ms)  # fmt: skip
-
-
 @pytest.mark.parametrize("outcome", ["success", "retry", "failed"])
 async def test_a_finish_run_again_after_its_reply_was_lost_answers_as_its_first_run(
     queue: Queue, outcome: Outcome
@@ -384,10 +386,11 @@ async def test_a_finish_run_again_after_its_reply_was_lost_answers_as_its_first_
     # and for a success the worker then warns of a duplicate that never went out.
     await enqueue(queue)
     claimed = await claim_one(queue)
-    entry = _timed(claimed, outcome, 12.34)
-    assert await queue.finish(claimed, outcome, entry, reason="why", retry_in_ms=60_000) == outcome
+    run = functools.partial(finish, queue, claimed, outcome, reason="why", retry_in_ms=60_000,
+                            duration_ms=12.34)  # fmt: skip
+    assert await run() == outcome
     before = await snapshot(queue, "t0")
-    assert await queue.finish(claimed, outcome, entry, reason="why", retry_in_ms=60_000) == outcome
+    assert await run() == outcome
     assert await snapshot(queue, "t0") == before
     assert await outcomes(queue, "t0") == [outcome]
 
@@ -397,11 +400,10 @@ async def test_a_retry_run_again_after_the_next_claim_leaves_that_claim_alone(
 ) -> None:
     await enqueue(queue)
     first = await claim_one(queue, "w1")
-    entry = _timed(first, "retry", 3.5)
-    assert await queue.finish(first, "retry", entry, retry_in_ms=0) == "retry"
+    assert await finish(queue, first, "retry", duration_ms=3.5) == "retry"
     second = await eventually_claim(queue, "w2")
     before = await snapshot(queue, "t0")
-    assert await queue.finish(first, "retry", entry, retry_in_ms=0) == "retry"
+    assert await finish(queue, first, "retry", duration_ms=3.5) == "retry"
     assert await snapshot(queue, "t0") == before
     assert (await task_hash(queue, "t0"))["lease"] == second.token
 
@@ -413,9 +415,9 @@ async def test_a_record_that_is_not_the_calls_own_is_still_refused(queue: Queue)
     claimed = await claim_one(queue, "w1", lease_ms=SHORT)
     await wait_lapsed(queue, "t0")
     assert await claim(queue, "w2", count=0) == []  # logs the lapse as lease_expired
-    assert await queue.finish(claimed, "retry", _timed(claimed, "retry", 1.0)) == "stale"
-    assert await queue.finish(claimed, "success", _timed(claimed, "success", 1.0)) == "success"
-    assert await queue.finish(claimed, "success", _timed(claimed, "success", 1.01)) == "ignored"
+    assert await finish(queue, claimed, "retry", duration_ms=1.0) == "stale"
+    assert await finish(queue, claimed, "success", duration_ms=1.0) == "success"
+    assert await finish(queue, claimed, "success", duration_ms=1.01) == "ignored"
     assert await outcomes(queue, "t0") == ["lease_expired", "success"]
 
 
