@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
+from emailq import labels
 from emailq.models import Event, iso
 from emailq.queue import Queue, event_of, store_errors
 from emailq.webhooks.config import API_ID_PREFIX, MAX_ENDPOINTS
@@ -63,18 +64,11 @@ def delivery_id(event: Event, endpoint_id: str) -> str:
     return "msg_" + base64.b32encode(digest[:20]).decode().lower()
 
 
-def _json_field(raw: str | None) -> Any:
-    """A task field another feature stores as JSON (metadata, tags), or None."""
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
 def payload(event: Event, kind: WebhookEvent, task: dict[str, str | None]) -> bytes:
-    """The body of every attempt of one delivery: fixed when the delivery is created."""
+    """The body of every attempt of one delivery: fixed when the delivery is created.
+    ``task`` is the task hash's ``to`` and ``labels``; a mail without metadata or tags
+    has null for them, as the README shows."""
+    found = labels.decode(task.get("labels"))
     body = {
         "type": kind.value,
         "created_at": iso(event.time),
@@ -85,8 +79,8 @@ def payload(event: Event, kind: WebhookEvent, task: dict[str, str | None]) -> by
             "attempts": event.attempt,
             "reason": event.reason or None,
             "smtp_code": event.code,
-            "metadata": _json_field(task.get("metadata")),
-            "tags": _json_field(task.get("tags")),
+            "metadata": found["metadata"] or None,
+            "tags": found["tags"] or None,
         },
     }
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
@@ -261,7 +255,7 @@ class WebhookStore:
         return True
 
     async def _tasks(self, events: Sequence[Event]) -> dict[str, dict[str, str | None]]:
-        fields = ["to", "metadata", "tags"]
+        fields = ["to", "labels"]
         ids = list(dict.fromkeys(e.task_id for e in events))
         with store_errors():
             pipe = self.redis.pipeline(transaction=False)

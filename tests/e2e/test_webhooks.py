@@ -19,7 +19,7 @@ import redis
 from emailq.queue import Keys
 from emailq.settings import Settings
 from emailq.webhooks.signing import new_secret
-from tests.helpers.api import Api
+from tests.helpers.api import Api, mail
 from tests.helpers.polling import BOUND, wait_until
 from tests.helpers.processes import Procs, settings_env, sigkill
 from tests.helpers.smtpd import SmtpServer
@@ -172,7 +172,17 @@ def test_the_admin_api_registers_lists_and_deletes_endpoints(
 
         (task_id,) = api.enqueue(1)
         wait_until(lambda: len(receiver.requests) == 1, what="the delivery")
-        assert json.loads(receiver.requests[0].body)["data"]["task_id"] == task_id
+        data = json.loads(receiver.requests[0].body)["data"]
+        assert data["task_id"] == task_id
+        assert (data["metadata"], data["tags"]) == (None, None)  # a mail without labels
+        # A mail's own metadata and tags ride in its webhook, as the result shows them.
+        labelled = api.client.post("/api/v1/email/received", json=mail(
+            metadata={"order_id": "1042"}, tags=["receipt"]))  # fmt: skip
+        assert labelled.status_code == 202, labelled.text
+        wait_until(lambda: len(receiver.requests) == 2, what="the labelled mail's delivery")
+        data = json.loads(receiver.requests[1].body)["data"]
+        assert data["task_id"] == labelled.json()["task_id"]
+        assert (data["metadata"], data["tags"]) == ({"order_id": "1042"}, ["receipt"])
 
         assert api.client.delete(f"{ADMIN}/{endpoint['id']}").status_code == 204
         assert api.client.get(f"{ADMIN}/{endpoint['id']}").status_code == 404
