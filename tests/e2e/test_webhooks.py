@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import redis
 
+from emailq.devtools.redis_server import RedisServer, free_port
 from emailq.queue import Keys
 from emailq.settings import Settings
 from emailq.webhooks.signing import new_secret
 from tests.helpers.api import Api, mail
 from tests.helpers.polling import BOUND, wait_until
-from tests.helpers.processes import Procs, settings_env, sigkill
+from tests.helpers.processes import Procs, read_log, settings_env, sigkill, wait_for_log
 from tests.helpers.smtpd import SmtpServer
 from tests.helpers.webhooks import Receiver, fail_first, receiving
 from tests.helpers.workers import TrackingHandler
@@ -187,6 +188,34 @@ def test_the_admin_api_registers_lists_and_deletes_endpoints(
         assert api.client.delete(f"{ADMIN}/{endpoint['id']}").status_code == 204
         assert api.client.get(f"{ADMIN}/{endpoint['id']}").status_code == 404
     assert receiver.unverified == []
+
+
+def test_a_dispatcher_started_before_its_redis_waits_then_registers_and_delivers(
+    procs: Procs,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    # Containers start in any order: the dispatcher must wait for Redis as a worker does,
+    # not exit with a traceback because WEBHOOKS_FILE could not be registered yet.
+    port = free_port()
+    secrets = [new_secret()]
+    with receiving(secrets, lambda _m, _n: 200) as receiver:
+        settings = make_settings(redis_url=f"redis://127.0.0.1:{port}/0",
+                                 webhooks_file=webhooks_file(tmp_path, receiver.url, secrets),
+                                 **FAST_WEBHOOKS)  # fmt: skip
+        dispatcher = procs.dispatcher(settings, ready=False)
+        wait_for_log(dispatcher, "waiting for Redis")
+        assert dispatcher.poll() is None
+        redis_factory(port=port)
+        wait_for_log(dispatcher, "webhook dispatcher started")
+        api = Api(procs.api(settings))
+        procs.worker(settings)
+        (task_id,) = api.enqueue(1)
+        wait_until(lambda: len(receiver.requests) == 1, what="the delivery", proc=dispatcher)
+    assert json.loads(receiver.requests[0].body)["data"]["task_id"] == task_id
+    assert receiver.unverified == []
+    assert "Traceback" not in read_log(dispatcher)
 
 
 def test_webhooks_file_errors_stop_the_dispatcher_with_one_line(

@@ -56,10 +56,12 @@ class Procs:
         wait_for_log(proc, "started")
         return proc
 
-    def dispatcher(self, settings: Settings) -> subprocess.Popen[bytes]:
-        """``python -m worker.webhooks``, the webhook dispatcher, as the README runs it."""
+    def dispatcher(self, settings: Settings, *, ready: bool = True) -> subprocess.Popen[bytes]:
+        """``python -m worker.webhooks``, the webhook dispatcher, as the README runs it;
+        with ``ready``, once it says it has started."""
         proc = self._spawn([sys.executable, "-m", "worker.webhooks"], settings, "webhooks")
-        wait_for_log(proc, "webhook dispatcher started")
+        if ready:
+            wait_for_log(proc, "webhook dispatcher started")
         return proc
 
     def api(self, settings: Settings, module: tuple[str, ...] = ("server",)) -> str:

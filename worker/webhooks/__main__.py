@@ -21,8 +21,9 @@ from worker.webhooks.dispatcher import READ_BLOCK_MS, Dispatcher, consumer_id, l
 from worker.webhooks.http import DeliveryClient, GuardedBackend
 
 
-def build_dispatcher(settings: Settings) -> Dispatcher:
-    """The dispatcher ``settings`` describe, with its own Redis pool and HTTP pool."""
+def build_dispatcher(settings: Settings, endpoints: list[Endpoint]) -> Dispatcher:
+    """The dispatcher ``settings`` describe, with its own Redis pool and HTTP pool; it
+    registers ``endpoints`` (WEBHOOKS_FILE's) once Redis answers."""
     queue = Queue.from_settings(
         settings,
         # A blocking stream read returns nothing until it ends.
@@ -32,21 +33,18 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
     backend = GuardedBackend(allow_private=settings.webhook_allow_private)
     client = DeliveryClient(timeout=settings.webhook_timeout_seconds,
                             concurrency=settings.webhook_concurrency, backend=backend)  # fmt: skip
-    return Dispatcher(WebhookStore(queue), client, settings, consumer_id())
+    return Dispatcher(WebhookStore(queue), client, settings, consumer_id(), endpoints)
 
 
 async def serve(settings: Settings, endpoints: list[Endpoint]) -> int:
     """Register the file's endpoints, then deliver until a stop signal."""
-    dispatcher = build_dispatcher(settings)
+    dispatcher = build_dispatcher(settings, endpoints)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, dispatcher.stop)
     log.info("Redis at %s; %d endpoint(s) in WEBHOOKS_FILE", redact_url(settings.redis_url),
              len(endpoints))  # fmt: skip
     try:
-        for taken in await dispatcher.store.sync_file(endpoints):
-            log.warning("WEBHOOKS_FILE endpoint %r not registered: an API endpoint has that id",
-                        taken)  # fmt: skip
         await dispatcher.run()
     finally:
         await dispatcher.client.aclose()

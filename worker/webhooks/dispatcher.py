@@ -18,12 +18,13 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 
 from emailq.errors import StoreUnavailable
 from emailq.models import Event
 from emailq.settings import Settings
 from emailq.webhooks import signing
-from emailq.webhooks.models import DeliveryAttempt
+from emailq.webhooks.models import DeliveryAttempt, Endpoint
 from emailq.webhooks.store import Claimed, FinishOutcome, WebhookStore
 from emailq.webhooks.targets import TargetRefused
 from worker.webhooks.http import Answer, DeliveryClient
@@ -48,9 +49,15 @@ class Dispatcher:
     """Delivers webhooks until ``stop``."""
 
     def __init__(
-        self, store: WebhookStore, client: DeliveryClient, settings: Settings, consumer: str
+        self,
+        store: WebhookStore,
+        client: DeliveryClient,
+        settings: Settings,
+        consumer: str,
+        file_endpoints: Sequence[Endpoint] = (),
     ) -> None:
         self.store = store
+        self.file_endpoints = list(file_endpoints)  # WEBHOOKS_FILE's, registered at start
         self.client = client
         self.consumer = consumer
         self.delays = settings.webhook_retry_delays
@@ -80,10 +87,15 @@ class Dispatcher:
             log.info("webhook dispatcher stopped")
 
     async def _until_ready(self) -> None:
+        """Register WEBHOOKS_FILE's endpoints and the consumer group, waiting for Redis as
+        long as it takes (a dispatcher started before its Redis waits, as a worker does)."""
         delay = 0.1
         while not self.stopping.is_set():
             try:
                 await self.store.ensure_group()
+                for taken in await self.store.sync_file(self.file_endpoints):
+                    log.warning("WEBHOOKS_FILE endpoint %r not registered: an API endpoint "
+                                "has that id", taken)  # fmt: skip
                 return
             except StoreUnavailable as exc:
                 log.warning("waiting for Redis: %s", exc)
