@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from emailq.addresses import domain_of
 from emailq.devtools.redis_server import RedisServer
 from emailq.errors import ConfigError
 from emailq.settings import Settings
@@ -269,6 +272,24 @@ def _wait_listening(children: dict[str, subprocess.Popen[bytes]], ports: dict[st
     return None
 
 
+# What `make dev` sends as when a request gives ``from``, unless the user chose: MAIL_FROM's
+# default domain, localhost, is special-use, and no ``from`` there passes validation (422),
+# so the README's ``"from": "Shop <shop@example.com>"`` would be refused (403) in dev. The
+# capture server takes any sender; SPF and DKIM, which the limit protects, do not apply.
+DEV_SENDERS = "@example.com"
+
+
+def _with_senders(overrides: dict[str, str], settings: Settings) -> None:
+    """Let ``from`` use DEV_SENDERS when the user set no ALLOWED_SENDERS and MAIL_FROM's
+    domain (localhost, the default) is one no ``from`` can use."""
+    if not settings.allowed_senders and "." not in domain_of(settings.mail_from_address):
+        overrides["ALLOWED_SENDERS"] = DEV_SENDERS
+
+
+# The runner's settings that the CLI in another shell must share to behave as the API does.
+CLI_SHARED = ("REDIS_URL", "TEMPLATES_DIR", "ALLOWED_SENDERS")
+
+
 def _template_hint(api: str, templates: Path | None) -> list[str]:
     if templates is None or not (templates / "otp").is_dir():
         return []
@@ -281,7 +302,8 @@ def _template_hint(api: str, templates: Path | None) -> list[str]:
     ]
 
 
-def _banner(cfg: DevConfig, redis: RedisServer, templates: Path | None = None) -> str:
+def _banner(cfg: DevConfig, redis: RedisServer, templates: Path | None = None,
+            overrides: Mapping[str, str] | None = None) -> str:  # fmt: skip
     api = f"http://{HOST}:{cfg.api_port}"
     mail_dir = cfg.data_dir / "mail"
     example = (
@@ -308,8 +330,10 @@ def _banner(cfg: DevConfig, redis: RedisServer, templates: Path | None = None) -
         f"         -H 'Content-Type: application/json' -d '{example}'",
         "",
         *_template_hint(api, templates),
+        *_sender_hint(overrides or {}),
         "  The CLI talks to this Redis. In another shell:",
-        f"    export REDIS_URL={redis.url}",
+        *(f"    export {name}={shlex.quote(value)}" for name, value in
+          {**(overrides or {}), "REDIS_URL": redis.url}.items() if name in CLI_SHARED),
         "    .venv/bin/emailq stats        (or: make cli ARGS=stats)",
         "",
         "Press Ctrl-C to stop everything.",
@@ -317,11 +341,21 @@ def _banner(cfg: DevConfig, redis: RedisServer, templates: Path | None = None) -
     ])  # fmt: skip
 
 
+def _sender_hint(overrides: Mapping[str, str]) -> list[str]:
+    senders = overrides.get("ALLOWED_SENDERS")
+    if senders is None:
+        return []
+    return [f"  from          any {senders} address here (ALLOWED_SENDERS={senders}: "
+            "MAIL_FROM's localhost is no domain a from can use)", ""]  # fmt: skip
+
+
 def run(cfg: DevConfig) -> int:
     """Run until Ctrl-C or a child dies; returns the exit code (2: bad port or setting)."""
     overrides = _overrides(cfg)
     with exit_on_config_error():
-        templates = _with_templates(overrides, _check_settings(overrides))
+        settings = _check_settings(overrides)
+        templates = _with_templates(overrides, settings)
+        _with_senders(overrides, settings)
         check_ports(cfg)
     console = _Console()
     signals = _Signals()
@@ -332,7 +366,7 @@ def run(cfg: DevConfig) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
         redis.start()
-        return _supervise(cfg, redis, env, children, console, signals, templates)
+        return _supervise(cfg, redis, env, children, console, signals, templates, overrides)
     finally:
         console.say("\nstopping: API, worker, webhook dispatcher, capture server, Redis ...")
         for name in ("API", "worker", "webhook dispatcher", "capture server"):
@@ -343,7 +377,8 @@ def run(cfg: DevConfig) -> int:
 
 def _supervise(cfg: DevConfig, redis: RedisServer, env: dict[str, str],
                children: dict[str, subprocess.Popen[bytes]], console: _Console,
-               signals: _Signals, templates: Path | None = None) -> int:  # fmt: skip
+               signals: _Signals, templates: Path | None = None,
+               overrides: Mapping[str, str] | None = None) -> int:  # fmt: skip
     py = sys.executable
     children["capture server"] = _spawn([py, "-m", "emailq.cli", "capture", "--port",
                                          str(cfg.smtp_port), "--out", str(cfg.data_dir / "mail")],
@@ -360,7 +395,7 @@ def _supervise(cfg: DevConfig, redis: RedisServer, env: dict[str, str],
         console.say(f"emailq dev: {problem}")
         return 1
     if not signals.stopping:
-        console.say(_banner(cfg, redis, templates))
+        console.say(_banner(cfg, redis, templates, overrides))
     while not signals.stopping:
         for name, child in children.items():
             if child.poll() is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emailq.devtools.runner import DevConfig, _overrides
+from emailq.devtools.runner import DevConfig, _overrides, _with_senders
 from emailq.startup import load_settings
 
 
@@ -22,3 +22,24 @@ def test_make_dev_runs_without_rate_limits(tmp_path: Path, monkeypatch: pytest.M
     settings = load_settings()
     assert settings.rate_limit_per_key == ""
     assert settings.rate_limit_per_form_address == ""
+
+
+@pytest.mark.parametrize(
+    ("env", "senders"),
+    [
+        ({}, "@example.com"),  # MAIL_FROM's default domain, localhost, no from can use
+        ({"MAIL_FROM": "Shop <noreply@shop.example>"}, None),  # its domain is the default
+        ({"ALLOWED_SENDERS": "@mine.example"}, None),  # the user's own list stands
+    ],
+)
+def test_make_dev_lets_from_use_example_com_only_when_nothing_else_could_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], senders: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("MAIL_FROM", "ALLOWED_SENDERS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    overrides = _overrides(DevConfig(data_dir=tmp_path / "dev"))
+    _with_senders(overrides, load_settings())
+    assert overrides.get("ALLOWED_SENDERS") == senders

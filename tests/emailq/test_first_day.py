@@ -17,7 +17,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from email import policy
 from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 
 import httpx
@@ -298,5 +300,43 @@ def test_a_webhook_registered_in_make_dev_is_delivered_signed(tmp_path: Path) ->
         dev.proc.send_signal(signal.SIGTERM)
         assert dev.proc.wait(timeout=3 * BOUND) == 0, dev.err()
         assert [pid for pid in children if alive(pid)] == []  # the dispatcher stopped too
+    finally:
+        dev.stop()
+
+
+def test_the_readmes_from_and_the_banners_cli_exports_work_in_make_dev(tmp_path: Path) -> None:
+    """A new user's first `from` and first CLI template send, copied from the README: both
+    used to be refused in `make dev` (403 for the from; "no templates here" from the CLI,
+    whose shell had only REDIS_URL)."""
+    dev = start_dev(tmp_path)
+    try:
+        api = f"http://127.0.0.1:{dev.api}"
+        sent = httpx.post(f"{api}/api/v1/email/received", timeout=BOUND,
+                          json={"to": "user@example.com", "subject": "Receipt", "body": "Thanks!",
+                                "from": "Shop <shop@example.com>"})  # fmt: skip
+        assert sent.status_code == 202, sent.text
+        elsewhere = httpx.post(f"{api}/api/v1/email/received", timeout=BOUND,
+                               json={"to": "user@example.com", "subject": "x", "body": "y",
+                                     "from": "ceo@bank.example.net"})  # fmt: skip
+        assert elsewhere.status_code == 403, elsewhere.text  # the limit itself still holds
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in dev.out.splitlines()
+            if line.strip().startswith("export ")
+        )
+        assert exports["ALLOWED_SENDERS"] == "@example.com"
+        assert exports["REDIS_URL"] == f"redis://127.0.0.1:{dev.redis}/0"
+        cli = subprocess.run([PY, "-m", "emailq.cli", "send", "--to", "user@example.com",
+                              "--template", "otp", "--var", "code=493817"],
+                             cwd=tmp_path, env={**clean_env(), **exports}, capture_output=True,
+                             text=True, timeout=60, check=False)  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        mail_dir = tmp_path / "dev" / "mail"
+        wait_until(lambda: len(list(mail_dir.glob("*.eml"))) == 2, what="both mails captured")
+        mails = [BytesParser(policy=policy.default).parsebytes(p.read_bytes())
+                 for p in mail_dir.glob("*.eml")]  # fmt: skip
+        assert sorted(str(m["From"]) for m in mails) == ["Shop <shop@example.com>",
+                                                         "emailq@localhost"]  # fmt: skip
+        assert sum("493817" in m.get_body(("plain",)).get_content() for m in mails) == 1
     finally:
         dev.stop()
