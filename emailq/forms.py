@@ -156,10 +156,9 @@ def load_forms(path: Path | None) -> dict[str, Form]:
 
 
 def content_fields(submitted: Mapping[str, str]) -> dict[str, str]:
-    """The submitted fields that belong in the mail, checked for count and names, with
-    every line break in a value made LF."""
-    fields = {k: _LINE_BREAKS.sub("\n", v) for k, v in submitted.items()
-              if k not in CONTROL_FIELDS}  # fmt: skip
+    """The submitted fields that belong in the mail, checked for count and names. Values
+    stay as given: a refusal (a line break in the subject) names the character sent."""
+    fields = {k: v for k, v in submitted.items() if k not in CONTROL_FIELDS}
     if len(fields) > MAX_FIELDS:
         raise InvalidMessage(f"at most {MAX_FIELDS} fields per submission")
     for name in fields:
@@ -168,6 +167,11 @@ def content_fields(submitted: Mapping[str, str]) -> dict[str, str]:
         # A name starts a line of the text body: a line break in it could forge another.
         check_header(name, "field names")
     return fields
+
+
+def _laid_out(fields: Mapping[str, str]) -> dict[str, str]:
+    """The values with every line break made LF, for the body."""
+    return {name: _LINE_BREAKS.sub("\n", value) for name, value in fields.items()}
 
 
 def _ordered(fields: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -180,8 +184,8 @@ def _ordered(fields: Mapping[str, str]) -> list[tuple[str, str]]:
 def _text_body(form: Form, fields: Mapping[str, str]) -> str:
     lines = [f"New submission of the form '{form.id}':", ""]
     for name, value in _ordered(fields):
-        # Values hold LF only (content_fields): each of their lines is indented, so no
-        # value can start a line of its own ("email: ..." after a line break).
+        # Values hold LF only (_laid_out): each of their lines is indented, so no value
+        # can start a line of its own ("email: ..." after a line break).
         if "\n" in value:
             lines += [f"{name}:", *(f"  {line}" for line in value.split("\n")), ""]
         else:
@@ -211,7 +215,8 @@ def form_job(form: Form, fields: Mapping[str, str], *, max_body_bytes: int) -> J
     # refused (422), named by its field. Values are rendered as given: render()
     # substitutes {name} only, never evaluates.
     subject = render_subject(form.subject, fields)
-    text, body_html = _text_body(form, fields), _html_body(form, fields)
+    laid_out = _laid_out(fields)
+    text, body_html = _text_body(form, laid_out), _html_body(form, laid_out)
     check_body(text, body_html, max_body_bytes=max_body_bytes, field="submission")
     return Job(to=form.to[0], cc=form.to[1:], subject=subject, text=text, html=body_html,
                reply_to=reply_to)  # fmt: skip

@@ -335,8 +335,8 @@ def test_bad_forms_file_names_the_form_and_field(tmp_path: Path) -> None:
     assert load_forms(json_path)["a"].redirect == "/ok"
 
 
-@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", "\u2029",
-                                  "\x01", "\x7f"])  # fmt: skip
+@pytest.mark.parametrize("char", ["\r", "\n", "\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028",
+                                  "\u2029", "\x01", "\x7f"])  # fmt: skip
 def test_a_control_character_in_the_name_is_422_naming_the_field(
     client: TestClient, store: redis.Redis, char: str
 ) -> None:
@@ -345,6 +345,9 @@ def test_a_control_character_in_the_name_is_422_naming_the_field(
                            headers={"Accept": "application/json"})  # fmt: skip
     assert response.status_code == 422, response.text
     assert response.json()["fields"][0]["loc"] == ["body", "name"]
+    # The character named is the one sent (it was U+000A for every line break: the form
+    # made them LF before the check).
+    assert f"(found U+{ord(char):04X})" in response.json()["detail"]
     assert tasks(store) == []
 
 
