@@ -136,8 +136,7 @@ def _cross_origin(request: Request, settings: Settings) -> bool:
 def local_refusal(request: Request, settings: Settings) -> str | None:
     """Why this request is not a local one (see the module doc), or None if it is."""
     if arrived_through_proxy(request):
-        return ("the request came through a proxy that is not in TRUSTED_PROXIES; list it "
-                "there, or configure API_KEYS")  # fmt: skip
+        return "the request came through a proxy that is not in TRUSTED_PROXIES (list it there)"
     # Behind a TRUSTED_PROXIES proxy on loopback, the forwarded client decides, not the proxy.
     if not is_loopback(client_address(request)):
         return "only clients on this machine are served while API_KEYS is unset"
