@@ -54,7 +54,8 @@ def _normalized(value: str) -> str:
     try:
         return validate_email(value, check_deliverability=False).normalized
     except EmailNotValidError as exc:
-        raise ValueError(str(exc)) from exc
+        # FastAPI's EmailStr wording, which the README's examples show.
+        raise ValueError(f"value is not a valid email address: {exc}") from exc
 
 
 _cached_normalized = functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)(_normalized)

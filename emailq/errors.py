@@ -30,8 +30,9 @@ that emailq.queue converts to ``StoreUnavailable`` rather than ``StoreOutcomeUnk
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -167,3 +168,9 @@ def closed_transport_is_dropped() -> Iterator[None]:
         if "handler is closed" not in str(exc):
             raise
         raise RedisConnectionError("connection closed by the server") from exc
+
+
+def validation_message(error: Mapping[str, Any]) -> str:
+    """Pydantic's message for one error, without the "Value error, " it writes before the
+    text of a ValueError: our validators word their own messages, and users read them."""
+    return str(error.get("msg", "")).removeprefix("Value error, ")

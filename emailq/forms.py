@@ -27,7 +27,7 @@ from emailq.compose import (
     render_subject,
 )
 from emailq.configfile import read_config_file
-from emailq.errors import ConfigError, InvalidMessage
+from emailq.errors import ConfigError, InvalidMessage, validation_message
 from emailq.models import Job
 from emailq.templating import check_header
 
@@ -148,7 +148,7 @@ def load_forms(path: Path | None) -> dict[str, Form]:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(form)"
             raise FormsConfigError(f"FORMS_FILE {path}: form {name!r}, field {where}: "
-                                   f"{first['msg']}") from exc  # fmt: skip
+                                   f"{validation_message(first)}") from exc  # fmt: skip
         if form.id in forms:
             raise FormsConfigError(f"FORMS_FILE {path}: form {form.id!r} is defined twice")
         forms[form.id] = form

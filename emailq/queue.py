@@ -76,6 +76,7 @@ from emailq.errors import (
     StoreFull,
     StoreOutcomeUnknown,
     StoreUnavailable,
+    validation_message,
 )
 from emailq.models import (
     LANES,
@@ -786,7 +787,7 @@ class Queue:
                 job = Job.model_validate_json(payload or "")
             except ValidationError as exc:
                 error = f"stored job is unreadable: {exc.error_count()} error(s), first: " \
-                        f"{exc.errors()[0]['msg']}"  # fmt: skip
+                        f"{validation_message(exc.errors()[0])}"  # fmt: skip
                 claim.unreadable.append(Unreadable(task_id, token, int(attempt), error))
                 continue
             claim.jobs.append(ClaimedJob(task_id=task_id, token=token, attempt=int(attempt),

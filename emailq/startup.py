@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from emailq.errors import ConfigError
+from emailq.errors import ConfigError, validation_message
 from emailq.settings import GivenSettings, Settings
 
 # The exit status of a configuration error, like a command-line usage error.
@@ -52,7 +52,7 @@ def _requirement(error: ErrorDetails) -> str:
     if kind in words:
         return words[kind]
     # Our own validators already word their message, often starting with the name.
-    return str(error["msg"]).removeprefix("Value error, ")
+    return validation_message(error)
 
 
 def _echo(value: object) -> str:

@@ -29,6 +29,7 @@ from emailq.errors import (
     StoreFull,
     StoreOutcomeUnknown,
     StoreUnavailable,
+    validation_message,
 )
 
 log = logging.getLogger("emailq.api")
@@ -115,7 +116,7 @@ def validation_fields(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic's error list, keeping location, message and type only."""
     # Drop "input" and "ctx", which echo user data.
     return [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        {"loc": list(e.get("loc", ())), "msg": validation_message(e), "type": e.get("type", "")}
         for e in errors
     ]
 

@@ -26,7 +26,7 @@ from emailq import submit
 from emailq.cli import output
 from emailq.cli.output import Output, Progress
 from emailq.compose import EmailRequest, TemplateRenderer
-from emailq.errors import StoreUnavailable
+from emailq.errors import StoreUnavailable, validation_message
 from emailq.labels import LabelFilter
 from emailq.models import Status, TaskRecord
 from emailq.queue import EnqueueItem, Queue
@@ -63,7 +63,7 @@ def reason(exc: Exception) -> str:
     """Why a request was rejected, in one line."""
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']) or 'request'}: {e['msg']}"
+            f"{'.'.join(str(part) for part in e['loc']) or 'request'}: {validation_message(e)}"
             for e in exc.errors(include_url=False)
         )
     return str(exc)

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from emailq.configfile import read_config_file
-from emailq.errors import ConfigError
+from emailq.errors import ConfigError, validation_message
 from emailq.webhooks.models import Endpoint, Source
 from emailq.webhooks.targets import TargetRefused, check_url
 
@@ -36,7 +36,7 @@ def _endpoint(path: Path, index: int, entry: Any, allow_private: bool) -> Endpoi
             raise WebhooksConfigError(f"{where}: expected a table") from exc
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(webhook)"
-        why = str(first["msg"]).removeprefix("Value error, ")
+        why = validation_message(first)
         raise WebhooksConfigError(f"{where}, field {field}: {why}") from None
     if not endpoint.secrets:
         raise WebhooksConfigError(f"{where}, field secrets: give at least one whsec_ secret")

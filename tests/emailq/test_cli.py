@@ -136,7 +136,9 @@ def test_send_file_queues_the_good_lines_and_reports_the_bad_ones(
     assert [r["line"] for r in report["rejected"]] == [2, 4]
     assert report["rejected"][0]["error"].startswith("to:")
     assert "JSON" in report["rejected"][1]["error"]
-    assert "line 2: to:" in result.err
+    # As the README shows it: no "Value error, " before the reason.
+    not_an_address = "value is not a valid email address: An email address must have an @-sign."
+    assert f"line 2: to: {not_an_address}" in result.err
     assert "queued 3, rejected 2" in result.err
 
     procs.worker(make_settings())

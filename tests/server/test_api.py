@@ -202,6 +202,10 @@ def test_a_validation_error_names_the_field_without_echoing_input(
 
     assert body["fields"][0]["loc"] == ["body", "to"]
     assert "secret-not-an-address" not in json.dumps(body)
+    # Worded as the README shows it, without pydantic's "Value error, " before the reason.
+    assert body["detail"] == ("to: value is not a valid email address: An email address "
+                              "must have an @-sign.")  # fmt: skip
+    assert body["fields"][0]["msg"] == body["detail"].removeprefix("to: ")
 
 
 @pytest.mark.parametrize(
