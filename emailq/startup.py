@@ -10,12 +10,17 @@ tool's or a test's named values (``Queue.from_url``), reading no environment.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import gc
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
@@ -79,11 +84,48 @@ def describe(exc: ValidationError) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """``Settings`` from the environment and ``.env`` (``overrides`` win), or ``ConfigError``."""
+    """``Settings`` from the environment and ``.env`` (``overrides`` win), or ``ConfigError``.
+    A name that is no setting but nearly one (``MAX_ATTEMTPS``) is warned of on stderr."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
+    _warn_misspelt_once()
+    return settings
+
+
+# Set by `make dev` for its children, once it has warned itself: one warning, not five.
+NAMES_CHECKED_ENV = "EMAILQ_SETTING_NAMES_CHECKED"
+# How alike a name must be to a setting's to be taken for a misspelling of it: MAX_ATTEMTPS
+# (0.92) and SMTP_PROT (0.89) are; MAIL, which Debian sets, is not MAIL_FROM (0.62).
+_ALIKE = 0.85
+
+
+def misspelt_settings(env_file: Path, environ: Mapping[str, str]) -> list[str]:
+    """A warning for each name in ``env_file`` or ``environ`` that is no setting but nearly
+    one. Settings ignore names they do not know (``.env`` may hold docker-compose's too),
+    so a typo would otherwise leave the default in force without a word."""
+    names = [name.upper() for name in Settings.model_fields]
+    given = dotenv_values(env_file) if env_file.is_file() else {}
+    warnings = []
+    for where, keys in ((str(env_file), list(given)), ("the environment", list(environ))):
+        for key in keys:
+            if key.upper() in names:
+                continue
+            close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=_ALIKE)
+            if close:
+                warnings.append(f"{where} sets {key}, which is no setting (did you mean "
+                                f"{close[0]}?); it is ignored")  # fmt: skip
+    return warnings
+
+
+@functools.cache
+def _warn_misspelt_once() -> None:
+    if os.environ.get(NAMES_CHECKED_ENV):
+        return
+    for warning in misspelt_settings(Path(".env"), os.environ):
+        sys.stderr.write(f"emailq: warning: {warning}\n")
+    sys.stderr.flush()
 
 
 def given_settings(**values: Any) -> Settings:

@@ -34,7 +34,7 @@ from emailq.addresses import domain_of
 from emailq.devtools.redis_server import RedisServer
 from emailq.errors import ConfigError
 from emailq.settings import Settings
-from emailq.startup import exit_on_config_error, load_settings
+from emailq.startup import NAMES_CHECKED_ENV, exit_on_config_error, load_settings
 from emailq.templates import load_templates
 
 HOST = "127.0.0.1"
@@ -361,7 +361,8 @@ def run(cfg: DevConfig) -> int:
     signals = _Signals()
     signals.install()  # before any child starts: a Ctrl-C from now on stops what started
     _write_dev_forms(cfg.data_dir)
-    env = {**os.environ, **overrides, "PYTHONUNBUFFERED": "1"}
+    # The runner has warned of misspelt setting names (load_settings): its children need not.
+    env = {**os.environ, **overrides, "PYTHONUNBUFFERED": "1", NAMES_CHECKED_ENV: "1"}
     redis = RedisServer(cfg.data_dir / "redis", cfg.redis_port)
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from emailq.settings import Settings
+from emailq.startup import misspelt_settings
 from emailq.webhooks.signing import new_secret
 from tests.helpers.polling import BOUND, wait_until
 from tests.helpers.ports import port_of, refused_port
@@ -106,6 +107,31 @@ def test_a_settings_file_with_a_bad_value_is_one_line_too(tmp_path: Path) -> Non
                           capture_output=True, timeout=60, check=False)  # fmt: skip
     err = done.stderr.decode().strip()
     assert (done.returncode, err) == (2, "emailq: WORKER_CONCURRENCY: must be at least 1 (got '0')")
+
+
+def test_misspelt_setting_names_are_found_in_env_file_and_environment(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("MAX_ATTEMTPS=5\nCOMPOSE_PROJECT_NAME=shop\nmail_from=a@example.com\n")
+    environ = {"SMTP_PROT": "1025", "MAIL": "/var/mail/root", "PATH": "/bin", "REDIS_URL": "x"}
+    assert misspelt_settings(env_file, environ) == [
+        f"{env_file} sets MAX_ATTEMTPS, which is no setting (did you mean MAX_ATTEMPTS?); it "
+        "is ignored",
+        "the environment sets SMTP_PROT, which is no setting (did you mean SMTP_PORT?); it is "
+        "ignored",
+    ]  # fmt: skip
+    assert misspelt_settings(tmp_path / "none", {}) == []
+
+
+def test_a_misspelt_setting_in_env_is_warned_of_once_and_the_program_runs(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # A new user's .env: the typo used to leave the default in force without a word.
+    (tmp_path / ".env").write_text(f"REDIS_URL={redis_url}\nMAX_ATTEMTPS=5\n")
+    done = subprocess.run([PY, "-m", "emailq.cli", "stats"], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("emailq: warning: .env sets MAX_ATTEMTPS, which is no setting (did "
+                           "you mean MAX_ATTEMPTS?); it is ignored\n")  # fmt: skip
 
 
 def test_a_secret_is_never_echoed() -> None:
