@@ -443,6 +443,15 @@ class Queue:
         with _store_errors():
             await self.redis.ping()
 
+    async def unreachable(self) -> str | None:
+        """Why Redis does not answer a PING now, or None if it does: for the line a program
+        logs at start, so a wrong REDIS_URL is named at once, not by the first failure."""
+        try:
+            await self.ping()
+        except StoreUnavailable as exc:
+            return str(exc)
+        return None
+
     async def _run(self, script: str, *args: str | int | float, write: bool = False) -> Any:
         return await self.run_script(self._scripts[script], *args, write=write)
 

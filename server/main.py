@@ -123,6 +123,10 @@ def create_app(settings: Settings) -> FastAPI:
         # form submission.
         state.http = httpx.AsyncClient()
         log.info("API ready; Redis at %s", redact_url(settings.redis_url))
+        down = await state.queue.unreachable()
+        if down is not None:
+            log.warning("not ready: %s; every send answers 503, and /ready 503, until Redis "
+                        "answers", down)  # fmt: skip
         try:
             yield
         finally:

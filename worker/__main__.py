@@ -64,6 +64,9 @@ async def serve(settings: Settings) -> int:
     try:
         if not await worker.relay.check():
             return EXIT_CONFIG
+        down = await worker.queue.unreachable()
+        if down is not None:
+            log.warning("%s; this worker claims nothing until Redis answers (retrying)", down)
         if metrics is not None and not metrics.listen(worker, settings):
             return EXIT_CONFIG
         await worker.run()

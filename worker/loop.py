@@ -548,7 +548,7 @@ class Worker:
             try:
                 await self._renew_once()
             except StoreUnavailable as exc:
-                log.warning("could not renew leases: %s", exc)
+                log.warning("heartbeat and lease renewal failed: %s", exc)
 
     async def _renew_once(self) -> None:
         sent = time.monotonic()

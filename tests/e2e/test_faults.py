@@ -286,6 +286,35 @@ def test_redis_outage_recovers_without_restarts(
     assert not [t for t, r in results.items() if "lease_expired" in outcomes(r)]
 
 
+def test_api_and_worker_started_before_redis_say_so_then_run_when_it_comes(
+    procs: Procs,
+    make_settings: Callable[..., Settings],
+    smtp: SmtpServer,
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    # Containers start in any order, and a new user's REDIS_URL may be wrong: each program
+    # names the Redis that does not answer at start (the worker used to say only "could not
+    # renew leases", the API "API ready"), and runs without a restart once it answers.
+    with refused_port() as sock:
+        port = port_of(sock)
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{port}/0")
+    api = Api(procs.api(settings))
+    api_proc = procs.started[-1]
+    worker = procs.worker(settings)
+    wait_for_log(api_proc, "not ready: Redis is unavailable")
+    assert "every send answers 503" in read_log(api_proc)
+    wait_for_log(worker, "this worker claims nothing until Redis answers")
+    assert api.client.get("/ready").status_code == 503
+    assert api.post().status_code == 503  # and nothing is stored: there is nowhere to store
+
+    redis_factory(port=port)
+    ids = api.enqueue(3)
+    results = api.wait_terminal(ids)
+    all_succeeded(results)
+    counts = Counts.of(ids, smtp.handler).report("started before Redis")
+    assert (counts.lost, counts.duplicated) == (0, 0)
+
+
 # -- 4. kill -9 while a retry waits for its backoff ---------------------------------------
 
 
