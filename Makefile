@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: dev cli test lint typecheck check bench lock clean
 
 $(STAMP): requirements-dev.lock pyproject.toml
+	@echo "Installing the pinned dependencies into $(VENV) (first run, or the lock changed; about a minute) ..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
