@@ -35,13 +35,17 @@ class CircuitBreaker:
         first_delay: float = 0.5,
         max_delay: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.first_delay = first_delay
         self.max_delay = max(max_delay, first_delay)
         self.clock = clock
+        self.wall_clock = wall_clock
         self.state = RelayState.CLOSED
         self.error: str | None = None
-        self.changed_at = time.time()  # wall clock, for operators reading the stats
+        # Wall clock, for operators reading the stats: when the relay last began to fail or
+        # last came back. A failed probe (half_open -> open) is the same outage going on.
+        self.changed_at = wall_clock()
         self.closed = asyncio.Event()
         self.closed.set()
         self._delay = first_delay
@@ -96,8 +100,8 @@ class CircuitBreaker:
         self._set(RelayState.OPEN)
 
     def _set(self, state: RelayState) -> None:
-        if state is not self.state:
-            self.changed_at = time.time()
+        if (state is RelayState.CLOSED) != (self.state is RelayState.CLOSED):
+            self.changed_at = self.wall_clock()
         self.state = state
         if state is RelayState.CLOSED:
             self.closed.set()

@@ -96,10 +96,12 @@ class Clock:
 
 def test_breaker_opens_once_probes_with_doubling_delays_and_closes() -> None:
     clock = Clock()
-    breaker = CircuitBreaker(first_delay=1, max_delay=4, clock=clock)
+    breaker = CircuitBreaker(first_delay=1, max_delay=4, clock=clock, wall_clock=clock)
     assert breaker.closed.is_set()
 
+    clock.now += 5
     assert breaker.failure("ConnectionRefusedError") is True
+    assert breaker.changed_at == 105  # the outage's start, which the stats call "since"
     assert breaker.failure("ConnectionRefusedError again") is False  # one change, one log
     assert (breaker.state, breaker.closed.is_set()) == (RelayState.OPEN, False)
     assert 0.8 <= breaker.seconds_to_probe() <= 1.2
@@ -115,13 +117,17 @@ def test_breaker_opens_once_probes_with_doubling_delays_and_closes() -> None:
         delays.append(breaker.seconds_to_probe())
     for delay, expected in zip(delays, [2, 4, 4, 4], strict=True):  # doubling, capped
         assert 0.8 * expected <= delay <= 1.2 * expected, delays
-    assert breaker.outage_seconds() == clock.now - 100.0
+    assert breaker.outage_seconds() == clock.now - 105.0
+    # Failed probes are the same outage: "since" stayed at its start (it moved every probe).
+    assert breaker.changed_at == 105
 
     breaker.probing()
+    clock.now += 1
     breaker.probe_succeeded()
     assert (breaker.state, breaker.closed.is_set(), breaker.error) == (RelayState.CLOSED, True,
                                                                        None)  # fmt: skip
     assert breaker.outage_seconds() == 0
+    assert breaker.changed_at == clock.now  # back: "since" is when it closed
 
 
 def test_only_a_delivered_mail_makes_the_next_outage_probe_quickly() -> None:
