@@ -7,6 +7,7 @@
     │   ├── StoreOutcomeUnknown  a write was sent, its reply never came: it may have run
     │   └── StoreFull        no room for new mail: Redis at maxmemory or within
     │                        REDIS_MEMORY_HEADROOM of it, or MAX_STORED_BYTES reached (507)
+    ├── EventGroupLost       the webhook consumer group is gone (Redis lost its data)
     ├── QuotaExceeded        a sender's stored mail over MAX_STORED_BYTES_PER_KEY (429)
     ├── InvalidMessage       input that must not be sent      (API answers 422)
     │   └── HeaderInjection  a control character or line break in a header value
@@ -60,6 +61,11 @@ class StoreFull(StoreUnavailable):
     """Redis has no room for new mail. A kind of outage: workers wait it out as they wait
     out an unreachable Redis (their own writes still fit: see finish.lua), and the API
     answers 507 instead of 503, since only sending new mail is refused."""
+
+
+class EventGroupLost(EmailqError):
+    """The event stream's webhook consumer group is gone: Redis restarted without its data
+    (or someone deleted it). The dispatcher registers it, and its endpoints, again."""
 
 
 class QuotaExceeded(EmailqError):

@@ -10,10 +10,11 @@ so a dispatcher that restarts, or dies, loses nothing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, cast
@@ -22,6 +23,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from emailq import labels
+from emailq.errors import EventGroupLost
 from emailq.models import Event, iso
 from emailq.queue import Queue, event_of, store_errors
 from emailq.webhooks.config import API_ID_PREFIX, MAX_ENDPOINTS
@@ -62,6 +64,17 @@ def delivery_id(event: Event, endpoint_id: str) -> str:
     """The webhook-id of ``event`` for one endpoint: the same each time the event is read."""
     digest = hashlib.sha256(f"{event.id}|{event.task_id}|{endpoint_id}".encode()).digest()
     return "msg_" + base64.b32encode(digest[:20]).decode().lower()
+
+
+@contextlib.contextmanager
+def _group_lost() -> Iterator[None]:
+    """Convert Redis's answer to a read of a group (or stream) that is not there."""
+    try:
+        yield
+    except ResponseError as exc:
+        if str(exc).startswith(("NOGROUP", "no such key")):
+            raise EventGroupLost(f"the webhook consumer group is gone: {exc}") from exc
+        raise
 
 
 def payload(event: Event, kind: WebhookEvent, task: dict[str, str | None]) -> bytes:
@@ -115,13 +128,16 @@ class WebhookStore:
 
     # -- endpoints --------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self, *, from_start: bool = False) -> None:
         """Create the consumer group at the stream's end, unless it exists: events from
-        before the first endpoint or dispatcher are history, not news."""
+        before the first endpoint or dispatcher are history, not news. ``from_start``: at
+        its start instead, for a group that was lost (``EventGroupLost``) while events came
+        in; an event read again creates no second delivery (see webhook_create.lua)."""
         with store_errors():
             try:
                 await self.redis.xgroup_create(self.keys.events, self.keys.webhook_group,
-                                               id="$", mkstream=True)  # fmt: skip
+                                               id="0" if from_start else "$",
+                                               mkstream=True)  # fmt: skip
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -204,7 +220,7 @@ class WebhookStore:
     async def read_events(self, consumer: str, count: int, block_ms: int) -> list[Event]:
         """New events for this consumer (up to ``count``, waiting up to ``block_ms``)."""
         streams: Any = {self.keys.events: ">"}
-        with store_errors():
+        with store_errors(), _group_lost():
             reply: Any = await self.redis.xreadgroup(self.keys.webhook_group, consumer, streams,
                                                      count, block_ms)  # fmt: skip
         events, _ = self._events(reply[0][1] if reply else [])
@@ -213,7 +229,7 @@ class WebhookStore:
     async def reclaim_events(self, consumer: str, min_idle_ms: int, count: int) -> list[Event]:
         """Events another dispatcher took and held longer than ``min_idle_ms`` without
         acknowledging them (it died): now this consumer's."""
-        with store_errors():
+        with store_errors(), _group_lost():
             reply = await self.redis.xautoclaim(self.keys.events, self.keys.webhook_group,
                                                 consumer, min_idle_ms, "0-0", count)  # fmt: skip
         events, gone = self._events(reply[1])
@@ -225,7 +241,7 @@ class WebhookStore:
     async def unread_trimmed(self) -> int | None:
         """How many events the stream's cap trimmed before the group read them: 0 when none,
         None when Redis cannot tell (its lag is unknown after an XDEL)."""
-        with store_errors():
+        with store_errors(), _group_lost():
             stream = await self.redis.xinfo_stream(self.keys.events)
             groups = await self.redis.xinfo_groups(self.keys.events)
         group = next((g for g in groups if g["name"] == self.keys.webhook_group), None)
@@ -245,7 +261,7 @@ class WebhookStore:
 
     async def leave_group(self, consumer: str) -> bool:
         """Delete ``consumer`` from the group if nothing is pending for it (a clean stop)."""
-        with store_errors():
+        with store_errors(), _group_lost():
             rows = await self.redis.xinfo_consumers(self.keys.events, self.keys.webhook_group)
             mine = [r for r in rows if r.get("name") == consumer]
             if not mine or int(mine[0].get("pending", 0)) != 0:

@@ -218,6 +218,39 @@ def test_a_dispatcher_started_before_its_redis_waits_then_registers_and_delivers
     assert "Traceback" not in read_log(dispatcher)
 
 
+def test_a_redis_that_comes_back_empty_gets_the_group_and_file_endpoints_again(
+    procs: Procs,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    # A Redis restarted without its data (no persistence, a new node, FLUSHALL) took the
+    # consumer group and WEBHOOKS_FILE's endpoints with it: the dispatcher's next read got
+    # NOGROUP and it exited with a traceback, found by an operator's walkthrough.
+    redis = redis_factory()
+    secrets = [new_secret()]
+    with receiving(secrets, lambda _m, _n: 200) as receiver:
+        settings = make_settings(redis_url=redis.url,
+                                 webhooks_file=webhooks_file(tmp_path, receiver.url, secrets),
+                                 **FAST_WEBHOOKS)  # fmt: skip
+        dispatcher = procs.dispatcher(settings)
+        api = Api(procs.api(settings))
+        procs.worker(settings)
+        (first,) = api.enqueue(1)
+        wait_until(lambda: len(receiver.requests) == 1, what="the first delivery")
+
+        redis.stop()
+        redis_factory(port=redis.port, data_dir=tmp_path / "empty-redis")  # nothing kept
+        wait_for_log(dispatcher, "registering it and WEBHOOKS_FILE's endpoints again")
+        (second,) = api.enqueue(1)
+        wait_until(lambda: len(receiver.requests) == 2, what="a delivery after the loss",
+                   proc=dispatcher)  # fmt: skip
+    assert [json.loads(r.body)["data"]["task_id"] for r in receiver.requests] == [first, second]
+    assert receiver.unverified == []
+    assert dispatcher.poll() is None
+    assert "Traceback" not in read_log(dispatcher)
+
+
 def test_webhooks_file_errors_stop_the_dispatcher_with_one_line(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:

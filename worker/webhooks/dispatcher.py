@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-from emailq.errors import StoreUnavailable
+from emailq.errors import EventGroupLost, StoreUnavailable
 from emailq.models import Event
 from emailq.settings import Settings
 from emailq.webhooks import signing
@@ -86,13 +86,14 @@ class Dispatcher:
             await self._leave()
             log.info("webhook dispatcher stopped")
 
-    async def _until_ready(self) -> None:
+    async def _until_ready(self, *, group_lost: bool = False) -> None:
         """Register WEBHOOKS_FILE's endpoints and the consumer group, waiting for Redis as
-        long as it takes (a dispatcher started before its Redis waits, as a worker does)."""
+        long as it takes (a dispatcher started before its Redis waits, as a worker does).
+        ``group_lost``: again, after Redis lost them; the group then reads from the start."""
         delay = 0.1
         while not self.stopping.is_set():
             try:
-                await self.store.ensure_group()
+                await self.store.ensure_group(from_start=group_lost)
                 for taken in await self.store.sync_file(self.file_endpoints):
                     log.warning("WEBHOOKS_FILE endpoint %r not registered: an API endpoint "
                                 "has that id", taken)  # fmt: skip
@@ -124,6 +125,13 @@ class Dispatcher:
             except StoreUnavailable as exc:
                 log.warning("event stream unavailable: %s", exc)
                 await self._pause(1.0)
+            except EventGroupLost as exc:
+                # Redis restarted without its data: the group and WEBHOOKS_FILE's endpoints
+                # went with it (the API's own endpoints too, which only their owner can
+                # register again). Without this the dispatcher exited.
+                log.warning("%s (did Redis restart without its data?); registering it and "
+                            "WEBHOOKS_FILE's endpoints again", exc)  # fmt: skip
+                await self._until_ready(group_lost=True)
 
     async def _prune(self, idle_ms: int) -> None:
         for name in await self.store.prune_consumers(idle_ms):
@@ -139,7 +147,7 @@ class Dispatcher:
     async def _leave(self) -> None:
         """At a clean stop, leave the group if nothing is pending for this consumer (what
         is pending stays for another dispatcher to take over)."""
-        with contextlib.suppress(StoreUnavailable):
+        with contextlib.suppress(StoreUnavailable, EventGroupLost):
             await self.store.leave_group(self.consumer)
 
     async def _record(self, events: list[Event]) -> None:
