@@ -502,10 +502,15 @@ class Worker:
         """Warn when the lease was lost and it mattered: a retry or failure that another
         worker now decides, or a success for a task someone had already finished (a second
         copy went out). A lease lost only while the outcome was being written is no loss."""
-        if applied not in ("stale", "ignored"):
+        if applied not in ("stale", "ignored", "missing"):
             return
         ctx = _log_context(claimed)
-        if outcome == "success":
+        if applied == "missing":
+            # Not a lease passed on: nothing of the task is left to record this in (Redis
+            # restarted without its data, or it was deleted). No other worker has it.
+            log.warning("outcome %s not recorded: the task is no longer in Redis (did Redis "
+                        "lose its data?)", outcome, extra=ctx)  # fmt: skip
+        elif outcome == "success":
             log.warning(
                 "sent, but the task was already final: its lease had passed to "
                 "another worker mid-send, so this copy may be a duplicate",

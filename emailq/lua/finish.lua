@@ -1,8 +1,8 @@
 -- Record the outcome of attempts, each a success, retry (scheduled after a delay) or failed.
 -- ARGV[5], ARGV[6]: ttl s of a failed task, of a successful one; ARGV[7]: how many attempts,
 -- N; from ARGV[8], six arguments for each: task id, lease token, outcome, attempt-log entry
--- json, reason, retry delay ms. Returns a list of N: the outcome applied, 'stale' or
--- 'ignored', for each in order (a call run again after its reply was lost answers as its
+-- json, reason, retry delay ms. Returns a list of N: the outcome applied, 'stale',
+-- 'ignored' or 'missing' (no such task: it expired, or Redis lost it), for each in order (a call run again after its reply was lost answers as its
 -- first run did, and changes nothing). The worker sends the finishes of the sends that ended
 -- while its previous call was in flight as one call (emailq.coalesce.FinishCoalescer): per
 -- mail, the Redis client's cost is what counts, not Redis's.
@@ -30,6 +30,10 @@ local function record(at)
   local id, token, outcome = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   local task = TASK .. id
   local f = fields(task, RECORD_FIELDS)
+  if not f.status then
+    redis.call('ZREM', K_LEASES, id)  -- a lease of nothing: the recovery sweep need not meet it
+    return 'missing'
+  end
   if f.status ~= 'pending' then return refused_unless_replayed(f, at, 'ignored') end
   -- A worker whose lease lapsed may not decide a retry or a failure any more: the task is
   -- someone else's now. A late *success* still counts: recording it keeps the task from

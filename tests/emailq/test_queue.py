@@ -378,6 +378,20 @@ async def test_late_success_from_an_old_lease_wins(queue: Queue) -> None:
 
 
 @pytest.mark.parametrize("outcome", ["success", "retry", "failed"])
+async def test_a_finish_for_a_task_redis_no_longer_has_is_missing_and_stores_nothing(
+    queue: Queue, outcome: Outcome
+) -> None:
+    # Redis restarted without its data while the mail was out: not another worker's lease
+    # ('stale' or 'ignored' made the worker warn of a duplicate), and nothing is recreated.
+    await enqueue(queue)
+    claimed = await claim_one(queue)
+    await queue.redis.delete(queue.keys.task("t0"))
+    assert await finish(queue, claimed, outcome, retry_in_ms=60_000) == "missing"
+    assert await task_hash(queue, "t0") == {}
+    assert await queue.redis.zscore(queue.keys.leases, "t0") is None
+
+
+@pytest.mark.parametrize("outcome", ["success", "retry", "failed"])
 async def test_a_finish_run_again_after_its_reply_was_lost_answers_as_its_first_run(
     queue: Queue, outcome: Outcome
 ) -> None:

@@ -502,6 +502,29 @@ async def test_a_send_whose_task_another_worker_finished_warns_once_of_a_duplica
     assert "duplicate" in warned[0].getMessage()
 
 
+async def test_a_send_whose_task_redis_lost_says_so_and_not_that_it_may_be_a_duplicate(
+    make_settings: Callable[..., Settings], smtp_factory: Factory, worker_log: LogCapture
+) -> None:
+    # Redis restarted without its data while the mail was out (an operator saw "this copy
+    # may be a duplicate" for 7 mails of which none was sent twice).
+    server = scripted(smtp_factory, delay=1.0)
+    settings = make_settings(smtp_port=server.port)
+    keys = Keys(settings.redis_key_prefix)
+    client = redis.Redis.from_url(settings.redis_url)
+    async with running(settings) as run:
+        [task_id] = await run.submit()
+        await wait_for(lambda: server.handler.data_calls == 1, "the send to start")
+        client.delete(keys.task(task_id))
+        await wait_for(lambda: len(server.handler.received) == 1, "the copy answered")
+        await run.stop()
+    client.close()
+
+    warned = [r for r in worker_log.records if r.levelno >= logging.WARNING]
+    assert [getattr(r, "task_id", None) for r in warned] == [task_id]
+    assert warned[0].getMessage() == ("outcome success not recorded: the task is no longer in "
+                                      "Redis (did Redis lose its data?)")  # fmt: skip
+
+
 # Keeps Redis busy for ARGV[1] microseconds: every other client's command waits behind it,
 # as behind a stalled or overloaded Redis.
 _STALL = """local t = redis.call('TIME'); local start = t[1] * 1e6 + t[2]
