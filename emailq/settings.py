@@ -304,11 +304,13 @@ class Settings(BaseSettings):
         if (cert is None) != (key is None):
             raise ValueError("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE: set both or neither")
         url = info.data.get("redis_url")
-        tls_files = cert is not None or info.data.get("redis_tls_ca_file") is not None
+        given = {"REDIS_TLS_CA_FILE": info.data.get("redis_tls_ca_file"),
+                 "REDIS_TLS_CERT_FILE": cert, "REDIS_TLS_KEY_FILE": key}  # fmt: skip
+        tls_files = [name for name, path in given.items() if path is not None]
         # A forgotten "s" would send the traffic in the clear while the operator thinks
         # it is protected.
         if tls_files and url is not None and not uses_tls(url):
-            raise ValueError("REDIS_TLS_* files are set but REDIS_URL does not use TLS "
+            raise ValueError(f"{' and '.join(tls_files)} set, but REDIS_URL does not use TLS "
                              "(rediss:// or rediss+sentinel://)")  # fmt: skip
         return key
 

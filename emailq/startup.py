@@ -67,6 +67,9 @@ def _echo(value: object) -> str:
     return repr(text)
 
 
+_SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
+
+
 def describe(exc: ValidationError) -> str:
     """One line for every problem in ``exc``: ``NAME: must be ... (got 'value')``."""
     parts = []
@@ -74,7 +77,9 @@ def describe(exc: ValidationError) -> str:
         field = str(error["loc"][0]) if error["loc"] else ""
         name = field.upper()
         what = _requirement(error)
-        if not what.startswith(name):
+        # A check about several settings names them itself (and may be reported under
+        # whichever field pydantic checked last).
+        if not what.startswith(_SETTING_NAMES):
             what = f"{name}: {what}"
         got = _echo(error["input"])
         if field not in _SECRET and got not in what:  # some messages quote it already

@@ -76,9 +76,14 @@ def test_tls_files_are_checked_at_startup(tmp_path: Path) -> None:
     pem.write_text("-")
     cases = [
         ({"redis_tls_ca_file": tmp_path / "missing.pem"}, "REDIS_TLS_CA_FILE: no such file"),
-        ({"redis_tls_cert_file": pem}, "set both or neither"),
-        ({"redis_url": "redis://h/0", "redis_tls_ca_file": pem}, "does not use TLS"),
-    ]
+        ({"redis_tls_cert_file": pem},
+         "^REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE: set both or neither$"),
+        # Each names the files set, not a setting that was not (it said REDIS_TLS_KEY_FILE).
+        ({"redis_url": "redis://h/0", "redis_tls_ca_file": pem},
+         r"^REDIS_TLS_CA_FILE set, but REDIS_URL does not use TLS \(rediss://"),
+        ({"redis_url": "redis://h/0", "redis_tls_cert_file": pem, "redis_tls_key_file": pem},
+         "^REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE set, but REDIS_URL does not use TLS"),
+    ]  # fmt: skip
     for values, says in cases:
         values.setdefault("redis_url", "rediss://h:6380/0")
         with pytest.raises(ConfigError, match=says):
