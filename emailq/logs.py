@@ -110,10 +110,16 @@ def needs_scrub(text: str) -> bool:
     return "@" in text or "eq_" in text
 
 
+def _masked(local: re.Match[str]) -> str:
+    # redact_url's "redis://***@host" is masked already: its "//***" reads as a local part
+    # ('/' and '*' may be in one), and masking it again made "redis:***@host".
+    return local[0] if local[0].strip("/*") == "@" else "***@"
+
+
 def scrub(text: str) -> str:
     """``text`` with API keys and the local part of addresses masked."""
     if "@" in text:
-        text = _ADDRESS.sub("***@", text)
+        text = _ADDRESS.sub(_masked, text)
     if "eq_" in text:
         text = _API_KEY.sub("eq_***", text)
     return text

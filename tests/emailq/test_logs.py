@@ -120,6 +120,16 @@ def test_addresses_and_api_keys_are_masked_in_events_fields_and_tracebacks(
     assert "<***@example.com> unknown (eq_***)" in line["exc"]
 
 
+def test_a_redacted_redis_url_reads_as_redacted_and_a_raw_one_loses_its_password() -> None:
+    # The worker logged "Redis at redis:***@host": the address mask took redact_url's
+    # "//***" for a local part.
+    url = "redis://mailer:Red1sPa55word@127.0.0.1:6391/0"
+    assert logs.scrub(f"Redis at {logs.redact_url(url)};") == \
+        "Redis at redis://***@127.0.0.1:6391/0;"  # fmt: skip
+    assert "Red1sPa55word" not in logs.scrub(f"Redis at {url}")  # masked even if not redacted
+    assert logs.scrub("to x/y@example.com") == "to ***@example.com"
+
+
 @pytest.mark.parametrize("pipeline", [LogFormat.TEXT], indirect=True)
 def test_a_text_line_is_one_line_whatever_a_value_holds(
     pipeline: tuple[LogPipeline, Lines],
