@@ -34,9 +34,18 @@ def _same(written: str, default: object) -> bool:
     return written == default
 
 
-def test_every_setting_is_in_env_example_with_its_default() -> None:
+def env_example() -> dict[str, str]:
+    """Every setting .env.example lists, with its value: those compose gives a value of its
+    own (COMPOSE_DEFAULTS) commented out, so a copied .env does not replace it."""
     text = (ROOT / ".env.example").read_text()
     listed = dict(re.findall(r"^([A-Z_]+)=(.*)$", text, flags=re.MULTILINE))
+    commented = dict(re.findall(r"^# ([A-Z_]+)=(.*)$", text, flags=re.MULTILINE))
+    assert sorted(commented) == sorted(COMPOSE_DEFAULTS)
+    return {**listed, **commented}
+
+
+def test_every_setting_is_in_env_example_with_its_default() -> None:
+    listed = env_example()
     assert sorted(listed) == SETTING_NAMES
     wrong = [
         name for name, field in Settings.model_fields.items()
@@ -130,8 +139,7 @@ def interpolation(value: str) -> tuple[str, str]:
 
 def test_compose_gives_every_setting_to_the_containers_with_its_default() -> None:
     services = compose()["services"]
-    env_example = dict(re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / ".env.example").read_text(),
-                                  flags=re.MULTILINE))  # fmt: skip
+    example = env_example()
     for service in EMAILQ_SERVICES:
         environment = services[service]["environment"]
         assert sorted(environment) == SETTING_NAMES, service  # every setting, nothing else
@@ -142,7 +150,7 @@ def test_compose_gives_every_setting_to_the_containers_with_its_default() -> Non
             else:
                 assert source == name  # .env's own name reaches the container
                 field = Settings.model_fields[name.lower()]
-                expected = COMPOSE_DEFAULTS.get(name, env_example[name])
+                expected = COMPOSE_DEFAULTS.get(name, example[name])
                 assert default == expected, name
                 assert name in COMPOSE_DEFAULTS or _same(default, field.default), name
 
@@ -184,6 +192,8 @@ def test_docker_compose_config_with_the_example_env_keeps_the_stack_working(
         assert env["REDIS_URL"] == "redis://redis:6379/0"
         assert env["WORKER_CONCURRENCY"] == "5"
         assert env["RATE_LIMIT_PER_KEY"] == ""  # empty means off, not the default
+        # compose's own values stand (a copied .env.example turned worker metrics off)
+        assert {name: env[name] for name in COMPOSE_DEFAULTS} == COMPOSE_DEFAULTS
         Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
 
 
