@@ -207,7 +207,7 @@ def _run_queue_command(args: argparse.Namespace) -> int:
     """Compose settings, queue and output for one queue command, and run it."""
     from emailq.cli.commands import ExitCode
     from emailq.cli.output import Output
-    from emailq.errors import StoreUnavailable
+    from emailq.errors import StoreFull, StoreUnavailable
     from emailq.logs import redact_url
     from emailq.startup import exit_on_config_error, load_settings
 
@@ -224,6 +224,10 @@ def _run_queue_command(args: argparse.Namespace) -> int:
             return ExitCode.FAILED
         try:
             return asyncio.run(_session(settings, out, command, templates))
+        except StoreFull as exc:
+            # Redis answered: nothing about where it runs would help.
+            out.error(f"{exc} (Redis at {redact_url(settings.redis_url)})")
+            return ExitCode.UNAVAILABLE
         except StoreUnavailable as exc:
             # Name the URL tried: the usual cause is a REDIS_URL that points elsewhere.
             out.error(f"{exc} at REDIS_URL={redact_url(settings.redis_url)}; is Redis "

@@ -410,4 +410,5 @@ def test_a_full_store_exits_4_naming_the_limit(
     result = cli("send", "--to", "user@example.com", "--subject", "Hi", "--body", "more")
     assert result.code == 4
     assert "MAX_STORED_BYTES" in result.err
+    assert "is Redis running" not in result.err  # it answered: only the room is missing
     assert len(redis.Redis.from_url(redis_url).keys("{emailq}:task:*")) == 1
