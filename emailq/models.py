@@ -217,6 +217,8 @@ class QueueGauges(BaseModel):
     stored_bytes: int  # job bytes of all mail waiting to be sent (MAX_STORED_BYTES counts it)
     # Live workers per breaker state; "none": alive, but no state published (yet).
     relay: dict[str, int] = Field(default_factory=dict)
+    memory_used_bytes: int = 0  # Redis's used_memory
+    memory_max_bytes: int = 0  # Redis's maxmemory; 0: no limit
 
     @property
     def live_workers(self) -> int:

@@ -718,7 +718,7 @@ class Queue:
         """Depths, oldest ages, counts, stored bytes and live workers per relay state, in one
         round trip whose cost does not grow with the backlog (for /metrics)."""
         reply = await self._run("gauges", live_window_ms, self.keys.relay_state_prefix, *LANES)
-        now, lanes, scheduled, in_flight, failed, stored, states = reply
+        now, lanes, scheduled, in_flight, failed, stored, states, used, maxmemory = reply
         relay = {str(state): 0 for state in (*RelayState, NO_RELAY_STATE)}
         for state in states:
             # Counted under a known name only: what becomes a label must not be Redis text.
@@ -726,7 +726,7 @@ class Queue:
         return QueueGauges(
             lanes=[_lane_stats(name, depth, oldest, now) for name, depth, oldest in lanes],
             scheduled=scheduled, in_flight=in_flight, failed=failed, stored_bytes=stored,
-            relay=relay,
+            relay=relay, memory_used_bytes=used, memory_max_bytes=maxmemory,
         )  # fmt: skip
 
     async def throughput(self, minutes: int = HISTORY_MINUTES) -> list[MinuteCount]:

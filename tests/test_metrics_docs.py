@@ -48,7 +48,11 @@ def test_the_examples_parse_and_the_scaler_watches_every_lane_list() -> None:
     scrape, alerts, scaled = _yaml_blocks()
     assert {job["job_name"] for job in scrape["scrape_configs"]} == {"emailq-api",
                                                                      "emailq-worker"}  # fmt: skip
-    assert len(alerts["groups"][0]["rules"]) == 3
+    rules = alerts["groups"][0]["rules"]
+    assert len(rules) == 4
+    # Each alert reads series that exist (a renamed gauge would leave one silent forever).
+    used = {name for rule in rules for name in re.findall(r"emailq_\w+", rule["expr"])}
+    assert used <= _exported()
     assert scaled["kind"] == "ScaledObject"
     watched = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
     assert watched == [Keys().lane(lane) for lane in LANES]

@@ -3,7 +3,9 @@
 -- those), so a scrape every second costs Redis next to nothing.
 -- ARGV[5..]: live-worker window ms, relay state key prefix, lanes
 -- Returns now ms, {{lane, depth, oldest created_at or -1}...}, scheduled, in flight, dead
--- letters, stored bytes, {the breaker state each live worker published, '' if none}.
+-- letters, stored bytes, {the breaker state each live worker published, '' if none},
+-- Redis's used_memory and maxmemory (0: no limit), from INFO memory: what the 507 of
+-- REDIS_MEMORY_HEADROOM is judged by, so an alert can come before it.
 local window, relay_prefix = tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
 local lanes = lane_depths(7)
@@ -21,6 +23,9 @@ for _, worker in ipairs(redis.call('ZRANGEBYSCORE', K_WORKERS, now - window, '+i
   end
   states[#states + 1] = state
 end
+local info = redis.call('INFO', 'memory')
+local used = tonumber(string.match(info, '\nused_memory:(%d+)') or '0')
+local max = tonumber(string.match(info, '\nmaxmemory:(%d+)') or '0')
 return {now, lanes, redis.call('ZCARD', K_SCHEDULED), redis.call('ZCARD', K_LEASES),
         redis.call('ZCARD', K_FAILED), tonumber(redis.call('HGET', K_STORED, 'total') or '0'),
-        states}
+        states, used, max}

@@ -132,6 +132,14 @@ def test_metrics_count_a_known_workload_exactly(
         store.close()
     assert charged > 0
     assert samples["emailq_stored_bytes"] == charged
+    # Redis's own memory, what REDIS_MEMORY_HEADROOM's 507 is judged by.
+    store = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        memory = store.info("memory")
+    finally:
+        store.close()
+    assert samples["emailq_redis_memory_max_bytes"] == memory["maxmemory"]
+    assert 0 < samples["emailq_redis_memory_used_bytes"] <= 2 * memory["used_memory"]
 
     # -- this API process's own counts --
     assert family(samples, "emailq_mails_accepted_total") == {
