@@ -35,8 +35,9 @@ class RelayStore:
         redis = queue.redis
         self._defer = redis.register_script(_load_script("defer"))
         self._expire = redis.register_script(_load_script("expire_waiting"))
-        rate = (resources.files("emailq") / "lua" / "send_rate.lua").read_text()
-        self._rate = redis.register_script(rate)
+        lua = resources.files("emailq") / "lua"
+        self._rate = redis.register_script((lua / "send_rate.lua").read_text())
+        self._state = redis.register_script((lua / "relay_state.lua").read_text())
 
     async def defer(self, claimed: ClaimedJob, entry: Attempt, how: Deferral) -> str:
         """Give ``claimed`` back uncounted (or fail it past the ceiling): 'deferred',
@@ -75,9 +76,7 @@ class RelayStore:
     async def publish(self, worker_id: str, state: dict[str, object], ttl_ms: int) -> None:
         """Store one worker's breaker state for the stats; it lapses with the worker."""
         with _store_errors():
-            await self.queue.redis.set(
-                self.keys.relay_state(worker_id), json.dumps(state), px=ttl_ms
-            )
+            await self._state([self.keys.relay_state(worker_id)], [json.dumps(state), ttl_ms])
 
     async def retire(self, worker_id: str) -> None:
         """Remove a stopping worker's state."""

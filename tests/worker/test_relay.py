@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Callable
 
 import aiosmtplib
 import pytest
+from redis.exceptions import OutOfMemoryError
 
+from emailq.devtools.redis_server import RedisServer
 from emailq.errors import RelayThrottled, RelayUnavailable, SendError
 from emailq.models import Attempt, Job, RelayState, Status
 from emailq.queue import Queue
@@ -156,6 +160,31 @@ def test_only_a_delivered_mail_makes_the_next_outage_probe_quickly() -> None:
 )
 def test_durations_read_short(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+# -- the breaker state workers publish (relay_state.lua) --------------------------------------
+
+
+async def test_the_breaker_state_is_published_even_in_a_redis_at_maxmemory(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    # A full Redis refused the plain SET, and the stats read "no worker reports" for workers
+    # that were sending (an operator's walkthrough with maxmemory below used_memory).
+    server = redis_factory()
+    queue = Queue.from_url(server.url, timeout=5)
+    try:
+        store = RelayStore(queue)
+        await store.publish("w1", {"state": "closed"}, 60_000)
+        used = int((await queue.redis.info("memory"))["used_memory"])
+        await queue.redis.config_set("maxmemory", used // 2)  # at maxmemory: writes refused
+        with pytest.raises(OutOfMemoryError):  # as the plain SET it was made with is
+            await queue.redis.set(queue.keys.relay_state("w1"), "{}", px=60_000)
+        await store.publish("w1", {"state": "open", "error": "refused"}, 60_000)
+        raw = await queue.redis.get(queue.keys.relay_state("w1"))
+        assert json.loads(raw) == {"state": "open", "error": "refused"}
+        assert 0 < await queue.redis.pttl(queue.keys.relay_state("w1")) <= 60_000
+    finally:
+        await queue.close()
 
 
 # -- the shared send rate (send_rate.lua) ---------------------------------------------------
