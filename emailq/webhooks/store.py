@@ -66,13 +66,26 @@ def delivery_id(event: Event, endpoint_id: str) -> str:
     return "msg_" + base64.b32encode(digest[:20]).decode().lower()
 
 
+# What Redis answers about a group or stream that is not there: a read of a missing group
+# (NOGROUP), XINFO of a missing key, and a blocked XREADGROUP whose stream or group was
+# deleted under it (FLUSHALL, DEL, XGROUP DESTROY: "UNBLOCKED the stream key no longer
+# exists", "... the consumer group ... no longer exists"). A script's error carries the
+# command's text within its own.
+_GONE = ("NOGROUP", "no such key", "no longer exists")
+
+
+def later_id(a: str, b: str) -> str:
+    """The later of two stream entry ids."""
+    return max(a, b, key=_stream_id)
+
+
 @contextlib.contextmanager
 def _group_lost() -> Iterator[None]:
     """Convert Redis's answer to a read of a group (or stream) that is not there."""
     try:
         yield
     except ResponseError as exc:
-        if str(exc).startswith(("NOGROUP", "no such key")):
+        if any(mark in str(exc) for mark in _GONE):
             raise EventGroupLost(f"the webhook consumer group is gone: {exc}") from exc
         raise
 
@@ -128,19 +141,24 @@ class WebhookStore:
 
     # -- endpoints --------------------------------------------------------------------
 
-    async def ensure_group(self, *, from_start: bool = False) -> None:
+    async def ensure_group(self, *, after: str = "$") -> None:
         """Create the consumer group at the stream's end, unless it exists: events from
-        before the first endpoint or dispatcher are history, not news. ``from_start``: at
-        its start instead, for a group that was lost (``EventGroupLost``) while events came
-        in; an event read again creates no second delivery (see webhook_create.lua)."""
+        before the first endpoint or dispatcher are history, not news. ``after``: an entry
+        id to read on from instead, for a group that was lost (``EventGroupLost``) while
+        events came in (the stream may be new, its ids then later than any read before)."""
         with store_errors():
             try:
                 await self.redis.xgroup_create(self.keys.events, self.keys.webhook_group,
-                                               id="0" if from_start else "$",
-                                               mkstream=True)  # fmt: skip
+                                               id=after, mkstream=True)  # fmt: skip
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def now_id(self) -> str:
+        """A stream entry id for Redis's clock now: entries added from now on come after it."""
+        with store_errors():
+            seconds, micros = await self.redis.time()
+        return f"{int(seconds) * 1000 + int(micros) // 1000}-0"
 
     async def endpoints(self) -> list[Endpoint]:
         """Every endpoint, file and API, ordered by id."""
@@ -256,7 +274,9 @@ class WebhookStore:
     async def prune_consumers(self, idle_ms: int) -> list[str]:
         """Delete the group's consumers idle ``idle_ms`` or more with nothing pending (dead
         dispatchers); returns their names. A live one reads every few seconds."""
-        gone = await self._run("prune", [self.keys.events], [self.keys.webhook_group, idle_ms])
+        with _group_lost():
+            gone = await self._run("prune", [self.keys.events],
+                                   [self.keys.webhook_group, idle_ms])  # fmt: skip
         return [str(name) for name in gone]
 
     async def leave_group(self, consumer: str) -> bool:

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,51 @@ def test_a_redis_that_comes_back_empty_gets_the_group_and_file_endpoints_again(
         (second,) = api.enqueue(1)
         wait_until(lambda: len(receiver.requests) == 2, what="a delivery after the loss",
                    proc=dispatcher)  # fmt: skip
+    assert [json.loads(r.body)["data"]["task_id"] for r in receiver.requests] == [first, second]
+    assert receiver.unverified == []
+    assert dispatcher.poll() is None
+    assert "Traceback" not in read_log(dispatcher)
+
+
+@pytest.mark.parametrize("loss", ["flushall", "group destroyed"])
+def test_a_group_lost_under_a_running_dispatcher_is_made_again_without_resending(
+    procs: Procs,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    redis_factory: Callable[..., RedisServer],
+    loss: str,
+) -> None:
+    # While the dispatcher waits in XREADGROUP: FLUSHALL answers it "UNBLOCKED the stream key
+    # no longer exists", which it did not take for a lost group (it exited); a group made
+    # again from "0" sent every event still in the stream whose delivery record had expired
+    # a second time (here the records are deleted, as RESULT_TTL_SECONDS would).
+    server = redis_factory()
+    secrets = [new_secret()]
+    with receiving(secrets, lambda _m, _n: 200) as receiver:
+        settings = make_settings(redis_url=server.url,
+                                 webhooks_file=webhooks_file(tmp_path, receiver.url, secrets),
+                                 **FAST_WEBHOOKS)  # fmt: skip
+        dispatcher = procs.dispatcher(settings)
+        api = Api(procs.api(settings))
+        procs.worker(settings)
+        (first,) = api.enqueue(1)
+        wait_until(lambda: len(receiver.requests) == 1, what="the first delivery")
+        client = redis.Redis.from_url(server.url)
+        try:
+            keys = Keys(settings.redis_key_prefix)
+            if loss == "flushall":
+                client.flushall()
+            else:
+                for key in client.scan_iter(keys.webhook_delivery_prefix + "*"):
+                    client.delete(key)  # expired
+                client.xgroup_destroy(keys.events, keys.webhook_group)
+        finally:
+            client.close()
+        wait_for_log(dispatcher, "registering it and WEBHOOKS_FILE's endpoints again")
+        (second,) = api.enqueue(1)
+        wait_until(lambda: len(receiver.requests) == 2, what="a delivery after the loss",
+                   proc=dispatcher)  # fmt: skip
+        time.sleep(1)  # room for a third, resent, delivery to show up (none may)
     assert [json.loads(r.body)["data"]["task_id"] for r in receiver.requests] == [first, second]
     assert receiver.unverified == []
     assert dispatcher.poll() is None

@@ -25,7 +25,7 @@ from emailq.models import Event
 from emailq.settings import Settings
 from emailq.webhooks import signing
 from emailq.webhooks.models import DeliveryAttempt, Endpoint
-from emailq.webhooks.store import Claimed, FinishOutcome, WebhookStore
+from emailq.webhooks.store import Claimed, FinishOutcome, WebhookStore, later_id
 from emailq.webhooks.targets import TargetRefused
 from worker.webhooks.http import Answer, DeliveryClient
 
@@ -68,6 +68,10 @@ class Dispatcher:
         self.stopping = asyncio.Event()
         self.wake = asyncio.Event()
         self.inflight: set[asyncio.Task[None]] = set()
+        # The last event this dispatcher recorded, or Redis's clock when it became ready:
+        # where a lost group is created again (not at "0": every event still in the stream
+        # whose delivery record has expired would be delivered a second time).
+        self.read_to = "0-0"
 
     def stop(self) -> None:
         """Stop claiming; attempts in flight finish (up to the timeout)."""
@@ -89,11 +93,16 @@ class Dispatcher:
     async def _until_ready(self, *, group_lost: bool = False) -> None:
         """Register WEBHOOKS_FILE's endpoints and the consumer group, waiting for Redis as
         long as it takes (a dispatcher started before its Redis waits, as a worker does).
-        ``group_lost``: again, after Redis lost them; the group then reads from the start."""
+        ``group_lost``: again, after Redis lost them; the group then reads on from the last
+        event recorded here (``read_to``)."""
         delay = 0.1
         while not self.stopping.is_set():
             try:
-                await self.store.ensure_group(from_start=group_lost)
+                if group_lost:
+                    await self.store.ensure_group(after=self.read_to)
+                else:
+                    await self.store.ensure_group()
+                    self.read_to = later_id(self.read_to, await self.store.now_id())
                 for taken in await self.store.sync_file(self.file_endpoints):
                     log.warning("WEBHOOKS_FILE endpoint %r not registered: an API endpoint "
                                 "has that id", taken)  # fmt: skip
@@ -153,6 +162,8 @@ class Dispatcher:
     async def _record(self, events: list[Event]) -> None:
         if events and await self.store.record(events):
             self.wake.set()
+        for event in events:
+            self.read_to = later_id(self.read_to, event.id)
 
     # -- deliveries -> attempts ----------------------------------------------------------
 
