@@ -217,8 +217,10 @@ class QueueGauges(BaseModel):
     stored_bytes: int  # job bytes of all mail waiting to be sent (MAX_STORED_BYTES counts it)
     # Live workers per breaker state; "none": alive, but no state published (yet).
     relay: dict[str, int] = Field(default_factory=dict)
-    memory_used_bytes: int = 0  # Redis's used_memory
-    memory_max_bytes: int = 0  # Redis's maxmemory; 0: no limit
+    # Redis's used_memory and maxmemory (0: no limit); None while REDIS_MEMORY_HEADROOM is 0
+    # (not read: INFO may not be granted, see the README).
+    memory_used_bytes: int | None = None
+    memory_max_bytes: int | None = None
 
     @property
     def live_workers(self) -> int:

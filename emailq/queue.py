@@ -717,7 +717,9 @@ class Queue:
     async def gauges(self, *, live_window_ms: int) -> QueueGauges:
         """Depths, oldest ages, counts, stored bytes and live workers per relay state, in one
         round trip whose cost does not grow with the backlog (for /metrics)."""
-        reply = await self._run("gauges", live_window_ms, self.keys.relay_state_prefix, *LANES)
+        memory = 1 if self.limits.memory_headroom > 0 else 0
+        reply = await self._run("gauges", memory, live_window_ms, self.keys.relay_state_prefix,
+                                *LANES)  # fmt: skip
         now, lanes, scheduled, in_flight, failed, stored, states, used, maxmemory = reply
         relay = {str(state): 0 for state in (*RelayState, NO_RELAY_STATE)}
         for state in states:
@@ -726,7 +728,9 @@ class Queue:
         return QueueGauges(
             lanes=[_lane_stats(name, depth, oldest, now) for name, depth, oldest in lanes],
             scheduled=scheduled, in_flight=in_flight, failed=failed, stored_bytes=stored,
-            relay=relay, memory_used_bytes=used, memory_max_bytes=maxmemory,
+            relay=relay,
+            memory_used_bytes=None if int(used) < 0 else int(used),
+            memory_max_bytes=None if int(maxmemory) < 0 else int(maxmemory),
         )  # fmt: skip
 
     async def throughput(self, minutes: int = HISTORY_MINUTES) -> list[MinuteCount]:

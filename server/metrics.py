@@ -210,8 +210,9 @@ def queue_families(gauges: QueueGauges | None) -> Iterator[Metric]:
                  gauges.live_workers)  # fmt: skip
     yield _gauge("emailq_stored_bytes", "Job bytes of all mail waiting to be sent (what "
                  "MAX_STORED_BYTES limits)", gauges.stored_bytes)  # fmt: skip
-    yield _gauge("emailq_redis_memory_used_bytes", "Redis's used_memory (new mail is refused, "
-                 "507, past (1 - REDIS_MEMORY_HEADROOM) of maxmemory)",
-                 gauges.memory_used_bytes)  # fmt: skip
-    yield _gauge("emailq_redis_memory_max_bytes", "Redis's maxmemory (0: no limit)",
-                 gauges.memory_max_bytes)  # fmt: skip
+    if gauges.memory_used_bytes is not None and gauges.memory_max_bytes is not None:
+        yield _gauge("emailq_redis_memory_used_bytes", "Redis's used_memory (new mail is "
+                     "refused, 507, past (1 - REDIS_MEMORY_HEADROOM) of maxmemory)",
+                     gauges.memory_used_bytes)  # fmt: skip
+        yield _gauge("emailq_redis_memory_max_bytes", "Redis's maxmemory (0: no limit)",
+                     gauges.memory_max_bytes)  # fmt: skip

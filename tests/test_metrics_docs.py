@@ -26,7 +26,7 @@ def _section() -> str:
 def _exported() -> set[str]:
     gauges = QueueGauges(lanes=[LaneStats(priority=lane, depth=0, oldest_age_seconds=None)
                                 for lane in LANES], scheduled=0, in_flight=0, failed=0,
-                         stored_bytes=0)  # fmt: skip
+                         stored_bytes=0, memory_used_bytes=0, memory_max_bytes=0)  # fmt: skip
     families = [*ApiMetrics().registry.collect(), *queue_families(gauges),
                 *WorkerMetrics().registry.collect()]  # fmt: skip
     # Counters are named without `_total` in the registry and with it in the text.
