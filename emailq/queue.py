@@ -450,6 +450,8 @@ class Queue:
             await self.ping()
         except StoreUnavailable as exc:
             return str(exc)
+        except ResponseError as exc:  # an ACL user without PING: a start-up line, no more
+            return f"Redis refused PING: {exc}"
         return None
 
     async def _run(self, script: str, *args: str | int | float, write: bool = False) -> Any:

@@ -67,29 +67,6 @@ def test_without_keys_only_local_requests_read_it_and_nothing_is_stored(
     assert sorted(store.keys()) == before
 
 
-def test_redis_memory_is_read_only_while_the_headroom_is_on(
-    make_settings: Callable[..., Settings], store: redis.Redis, redis_url: str
-) -> None:
-    # The README's way for an ACL user without INFO is REDIS_MEMORY_HEADROOM=0; the memory
-    # gauges read INFO in every scrape, and /metrics answered 500 for such a user.
-    user = f"noinfo-{uuid.uuid4().hex[:8]}"
-    store.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
-                      commands=["+@all", "-info"])  # fmt: skip
-    try:
-        limited = redis_url.replace("redis://", f"redis://{user}:pw@", 1)
-        with local_client(
-            create_app(make_settings(redis_url=limited, redis_memory_headroom=0))
-        ) as client:
-            samples = metrics(client)
-        assert samples["emailq_redis_up"] == 1
-        assert "emailq_redis_memory_used_bytes" not in samples
-        with local_client(create_app(make_settings())) as client:
-            memory = metrics(client)["emailq_redis_memory_used_bytes"]
-        assert memory > 0
-    finally:
-        store.acl_deluser(user)
-
-
 def test_with_keys_an_admin_key_or_the_metrics_token_reads_it(
     make_settings: Callable[..., Settings],
 ) -> None:
