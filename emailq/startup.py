@@ -13,7 +13,9 @@ from __future__ import annotations
 import difflib
 import functools
 import gc
+import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -101,9 +103,17 @@ def load_settings(**overrides: Any) -> Settings:
 
 # Set by `make dev` for its children, once it has warned itself: one warning, not five.
 NAMES_CHECKED_ENV = "EMAILQ_SETTING_NAMES_CHECKED"
-# How alike a name must be to a setting's to be taken for a misspelling of it: MAX_ATTEMTPS
-# (0.92) and SMTP_PROT (0.89) are; MAIL, which Debian sets, is not MAIL_FROM (0.62).
-_ALIKE = 0.85
+# How alike a name must be to a setting's to be taken for a misspelling of it. In .env, the
+# file written for emailq: SMTP_PASSWORD (0.82 to SMTP_PASS) and MAX_ATTEMTPS (0.92) are; a
+# compose variable such as EMAILQ_SMTP_HOST (0.72) is not. In the environment, which other
+# tools fill too, only closer ones: LOG_LEVELS (0.95) and API_KEY (0.93), not Heroku's
+# WEB_CONCURRENCY (0.88 to WEBHOOK_CONCURRENCY) or a Kubernetes service's REDIS_SENTINEL_PORT.
+_ALIKE_IN_FILE = 0.8
+_ALIKE_IN_ENVIRONMENT = 0.9
+# A variable's name; a malformed .env line reads as one long "name" that may hold a value
+# (REDIS_SENTINEL_PASSWORD:hunter2), which must never be echoed (python-dotenv says the
+# line does not parse).
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def misspelt_settings(env_file: Path, environ: Mapping[str, str]) -> list[str]:
@@ -111,17 +121,31 @@ def misspelt_settings(env_file: Path, environ: Mapping[str, str]) -> list[str]:
     one. Settings ignore names they do not know (``.env`` may hold docker-compose's too),
     so a typo would otherwise leave the default in force without a word."""
     names = [name.upper() for name in Settings.model_fields]
-    given = dotenv_values(env_file) if env_file.is_file() else {}
     warnings = []
-    for where, keys in ((str(env_file), list(given)), ("the environment", list(environ))):
+    sources = ((str(env_file), _names_in(env_file), _ALIKE_IN_FILE),
+               ("the environment", list(environ), _ALIKE_IN_ENVIRONMENT))  # fmt: skip
+    for where, keys, alike in sources:
         for key in keys:
-            if key.upper() in names:
+            if key.upper() in names or not _NAME.fullmatch(key):
                 continue
-            close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=_ALIKE)
+            close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=alike)
             if close:
                 warnings.append(f"{where} sets {key}, which is no setting (did you mean "
                                 f"{close[0]}?); it is ignored")  # fmt: skip
     return warnings
+
+
+def _names_in(env_file: Path) -> list[str]:
+    if not env_file.is_file():
+        return []
+    # Settings read the file too: python-dotenv's warning about a line it cannot parse is
+    # said once, there, not again here.
+    parser_log = logging.getLogger("dotenv.main")
+    was, parser_log.disabled = parser_log.disabled, True
+    try:
+        return list(dotenv_values(env_file))
+    finally:
+        parser_log.disabled = was
 
 
 @functools.cache

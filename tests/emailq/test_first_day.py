@@ -111,14 +111,25 @@ def test_a_settings_file_with_a_bad_value_is_one_line_too(tmp_path: Path) -> Non
 
 def test_misspelt_setting_names_are_found_in_env_file_and_environment(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
-    env_file.write_text("MAX_ATTEMTPS=5\nCOMPOSE_PROJECT_NAME=shop\nmail_from=a@example.com\n")
-    environ = {"SMTP_PROT": "1025", "MAIL": "/var/mail/root", "PATH": "/bin", "REDIS_URL": "x"}
-    assert misspelt_settings(env_file, environ) == [
+    env_file.write_text(
+        "MAX_ATTEMTPS=5\nCOMPOSE_PROJECT_NAME=shop\nmail_from=a@example.com\n"
+        "SMTP_PASSWORD=s3cret\nEMAILQ_SMTP_HOST=relay\n"
+        "REDIS_SENTINEL_PASSWORD:hunter2\n"
+    )  # a malformed line: never echoed
+    environ = {"LOG_LEVELS": "debug", "MAIL": "/var/mail/root", "PATH": "/bin", "REDIS_URL": "x",
+               # other tools' names, close to a setting but not close enough in the environment
+               "WEB_CONCURRENCY": "4", "REDIS_SENTINEL_PORT": "tcp://10.0.0.9:26379",
+               "SMTP_PROT": "25"}  # fmt: skip
+    warnings = misspelt_settings(env_file, environ)
+    assert warnings == [
         f"{env_file} sets MAX_ATTEMTPS, which is no setting (did you mean MAX_ATTEMPTS?); it "
         "is ignored",
-        "the environment sets SMTP_PROT, which is no setting (did you mean SMTP_PORT?); it is "
+        f"{env_file} sets SMTP_PASSWORD, which is no setting (did you mean SMTP_PASS?); it is "
+        "ignored",
+        "the environment sets LOG_LEVELS, which is no setting (did you mean LOG_LEVEL?); it is "
         "ignored",
     ]  # fmt: skip
+    assert not any("hunter2" in w or "s3cret" in w for w in warnings)
     assert misspelt_settings(tmp_path / "none", {}) == []
 
 
