@@ -223,6 +223,8 @@ def form_job(form: Form, fields: Mapping[str, str], *, max_body_bytes: int) -> J
 
 
 def submission_key(form_id: str, client: str, fields: Mapping[str, str]) -> str:
-    """What makes two submissions the same: form, client address and every field."""
-    canonical = json.dumps([form_id, client, sorted(fields.items())], separators=(",", ":"))
+    """What makes two submissions the same: form, client address and every field, as laid
+    out in the mail (one sent again with other line breaks is the same submission)."""
+    canonical = json.dumps([form_id, client, sorted(_laid_out(fields).items())],
+                           separators=(",", ":"))  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -112,8 +112,11 @@ def needs_scrub(text: str) -> bool:
 
 def _masked(local: re.Match[str]) -> str:
     # redact_url's "redis://***@host" is masked already: its "//***" reads as a local part
-    # ('/' and '*' may be in one), and masking it again made "redis:***@host".
-    return local[0] if local[0].strip("/*") == "@" else "***@"
+    # ('/' and '*' may be in one), and masking it again made "redis:***@host". Only that
+    # form, after a scheme's colon: an address such as "//@x.com" is still masked.
+    if local[0] == "//***@" and local.string[local.start() - 1 : local.start()] == ":":
+        return local[0]
+    return "***@"
 
 
 def scrub(text: str) -> str:

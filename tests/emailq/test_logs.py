@@ -128,6 +128,8 @@ def test_a_redacted_redis_url_reads_as_redacted_and_a_raw_one_loses_its_password
         "Redis at redis://***@127.0.0.1:6391/0;"  # fmt: skip
     assert "Red1sPa55word" not in logs.scrub(f"Redis at {url}")  # masked even if not redacted
     assert logs.scrub("to x/y@example.com") == "to ***@example.com"
+    for odd in ("/@x.com", "//@x.com", "*/*@x.org", "***/@x.com", "//***@x.com"):  # valid ones
+        assert logs.scrub(f"to {odd}") == "to ***@" + odd.rpartition("@")[2]
 
 
 @pytest.mark.parametrize("pipeline", [LogFormat.TEXT], indirect=True)

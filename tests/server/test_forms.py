@@ -220,6 +220,17 @@ def test_duplicate_submission_gets_the_same_task(client: TestClient, store: redi
     assert len(tasks(store)) == 2
 
 
+def test_the_same_message_with_other_line_breaks_is_the_same_submission(
+    client: TestClient, store: redis.Redis
+) -> None:
+    # The mail lays every line break out as LF, so these are one mail: sent again from
+    # another browser or OS, it is the duplicate it reads as.
+    ids = {client.post(FORM, json={**VISITOR, "message": f"dup{brk}test"}).json()["task_id"]
+           for brk in ("\r\n", "\n", "\r", "\u2028")}  # fmt: skip
+    assert len(ids) == 1
+    assert len(tasks(store)) == 1
+
+
 def test_a_lone_surrogate_in_a_field_is_422_and_stores_nothing(
     client: TestClient, store: redis.Redis
 ) -> None:
