@@ -219,40 +219,25 @@ def test_a_dispatcher_started_before_its_redis_waits_then_registers_and_delivers
     assert "Traceback" not in read_log(dispatcher)
 
 
-def test_a_redis_that_comes_back_empty_gets_the_group_and_file_endpoints_again(
-    procs: Procs,
-    make_settings: Callable[..., Settings],
-    tmp_path: Path,
-    redis_factory: Callable[..., RedisServer],
-) -> None:
-    # A Redis restarted without its data (no persistence, a new node, FLUSHALL) took the
-    # consumer group and WEBHOOKS_FILE's endpoints with it: the dispatcher's next read got
-    # NOGROUP and it exited with a traceback, found by an operator's walkthrough.
-    redis = redis_factory()
-    secrets = [new_secret()]
-    with receiving(secrets, lambda _m, _n: 200) as receiver:
-        settings = make_settings(redis_url=redis.url,
-                                 webhooks_file=webhooks_file(tmp_path, receiver.url, secrets),
-                                 **FAST_WEBHOOKS)  # fmt: skip
-        dispatcher = procs.dispatcher(settings)
-        api = Api(procs.api(settings))
-        procs.worker(settings)
-        (first,) = api.enqueue(1)
-        wait_until(lambda: len(receiver.requests) == 1, what="the first delivery")
-
-        redis.stop()
-        redis_factory(port=redis.port, data_dir=tmp_path / "empty-redis")  # nothing kept
-        wait_for_log(dispatcher, "registering it and WEBHOOKS_FILE's endpoints again")
-        (second,) = api.enqueue(1)
-        wait_until(lambda: len(receiver.requests) == 2, what="a delivery after the loss",
-                   proc=dispatcher)  # fmt: skip
-    assert [json.loads(r.body)["data"]["task_id"] for r in receiver.requests] == [first, second]
-    assert receiver.unverified == []
-    assert dispatcher.poll() is None
-    assert "Traceback" not in read_log(dispatcher)
+def _lose_the_group(loss: str, server: RedisServer, keys: Keys, make: Callable[..., RedisServer],
+                   tmp_path: Path) -> None:  # fmt: skip
+    if loss == "restart empty":  # no persistence, or a node replaced
+        server.stop()
+        make(port=server.port, data_dir=tmp_path / "empty-redis")
+        return
+    client = redis.Redis.from_url(server.url)
+    try:
+        if loss == "flushall":
+            client.flushall()
+        else:
+            for key in client.scan_iter(keys.webhook_delivery_prefix + "*"):
+                client.delete(key)  # expired, as RESULT_TTL_SECONDS would have them
+            client.xgroup_destroy(keys.events, keys.webhook_group)
+    finally:
+        client.close()
 
 
-@pytest.mark.parametrize("loss", ["flushall", "group destroyed"])
+@pytest.mark.parametrize("loss", ["restart empty", "flushall", "group destroyed"])
 def test_a_group_lost_under_a_running_dispatcher_is_made_again_without_resending(
     procs: Procs,
     make_settings: Callable[..., Settings],
@@ -260,10 +245,12 @@ def test_a_group_lost_under_a_running_dispatcher_is_made_again_without_resending
     redis_factory: Callable[..., RedisServer],
     loss: str,
 ) -> None:
-    # While the dispatcher waits in XREADGROUP: FLUSHALL answers it "UNBLOCKED the stream key
-    # no longer exists", which it did not take for a lost group (it exited); a group made
-    # again from "0" sent every event still in the stream whose delivery record had expired
-    # a second time (here the records are deleted, as RESULT_TTL_SECONDS would).
+    # A Redis back without its data took the consumer group and WEBHOOKS_FILE's endpoints
+    # with it: the dispatcher's next read got NOGROUP and it exited with a traceback (an
+    # operator's walkthrough). FLUSHALL while it waits in XREADGROUP answers "UNBLOCKED the
+    # stream key no longer exists", which it did not take for a lost group either. And a
+    # group made again from "0" sent every event still in the stream whose delivery record
+    # had expired a second time.
     server = redis_factory()
     secrets = [new_secret()]
     with receiving(secrets, lambda _m, _n: 200) as receiver:
@@ -275,17 +262,7 @@ def test_a_group_lost_under_a_running_dispatcher_is_made_again_without_resending
         procs.worker(settings)
         (first,) = api.enqueue(1)
         wait_until(lambda: len(receiver.requests) == 1, what="the first delivery")
-        client = redis.Redis.from_url(server.url)
-        try:
-            keys = Keys(settings.redis_key_prefix)
-            if loss == "flushall":
-                client.flushall()
-            else:
-                for key in client.scan_iter(keys.webhook_delivery_prefix + "*"):
-                    client.delete(key)  # expired
-                client.xgroup_destroy(keys.events, keys.webhook_group)
-        finally:
-            client.close()
+        _lose_the_group(loss, server, Keys(settings.redis_key_prefix), redis_factory, tmp_path)
         wait_for_log(dispatcher, "registering it and WEBHOOKS_FILE's endpoints again")
         (second,) = api.enqueue(1)
         wait_until(lambda: len(receiver.requests) == 2, what="a delivery after the loss",
