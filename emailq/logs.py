@@ -615,7 +615,7 @@ def resolve_format(fmt: LogFormat, stream: TextIO) -> LogFormat:
 
 
 def configure_logging(
-    level: str = "INFO", fmt: LogFormat | str = LogFormat.AUTO, stream: TextIO | None = None
+    level: str, fmt: LogFormat | str, stream: TextIO | None = None
 ) -> LogPipeline:
     """Send every log line (ours, uvicorn's, warnings) to ``stream`` (stderr) in ``fmt``,
     written by a thread of its own; a second call replaces the first."""

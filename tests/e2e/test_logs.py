@@ -5,19 +5,22 @@ content and no recipient address in any line, and no line lost at SIGTERM."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from emailq.settings import Settings
 from tests.helpers.api import ALICE, API_KEYS, bearer
 from tests.helpers.logs import RFC3339_MS, Piped, events, json_lines
 from tests.helpers.polling import read_log, wait_until
-from tests.helpers.processes import Procs
+from tests.helpers.processes import Procs, settings_env
 from tests.helpers.smtpd import Authenticator, RecordingHandler, SmtpServer
 
 SMTP_PASSWORD = "Zq-smtp-pa55-W7xK"  # noqa: S105  # a test relay's, to look for in the logs
@@ -140,3 +143,24 @@ def test_a_stalled_log_reader_stalls_neither_process_and_sigterm_loses_no_line(
     assert api_lines[-1]["event"] == f"Finished server process [{api.proc.pid}]"
     assert sorted(e["task_id"] for e in worker_lines if e["event"] == "sent") == sorted(ids)
     assert worker_lines[-1]["event"].endswith("stopped")
+
+
+@pytest.mark.parametrize("program", [["server", "--port", "0"], ["worker"], ["worker.webhooks"]])
+def test_log_format_text_is_what_every_process_writes(
+    program: list[str], make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # The webhook dispatcher wrote JSON whatever LOG_FORMAT said (an integrator's
+    # walkthrough): it configured its logs with the level alone.
+    env = {**settings_env(make_settings(log_format="text")), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "out.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", *program], env=env, cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            wait_until(lambda: log.read_text().count("\n") >= 2, what="two log lines", proc=proc)
+        finally:
+            _stop(proc)
+    first, second = log.read_text().splitlines()[:2]
+    for line in (first, second):
+        assert not line.startswith("{"), line
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line)

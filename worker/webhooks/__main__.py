@@ -58,7 +58,7 @@ def main() -> int:
         settings = load_settings()
         endpoints = load_webhooks(settings.webhooks_file,
                                   allow_private=settings.webhook_allow_private)  # fmt: skip
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings, endpoints))
 
 
