@@ -13,12 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 ALLOW_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
 EXPOSE_HEADERS = ["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
                   "X-Request-ID", "Idempotent-Replayed"]  # fmt: skip
+
+
+def allow_origin(headers: MutableHeaders, origin: str) -> None:
+    """The headers of an answer a form's page on ``origin`` may read, with the ones that
+    say why it was refused or limited (a form answers CORS itself, not the middleware)."""
+    headers["Access-Control-Allow-Origin"] = origin
+    headers["Access-Control-Expose-Headers"] = ", ".join(EXPOSE_HEADERS)
+    headers["Vary"] = "Origin"
 
 
 class ApiCorsMiddleware:

@@ -31,6 +31,7 @@ from emailq.errors import (
     StoreUnavailable,
     validation_message,
 )
+from server.cors import allow_origin
 
 log = logging.getLogger("emailq.api")
 
@@ -107,8 +108,7 @@ def error_response(
     response = JSONResponse(body, status_code=status)
     origin = getattr(request.state, "cors_origin", None)
     if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Vary"] = "Origin"
+        allow_origin(response.headers, origin)
     return response
 
 

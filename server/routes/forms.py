@@ -31,6 +31,7 @@ from emailq.forms import (
 from emailq.queue import EnqueueItem, Idempotency
 from emailq.submit import prepare_form
 from server.clientaddr import client_address
+from server.cors import allow_origin
 from server.deps import QueueDep, RequestIdDep, SettingsDep, forms_of, http_of, metrics_of
 from server.errors import BodyTooDeep
 from server.openapi import errors
@@ -68,7 +69,7 @@ def _cors(form: Form, request: Request, response: Response) -> None:
     response.headers["Vary"] = "Origin"
     origin = _allowed_origin(form, request)
     if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
+        allow_origin(response.headers, origin)
 
 
 def _scalar(name: str, value: Any) -> str:

@@ -327,9 +327,15 @@ def test_size_and_shape_limits(client: TestClient, store: redis.Redis) -> None:
 
 def test_form_submissions_are_rate_limited(forms_app: Callable[..., TestClient]) -> None:
     with forms_app(rate_limit_per_form_address="2/minute") as client:
-        codes = [client.post(FORM, json={**VISITOR, "message": str(i)}).status_code
-                 for i in range(3)]  # fmt: skip
-    assert codes == [202, 202, 429]
+        answers = [client.post(FORM, json={**VISITOR, "message": str(i)},
+                               headers={"Origin": SITE}) for i in range(3)]  # fmt: skip
+    assert [a.status_code for a in answers] == [202, 202, 429]
+    # The page's script may read why and for how long (a browser hides any header not
+    # exposed: fetch() read Retry-After as null).
+    for answer in answers:
+        exposed = answer.headers["Access-Control-Expose-Headers"].split(", ")
+        assert {"Retry-After", "RateLimit-Remaining"} <= set(exposed)
+    assert int(answers[-1].headers["Retry-After"]) > 0
 
 
 def test_bad_forms_file_names_the_form_and_field(tmp_path: Path) -> None:
