@@ -29,7 +29,7 @@ from emailq.compose import (
 from emailq.configfile import read_config_file
 from emailq.errors import ConfigError, InvalidMessage, validation_message
 from emailq.models import Job
-from emailq.templating import check_header
+from emailq.templating import check_header, unfilled
 
 HONEYPOT = "_gotcha"
 # Fields a page may send that are never part of the mail (the CAPTCHA tokens and the
@@ -214,7 +214,11 @@ def form_job(form: Form, fields: Mapping[str, str], *, max_body_bytes: int) -> J
     # A value with a line break or control character cannot reach the header: it is
     # refused (422), named by its field. Values are rendered as given: render()
     # substitutes {name} only, never evaluates.
-    subject = render_subject(form.subject, fields)
+    # A field the subject names but the page did not send is empty, not "{name}" in the
+    # subject: the visitor's message still arrives (the send API refuses such a gap, 422;
+    # here the page, not the caller, left it out).
+    missing = dict.fromkeys(unfilled(form.subject, fields), "")
+    subject = render_subject(form.subject, {**fields, **missing})
     laid_out = _laid_out(fields)
     text, body_html = _text_body(form, laid_out), _html_body(form, laid_out)
     check_body(text, body_html, max_body_bytes=max_body_bytes, field="submission")

@@ -220,6 +220,18 @@ def test_duplicate_submission_gets_the_same_task(client: TestClient, store: redi
     assert len(tasks(store)) == 2
 
 
+def test_a_field_the_subject_names_but_the_page_did_not_send_is_empty_there(
+    client: TestClient, store: redis.Redis
+) -> None:
+    # It arrived as "... from {name}": the placeholder itself, in the owner's inbox.
+    without_name = {k: v for k, v in VISITOR.items() if k != "name"}
+    response = client.post(FORM, json=without_name)
+    assert response.status_code == 202, response.text
+    subject = stored_job(store, response.json()["task_id"]).subject
+    assert "{" not in subject
+    assert subject == "Contact from "  # FORMS_TOML: "Contact from {name}"
+
+
 def test_the_same_message_with_other_line_breaks_is_the_same_submission(
     client: TestClient, store: redis.Redis
 ) -> None:
