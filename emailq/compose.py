@@ -20,6 +20,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -124,6 +125,24 @@ def parse_mailbox(value: object) -> Mailbox:
     return Mailbox(name=_display_name(name), address=normalize_address(address.strip()))
 
 
+# A date and a time, as RFC 3339 begins. pydantic also takes a number, or a string of digits,
+# as Unix time (seconds, or milliseconds past 2e10: "1796000000" is 2026-11-30): a guess
+# about the caller's unit that a schedule must not rest on.
+_RFC3339_START = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d")
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, datetime):  # a Python caller's own (the CLI builds requests too)
+        return value
+    if not isinstance(value, str) or not _RFC3339_START.match(value):
+        raise ValueError("must be an RFC 3339 date and time with its offset, such as "
+                         "2025-05-01T09:30:00+09:00 (not a Unix time)")  # fmt: skip
+    return value
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+
+
 FromAddress = Annotated[
     Mailbox,
     PlainValidator(parse_mailbox),
@@ -184,8 +203,8 @@ class EmailRequest(BaseModel):
                     "rendered with `variables`",
     )  # fmt: skip
     priority: Priority = Field(default=Priority.DEFAULT, description="the lane it waits in")
-    send_at: AwareDatetime | None = Field(default=None, description="RFC 3339; up to 30 days")
-    expires_at: AwareDatetime | None = Field(
+    send_at: Rfc3339 | None = Field(default=None, description="RFC 3339; up to 30 days")
+    expires_at: Rfc3339 | None = Field(
         default=None, description="not sent after this: it fails as 'expired'"
     )
     ttl_seconds: StrictInt | None = Field(

@@ -124,6 +124,11 @@ def validation_fields(errors: Sequence[Any]) -> list[dict[str, Any]]:
 def validation_detail(fields: list[dict[str, Any]]) -> str:
     """One line naming the first invalid field."""
     first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        # pydantic puts the character's position where a field's name would be: "35: JSON
+        # decode error" read as if field 35 were wrong.
+        where = first["loc"][-1] if first["loc"] else "?"
+        return f"the body is not valid JSON (at character {where})"
     where = ".".join(str(p) for p in first["loc"] if p != "body")
     return f"{where}: {first['msg']}" if where else str(first["msg"])
 

@@ -82,7 +82,11 @@ UNDECODABLE = [
     ("batch", "/api/v1/emails/batch", b'{"messages": [' + b"9" * 5000 + b"]}", "could not be"),
     ("send", "/api/v1/email/received", b'{"to": "\xff\xfe@example.com"}', "not valid UTF-8"),
     ("batch", "/api/v1/emails/batch", b'{"messages": ["\xc3"]}', "not valid UTF-8"),
-]
+    # A syntax error: it read "35: JSON decode error", as if a field named 35 were wrong.
+    ("send", "/api/v1/email/received", b'{"to": "a@example.com", "subject": }',
+     "the body is not valid JSON (at character 35)"),
+    ("batch", "/api/v1/emails/batch", b'{"messages": [', "the body is not valid JSON"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "path", "body", "detail"), UNDECODABLE,

@@ -143,6 +143,10 @@ def _later(**delta: float) -> str:
         ({"ttl_seconds": 31 * 24 * 3600}, "validation_error"),
         ({"send_at": "2030-01-01T00:00:00"}, "validation_error"),  # no offset: ambiguous
         ({"send_at": "tomorrow"}, "validation_error"),
+        # Unix time was taken, a number or digits, its unit guessed (seconds below 2e10).
+        ({"send_at": 1796000000}, "validation_error"),
+        ({"send_at": "1796000000"}, "validation_error"),
+        ({"expires_at": 1796000000000}, "validation_error"),
         ({"priority": "urgent"}, "validation_error"),
     ],
 )
