@@ -120,15 +120,14 @@ def misspelt_settings(env_file: Path, environ: Mapping[str, str]) -> list[str]:
     """A warning for each name in ``env_file`` or ``environ`` that is no setting but nearly
     one. Settings ignore names they do not know (``.env`` may hold docker-compose's too),
     so a typo would otherwise leave the default in force without a word."""
-    names = [name.upper() for name in Settings.model_fields]
     warnings = []
     sources = ((str(env_file), _names_in(env_file), _ALIKE_IN_FILE),
                ("the environment", list(environ), _ALIKE_IN_ENVIRONMENT))  # fmt: skip
     for where, keys, alike in sources:
         for key in keys:
-            if key.upper() in names or not _NAME.fullmatch(key):
+            if key.upper() in _SETTING_NAMES or not _NAME.fullmatch(key):
                 continue
-            close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=alike)
+            close = difflib.get_close_matches(key.upper(), _SETTING_NAMES, n=1, cutoff=alike)
             if close:
                 warnings.append(f"{where} sets {key}, which is no setting (did you mean "
                                 f"{close[0]}?); it is ignored")  # fmt: skip

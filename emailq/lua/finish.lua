@@ -2,8 +2,9 @@
 -- ARGV[5], ARGV[6]: ttl s of a failed task, of a successful one; ARGV[7]: how many attempts,
 -- N; from ARGV[8], six arguments for each: task id, lease token, outcome, attempt-log entry
 -- json, reason, retry delay ms. Returns a list of N: the outcome applied, 'stale',
--- 'ignored' or 'missing' (no such task: it expired, or Redis lost it), for each in order (a call run again after its reply was lost answers as its
--- first run did, and changes nothing). The worker sends the finishes of the sends that ended
+-- 'ignored' or 'missing' (no such task: it expired, or Redis lost it), for each in order
+-- (a call run again after its reply was lost answers as its first run did, and changes
+-- nothing). The worker sends the finishes of the sends that ended
 -- while its previous call was in flight as one call (emailq.coalesce.FinishCoalescer): per
 -- mail, the Redis client's cost is what counts, not Redis's.
 -- With claim parameters after those (as claim.lua's), it then claims for the worker whose
