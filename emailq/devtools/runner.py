@@ -272,11 +272,12 @@ def _wait_listening(children: dict[str, subprocess.Popen[bytes]], ports: dict[st
     return None
 
 
-# What `make dev` sends as when a request gives ``from``, unless the user chose: MAIL_FROM's
-# default domain, localhost, is special-use, and no ``from`` there passes validation (422),
-# so the README's ``"from": "Shop <shop@example.com>"`` would be refused (403) in dev. The
-# capture server takes any sender; SPF and DKIM, which the limit protects, do not apply.
-DEV_SENDERS = "@example.com"
+# What `make dev` lets ``from`` be, unless the user chose: MAIL_FROM's default domain,
+# localhost, is special-use, and no ``from`` there passes validation (422), so the README's
+# ``from`` examples (shop@example.com, orders@shop.example.com) would be refused (403) in
+# dev. The capture server takes any sender; SPF and DKIM, which the limit protects, do not
+# apply. The README's two domains, exactly: any other is still 403, as in production.
+DEV_SENDERS = "@example.com,@shop.example.com"
 
 
 def _with_senders(overrides: dict[str, str], settings: Settings) -> None:
@@ -345,7 +346,7 @@ def _sender_hint(overrides: Mapping[str, str]) -> list[str]:
     senders = overrides.get("ALLOWED_SENDERS")
     if senders is None:
         return []
-    return [f"  from          any {senders} address here (ALLOWED_SENDERS={senders}: "
+    return [f"  from          the README's domains here (ALLOWED_SENDERS={senders}: "
             "MAIL_FROM's localhost is no domain a from can use)", ""]  # fmt: skip
 
 

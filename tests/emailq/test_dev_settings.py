@@ -27,7 +27,8 @@ def test_make_dev_runs_without_rate_limits(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize(
     ("env", "senders"),
     [
-        ({}, "@example.com"),  # MAIL_FROM's default domain, localhost, no from can use
+        # MAIL_FROM's default domain, localhost, is one no from can use
+        ({}, "@example.com,@shop.example.com"),
         ({"MAIL_FROM": "Shop <noreply@shop.example>"}, None),  # its domain is the default
         ({"ALLOWED_SENDERS": "@mine.example"}, None),  # the user's own list stands
     ],

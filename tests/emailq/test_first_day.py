@@ -361,7 +361,7 @@ def test_the_readmes_from_and_the_banners_cli_exports_work_in_make_dev(tmp_path:
             for line in dev.out.splitlines()
             if line.strip().startswith("export ")
         )
-        assert exports["ALLOWED_SENDERS"] == "@example.com"
+        assert exports["ALLOWED_SENDERS"] == "@example.com,@shop.example.com"
         assert exports["REDIS_URL"] == f"redis://127.0.0.1:{dev.redis}/0"
         cli = subprocess.run([PY, "-m", "emailq.cli", "send", "--to", "user@example.com",
                               "--template", "otp", "--var", "code=493817"],
@@ -375,5 +375,9 @@ def test_the_readmes_from_and_the_banners_cli_exports_work_in_make_dev(tmp_path:
         assert sorted(str(m["From"]) for m in mails) == ["Shop <shop@example.com>",
                                                          "emailq@localhost"]  # fmt: skip
         assert sum("493817" in m.get_body(("plain",)).get_content() for m in mails) == 1
+        children = dev.children()
+        dev.proc.send_signal(signal.SIGTERM)  # dev.stop()'s SIGKILL would orphan them
+        assert dev.proc.wait(timeout=3 * BOUND) == 0, dev.err()
+        assert [pid for pid in children if alive(pid)] == []
     finally:
         dev.stop()
