@@ -4,9 +4,16 @@
 --   longer in the file are removed. An API endpoint with a file endpoint's id stays, and
 --   its id is returned in the list of conflicts.
 -- ARGV[1] = 'enable': ARGV[2] is the id; returns 1 if it exists.
+-- ARGV[1] = 'change': ARGV[2] is the id of an API endpoint, ARGV[3] a JSON object of the
+--   fields to replace (url, events, secrets, description: no others are taken).
+-- ARGV[1] = 'rotate': ARGV[2] is the id of an API endpoint, ARGV[3] a new secret: it signs
+--   first, with the newest of the old ones; older ones are dropped.
+-- 'change' and 'rotate' return the endpoint's JSON as written, or 'missing', or 'file' (a
+-- WEBHOOKS_FILE endpoint, which the file owns: left as it is).
 local K_ENDPOINTS, OP = KEYS[1], ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local CHANGEABLE = {'url', 'events', 'secrets', 'description'}
 
 if OP == 'enable' then
   local raw = redis.call('HGET', K_ENDPOINTS, ARGV[2])
@@ -16,6 +23,24 @@ if OP == 'enable' then
   endpoint.disabled_reason = nil
   redis.call('HSET', K_ENDPOINTS, ARGV[2], cjson.encode(endpoint))
   return 1
+end
+
+if OP == 'change' or OP == 'rotate' then
+  local raw = redis.call('HGET', K_ENDPOINTS, ARGV[2])
+  if not raw then return 'missing' end
+  local endpoint = cjson.decode(raw)
+  if endpoint.source == 'file' then return 'file' end
+  if OP == 'rotate' then
+    endpoint.secrets = {ARGV[3], endpoint.secrets[1]}
+  else
+    local given = cjson.decode(ARGV[3])
+    for _, name in ipairs(CHANGEABLE) do
+      if given[name] ~= nil then endpoint[name] = given[name] end
+    end
+  end
+  local written = cjson.encode(endpoint)
+  redis.call('HSET', K_ENDPOINTS, ARGV[2], written)
+  return written
 end
 
 local wanted, conflicts = {}, {}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from emailq.models import EventType, Status
 from emailq.webhooks.signing import secret_key
@@ -66,6 +66,29 @@ def _check_secrets(secrets: list[str]) -> list[str]:
     return secrets
 
 
+def _unique(events: list[WebhookEvent]) -> list[WebhookEvent]:
+    return list(dict.fromkeys(events))
+
+
+def _one_line(value: str) -> str:
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError("must be one line without control characters")
+    return value
+
+
+# An endpoint's fields as a registration (EndpointSpec) and a change (EndpointChange) take
+# them: one definition, so a change is held to every rule a registration is.
+Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS,
+                           description="where deliveries are POSTed (http or https)")]  # fmt: skip
+Events = Annotated[list[WebhookEvent], Field(min_length=1),
+                   AfterValidator(_unique)]  # fmt: skip
+Secrets = Annotated[list[str], Field(max_length=MAX_SECRETS), AfterValidator(_check_secrets)]
+Description = Annotated[str, Field(max_length=200, description="a note for people"),
+                        AfterValidator(_one_line)]  # fmt: skip
+_SECRETS = ("whsec_<base64> signing secrets, newest first; every one signs each delivery "
+            "(rotation)")  # fmt: skip
+
+
 class EndpointSpec(BaseModel):
     """What configures an endpoint: a WEBHOOKS_FILE entry or an API request."""
 
@@ -74,36 +97,42 @@ class EndpointSpec(BaseModel):
          "description": "order mails"},
     ]})  # fmt: skip
 
-    url: str = Field(min_length=1, max_length=MAX_URL_CHARS,
-                     description="where deliveries are POSTed (http or https)")  # fmt: skip
-    events: list[WebhookEvent] = Field(
-        default_factory=lambda: list(DEFAULT_EVENTS), min_length=1,
+    url: Url
+    events: Events = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS),
         description="event types to deliver; default email.sent, email.failed, "
         "email.cancelled",
     )  # fmt: skip
-    secrets: list[str] = Field(
-        default_factory=list, max_length=MAX_SECRETS,
-        description="whsec_<base64> signing secrets, newest first; every one signs each "
-        "delivery (rotation). Empty: one is generated",
-    )  # fmt: skip
-    description: str = Field(default="", max_length=200, description="a note for people")
+    secrets: Secrets = Field(default_factory=list, description=f"{_SECRETS}. Empty: one is "
+                                                               "generated")  # fmt: skip
+    description: Description = ""
 
-    @field_validator("events")
-    @classmethod
-    def _unique_events(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
-        return list(dict.fromkeys(value))
 
-    @field_validator("secrets")
-    @classmethod
-    def _secrets(cls, value: list[str]) -> list[str]:
-        return _check_secrets(value)
+class EndpointChange(BaseModel):
+    """A change to an API endpoint: the fields given replace its own; those left out (or
+    null) stay. The same rules as a registration."""
 
-    @field_validator("description")
-    @classmethod
-    def _one_line(cls, value: str) -> str:
-        if re.search(r"[\x00-\x1f\x7f]", value):
-            raise ValueError("must be one line without control characters")
-        return value
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"events": ["email.sent", "email.failed", "email.retrying"]},
+        {"secrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]},
+    ]})  # fmt: skip
+
+    url: Url | None = Field(default=None, description="where deliveries are POSTed")
+    events: Events | None = Field(default=None, description="event types to deliver")
+    secrets: Annotated[Secrets, Field(min_length=1)] | None = Field(
+        default=None, description=f"{_SECRETS}: drop a retired one by leaving it out"
+    )
+    description: Description | None = Field(default=None, description="a note for people")
+
+    @model_validator(mode="after")
+    def _something(self) -> EndpointChange:
+        if not self.changes():
+            raise ValueError("give at least one of url, events, secrets, description")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields to replace, as the endpoint's JSON holds them."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class Endpoint(EndpointSpec):

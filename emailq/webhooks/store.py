@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, cast
@@ -211,6 +211,27 @@ class WebhookStore:
         """Send to a disabled endpoint again; False if there is none."""
         return bool(await self._run("endpoint", [self.keys.webhook_endpoints],
                                     ["enable", endpoint_id]))  # fmt: skip
+
+    async def change_endpoint(
+        self, endpoint_id: str, changes: Mapping[str, Any]
+    ) -> Endpoint | Literal["missing", "file"]:
+        """Replace the ``changes`` fields (``EndpointChange.changes``) of an API endpoint:
+        the dispatcher uses them from its next attempt. File endpoints are the file's."""
+        return await self._changed("change", endpoint_id, json.dumps(changes))
+
+    async def rotate_secret(self, endpoint_id: str) -> Endpoint | Literal["missing", "file"]:
+        """Give an API endpoint a new secret, signing first; the newest old one keeps
+        signing beside it until a change drops it (older ones go now)."""
+        return await self._changed("rotate", endpoint_id, new_secret())
+
+    async def _changed(
+        self, op: str, endpoint_id: str, argument: str
+    ) -> Endpoint | Literal["missing", "file"]:
+        answer = await self._run("endpoint", [self.keys.webhook_endpoints],
+                                 [op, endpoint_id, argument])  # fmt: skip
+        if answer == "missing" or answer == "file":
+            return cast('Literal["missing", "file"]', answer)
+        return Endpoint.model_validate_json(answer)
 
     async def sync_file(self, endpoints: Sequence[Endpoint]) -> list[str]:
         """Make the file's endpoints the registered file endpoints; returns the ids an API

@@ -11,12 +11,14 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from emailq.errors import InvalidMessage
+from emailq.settings import Settings
 from emailq.webhooks.models import (
     ENDPOINT_ID,
     Delivery,
     DeliveryAttempt,
     DeliveryStatus,
     Endpoint,
+    EndpointChange,
     EndpointSpec,
     Source,
     WebhookEvent,
@@ -159,13 +161,18 @@ async def _endpoint(webhooks: WebhooksDep, endpoint_id: str) -> Endpoint:
     return endpoint
 
 
+def _check_target(url: str, settings: Settings) -> None:
+    """Refuse (422) a URL deliveries may not go to (README, Webhooks: No SSRF)."""
+    try:
+        check_url(url, allow_private=settings.webhook_allow_private)
+    except TargetRefused as exc:
+        raise InvalidMessage(f"url: {exc}", field="url") from None
+
+
 @router.post("", status_code=201, responses={409: {"description": "too many endpoints"}})
 async def create(spec: EndpointSpec, webhooks: WebhooksDep, settings: SettingsDep) -> EndpointOut:
     """Register an endpoint; its secret is generated unless given (shown in full here)."""
-    try:
-        check_url(spec.url, allow_private=settings.webhook_allow_private)
-    except TargetRefused as exc:
-        raise InvalidMessage(f"url: {exc}", field="url") from None
+    _check_target(spec.url, settings)
     endpoint = await webhooks.add_endpoint(spec, new_endpoint_id())
     if endpoint is None:
         raise HTTPException(409, "too many webhook endpoints; delete one first")
@@ -183,6 +190,34 @@ async def list_endpoints(webhooks: WebhooksDep) -> EndpointList:
 async def get_endpoint(endpoint_id: EndpointId, webhooks: WebhooksDep) -> EndpointOut:
     """One endpoint, with its secrets."""
     return EndpointOut.of(await _endpoint(webhooks, endpoint_id), reveal=True)
+
+
+def _changed(endpoint_id: str, outcome: Endpoint | str) -> EndpointOut:
+    if outcome == "missing":
+        raise HTTPException(404, f"no webhook endpoint {endpoint_id}")
+    if outcome == "file":
+        raise HTTPException(409, f"{endpoint_id} is configured in WEBHOOKS_FILE; change it there")
+    assert isinstance(outcome, Endpoint)
+    return EndpointOut.of(outcome, reveal=True)
+
+
+@router.patch("/{endpoint_id}", responses={**NOT_FOUND, **FROM_FILE})
+async def change(
+    endpoint_id: EndpointId, change: EndpointChange, webhooks: WebhooksDep, settings: SettingsDep
+) -> EndpointOut:
+    """Change an API endpoint's url, events, secrets or description (the fields given);
+    deliveries use them from their next attempt. Shows its secrets in full."""
+    if change.url is not None:
+        _check_target(change.url, settings)
+    return _changed(endpoint_id, await webhooks.change_endpoint(endpoint_id, change.changes()))
+
+
+@router.post("/{endpoint_id}/secrets/rotate", responses={**NOT_FOUND, **FROM_FILE})
+async def rotate(endpoint_id: EndpointId, webhooks: WebhooksDep) -> EndpointOut:
+    """Generate a new secret for an API endpoint: it signs every delivery from now on, the
+    newest old one beside it, until a PATCH of ``secrets`` drops that (older ones go now).
+    Shows the secrets in full."""
+    return _changed(endpoint_id, await webhooks.rotate_secret(endpoint_id))
 
 
 @router.delete("/{endpoint_id}", status_code=204, responses={**NOT_FOUND, **FROM_FILE})

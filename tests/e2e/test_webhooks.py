@@ -191,6 +191,37 @@ def test_the_admin_api_registers_lists_and_deletes_endpoints(
     assert receiver.unverified == []
 
 
+def test_a_rotated_secret_and_a_moved_url_apply_from_the_next_delivery(
+    procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    with receiving([], lambda _m, _n: 200) as old, receiving([], lambda _m, _n: 200) as new:
+        settings = make_settings(**FAST_WEBHOOKS)
+        api = Api(procs.api(settings))
+        procs.dispatcher(settings)
+        procs.worker(settings)
+        endpoint = api.client.post(ADMIN, json={"url": old.url, "events": ["email.sent"]}).json()
+        url = f"{ADMIN}/{endpoint['id']}"
+        (first,) = old.secrets = endpoint["secrets"]
+        api.enqueue(1)
+        wait_until(lambda: len(old.requests) == 1, what="the delivery signed by the first secret")
+
+        rotated = api.client.post(f"{url}/secrets/rotate").json()["secrets"]
+        assert rotated[1] == first
+        old.secrets = rotated  # the receiver checks each signs: both, during the rotation
+        api.enqueue(1)
+        wait_until(lambda: len(old.requests) == 2, what="the delivery signed by both")
+        assert len(old.requests[1].headers["webhook-signature"].split()) == 2
+
+        new.secrets = [rotated[0]]
+        changed = api.client.patch(url, json={"url": new.url, "secrets": [rotated[0]]})
+        assert changed.status_code == 200, changed.text
+        api.enqueue(1)
+        wait_until(lambda: len(new.requests) == 1, what="the delivery at the moved url")
+        assert len(new.requests[0].headers["webhook-signature"].split()) == 1  # old one dropped
+    assert len(old.requests) == 2  # nothing more went to the old url
+    assert old.unverified == new.unverified == []
+
+
 def test_a_dispatcher_started_before_its_redis_waits_then_registers_and_delivers(
     procs: Procs,
     make_settings: Callable[..., Settings],

@@ -35,8 +35,9 @@ from tests.helpers.forms import FORMS_TOML
 _SEND_RULES = {"positive_data_acceptance": {
     "expected-statuses": ["2xx", "401", "403", "404", "409", "413", "422", "429", "5xx"],
 }}  # fmt: skip
-# Registering a webhook also checks, beyond JSON Schema, that its URL is not a private or
-# link-local target (SSRF) and that each secret is whsec_ + base64 of a bounded length: 422.
+# Registering or changing a webhook also checks, beyond JSON Schema, that its URL is not a
+# private or link-local target (SSRF) and that each secret is whsec_ + base64 of a bounded
+# length: 422.
 _WEBHOOK_RULES = _SEND_RULES
 CONFIG: dict[str, Any] = {
     "seed": 20250131,
@@ -52,6 +53,11 @@ CONFIG: dict[str, Any] = {
         {
             "include-path": "/api/v1/admin/webhooks",
             "include-method": "POST",
+            "checks": _WEBHOOK_RULES,
+        },
+        {
+            "include-path": "/api/v1/admin/webhooks/{endpoint_id}",
+            "include-method": "PATCH",
             "checks": _WEBHOOK_RULES,
         },
     ],

@@ -55,6 +55,8 @@ def test_unknown_ids_are_404_and_malformed_ids_422(client: TestClient) -> None:
     assert_error(client.get(f"{URL}/nope"), 404, "not_found")
     assert_error(client.delete(f"{URL}/nope"), 404, "not_found")
     assert_error(client.get(f"{URL}/nope/deliveries"), 404, "not_found")
+    assert_error(client.patch(f"{URL}/nope", json={"events": ["email.sent"]}), 404, "not_found")
+    assert_error(client.post(f"{URL}/nope/secrets/rotate"), 404, "not_found")
     assert_error(client.post(f"{URL}/nope/deliveries/msg_{'a' * 32}/replay"), 404, "not_found")
     assert_error(client.post(f"{URL}/a/deliveries/not-an-id/replay"), 422, "validation_error")
     assert_error(client.get(f"{URL}/a.b"), 422, "validation_error")
@@ -68,7 +70,7 @@ def test_only_admin_keys_reach_it(make_settings: Callable[..., Settings]) -> Non
         assert keyed.get(URL, headers=bearer(ADMIN)).json() == {"endpoints": []}
 
 
-async def test_file_endpoints_are_listed_once_synced_and_cannot_be_deleted_here(
+async def test_file_endpoints_are_listed_once_synced_and_cannot_be_changed_here(
     make_settings: Callable[..., Settings], tmp_path: Path, store: redis.Redis
 ) -> None:
     path = tmp_path / "webhooks.toml"
@@ -89,6 +91,10 @@ async def test_file_endpoints_are_listed_once_synced_and_cannot_be_deleted_here(
         assert secret not in json.dumps(listed)
         assert client.get(f"{URL}/ops").json()["secrets"] == [secret]
         assert_error(client.delete(f"{URL}/ops"), 409, "conflict")
+        assert_error(client.patch(f"{URL}/ops", json={"events": ["email.failed"]}), 409, "conflict")
+        assert_error(client.post(f"{URL}/ops/secrets/rotate"), 409, "conflict")
+        (unchanged,) = client.get(URL).json()["endpoints"]
+        assert unchanged == listed  # the file's, as it was
 
 
 @pytest.mark.parametrize(
@@ -111,3 +117,80 @@ def test_a_bad_webhooks_file_stops_the_api_with_one_line(
         create_app(make_settings(webhooks_file=path))
     assert "\n" not in str(caught.value)
     assert "whsec_bad" not in str(caught.value)
+
+
+def _registered(client: TestClient, **extra: Any) -> dict[str, Any]:
+    """A new API endpoint, as its registration answers."""
+    created = client.post(URL, json={"url": "https://hooks.example.com/in", **extra})
+    assert created.status_code == 201, created.text
+    endpoint: dict[str, Any] = created.json()
+    return endpoint
+
+
+def test_a_change_replaces_the_fields_given_and_keeps_the_rest(client: TestClient) -> None:
+    endpoint = _registered(client, description="orders")
+    url = f"{URL}/{endpoint['id']}"
+    fresh = new_secret()
+    changed = client.patch(url, json={"events": ["email.failed", "email.failed"],
+                                      "secrets": [fresh], "description": None})  # fmt: skip
+    assert changed.status_code == 200, changed.text
+    expected = {**endpoint, "events": ["email.failed"], "secrets": [fresh]}
+    assert changed.json() == expected  # null left the description as it was
+    assert client.get(url).json() == expected
+    moved = client.patch(url, json={"url": "https://elsewhere.example.com/h", "description": ""})
+    assert moved.json() == {**expected, "url": "https://elsewhere.example.com/h",
+                            "description": ""}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [({"url": "http://10.0.0.1/h"}, "url"), ({"url": "http://[::ffff:169.254.169.254]/"}, "url"),
+     ({"url": "ftp://x.example/"}, "url"), ({"events": []}, "events"),
+     ({"events": ["email.opened"]}, "events"), ({"secrets": []}, "secrets"),
+     ({"secrets": ["nope"]}, "secrets"), ({"secrets": ["whsec_c2hvcnQ="]}, "secrets"),
+     ({"description": "a\nb"}, "description"), ({"id": "other"}, "id"),
+     ({"source": "file"}, "source"), ({}, "at least one"), ({"url": None}, "at least one")],
+)  # fmt: skip
+def test_a_bad_change_is_refused_and_the_endpoint_is_left_as_it_was(
+    client: TestClient, body: dict[str, Any], where: str
+) -> None:
+    endpoint = _registered(client)
+    url = f"{URL}/{endpoint['id']}"
+    response = client.patch(url, json=body)
+    assert response.status_code == 422, response.text
+    assert where in json.dumps(response.json()["fields"]) or where in response.json()["detail"]
+    assert "nope" not in response.text
+    assert client.get(url).json() == endpoint
+
+
+def test_rotating_signs_with_a_new_secret_beside_the_newest_old_one(client: TestClient) -> None:
+    endpoint = _registered(client)
+    url = f"{URL}/{endpoint['id']}"
+    (first,) = endpoint["secrets"]
+    once = client.post(f"{url}/secrets/rotate")
+    assert once.status_code == 200, once.text
+    second, kept = once.json()["secrets"]
+    assert kept == first
+    assert second != first
+    assert second.startswith("whsec_")
+    third, kept = client.post(f"{url}/secrets/rotate").json()["secrets"]
+    assert (kept, len({first, second, third})) == (second, 3)  # the oldest is dropped
+    assert client.get(url).json()["secrets"] == [third, second]
+    # The rotation done: the old one dropped by naming the new one alone.
+    assert client.patch(url, json={"secrets": [third]}).json()["secrets"] == [third]
+    masked = client.get(URL).json()["endpoints"][0]["secrets"]
+    assert masked == [f"whsec_...{third[-4:]}"]
+
+
+def test_only_admin_keys_change_or_rotate(make_settings: Callable[..., Settings]) -> None:
+    app = create_app(make_settings(api_keys=API_KEYS))
+    with TestClient(app) as keyed:
+        keyed.headers.update(bearer(ADMIN))
+        endpoint = _registered(keyed)
+        del keyed.headers["Authorization"]
+        url = f"{URL}/{endpoint['id']}"
+        for headers, status in (({}, 401), (bearer(ALICE), 403)):
+            change = keyed.patch(url, json={"events": ["email.sent"]}, headers=headers)
+            assert change.status_code == status
+            assert keyed.post(f"{url}/secrets/rotate", headers=headers).status_code == status
+        assert keyed.get(url, headers=bearer(ADMIN)).json() == endpoint
