@@ -302,6 +302,24 @@ def test_a_batch_has_its_own_size_limit(
     assert_error(too_big_single, 413, "payload_too_large")
 
 
+def test_a_batch_that_substitution_grows_past_the_batch_limit_is_413_and_stores_nothing(
+    make_settings: Callable[..., Settings], store: redis.Redis
+) -> None:
+    # 100 messages of 3 KB that each fill {a} 1,000 times with 1 KB: each within
+    # MAX_BODY_BYTES (1 MiB) after substitution, 100 MiB together from a 400 KB request.
+    settings = make_settings(max_body_bytes=1024 * 1024)
+    grows = mail(body="{a}" * 1000, variables={"a": "A" * 1040})
+    with local_client(create_app(settings)) as client:
+        refused = client.post(BATCH, json={"messages": [grows] * 100})
+        assert_error(refused, 413, "payload_too_large")
+        assert "after substitution" in refused.json()["detail"]
+        assert store.dbsize() == 0
+        # Fifteen of them, 15.6 MB, are a batch like any other.
+        accepted = client.post(BATCH, json={"messages": [grows] * 15})
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["queued"] == 15
+
+
 # -- admin: stats and dead letters -------------------------------------------------------
 
 
