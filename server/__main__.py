@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
         app = create_app(settings)
+    state_of(app).peer_is_socket = True  # proxy_headers=False below
     config = uvicorn.Config(
         app,
         host=args.host,

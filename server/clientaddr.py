@@ -11,6 +11,8 @@ peers, which is why ``python -m server`` runs it with ``proxy_headers=False``. S
 have happened anyway (``uvicorn server.main:app`` without ``--no-proxy-headers``), the
 peer we are handed is one of the header's own hops; we cannot know the real one, so the
 client is ``unknown``: every such request shares one budget instead of picking its own.
+Under ``python -m server`` that cannot happen, and the check is not made: a client that
+repeats its own address in the header would otherwise leave its budget for the shared one.
 
 Every address leaves here in one canonical text form (or ``unknown``), so no free text from
 a header reaches a Redis key or a log line.
@@ -26,7 +28,7 @@ import re
 from fastapi import Request
 
 from emailq.netlists import IPNetwork, parse_networks
-from server.deps import settings_of
+from server.deps import peer_is_socket, settings_of
 
 log = logging.getLogger("emailq.api")
 
@@ -139,7 +141,7 @@ def _client_address(request: Request) -> str:
     # From a trusted peer the walk below reads the header anyway; from any other, a peer
     # that is one of the header's hops was put there by the server, not by the socket.
     untrusted = not _trusted(parse_address(peer), proxies)
-    if untrusted and rewritten_by_server(peer, headers):
+    if untrusted and not peer_is_socket(request) and rewritten_by_server(peer, headers):
         _warn_rewrite()
         return UNKNOWN
     return forwarded_client(peer, headers, proxies)

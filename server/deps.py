@@ -65,6 +65,11 @@ def settings_of(request: Request) -> Settings:
     return _state(request).settings
 
 
+def peer_is_socket(request: Request) -> bool:
+    """Whether the server hands the app the socket's peer, never one from a header."""
+    return _state(request).peer_is_socket
+
+
 def rate_limits_of(request: Request) -> RateLimits:
     """The rate limiter opened by the lifespan."""
     return _state(request).rate_limits

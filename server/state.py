@@ -47,3 +47,7 @@ class AppState:
     # for open requests: endless responses (the admin event stream) end on it.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     webhooks: WebhookStore = field(init=False)  # webhook endpoints and deliveries
+    # Set by ``python -m server``, which runs uvicorn with its proxy headers off: the peer
+    # is the socket's, so a request that names it in X-Forwarded-For is not a sign that the
+    # server rewrote it (server/clientaddr.py). Unknown under any other launcher.
+    peer_is_socket: bool = False

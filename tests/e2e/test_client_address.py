@@ -58,7 +58,9 @@ def test_a_rotating_forwarded_for_does_not_escape_the_auth_failure_limit(
 ) -> None:
     base = procs.api(make_settings(api_keys=API_KEYS, auth_failure_limit=3))
     with peer(base) as attacker:
-        assert guesses(attacker, SPOOFED) == [401, 401, 401, 429, 429, 429]
+        # The last names the peer's own address: not taken for a rewrite by the server
+        # (python -m server makes none), which would count it in the shared 'unknown'.
+        assert guesses(attacker, [*SPOOFED, "127.0.0.1"]) == [401, 401, 401, 429, 429, 429, 429]
         # Nothing the header said became a key: one counter, the socket's.
         assert auth_failure_keys(store) == [KEYS.auth_failures("127.0.0.1")]
         # A valid key is never throttled.
@@ -97,7 +99,7 @@ def test_a_rotating_forwarded_for_does_not_escape_the_form_limit(
     base = procs.api(settings)
     procs.worker(settings)
     with peer(base) as visitor:
-        assert submissions(visitor, SPOOFED) == [202, 202, 429, 429, 429, 429]
+        assert submissions(visitor, [*SPOOFED, "127.0.0.1"]) == [202, 202] + [429] * 5
     with peer(base, "127.0.0.3") as other:
         assert submissions(other, ["203.0.113.1"]) == [202]
     wait_until(lambda: len(smtp.handler.received) >= 3, what="three form mails")
