@@ -9,8 +9,9 @@ private one to the connect).
 
 Private, loopback and shared (CGNAT) addresses are refused unless WEBHOOK_ALLOW_PRIVATE;
 link-local (169.254.169.254 is the cloud metadata service), multicast, unspecified and
-reserved addresses always are. An IPv6 address that carries an IPv4 one (mapped, 6to4,
-Teredo, NAT64) is judged by the IPv4 address it reaches.
+reserved addresses always are. An IPv6 address that carries an IPv4 one (mapped,
+IPv4-compatible, SIIT-translated, 6to4, Teredo, NAT64) is judged by the IPv4 address it
+reaches. Python 3.11's ``is_global`` predates a few registry entries, which are named here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from emailq.errors import EmailqError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT: someone's inside
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # ::a.b.c.d, IPv4-compatible (deprecated)
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d (SIIT, RFC 6052)
+# Inside someone's network though Python 3.11 calls them global: the local-use NAT64 prefix
+# (RFC 8215, where the IPv4 address may sit at any of RFC 6052's offsets) and the
+# deprecated site-local prefix, still routed inside some sites.
+_INTERNAL = (_SHARED, ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
+_IETF = ipaddress.IPv4Network("192.0.0.0/24")  # protocol assignments: no one's web server
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -40,7 +48,8 @@ def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if ip in _NAT64:
+    # :: and ::1 are in ::/96 too, and are what they say, not 0.0.0.0 and 0.0.0.1.
+    if ip in _NAT64 or ip in _TRANSLATED or (ip in _COMPATIBLE and int(ip) > 1):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -62,9 +71,13 @@ def refusal(ip: IPAddress, *, allow_private: bool) -> str | None:
     if inner is not None:
         return refusal(inner, allow_private=allow_private)
     never = _never(ip)
-    if never or ip.is_global:
+    if never:
         return never
-    internal = ip.is_loopback or ip.is_private or ip in _SHARED
+    if ip in _IETF:
+        return "a reserved address"
+    internal = ip.is_loopback or ip.is_private or any(ip in net for net in _INTERNAL)
+    if not internal and ip.is_global:
+        return None
     if internal and allow_private:
         return None
     if ip.is_loopback:

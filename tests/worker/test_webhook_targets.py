@@ -48,6 +48,9 @@ def resolving(*addresses: str, calls: list[str] | None = None) -> Any:
     [("127.0.0.1",), ("169.254.169.254",), ("10.0.0.1",), ("192.168.1.5",), ("::1",),
      ("::ffff:127.0.0.1",), ("fe80::1",), ("224.0.0.1",), ("0.0.0.0",), ("100.64.0.1",),
      ("2002:7f00:1::",), ("64:ff9b::a00:1",), ("fc00::1",),
+     # IPv4-compatible, SIIT-translated, local-use NAT64, site-local, IETF-reserved (helper-47)
+     ("::127.0.0.1",), ("::a9fe:a9fe",), ("::ffff:0:127.0.0.1",), ("64:ff9b:1::a9fe:a9fe",),
+     ("fec0::1",), ("192.0.0.8",),
      ("93.184.216.34", "10.0.0.1")],  # one bad address among good ones is enough
 )  # fmt: skip
 async def test_a_name_resolving_to_a_refused_address_is_refused_before_connecting(
@@ -117,6 +120,18 @@ def test_allow_private_opens_private_and_loopback_but_never_link_local() -> None
     with pytest.raises(TargetRefused, match="link-local"):
         check_url("http://169.254.169.254/", allow_private=True)
     assert refusal(ipaddress.ip_address("8.8.8.8"), allow_private=False) is None
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [("::a9fe:a9fe", "link-local"), ("::ffff:0:a9fe:a9fe", "link-local"),
+     ("::7f00:1", "loopback"), ("::ffff:0:a00:1", "private"), ("64:ff9b:1::a00:1", "private"),
+     ("fec0::1", "private"), ("192.0.0.8", "reserved"), ("::1", "loopback"),
+     ("::", "unspecified"), ("::808:808", None), ("2606:4700::1111", None)],
+)  # fmt: skip
+def test_an_address_is_judged_by_the_ipv4_address_it_carries(address: str, why: str | None) -> None:
+    found = refusal(ipaddress.ip_address(address), allow_private=False)
+    assert found is None if why is None else why in (found or "")
 
 
 def test_retry_after_reads_seconds_and_dates() -> None:
