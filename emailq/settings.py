@@ -43,8 +43,10 @@ _LIST_PARSERS: dict[str | None, Callable[[str], object]] = {
 # double-click executes), close to the list Gmail refuses outright: a relay such as Gmail
 # or Microsoft 365 would bounce the mail anyway, later and less clearly than a 422 now.
 DEFAULT_BLOCKED_EXTENSIONS = (
-    "ade,adp,apk,appx,bat,cab,chm,cmd,com,cpl,dll,dmg,exe,hta,ins,iso,isp,jar,js,jse,lib,"
-    "lnk,mde,msc,msi,msix,msp,mst,nsh,pif,ps1,reg,scr,sct,shb,sys,vb,vbe,vbs,vxd,wsc,wsf,wsh"
+    "ade,adp,apk,appx,appxbundle,bat,cab,chm,cmd,com,cpl,diagcab,diagcfg,diagpack,dll,"
+    "dmg,ex,ex_,exe,hta,img,ins,iso,isp,jar,jnlp,js,jse,lib,lnk,mde,mjs,msc,msi,msix,"
+    "msixbundle,msp,mst,nsh,pif,ps1,reg,scr,sct,shb,sys,vb,vbe,vbs,vhd,vhdx,vxd,wsc,"
+    "wsf,wsh,xll"
 )
 
 

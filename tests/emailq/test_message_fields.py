@@ -330,7 +330,8 @@ def test_the_type_defaults_from_the_file_name_and_base64_line_breaks_are_fine() 
 
 
 @pytest.mark.parametrize("name", ["setup.exe", "SETUP.EXE", "invoice.pdf.exe", "x.exe.",
-                                  "x.exe .", "run.js", "a.vbs"])  # fmt: skip
+                                  "x.exe .", "run.js", "a.vbs", "disk.img", "disk.vhd", "addin.xll",
+                                  "launch.jnlp", "mod.mjs", "setup.ex_"])  # fmt: skip
 def test_a_blocked_extension_is_refused(name: str) -> None:
     with pytest.raises(InvalidMessage, match="BLOCKED_ATTACHMENT_EXTENSIONS") as info:
         prepare(request(attachments=[attach(name)]), ANONYMOUS, NOW, LIMITS, request_id="r")
