@@ -213,6 +213,9 @@ class Claim:
     jobs: list[ClaimedJob]
     next_deadline_ms: int | None  # ms until the next scheduled or lease deadline, if any
     unreadable: list[Unreadable] = field(default_factory=list)
+    # The worker of each lease that had lapsed and was put back (or failed, out of
+    # attempts) by this call: its worker died or lost Redis. One call's, said once.
+    lapsed_from: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -795,8 +798,9 @@ class Queue:
                 FAIR_EVERY, *LANES]  # fmt: skip
 
     @staticmethod
-    def _claimed(rows: list[Any], next_ms: Any) -> Claim:
-        claim = Claim([], None if int(next_ms) < 0 else int(next_ms))
+    def _claimed(rows: list[Any], next_ms: Any, lapsed_from: list[Any] | None = None) -> Claim:
+        claim = Claim([], None if int(next_ms) < 0 else int(next_ms),
+                      lapsed_from=[str(w) for w in lapsed_from or ()])  # fmt: skip
         for task_id, token, attempt, payload, request_id, lane, expires_in in rows:
             try:
                 job = Job.model_validate_json(payload or "")
@@ -814,8 +818,10 @@ class Queue:
 
     async def claim(self, worker_id: str, count: int, lease_ms: int) -> Claim:
         """Claim up to ``count`` ready tasks under a lease, after moving due and lapsed work."""
-        rows, next_ms = await self._run("claim", *self._claim_args(worker_id, count, lease_ms))
-        return self._claimed(rows, next_ms)
+        rows, next_ms, lapsed_from = await self._run(
+            "claim", *self._claim_args(worker_id, count, lease_ms)
+        )
+        return self._claimed(rows, next_ms, lapsed_from)
 
     async def wait_for_work(self, block_seconds: float) -> bool:
         """Block in Redis until a task may be ready or ``block_seconds`` pass; no polling."""
@@ -886,14 +892,16 @@ class Queue:
             raise ValueError("one finish_many call claims for one worker under one lease")
         total = sum(r.count for r in refills)
         claim = self._claim_args(refills[0].worker_id, total, refills[0].lease_ms)
-        applied, rows, next_ms = await self._run("finish", *args, *claim)
+        applied, rows, next_ms, lapsed_from = await self._run("finish", *args, *claim)
         shares: list[tuple[str, Claim | None]] = []
         for done, outcome in zip(finishes, applied, strict=True):
             if done.refill is None:
                 shares.append((str(outcome), None))
                 continue
-            shares.append((str(outcome), self._claimed(rows[: done.refill.count], next_ms)))
+            share = self._claimed(rows[: done.refill.count], next_ms, lapsed_from)
+            shares.append((str(outcome), share))
             rows = rows[done.refill.count :]
+            lapsed_from = []  # the first share reports them; the rest would repeat it
         return shares
 
     async def fail_unreadable(self, lost: Unreadable) -> str:

@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec
 
@@ -247,6 +248,8 @@ class Worker:
         """Start the jobs of a claim that was sent at monotonic time ``sent``."""
         _notify(self.observer.on_claim, len(claim.jobs) + len(claim.unreadable),
                 time.monotonic() - sent)  # fmt: skip
+        if claim.lapsed_from:
+            self._report_lapsed(claim.lapsed_from)
         late = self._claim_is_late(claim, sent)
         if (self._stopping.is_set() or late) and claim.jobs:
             # A claim that was on its way when stop() came (a finish's refill, typically):
@@ -269,6 +272,16 @@ class Worker:
             log.error("failing task %s: %s", lost.task_id, lost.error)
             await _best_effort(functools.partial(self.queue.fail_unreadable, lost), "fail")
             _notify(self.observer.on_failed, lost, None, lost.error, 0.0)
+
+    def _report_lapsed(self, workers: list[str]) -> None:
+        """Say which workers' leases this claim found lapsed: the operator's first sign that
+        one died (kill -9, OOM) or lost Redis. Their mails are back in their lanes (or
+        failed, out of attempts); the task logs say `lease_expired`."""
+        for worker_id, jobs in Counter(workers).items():
+            log.warning("put back %d job(s) whose lease worker %s stopped renewing (it died or "
+                        "lost Redis); each interrupted attempt counts", jobs,
+                        worker_id or "(unknown)")  # fmt: skip
+            _notify(self.observer.on_lapsed, worker_id, jobs)
 
     def _start(self, claimed: ClaimedJob) -> None:
         # A task claimed again while its previous run winds down (see _forget) starts clean:

@@ -75,6 +75,10 @@ class WorkerMetrics(WorkerObserver):
                                  "(heartbeats) that Redis answered", registry=registry)  # fmt: skip
         self._lost = Counter("emailq_worker_leases_lost", "Jobs given up unsent because their "
                              "lease passed to another worker", registry=registry)  # fmt: skip
+        self._lapsed = Counter("emailq_worker_leases_reclaimed", "Jobs whose lease had lapsed "
+                               "(its worker died or lost Redis) that this worker's claims put "
+                               "back, their interrupted attempt counted",
+                               registry=registry)  # fmt: skip
         self._in_flight = Gauge("emailq_worker_inflight_sends", "Jobs held: claimed, outcome "
                                 "not yet recorded", registry=registry)  # fmt: skip
         self._connections = Gauge("emailq_worker_smtp_connections", "SMTP connections of the "
@@ -103,6 +107,9 @@ class WorkerMetrics(WorkerObserver):
         self._claims.inc()
         self._claimed.inc(jobs)
         self._claim_time.observe(seconds)
+
+    def on_lapsed(self, worker_id: str, jobs: int) -> None:
+        self._lapsed.inc(jobs)
 
     def on_sent(self, job: ClaimedJob, code: int, seconds: float) -> None:
         self._send(SUCCESS, code, seconds)

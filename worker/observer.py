@@ -63,6 +63,11 @@ class WorkerObserver(Protocol):
         ``on_failed``, as ON_UNKNOWN_OUTCOME decides."""
         return
 
+    def on_lapsed(self, worker_id: str, jobs: int) -> None:
+        """This worker's claim put back (or failed, out of attempts) ``jobs`` whose lease
+        ``worker_id`` had stopped renewing: that worker died or lost Redis."""
+        return
+
     def on_renewal(self, held: int, lost: int) -> None:
         """A heartbeat renewed the leases of ``held`` jobs, of which ``lost`` were gone."""
         return

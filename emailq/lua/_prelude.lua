@@ -250,7 +250,8 @@ end
 -- to COUNT ready tasks for WORKER under a lease. Used by claim.lua, and by finish.lua to
 -- refill the slot a finished send leaves (one round trip per mail instead of two).
 -- C: {count, lease_ms, worker, max_attempts, ttl, fair_every, lanes (high first)}.
--- Returns {claimed rows, ms until the next scheduled or lease deadline, or -1}.
+-- Returns {claimed rows, ms until the next scheduled or lease deadline, or -1, the worker
+-- of each lapsed lease put back or failed (so the claiming worker can say who died)}.
 local function claim_ready(C, now)
   local count, lease_ms, worker, lanes = C.count, C.lease_ms, C.worker, C.lanes
   local max_attempts, ttl, fair_every = C.max_attempts, C.ttl, C.fair_every
@@ -282,7 +283,7 @@ local function claim_ready(C, now)
   end
 
   -- A lapsed lease means its worker died or lost Redis. The interrupted attempt counts.
-  local lapsed = {}
+  local lapsed, lapsed_from = {}, {}
   if lease_at and lease_at <= now then
     moved = true
     lapsed = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 100)
@@ -290,9 +291,10 @@ local function claim_ready(C, now)
   for _, id in ipairs(lapsed) do
     redis.call('ZREM', K_LEASES, id)
     local task = TASK .. id
-    local f = fields(task, {'lane', 'status', 'attempts'})
+    local f = fields(task, {'lane', 'status', 'attempts', 'lease'})
     local lane = f.lane
     if lane and f.status == 'pending' then
+      lapsed_from[#lapsed_from + 1] = token_worker(f.lease)
       local attempts = tonumber(f.attempts or '0')
       redis.call('HDEL', task, 'lease')
       append_log(task, {at = now, attempt = attempts, outcome = 'lease_expired',
@@ -375,7 +377,7 @@ local function claim_ready(C, now)
   if moved then scheduled_at, lease_at = first_score(K_SCHEDULED), first_score(K_LEASES) end
   local next_at = scheduled_at
   if lease_at and (not next_at or lease_at < next_at) then next_at = lease_at end
-  return {claimed, next_at and math.max(0, next_at - now) or -1}
+  return {claimed, next_at and math.max(0, next_at - now) or -1, lapsed_from}
 end
 
 -- The claim parameters as the scripts receive them, from ARGV[first]: count, lease ms,

@@ -75,4 +75,4 @@ for i = 1, n do applied[i] = record(8 + (i - 1) * 6) end
 local after = 8 + n * 6
 if #ARGV < after then return applied end
 local claim = claim_ready(claim_args(after), now)
-return {applied, claim[1], claim[2]}
+return {applied, claim[1], claim[2], claim[3]}

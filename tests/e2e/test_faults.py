@@ -11,6 +11,7 @@ the API takes to answer 503 during the Redis outage is printed, not asserted).
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import time
@@ -127,7 +128,7 @@ def killed_mid_send(
     interrupted = {t for t, r in api.results(ids).items()
                    if r["status"] == "pending" and r["attempts"] >= 1}  # fmt: skip
     reached_relay = set(handler.task_ids())
-    procs.worker(settings)
+    worker_b = procs.worker(settings)
 
     results = api.wait_terminal(ids)
     counts = Counts.of(ids, smtp.handler).report(label)
@@ -136,6 +137,11 @@ def killed_mid_send(
     assert counts.duplicated <= concurrency
     expired = {t for t, r in results.items() if "lease_expired" in outcomes(r)}
     assert expired == interrupted
+    # The survivor says whose leases it found lapsed, and how many: the operator's sign.
+    dead_id = read_log(worker_a).split("worker ", 1)[1].split(" started", 1)[0]
+    said = re.findall(rf"put back (\d+) job\(s\) whose lease worker {re.escape(dead_id)} "
+                      "stopped renewing", read_log(worker_b))  # fmt: skip
+    assert sum(int(n) for n in said) == len(interrupted)
     repeated = {t for t, n in Counter(smtp.handler.task_ids()).items() if n > 1}
     return KilledMidSend(concurrency, interrupted, reached_relay, results, repeated)
 

@@ -337,6 +337,21 @@ async def test_lapsed_lease_is_recovered_by_another_worker(queue: Queue) -> None
     assert (entry.outcome, entry.attempt) == ("lease_expired", 1)
 
 
+async def test_a_claim_names_the_workers_whose_leases_it_found_lapsed(queue: Queue) -> None:
+    await enqueue(queue, 3)
+    dead = "host:4242:a1b2c3"  # a worker id as new_worker_id makes it: colons inside
+    held = await claim(queue, dead, count=2, lease_ms=SHORT)
+    survivor = await claim_one(queue, "w2", lease_ms=LONG)
+    for job_ in held:
+        await wait_lapsed(queue, job_.task_id)
+    # The refill of a finish puts them back and names their worker, once.
+    entry = Attempt(attempt=survivor.attempt, outcome="success", code=250, reply="ok")
+    _, refill = await queue.finish_and_claim(survivor, "success", entry, Refill("w2", 1, LONG))
+    assert refill.lapsed_from == [dead, dead]
+    assert len(refill.jobs) == 1
+    assert (await queue.claim("w2", 5, LONG)).lapsed_from == []  # nothing lapsed since
+
+
 async def test_lapsed_lease_on_the_last_attempt_fails_the_task(queue: Queue) -> None:
     await enqueue(queue)
     held = await claim_one(queue, "w0", lease_ms=SHORT)

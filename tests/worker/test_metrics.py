@@ -4,12 +4,15 @@ read the loop's and the pool's state. The port it is served on: tests/e2e."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 
 import pytest
 from prometheus_client.exposition import generate_latest
 
+from emailq.models import Job
+from emailq.queue import Queue
 from emailq.settings import Settings
 from tests.helpers.metrics import Samples, family, parse
 from tests.helpers.polling import read_log, wait_for
@@ -65,6 +68,28 @@ async def test_each_attempt_is_counted_once_under_its_outcome(
     assert samples["emailq_worker_inflight_sends"] == 0
     assert samples['emailq_worker_smtp_connections{state="busy"}'] == 0
     assert len(smtp.handler.received) == 2  # counted at the relay: the two sent, once each
+
+
+async def test_jobs_whose_worker_died_are_counted_when_put_back(
+    make_settings: Callable[..., Settings], smtp_factory: Factory
+) -> None:
+    smtp = scripted(smtp_factory)
+    settings = make_settings(smtp_port=smtp.port)
+    queue = Queue.from_settings(settings)
+    try:  # a worker that claims two jobs and dies: its 50 ms leases lapse
+        for n in range(2):
+            await queue.enqueue(f"held-{n}", Job(to="user@example.com", subject="Hi",
+                                                 text="Hello"), request_id="r")  # fmt: skip
+        assert len((await queue.claim("host:1:dead00", 2, 50)).jobs) == 2
+    finally:
+        await queue.close()
+    await asyncio.sleep(0.2)
+    metrics = WorkerMetrics()
+    async with running(settings, metrics) as run:
+        records = [await run.settled(f"held-{n}") for n in range(2)]
+    assert [(r.status, r.attempts) for r in records] == [("success", 2)] * 2
+    assert read(metrics)["emailq_worker_leases_reclaimed_total"] == 2
+    assert len(smtp.handler.received) == 2
 
 
 @pytest.mark.parametrize(("policy", "after"), [("retry", ("success", "2xx")), ("fail", None)])
