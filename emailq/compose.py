@@ -316,16 +316,12 @@ def placeholder_values(request: EmailRequest) -> dict[str, str]:
     return values
 
 
-def content_bytes(job: Job) -> int:
-    """Text, html and the attachments' decoded bytes: what MAX_BODY_BYTES bounds."""
-    return len(job.text.encode()) + len((job.html or "").encode()) + decoded_size(job.attachments)
-
-
 def check_size(job: Job, *, max_body_bytes: int) -> None:
     """Text, html and the attachments' decoded bytes together within ``max_body_bytes``."""
-    if not job.attachments:
+    attached = decoded_size(job.attachments)
+    if not attached:
         return  # text and html alone: check_body has counted them
-    size = content_bytes(job)
+    size = len(job.text.encode()) + len((job.html or "").encode()) + attached
     if size > max_body_bytes:
         raise MessageTooLarge(f"text, html and attachments are {size} bytes; the limit is "
                               f"{max_body_bytes} bytes (MAX_BODY_BYTES)")  # fmt: skip

@@ -302,22 +302,27 @@ def test_a_batch_has_its_own_size_limit(
     assert_error(too_big_single, 413, "payload_too_large")
 
 
+@pytest.mark.parametrize(
+    ("value", "fits"),
+    # A 1 KB value filled 1,000 times: each message within MAX_BODY_BYTES (1 MiB) after
+    # substitution, 100 MiB for the batch's 100 from a 400 KB request (16 fit). As stored, a
+    # control character takes 6 bytes (\u0001): 3 of those messages pass 16 MiB.
+    [("A" * 1040, 16), ("\x01" * 1040, 2)],
+)
 def test_a_batch_that_substitution_grows_past_the_batch_limit_is_413_and_stores_nothing(
-    make_settings: Callable[..., Settings], store: redis.Redis
+    make_settings: Callable[..., Settings], store: redis.Redis, value: str, fits: int
 ) -> None:
-    # 100 messages of 3 KB that each fill {a} 1,000 times with 1 KB: each within
-    # MAX_BODY_BYTES (1 MiB) after substitution, 100 MiB together from a 400 KB request.
     settings = make_settings(max_body_bytes=1024 * 1024)
-    grows = mail(body="{a}" * 1000, variables={"a": "A" * 1040})
+    grows = mail(body="{a}" * 1000, variables={"a": value})
     with local_client(create_app(settings)) as client:
-        refused = client.post(BATCH, json={"messages": [grows] * 100})
-        assert_error(refused, 413, "payload_too_large")
-        assert "after substitution" in refused.json()["detail"]
-        assert store.dbsize() == 0
-        # Fifteen of them, 15.6 MB, are a batch like any other.
-        accepted = client.post(BATCH, json={"messages": [grows] * 15})
+        for count in (100, fits + 1):
+            refused = client.post(BATCH, json={"messages": [grows] * count})
+            assert_error(refused, 413, "payload_too_large")
+            assert "as stored, after substitution" in refused.json()["detail"]
+            assert store.dbsize() == 0
+        accepted = client.post(BATCH, json={"messages": [grows] * fits})  # a batch as any
         assert accepted.status_code == 202, accepted.text
-        assert accepted.json()["queued"] == 15
+        assert accepted.json()["queued"] == fits
 
 
 # -- admin: stats and dead letters -------------------------------------------------------
