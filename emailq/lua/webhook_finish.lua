@@ -1,14 +1,15 @@
 -- Record one attempt's outcome, if the attempt still holds the delivery (its token): a
 -- dispatcher whose lease lapsed while it waited must not overwrite a later attempt.
 -- outcome: 'succeeded' | 'retry' (due again in retry_ms) | 'failed'. A non-empty disable
--- reason disables the endpoint (it answered 410 Gone).
+-- reason disables the endpoint (it answered 410 Gone), unless the endpoint's url is no
+-- longer the one attempted: a PATCH moved it away from the url that is gone.
 -- KEYS: due zset, endpoints hash. ARGV: delivery prefix, failed prefix, id, token,
--- outcome, attempt entry (JSON), retry ms, ttl (s), reason, disable reason.
+-- outcome, attempt entry (JSON), retry ms, ttl (s), reason, disable reason, url attempted.
 -- Returns the outcome applied, or 'stale'.
 local K_DUE, K_ENDPOINTS = KEYS[1], KEYS[2]
 local DELIVERY, FAILED, ID, TOKEN, OUTCOME = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ENTRY, RETRY_MS, TTL = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local REASON, DISABLE = ARGV[9], ARGV[10]
+local REASON, DISABLE, URL = ARGV[9], ARGV[10], ARGV[11]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -46,9 +47,11 @@ if DISABLE ~= '' then
   local raw = redis.call('HGET', K_ENDPOINTS, f[3])
   if raw then
     local endpoint = cjson.decode(raw)
-    endpoint.disabled_at = now
-    endpoint.disabled_reason = DISABLE
-    redis.call('HSET', K_ENDPOINTS, f[3], cjson.encode(endpoint))
+    if endpoint.url == URL then
+      endpoint.disabled_at = now
+      endpoint.disabled_reason = DISABLE
+      redis.call('HSET', K_ENDPOINTS, f[3], cjson.encode(endpoint))
+    end
   end
 end
 return OUTCOME

@@ -372,10 +372,11 @@ class WebhookStore:
         self, held: Claimed, outcome: FinishOutcome, entry: DeliveryAttempt, *,
         retry_in_ms: int = 0, reason: str = "", disable: str = "",
     ) -> str:  # fmt: skip
-        """Record one attempt; returns the outcome applied, or 'stale' (no longer ours)."""
+        """Record one attempt; returns the outcome applied, or 'stale' (no longer ours).
+        ``disable`` disables the endpoint, if its url is still the one attempted."""
         args = [*self._delivery_args(), held.id, held.token, outcome,
                 entry.model_dump_json(exclude_none=True), retry_in_ms, self.ttl_seconds,
-                reason, disable]  # fmt: skip
+                reason, disable, held.endpoint.url]  # fmt: skip
         return str(await self._run("finish", self._delivery_keys(), args))
 
     async def replay(self, endpoint_id: str, msg_id: str) -> str:

@@ -193,20 +193,20 @@ async def get_endpoint(endpoint_id: EndpointId, webhooks: WebhooksDep) -> Endpoi
 
 
 def _changed(endpoint_id: str, outcome: Endpoint | str) -> EndpointOut:
-    if outcome == "missing":
-        raise HTTPException(404, f"no webhook endpoint {endpoint_id}")
+    if isinstance(outcome, Endpoint):
+        return EndpointOut.of(outcome, reveal=True)
     if outcome == "file":
         raise HTTPException(409, f"{endpoint_id} is configured in WEBHOOKS_FILE; change it there")
-    assert isinstance(outcome, Endpoint)
-    return EndpointOut.of(outcome, reveal=True)
+    raise HTTPException(404, f"no webhook endpoint {endpoint_id}")
 
 
 @router.patch("/{endpoint_id}", responses={**NOT_FOUND, **FROM_FILE})
-async def change(
+async def change_endpoint(
     endpoint_id: EndpointId, change: EndpointChange, webhooks: WebhooksDep, settings: SettingsDep
 ) -> EndpointOut:
     """Change an API endpoint's url, events, secrets or description (the fields given);
-    deliveries use them from their next attempt. Shows its secrets in full."""
+    deliveries use them from their next attempt. Shows its secrets in full. A disabled
+    endpoint stays disabled: enable it once its new url answers."""
     if change.url is not None:
         _check_target(change.url, settings)
     return _changed(endpoint_id, await webhooks.change_endpoint(endpoint_id, change.changes()))

@@ -176,6 +176,12 @@ def test_rotating_signs_with_a_new_secret_beside_the_newest_old_one(client: Test
     third, kept = client.post(f"{url}/secrets/rotate").json()["secrets"]
     assert (kept, len({first, second, third})) == (second, 3)  # the oldest is dropped
     assert client.get(url).json()["secrets"] == [third, second]
+    # From the most secrets an endpoint may have, too: the newest old one stays.
+    three = [new_secret() for _ in range(3)]
+    client.patch(url, json={"secrets": three})
+    fourth, kept = client.post(f"{url}/secrets/rotate").json()["secrets"]
+    assert (kept, fourth in three) == (three[0], False)
+    client.patch(url, json={"secrets": [third]})
     # The rotation done: the old one dropped by naming the new one alone.
     assert client.patch(url, json={"secrets": [third]}).json()["secrets"] == [third]
     masked = client.get(URL).json()["endpoints"][0]["secrets"]
