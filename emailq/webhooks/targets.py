@@ -27,10 +27,12 @@ _SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT: someone's
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _COMPATIBLE = ipaddress.IPv6Network("::/96")  # ::a.b.c.d, IPv4-compatible (deprecated)
 _TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d (SIIT, RFC 6052)
-# Inside someone's network though Python 3.11 calls them global: the local-use NAT64 prefix
-# (RFC 8215, where the IPv4 address may sit at any of RFC 6052's offsets) and the
-# deprecated site-local prefix, still routed inside some sites.
-_INTERNAL = (_SHARED, ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
+# The local-use NAT64 prefix (RFC 8215): its IPv4 address may sit at any of RFC 6052's
+# offsets, so what it reaches (the metadata service, say) cannot be judged: never.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+# Inside someone's network though Python 3.11 calls them global: the deprecated site-local
+# prefix, still routed inside some sites.
+_INTERNAL = (_SHARED, ipaddress.IPv6Network("fec0::/10"))
 _IETF = ipaddress.IPv4Network("192.0.0.0/24")  # protocol assignments: no one's web server
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 
@@ -62,6 +64,8 @@ def _never(ip: IPAddress) -> str | None:
         return "an unspecified address"
     if ip.is_link_local:
         return "a link-local address (such as the cloud metadata service)"
+    if ip in _LOCAL_NAT64:
+        return "a local-use NAT64 address (it may reach any IPv4 address)"
     return None
 
 

@@ -50,7 +50,7 @@ def resolving(*addresses: str, calls: list[str] | None = None) -> Any:
      ("2002:7f00:1::",), ("64:ff9b::a00:1",), ("fc00::1",),
      # IPv4-compatible, SIIT-translated, local-use NAT64, site-local, IETF-reserved (helper-47)
      ("::127.0.0.1",), ("::a9fe:a9fe",), ("::ffff:0:127.0.0.1",), ("64:ff9b:1::a9fe:a9fe",),
-     ("fec0::1",), ("192.0.0.8",),
+     ("fec0::1",),
      ("93.184.216.34", "10.0.0.1")],  # one bad address among good ones is enough
 )  # fmt: skip
 async def test_a_name_resolving_to_a_refused_address_is_refused_before_connecting(
@@ -125,13 +125,24 @@ def test_allow_private_opens_private_and_loopback_but_never_link_local() -> None
 @pytest.mark.parametrize(
     ("address", "why"),
     [("::a9fe:a9fe", "link-local"), ("::ffff:0:a9fe:a9fe", "link-local"),
-     ("::7f00:1", "loopback"), ("::ffff:0:a00:1", "private"), ("64:ff9b:1::a00:1", "private"),
+     ("::7f00:1", "loopback"), ("::ffff:0:a00:1", "private"), ("64:ff9b:1::a00:1", "NAT64"),
      ("fec0::1", "private"), ("192.0.0.8", "reserved"), ("::1", "loopback"),
      ("::", "unspecified"), ("::808:808", None), ("2606:4700::1111", None)],
 )  # fmt: skip
 def test_an_address_is_judged_by_the_ipv4_address_it_carries(address: str, why: str | None) -> None:
     found = refusal(ipaddress.ip_address(address), allow_private=False)
     assert found is None if why is None else why in (found or "")
+
+
+@pytest.mark.parametrize(
+    "address",
+    # The metadata service through every form that carries it, the local NAT64 prefix at
+    # two of RFC 6052's offsets, and addresses of no one's web server (helper-48).
+    ["::a9fe:a9fe", "::ffff:0:a9fe:a9fe", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe",
+     "64:ff9b:1::a9fe:a9fe", "64:ff9b:1:a9fe:a9:fe00::", "192.0.0.8", "192.0.0.170"],
+)  # fmt: skip
+def test_allow_private_never_opens_what_no_setting_may(address: str) -> None:
+    assert refusal(ipaddress.ip_address(address), allow_private=True) is not None
 
 
 def test_retry_after_reads_seconds_and_dates() -> None:
