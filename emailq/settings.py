@@ -40,8 +40,9 @@ _LIST_PARSERS: dict[str | None, Callable[[str], object]] = {
     "allowed_senders": parse_allowed_senders,
 }
 # File types that run code when opened on a common desktop (Windows first: that is where a
-# double-click executes), close to the list Gmail refuses outright: a relay such as Gmail
-# or Microsoft 365 would bounce the mail anyway, later and less clearly than a 422 now.
+# double-click executes): the list Gmail refuses outright, with reg and vhdx (a disk
+# image's files escape Windows' downloaded-file warning). A relay such as Gmail or
+# Microsoft 365 would bounce the mail anyway, later and less clearly than a 422 now.
 DEFAULT_BLOCKED_EXTENSIONS = (
     "ade,adp,apk,appx,appxbundle,bat,cab,chm,cmd,com,cpl,diagcab,diagcfg,diagpack,dll,"
     "dmg,ex,ex_,exe,hta,img,ins,iso,isp,jar,jnlp,js,jse,lib,lnk,mde,mjs,msc,msi,msix,"

@@ -109,9 +109,9 @@ def test_a_peer_rewritten_from_the_header_is_recognised() -> None:
     assert not rewritten_by_server("127.0.0.1", [])
 
 
-def _echo_app(settings: Settings) -> FastAPI:
+def _echo_app(settings: Settings, *, peer_is_socket: bool = False) -> FastAPI:
     app = FastAPI()
-    attach_state(app, AppState(settings))
+    attach_state(app, AppState(settings, peer_is_socket=peer_is_socket))
 
     @app.get("/who")
     async def who(request: Request) -> dict[str, str]:
@@ -140,6 +140,20 @@ def test_client_address_never_takes_a_rewritten_peer(
     with TestClient(app, client=(peer, 1)) as client:
         answer = client.get("/who", headers={"X-Forwarded-For": header})
     assert answer.json() == {"client": expected}
+
+
+@pytest.mark.parametrize(
+    ("header", "trusted"), [("198.51.100.7", ""), ("10.9.9.9, 198.51.100.7", "10.0.0.0/8")]
+)
+def test_under_python_m_server_a_peer_named_in_the_header_is_still_itself(
+    make_settings: Callable[..., Settings], header: str, trusted: str
+) -> None:
+    # python -m server runs uvicorn without proxy headers: the peer is the socket's, and a
+    # client that repeats its own address keeps its own budget (the cases above: unknown).
+    app = _echo_app(make_settings(trusted_proxies=trusted), peer_is_socket=True)
+    with TestClient(app, client=("198.51.100.7", 1)) as client:
+        answer = client.get("/who", headers={"X-Forwarded-For": header})
+    assert answer.json() == {"client": "198.51.100.7"}
 
 
 def test_ipv6_neighbours_share_one_auth_failure_budget(
