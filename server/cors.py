@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.requestid import new_request_id
+
 ALLOW_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
+ALLOW_METHODS = ["GET", "POST"]
 EXPOSE_HEADERS = ["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
                   "X-Request-ID", "Idempotent-Replayed"]  # fmt: skip
 
@@ -28,6 +32,28 @@ def allow_origin(headers: MutableHeaders, origin: str) -> None:
     headers["Access-Control-Allow-Origin"] = origin
     headers["Access-Control-Expose-Headers"] = ", ".join(EXPOSE_HEADERS)
     headers["Vary"] = "Origin"
+
+
+class _Cors(CORSMiddleware):
+    """Starlette's CORS, whose refused preflight answers in the API's error shape: a
+    browser shows a page's script nothing of it, but a person trying it with curl reads
+    what was refused and what is allowed. CORS answers before the request context, so the
+    request id is made here."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code != 400:
+            return answer
+        refused = bytes(answer.body).decode().removeprefix("Disallowed CORS ")
+        detail = (f"CORS preflight refused: its {refused} is not allowed here (origins: "
+                  f"CORS_ORIGINS; methods: {', '.join(ALLOW_METHODS)}; headers: "
+                  f"{', '.join(ALLOW_HEADERS)})")  # fmt: skip
+        request_id = new_request_id()
+        headers = {name: value for name, value in answer.headers.items()
+                   if name not in ("content-length", "content-type")}  # fmt: skip
+        headers["X-Request-ID"] = request_id
+        body = {"error": "cors_refused", "detail": detail, "request_id": request_id}
+        return JSONResponse(body, status_code=400, headers=headers)
 
 
 class ApiCorsMiddleware:
@@ -41,8 +67,8 @@ class ApiCorsMiddleware:
         self.exclude = tuple(exclude)
         # No credentials: callers authenticate with a bearer key, never with cookies, so
         # a page on an allowed origin cannot ride on a visitor's session.
-        self.cors = CORSMiddleware(
-            app, allow_origins=list(origins), allow_methods=["GET", "POST"],
+        self.cors = _Cors(
+            app, allow_origins=list(origins), allow_methods=ALLOW_METHODS,
             allow_headers=ALLOW_HEADERS, expose_headers=EXPOSE_HEADERS, max_age=600,
         )  # fmt: skip
 

@@ -13,7 +13,6 @@ preflight before anything else runs; then the request context and the limit.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from emailq.logs import bind, log_line, unbind
 from server.metrics import INTERNAL_ERROR, ApiMetrics
+from server.requestid import new_request_id
 
 log = logging.getLogger("emailq.access")
 
@@ -31,12 +31,6 @@ log = logging.getLogger("emailq.access")
 # and free of anything that could split a header or a log line.
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _STAMPED = (b"x-request-id", b"x-process-time")  # what every answer is given, lower case
-
-
-def _new_request_id() -> str:
-    # 32 hex digits, as uuid4().hex was, without its os.urandom call: a request id names a
-    # request in logs and answers and is no secret (a client may even choose its own).
-    return f"{random.getrandbits(128):032x}"
 
 
 def _too_large(limit: int) -> HTTPException:
@@ -152,7 +146,7 @@ class RequestLayer:
 
     async def _serve(self, scope: Scope, receive: Receive, answer: _Answer) -> None:
         chosen, declared = _read_headers(scope)
-        request_id = answer.request_id = chosen or _new_request_id()
+        request_id = answer.request_id = chosen or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         # Every line logged while this request is served carries its id.
         token = bind(request_id=request_id)

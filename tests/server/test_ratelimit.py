@@ -337,12 +337,35 @@ def test_preflight_from_an_allowed_origin(cors_client: TestClient) -> None:
     assert "RateLimit-Remaining" in sent.headers["Access-Control-Expose-Headers"]
 
 
+def refused_preflight(response: httpx.Response) -> dict[str, Any]:
+    """The one error shape, as CORS answers it before the request layer: its id made there,
+    so no X-Process-Time (assert_error's other check)."""
+    assert response.status_code == 400, response.text
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"error", "detail", "request_id"}
+    assert body["error"] == "cors_refused"
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    return body
+
+
 def test_a_disallowed_origin_gets_no_cors_headers(cors_client: TestClient) -> None:
     for origin in ("https://evil.example", "https://app.example.com.evil.example", "null"):
         response = preflight(cors_client, origin)
         assert "Access-Control-Allow-Origin" not in response.headers
+        error = refused_preflight(response)
+        assert "origin is not allowed here (origins: CORS_ORIGINS" in error["detail"]
         sent = send(cors_client, **{"Origin": origin})
         assert "Access-Control-Allow-Origin" not in sent.headers
+
+
+def test_a_preflight_for_a_method_or_header_not_allowed_says_which(
+    cors_client: TestClient,
+) -> None:
+    asked = {"Origin": ORIGIN, "Access-Control-Request-Method": "DELETE",
+             "Access-Control-Request-Headers": "x-evil"}  # fmt: skip
+    error = refused_preflight(cors_client.options(SEND, headers=asked))
+    assert "its method, headers is not allowed here" in error["detail"]
+    assert "methods: GET, POST" in error["detail"]
 
 
 def test_without_cors_origins_there_are_no_cors_headers(client: TestClient) -> None:
