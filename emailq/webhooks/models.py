@@ -163,12 +163,16 @@ class DeliveryStatus(StrEnum):
     FAILED = "failed"  # out of attempts, refused target, 410, or its endpoint is gone
 
 
+# How an attempt ended: succeeded (2xx), retry (scheduled again), failed (given up), replay.
+AttemptOutcome = Literal["succeeded", "retry", "failed", "replay"]
+
+
 class DeliveryAttempt(BaseModel):
     """One attempt in a delivery's log."""
 
     at: int = Field(default=0, description="when, epoch ms (Redis time)")
     attempt: int = Field(description="1 for the first attempt")
-    outcome: Literal["succeeded", "retry", "failed", "replay"] = Field(
+    outcome: AttemptOutcome = Field(
         description="succeeded (2xx), retry (scheduled again), failed (given up), replay"
     )
     status_code: int | None = Field(

@@ -4,16 +4,17 @@ process (``python -m worker.webhooks``); see emailq.webhooks."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from emailq.errors import InvalidMessage
+from emailq.models import iso
 from emailq.settings import Settings
 from emailq.webhooks.models import (
     ENDPOINT_ID,
+    AttemptOutcome,
     Delivery,
     DeliveryAttempt,
     DeliveryStatus,
@@ -63,13 +64,9 @@ _DELIVERY = {
     "created_at": "2025-01-31T09:00:01+00:00", "updated_at": "2025-01-31T09:00:01+00:00",
     "next_attempt_at": None, "reason": None,
     "payload": {"type": "email.sent", "created_at": "2025-01-31T09:00:01+00:00", "data": {}},
-    "attempt_log": [{"at": 1738314001000, "attempt": 1, "outcome": "succeeded",
-                     "status_code": 204, "duration_ms": 41.0}],
+    "attempt_log": [{"at": "2025-01-31T09:00:01.000+00:00", "attempt": 1,
+                     "outcome": "succeeded", "status_code": 204, "duration_ms": 41.0}],
 }  # fmt: skip
-
-
-def _iso(ms: int | None) -> str | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
 class EndpointOut(BaseModel):
@@ -93,7 +90,7 @@ class EndpointOut(BaseModel):
         shown = endpoint.secrets if reveal else [mask(s) for s in endpoint.secrets]
         return cls(id=endpoint.id, url=endpoint.url, events=endpoint.events, secrets=shown,
                    description=endpoint.description, source=endpoint.source,
-                   created_at=_iso(endpoint.created_at), disabled_at=_iso(endpoint.disabled_at),
+                   created_at=iso(endpoint.created_at), disabled_at=iso(endpoint.disabled_at),
                    disabled_reason=endpoint.disabled_reason)  # fmt: skip
 
 
@@ -103,6 +100,24 @@ class EndpointList(BaseModel):
     model_config = _example({"endpoints": [_ENDPOINT]})
 
     endpoints: list[EndpointOut] = Field(description="secrets masked")
+
+
+class AttemptOut(BaseModel):
+    """One attempt of a delivery, as the API shows it (times as everywhere else here)."""
+
+    at: str = Field(description="when it ended, RFC 3339 UTC")
+    attempt: int = Field(description="1 for the first attempt")
+    outcome: AttemptOutcome = Field(
+        description="succeeded (2xx), retry (scheduled again), failed (given up), replay"
+    )
+    status_code: int | None = Field(description="the endpoint's HTTP status, when it answered")
+    error: str | None = Field(description="what went wrong, in one line")
+    duration_ms: float | None = Field(description="how long the attempt took")
+
+    @classmethod
+    def of(cls, entry: DeliveryAttempt) -> AttemptOut:
+        """The API's view of a stored attempt (its time in epoch ms)."""
+        return cls(**entry.model_dump(exclude={"at"}), at=iso(entry.at) or "")
 
 
 class DeliveryOut(BaseModel):
@@ -121,15 +136,16 @@ class DeliveryOut(BaseModel):
     next_attempt_at: str | None = Field(description="when it is tried again, if pending")
     reason: str | None = Field(description="why it failed or is retried")
     payload: dict[str, Any] = Field(description="the body, as signed and sent")
-    attempt_log: list[DeliveryAttempt] = Field(description="every attempt, oldest first")
+    attempt_log: list[AttemptOut] = Field(description="every attempt, oldest first")
 
     @classmethod
     def of(cls, d: Delivery) -> DeliveryOut:
         """The API's view of ``d``."""
         return cls(id=d.id, endpoint_id=d.endpoint_id, type=d.type, task_id=d.task_id,
-                   status=d.status, attempts=d.attempts, created_at=_iso(d.created_at),
-                   updated_at=_iso(d.updated_at), next_attempt_at=_iso(d.next_attempt_at),
-                   reason=d.reason, payload=d.payload, attempt_log=d.log)  # fmt: skip
+                   status=d.status, attempts=d.attempts, created_at=iso(d.created_at),
+                   updated_at=iso(d.updated_at), next_attempt_at=iso(d.next_attempt_at),
+                   reason=d.reason, payload=d.payload,
+                   attempt_log=[AttemptOut.of(entry) for entry in d.log])  # fmt: skip
 
 
 class DeliveryPage(BaseModel):

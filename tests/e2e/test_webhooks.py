@@ -6,6 +6,7 @@ every signature with the Standard Webhooks reference library (tests/helpers/webh
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +130,11 @@ def test_410_disables_the_endpoint_and_replay_sends_the_same_webhook_id(
         assert delivery["reason"] == "the endpoint answered 410 Gone"
         assert delivery["attempts"] == 1
         assert delivery["payload"]["data"]["task_id"] == first
+        # Times as every answer of the API gives them: RFC 3339 UTC, to the millisecond.
+        (attempt,) = delivery["attempt_log"]
+        assert (attempt["outcome"], attempt["status_code"]) == ("failed", 410)
+        for moment in (attempt["at"], delivery["created_at"], delivery["updated_at"]):
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", moment), moment
 
         # A later mail's delivery fails without a request: the endpoint is disabled.
         (second,) = api.enqueue(1)
