@@ -308,6 +308,15 @@ local function claim_ready(C, now)
       end
     end
   end
+  -- Their workers leave the live list once their heartbeat is a lease old as well: a worker
+  -- renews all its leases with each heartbeat, so that one died or lost Redis (one that
+  -- comes back is listed again at its next renewal). Not from expire_waiting (lease 0).
+  if lease_ms > 0 then
+    for _, dead in ipairs(lapsed_from) do
+      local beat = redis.call('ZSCORE', K_WORKERS, dead)
+      if beat and tonumber(beat) < now - lease_ms then redis.call('ZREM', K_WORKERS, dead) end
+    end
+  end
 
   -- Lanes are read highest first, except that every FAIR_EVERY-th pop is a fair turn that
   -- starts at a lower lane, the next lower lane each turn (then the rest, lowest first):

@@ -352,6 +352,22 @@ async def test_a_claim_names_the_workers_whose_leases_it_found_lapsed(queue: Que
     assert (await queue.claim("w2", 5, LONG)).lapsed_from == []  # nothing lapsed since
 
 
+@pytest.mark.parametrize("beating", [False, True])
+async def test_a_worker_whose_lease_lapsed_leaves_the_live_list_unless_it_beats(
+    queue: Queue, beating: bool
+) -> None:
+    await enqueue(queue)
+    await queue.renew([], SHORT, worker_id="dead")  # a heartbeat: it is listed
+    held = await claim_one(queue, "dead", lease_ms=SHORT)
+    await wait_lapsed(queue, held.task_id)
+    await asyncio.sleep(SHORT / 1000)  # its heartbeat a lease old too (by Redis's clock)
+    if beating:  # alive, one lease lost (it stalled): its heartbeat keeps it listed
+        await queue.renew([], SHORT, worker_id="dead")
+    assert (await queue.claim("w2", 1, SHORT)).lapsed_from == ["dead"]
+    listed = [w.worker_id for w in await queue.workers(live_window_ms=3_600_000)]
+    assert ("dead" in listed) is beating
+
+
 async def test_lapsed_lease_on_the_last_attempt_fails_the_task(queue: Queue) -> None:
     await enqueue(queue)
     held = await claim_one(queue, "w0", lease_ms=SHORT)
