@@ -172,8 +172,16 @@ def _bearer(request: Request) -> str | None:
     return given if scheme.lower() == "bearer" and given else None
 
 
+_KEY_REQUIRED = "a valid API key is required: 'Authorization: Bearer <key>'"
+
+
+def _missing() -> HTTPException:
+    return HTTPException(401, _KEY_REQUIRED, headers={"WWW-Authenticate": "Bearer"})
+
+
 async def _refuse(request: Request, settings: Settings, queue: Queue) -> HTTPException:
-    """401, or 429 once this address has failed too often in the current window."""
+    """401 for a key that is not one, or 429 once this address has offered too many in the
+    current window."""
     # The socket's peer, or the address a TRUSTED_PROXIES proxy forwarded for.
     client = client_key(request)
     count, left_ms = await queue.note_auth_failure(client, AUTH_FAILURE_WINDOW_MS)
@@ -184,8 +192,7 @@ async def _refuse(request: Request, settings: Settings, queue: Queue) -> HTTPExc
         detail = (f"over AUTH_FAILURE_LIMIT ({settings.auth_failure_limit}/minute) of failed "
                   f"authentications from this address; retry in {retry_after} s")  # fmt: skip
         return HTTPException(429, detail, headers={"Retry-After": str(retry_after)})
-    return HTTPException(401, "a valid API key is required: 'Authorization: Bearer <key>'",
-                         headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    return _missing()
 
 
 async def authenticate(request: Request) -> Principal:
@@ -199,7 +206,11 @@ async def authenticate(request: Request) -> Principal:
         principal = ANONYMOUS
     else:
         given = _bearer(request)
-        key = _match(given, settings.api_keys) if given is not None else None
+        if given is None:
+            # No key offered is no guess: not counted against AUTH_FAILURE_LIMIT, nor logged
+            # as a failure (the dashboard asks once without one, to learn if it needs one).
+            raise _missing()
+        key = _match(given, settings.api_keys)
         if key is None:
             # A valid key is never throttled: without TRUSTED_PROXIES everyone behind one
             # proxy shares an address, and guessing a 256-bit key is hopeless anyway.

@@ -53,6 +53,11 @@ def test_dashboard_shows_a_dead_letter_and_a_backlog_live_and_requeues_it(
     browser.get(f"{base}/dashboard")
     wait_until(lambda: browser.find_element(By.ID, "key-form").is_displayed(),
                what="the page to ask for an admin key")  # fmt: skip
+    assert text_of(browser, "#message") == "Enter an admin key to open the dashboard."
+    browser.find_element(By.ID, "key").send_keys("eq_not-a-key-of-this-api")
+    browser.find_element(By.ID, "key-save").click()
+    wait_until(lambda: text_of(browser, "#message").startswith("That key was refused: "),
+               what="the page to say the key was refused")  # fmt: skip
     browser.find_element(By.ID, "key").send_keys(ADMIN)
     browser.find_element(By.ID, "key-save").click()
     wait_until(lambda: text_of(browser, "#live") == "live", what="the live event stream")

@@ -297,13 +297,30 @@ def test_repeated_failures_from_one_address_get_429(settings: Settings) -> None:
 
 def test_the_failure_window_expires(settings: Settings, store: redis.Redis) -> None:
     app = create_app(settings.model_copy(update={"auth_failure_limit": 1}))
-    with TestClient(app, client=("203.0.113.11", 4000)) as attacker:
+    with TestClient(app, client=("203.0.113.11", 4000), headers=bearer("guess")) as attacker:
         attacker.get(RESULT, params={"task_id": str(uuid.uuid4())})
         assert attacker.get(RESULT, params={"task_id": str(uuid.uuid4())}).status_code == 429
         counter = KEYS.auth_failures("203.0.113.11")
         assert 0 < store.pttl(counter) <= 60_000
         store.delete(counter)  # as when the window ends
         assert attacker.get(RESULT, params={"task_id": str(uuid.uuid4())}).status_code == 401
+
+
+def test_a_request_with_no_key_is_no_failed_guess(
+    settings: Settings, store: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The dashboard asks once without a key to learn whether it needs one: that is not a
+    # guess to count against AUTH_FAILURE_LIMIT, nor one to warn the operator about.
+    app = create_app(settings.model_copy(update={"auth_failure_limit": 1}))
+    with TestClient(app, client=("203.0.113.12", 4000)) as visitor:
+        for _ in range(3):
+            assert_error(visitor.get("/api/v1/admin/permissions"), 401, "unauthorized")
+        assert store.get(KEYS.auth_failures("203.0.113.12")) is None
+        assert "authentication failed" not in caplog.text
+        # A wrong key is a guess: counted, and the second one over the limit.
+        assert visitor.get(RESULT, params={"task_id": "x"}, headers=bearer("a")).status_code == 401
+        assert visitor.get(RESULT, params={"task_id": "x"}, headers=bearer("b")).status_code == 429
+        assert "authentication failed" in caplog.text
 
 
 # -- logs --------------------------------------------------------------------------------

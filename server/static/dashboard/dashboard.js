@@ -135,8 +135,10 @@
       permissions = await api("/admin/permissions");
     } catch (error) {
       if (error instanceof ApiError && (error.status === 401 || error.status === 403)) {
-        needKey(error.status === 401 ? "Enter an admin key to open the dashboard."
-          : error.message);
+        // 401 with a key given: that key is not one (without, the API just needs one).
+        const refused = state.key ? "That key was refused: " + error.message
+          : "Enter an admin key to open the dashboard.";
+        needKey(error.status === 401 ? refused : error.message);
       } else {
         say("Cannot reach the API: " + (error.message || error), true);
       }
