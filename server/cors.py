@@ -11,6 +11,7 @@ with the global list.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -18,7 +19,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.requestid import new_request_id
+from server.requeststate import ERROR_CODE_STATE, new_request_id
+
+log = logging.getLogger("emailq.access")
+CORS_REFUSED = "cors_refused"  # the error code of a refused preflight
 
 ALLOW_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
 ALLOW_METHODS = ["GET", "POST"]
@@ -37,23 +41,57 @@ def allow_origin(headers: MutableHeaders, origin: str) -> None:
 class _Cors(CORSMiddleware):
     """Starlette's CORS, whose refused preflight answers in the API's error shape: a
     browser shows a page's script nothing of it, but a person trying it with curl reads
-    what was refused and what is allowed. CORS answers before the request context, so the
-    request id is made here."""
+    what was refused and what is allowed, and the operator finds it in the log and in
+    ``emailq_rejections_total``. CORS answers before the request layer, so the request id
+    is made here."""
 
-    def preflight_response(self, request_headers: Headers) -> Response:
-        answer = super().preflight_response(request_headers)
-        if answer.status_code != 400:
-            return answer
-        refused = bytes(answer.body).decode().removeprefix("Disallowed CORS ")
-        detail = (f"CORS preflight refused: its {refused} is not allowed here (origins: "
-                  f"CORS_ORIGINS; methods: {', '.join(ALLOW_METHODS)}; headers: "
-                  f"{', '.join(ALLOW_HEADERS)})")  # fmt: skip
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        preflight = "origin" in headers and "access-control-request-method" in headers
+        if scope["method"] != "OPTIONS" or not preflight:
+            await super().__call__(scope, receive, send)
+            return
+        answer = self.preflight_response(request_headers=headers)
+        if answer.status_code == 400:
+            answer = self._refused(scope, headers, answer)
+        await answer(scope, receive, send)
+
+    def _refused(self, scope: Scope, asked: Headers, answer: Response) -> Response:
+        detail = "CORS preflight refused: " + "; ".join(self._reasons(asked))
         request_id = new_request_id()
+        scope.setdefault("state", {})[ERROR_CODE_STATE] = CORS_REFUSED
+        log.info("%s", detail, extra={"request_id": request_id, "http_method": "OPTIONS",
+                                      "path": scope["path"], "http_status": 400})  # fmt: skip
         headers = {name: value for name, value in answer.headers.items()
                    if name not in ("content-length", "content-type")}  # fmt: skip
         headers["X-Request-ID"] = request_id
-        body = {"error": "cors_refused", "detail": detail, "request_id": request_id}
+        body = {"error": CORS_REFUSED, "detail": detail, "request_id": request_id}
         return JSONResponse(body, status_code=400, headers=headers)
+
+    def _reasons(self, asked: Headers) -> list[str]:
+        """What the preflight asked that is not allowed, each with what is (the checks of
+        Starlette's preflight_response, named). Header text is quoted and cut short."""
+        reasons = []
+        origin = asked["origin"]
+        if not self.is_allowed_origin(origin=origin):
+            reasons.append(f"origin {_quoted(origin)} is not in CORS_ORIGINS")
+        method = asked["access-control-request-method"]
+        if method not in self.allow_methods:
+            allowed = ", ".join(self.allow_methods)
+            reasons.append(f"method {_quoted(method)} is not one of {allowed}")
+        requested = asked.get("access-control-request-headers") or ""
+        refused = [h for h in (h.strip() for h in requested.lower().split(",")) if h]
+        refused = [h for h in refused if h not in self.allow_headers]
+        if refused:
+            reasons.append(f"header {', '.join(_quoted(h) for h in refused[:5])} is not one "
+                           f"of {', '.join(self.allow_headers)}")  # fmt: skip
+        if "access-control-request-private-network" in asked:
+            reasons.append("private network access is not allowed")
+        return reasons
+
+
+def _quoted(text: str) -> str:
+    return repr(text if len(text) <= 100 else text[:100] + "...")
 
 
 class ApiCorsMiddleware:

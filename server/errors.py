@@ -32,12 +32,9 @@ from emailq.errors import (
     validation_message,
 )
 from server.cors import allow_origin
+from server.requeststate import ERROR_CODE_STATE
 
 log = logging.getLogger("emailq.api")
-
-# Where ``error_response`` notes the code it answered with (``request.state``), for the
-# metrics middleware's count of error answers by code.
-ERROR_CODE_STATE = "error_code"
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",

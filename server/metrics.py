@@ -37,7 +37,7 @@ from starlette.types import Scope
 from emailq.errors import StoreUnavailable
 from emailq.models import LANES, QueueGauges
 from emailq.queue import EnqueueItem, Queue, Replay
-from server.errors import ERROR_CODE_STATE
+from server.requeststate import ERROR_CODE_STATE
 
 UNMATCHED = "unmatched"  # no route: a 404, or a CORS preflight answered before routing
 OTHER = "other"  # a method outside METHODS: clients may send any token as a method

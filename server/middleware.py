@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from emailq.logs import bind, log_line, unbind
 from server.metrics import INTERNAL_ERROR, ApiMetrics
-from server.requestid import new_request_id
+from server.requeststate import new_request_id
 
 log = logging.getLogger("emailq.access")
 
