@@ -294,12 +294,13 @@ local function claim_ready(C, now)
     local f = fields(task, {'lane', 'status', 'attempts', 'lease'})
     local lane = f.lane
     if lane and f.status == 'pending' then
-      lapsed_from[#lapsed_from + 1] = token_worker(f.lease)
+      local dead = token_worker(f.lease)
+      lapsed_from[#lapsed_from + 1] = dead
       local attempts = tonumber(f.attempts or '0')
+      local why = 'worker ' .. (dead ~= '' and dead .. ' ' or '') .. 'stopped renewing its lease'
       redis.call('HDEL', task, 'lease')
-      append_log(task, {at = now, attempt = attempts, outcome = 'lease_expired',
-                        reply = 'worker stopped renewing its lease'})
-      emit('lease_expired', id, now, {reason = 'worker stopped renewing its lease'})
+      append_log(task, {at = now, attempt = attempts, outcome = 'lease_expired', reply = why})
+      emit('lease_expired', id, now, {reason = why, worker = dead})
       if attempts >= max_attempts then
         finish_task(id, 'failed', now, ttl,
           'lease expired on attempt ' .. attempts .. ' of ' .. max_attempts .. ' (worker lost)')

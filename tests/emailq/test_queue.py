@@ -335,6 +335,7 @@ async def test_lapsed_lease_is_recovered_by_another_worker(queue: Queue) -> None
     assert record is not None
     [entry] = record.log
     assert (entry.outcome, entry.attempt) == ("lease_expired", 1)
+    assert entry.reply == "worker w1 stopped renewing its lease"
 
 
 async def test_a_claim_names_the_workers_whose_leases_it_found_lapsed(queue: Queue) -> None:
