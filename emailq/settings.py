@@ -236,8 +236,10 @@ class Settings(BaseSettings):
     # come back; a mail that waited this long is probably no longer wanted.
     smtp_outage_max_seconds: float = Field(default=4 * 3600, gt=0)
     # Longest pause (s) between probes of a relay that is down. Probes start at 0.5 s and
-    # double up to this, so a relay that returns is noticed within about this long.
-    smtp_probe_max_seconds: float = Field(default=30.0, gt=0)
+    # double up to this, so a relay that returns is noticed within about this long. A probe
+    # is a connect, EHLO and QUIT per worker: at 10 s, 20 workers make 2 a second, nothing
+    # to a relay, and mail resumes within 10 s of its return (30 s kept it waiting).
+    smtp_probe_max_seconds: float = Field(default=10.0, gt=0)
     # Most mails per second sent by all workers together (a token bucket in Redis), e.g. 14
     # for a new Amazon SES account. 421/451/454 replies halve it for a while. 0: no limit.
     smtp_max_per_second: float = Field(default=0.0, ge=0)

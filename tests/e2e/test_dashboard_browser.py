@@ -5,6 +5,7 @@ letter is requeued from its button and sent."""
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from emailq.settings import Settings
 from tests.helpers.api import ADMIN, ALICE, API_KEYS, bearer, mail
 from tests.helpers.browser import chromium, click, lookup_until, screenshot, text_of, texts
 from tests.helpers.polling import wait_until
+from tests.helpers.ports import port_of, refused_port
 from tests.helpers.processes import Procs
 from tests.helpers.smtpd import SmtpServer
 
@@ -148,3 +150,18 @@ def send_local(base: str) -> str:
     assert response.status_code == 202, response.text
     task_id: str = response.json()["task_id"]
     return task_id
+
+
+def test_a_relay_that_is_down_reads_as_down_on_the_workers_table(
+    browser: Any, procs: Procs, make_settings: Callable[..., Settings]
+) -> None:
+    with refused_port() as down:  # nothing listens: the worker's breaker opens at start
+        settings = make_settings(smtp_port=port_of(down), dashboard_read_only=True)
+        base = procs.api(settings)
+        worker = procs.worker(settings)
+        browser.get(f"{base}/dashboard")
+        relay = f'#workers tr[data-worker^="{socket.gethostname()}:{worker.pid}:"] td:nth-child(3)'
+        wait_until(lambda: text_of(browser, relay).startswith("relay down since "),
+                   what="the worker's relay shown as down")  # fmt: skip
+        # In words, not breaker jargon ("open" reads as fine).
+        assert text_of(browser, relay).endswith(", probing")

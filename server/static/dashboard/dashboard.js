@@ -72,10 +72,20 @@
     return (seconds / 3600).toFixed(1) + " h";
   }
 
+  // A time in the browser's own zone, named: a page read beside UTC logs says which it is.
   function when(iso) {
     if (!iso) return "-";
     const date = new Date(iso);
-    return isNaN(date) ? String(iso) : date.toLocaleString();
+    return isNaN(date) ? String(iso) : date.toLocaleString(undefined, { timeZoneName: "short" });
+  }
+
+  // A worker's circuit breaker in words: "open" reads as good news to anyone who does not
+  // know breakers. `since` is the worker's clock, epoch ms.
+  function relayText(relay) {
+    if (!relay) return "unknown";
+    if (relay.state === "closed") return "ok";
+    if (relay.state === "half_open") return "probing the relay";
+    return "relay down since " + when(new Date(relay.since).toISOString()) + ", probing";
   }
 
   // -- the API ----------------------------------------------------------------------------
@@ -228,7 +238,7 @@
       return el("tr", { "data-worker": worker.worker_id },
         el("td", { class: "mono" }, worker.worker_id),
         el("td", { class: "num" }, age(worker.heartbeat_age_seconds) + " ago"),
-        el("td", { class: "state-" + relayState }, relayState === "closed" ? "ok" : relayState),
+        el("td", { class: "state-" + relayState }, relayText(relay)),
         el("td", { class: "num" }, relay && relay.send_rate ? relay.send_rate.toFixed(1) + "/s" : "-"),
         el("td", {}, relay && relay.error ? relay.error : ""));
     }));
