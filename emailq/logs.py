@@ -54,7 +54,9 @@ FIELDS = (
     "duration_ms", "http_method", "path", "http_status",
 )  # fmt: skip
 _IN_BRACKETS = ("request_id", "task_id")  # the text format's [req=... task=...]
-_IN_TEXT = tuple(f for f in FIELDS if f not in _IN_BRACKETS and f != "worker_id")
+# The rest as key=value, worker_id included: lines of several workers merged into one
+# terminal or file (make dev, a shared log file) say which sent the mail.
+_IN_TEXT = tuple(f for f in FIELDS if f not in _IN_BRACKETS)
 
 # Lines waiting to be written are joined into one write, up to this many.
 MAX_BATCH = 256

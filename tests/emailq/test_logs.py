@@ -146,6 +146,24 @@ def test_a_text_line_is_one_line_whatever_a_value_holds(
                          'path="/x\\ny" http_status=404')  # fmt: skip
 
 
+@pytest.mark.parametrize("pipeline", [LogFormat.TEXT], indirect=True)
+def test_a_text_line_names_the_worker_bound_for_its_run(
+    pipeline: tuple[LogPipeline, Lines],
+) -> None:
+    # Two workers' text lines merged in one terminal (make dev) or file: which sent it.
+    started, stream = pipeline
+    token = bind(worker_id="vm:4242:a1b2c3")
+    try:
+        log.info("sent", extra={"task_id": "t-1", "attempt": 1, "smtp_code": 250})
+    finally:
+        unbind(token)
+    started.stop()
+
+    [line] = stream.lines()
+    assert line.endswith(" INFO emailq.test [req=- task=t-1] sent worker_id=vm:4242:a1b2c3 "
+                         "attempt=1 smtp_code=250")  # fmt: skip
+
+
 def test_formatting_happens_on_the_listener_thread_not_the_callers(
     pipeline: tuple[LogPipeline, Lines],
 ) -> None:
