@@ -180,6 +180,7 @@ class DeliveryAttempt(BaseModel):
     )
     error: str | None = Field(default=None, description="what went wrong, in one line")
     duration_ms: float | None = Field(default=None, description="how long the attempt took")
+    url: str | None = Field(default=None, description="where it went (an endpoint may move)")
 
 
 class Delivery(BaseModel):

@@ -65,7 +65,8 @@ _DELIVERY = {
     "next_attempt_at": None, "reason": None,
     "payload": {"type": "email.sent", "created_at": "2025-01-31T09:00:01+00:00", "data": {}},
     "attempt_log": [{"at": "2025-01-31T09:00:01.000+00:00", "attempt": 1,
-                     "outcome": "succeeded", "status_code": 204, "duration_ms": 41.0}],
+                     "outcome": "succeeded", "status_code": 204, "duration_ms": 41.0,
+                     "url": "https://app.example.com/hooks/email"}],
 }  # fmt: skip
 
 
@@ -113,6 +114,7 @@ class AttemptOut(BaseModel):
     status_code: int | None = Field(description="the endpoint's HTTP status, when it answered")
     error: str | None = Field(description="what went wrong, in one line")
     duration_ms: float | None = Field(description="how long the attempt took")
+    url: str | None = Field(description="where it went: the endpoint's url then (it may move)")
 
     @classmethod
     def of(cls, entry: DeliveryAttempt) -> AttemptOut:

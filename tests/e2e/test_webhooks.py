@@ -133,6 +133,7 @@ def test_410_disables_the_endpoint_and_replay_sends_the_same_webhook_id(
         # Times as every answer of the API gives them: RFC 3339 UTC, to the millisecond.
         (attempt,) = delivery["attempt_log"]
         assert (attempt["outcome"], attempt["status_code"]) == ("failed", 410)
+        assert attempt["url"] == receiver.url  # where it went: an endpoint may move
         for moment in (attempt["at"], delivery["created_at"], delivery["updated_at"]):
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", moment), moment
 

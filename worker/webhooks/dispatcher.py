@@ -202,7 +202,8 @@ class Dispatcher:
         try:
             answer = await self.client.post(endpoint.url, headers, held.body)
         except TargetRefused as exc:
-            entry = DeliveryAttempt(attempt=held.attempt, outcome="failed", error=str(exc))
+            entry = DeliveryAttempt(attempt=held.attempt, outcome="failed", error=str(exc),
+                                    url=endpoint.url)  # fmt: skip
             await self._finish(held, "failed", entry, reason=f"target refused: {exc}")
             return
         await self._judge(held, answer)
@@ -210,7 +211,7 @@ class Dispatcher:
     async def _judge(self, held: Claimed, answer: Answer) -> None:
         entry = DeliveryAttempt(attempt=held.attempt, outcome="succeeded",
                                 status_code=answer.status, error=answer.error,
-                                duration_ms=answer.duration_ms)  # fmt: skip
+                                duration_ms=answer.duration_ms, url=held.endpoint.url)  # fmt: skip
         if answer.status is not None and 200 <= answer.status < 300:
             await self._finish(held, "succeeded", entry)
         elif answer.status == 410:
