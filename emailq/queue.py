@@ -761,12 +761,13 @@ class Queue:
             for worker_id, seen, state in rows
         ]  # fmt: skip
 
-    async def last_event_id(self) -> str:
-        """The id of the newest event in the stream ("0-0" while it is empty): a consumer
-        that wants only what happens from now on reads after it."""
+    async def last_event_id(self, *, backlog: int = 0) -> str:
+        """The id to read on after for what happens from now on ("0-0" while the stream is
+        empty), or, with ``backlog``, for the last ``backlog`` events as well ("0-0" when
+        there are no more than that)."""
         with _store_errors():
-            newest: Any = await self.redis.xrevrange(self.keys.events, "+", "-", 1)
-        return str(newest[0][0]) if newest else "0-0"
+            newest: Any = await self.redis.xrevrange(self.keys.events, "+", "-", backlog + 1)
+        return str(newest[backlog][0]) if len(newest) > backlog else "0-0"
 
     async def events(
         self, after_id: str = "0", *, count: int = 100, block_ms: int | None = None

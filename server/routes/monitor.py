@@ -23,6 +23,9 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
 # A stream entry id, "<ms>-<seq>" (or a bare "<ms>"), as the stream gave it to the client.
 _EVENT_ID = r"^\d{1,20}(-\d{1,20})?$"
+MAX_BACKLOG = 200  # events a stream may start with (the dashboard shows 50)
+_BACKLOG = ("without Last-Event-ID: start with the last this many events (a page that opens "
+            "shows what just happened), then go on")  # fmt: skip
 
 _WORKER_ID = "worker-1f3a9c"  # the examples' worker
 # One event as the stream would send it, framed by the stream's own code.
@@ -152,10 +155,12 @@ async def events(
             "(browsers send it when they reconnect); absent, from now",
         ),
     ] = None,
+    backlog: Annotated[int, Query(ge=0, le=MAX_BACKLOG, description=_BACKLOG)] = 0,
 ) -> StreamingResponse:
-    """The event stream as server-sent events: from ``Last-Event-ID`` on, else from now."""
+    """The event stream as server-sent events: from ``Last-Event-ID`` on, else from now
+    (with the last ``backlog`` events first)."""
     # Read before the response starts, so an unreachable Redis is an ordinary 503.
-    after = last_event_id or await queue.last_event_id()
+    after = last_event_id or await queue.last_event_id(backlog=backlog)
     frames = event_frames(queue, after, state_of(request.app).stopping)
     return StreamingResponse(frames, media_type="text/event-stream",
                              headers={"Cache-Control": "no-store",

@@ -109,19 +109,20 @@ async def test_redis_going_away_is_said_once_and_the_stream_carries_on(
 class Reader:
     """Reads an SSE response on a thread, collecting frames, until the server ends it."""
 
-    def __init__(self, base: str, headers: dict[str, str]) -> None:
+    def __init__(self, base: str, headers: dict[str, str], query: str = "") -> None:
         self.frames: list[str] = []
         self.ended = threading.Event()
         self.status = 0
-        self.thread = threading.Thread(target=self._run, args=(base, headers), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(base + EVENTS + query, headers),
+                                       daemon=True)  # fmt: skip
         self.thread.start()
 
-    def _run(self, base: str, headers: dict[str, str]) -> None:
+    def _run(self, url: str, headers: dict[str, str]) -> None:
         buffer = ""
         try:
             # No read timeout: the stream is quiet between events; the server ends it.
             timeout = httpx.Timeout(5.0, read=None)
-            with httpx.stream("GET", base + EVENTS, headers=headers, timeout=timeout) as response:
+            with httpx.stream("GET", url, headers=headers, timeout=timeout) as response:
                 self.status = response.status_code
                 for chunk in response.iter_text():
                     buffer += chunk
@@ -168,12 +169,17 @@ def test_a_dashboard_resumes_where_it_left_off_and_the_stream_ends_on_sigterm(
     second = Reader(base, {**bearer(ADMIN), "Last-Event-ID": last_id})
     wait_until(lambda: len(second.events()) == 2, what="the missed events")
     assert [e["data"]["task_id"] for e in second.events()] == missed
+    # A page that opens asks for the last events first (the dashboard: its last 50).
+    third = Reader(base, bearer(ADMIN), query="?backlog=2")
+    wait_until(lambda: len(third.events()) == 2, what="the backlog")
+    assert [e["data"]["task_id"] for e in third.events()] == missed
 
     api.send_signal(signal.SIGTERM)
     # Both streams end, and the API exits, without waiting out its 35 s grace period
     # (the bound of each wait is shorter than that).
     wait_until(first.ended.is_set, what="the first stream to end")
     wait_until(second.ended.is_set, what="the second stream to end")
+    wait_until(third.ended.is_set, what="the third stream to end")
     wait_until(lambda: api.poll() is not None, what="the API to exit")
     # uvicorn re-raises the signal once it has shut down: -SIGTERM is its clean exit.
     assert api.returncode == -signal.SIGTERM

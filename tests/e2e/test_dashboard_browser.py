@@ -63,6 +63,9 @@ def test_dashboard_shows_a_dead_letter_and_a_backlog_live_and_requeues_it(
     browser.find_element(By.ID, "key").send_keys(ADMIN)
     browser.find_element(By.ID, "key-save").click()
     wait_until(lambda: text_of(browser, "#live") == "live", what="the live event stream")
+    # What happened before the page opened is shown too: the three mails' sends.
+    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, '#events tr[data-type="sent"]'))
+               == 3, what="the recent events on the page")  # fmt: skip
     assert browser.execute_script("return sessionStorage.getItem('emailq.adminKey')") == ADMIN
     assert ADMIN not in browser.current_url
     # A reload would lose this mark: everything below must arrive on the page as it is.

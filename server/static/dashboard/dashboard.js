@@ -443,8 +443,11 @@
     state.stream = controller;
     const headers = authHeaders();
     if (state.lastEventId) headers["Last-Event-ID"] = state.lastEventId;
+    // The first connection starts with what just happened; a reconnection goes on from
+    // the last event seen.
+    const path = "/admin/events" + (state.lastEventId ? "" : "?backlog=" + EVENTS_SHOWN);
     try {
-      const response = await fetch(API + "/admin/events", { headers, cache: "no-store",
+      const response = await fetch(API + path, { headers, cache: "no-store",
         signal: controller.signal });
       if (response.status === 401) {
         needKey("The admin key was refused.");
