@@ -79,15 +79,16 @@ class _Cors(CORSMiddleware):
         if method not in self.allow_methods:
             allowed = ", ".join(self.allow_methods)
             reasons.append(f"method {_quoted(method)} is not one of {allowed}")
-        requested = asked.get("access-control-request-headers") or ""
-        refused = [h for h in (h.strip() for h in requested.lower().split(",")) if h]
-        refused = [h for h in refused if h not in self.allow_headers]
+        requested = asked.get("access-control-request-headers")
+        # As Starlette splits them: an empty name ("a,", "") is refused too, and named.
+        names = [] if requested is None else [h.strip() for h in requested.lower().split(",")]
+        refused = list(dict.fromkeys(h for h in names if h not in self.allow_headers))
         if refused:
             reasons.append(f"header {', '.join(_quoted(h) for h in refused[:5])} is not one "
                            f"of {', '.join(self.allow_headers)}")  # fmt: skip
         if "access-control-request-private-network" in asked:
             reasons.append("private network access is not allowed")
-        return reasons
+        return reasons or ["the request is not one this API allows"]
 
 
 def _quoted(text: str) -> str:

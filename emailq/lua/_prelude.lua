@@ -311,7 +311,8 @@ local function claim_ready(C, now)
   end
   -- Their workers leave the live list once their heartbeat is a lease old as well: a worker
   -- renews all its leases with each heartbeat, so that one died or lost Redis (one that
-  -- comes back is listed again at its next renewal). Not from expire_waiting (lease 0).
+  -- comes back is listed again at its next renewal). The lease is this claimer's: workers
+  -- share JOB_LEASE_SECONDS (README). Not from expire_waiting (lease 0).
   if lease_ms > 0 then
     for _, dead in ipairs(lapsed_from) do
       local beat = redis.call('ZSCORE', K_WORKERS, dead)

@@ -180,7 +180,9 @@ class DeliveryAttempt(BaseModel):
     )
     error: str | None = Field(default=None, description="what went wrong, in one line")
     duration_ms: float | None = Field(default=None, description="how long the attempt took")
-    url: str | None = Field(default=None, description="where it went (an endpoint may move)")
+    url: str | None = Field(
+        default=None, description="where it went, without its query (an endpoint may move)"
+    )
 
 
 class Delivery(BaseModel):

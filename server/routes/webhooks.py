@@ -54,16 +54,16 @@ _ENDPOINT = {
     "secrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
     "description": "order mails",
     "source": "api",
-    "created_at": "2025-01-31T09:00:00+00:00",
+    "created_at": "2025-01-31T09:00:00.000+00:00",
     "disabled_at": None,
     "disabled_reason": None,
 }
 _DELIVERY = {
     "id": EXAMPLE_MSG, "endpoint_id": EXAMPLE_ENDPOINT, "type": "email.sent",
     "task_id": "3f2b8c1e-6d4a-4e8b-9c7f-1a2b3c4d5e6f", "status": "succeeded", "attempts": 1,
-    "created_at": "2025-01-31T09:00:01+00:00", "updated_at": "2025-01-31T09:00:01+00:00",
+    "created_at": "2025-01-31T09:00:01.000+00:00", "updated_at": "2025-01-31T09:00:01.000+00:00",
     "next_attempt_at": None, "reason": None,
-    "payload": {"type": "email.sent", "created_at": "2025-01-31T09:00:01+00:00", "data": {}},
+    "payload": {"type": "email.sent", "created_at": "2025-01-31T09:00:01.000+00:00", "data": {}},
     "attempt_log": [{"at": "2025-01-31T09:00:01.000+00:00", "attempt": 1,
                      "outcome": "succeeded", "status_code": 204, "duration_ms": 41.0,
                      "url": "https://app.example.com/hooks/email"}],
@@ -114,7 +114,9 @@ class AttemptOut(BaseModel):
     status_code: int | None = Field(description="the endpoint's HTTP status, when it answered")
     error: str | None = Field(description="what went wrong, in one line")
     duration_ms: float | None = Field(description="how long the attempt took")
-    url: str | None = Field(description="where it went: the endpoint's url then (it may move)")
+    url: str | None = Field(
+        description="where it went: the endpoint's url then (it may move), without its query"
+    )
 
     @classmethod
     def of(cls, entry: DeliveryAttempt) -> AttemptOut:

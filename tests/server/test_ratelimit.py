@@ -373,9 +373,15 @@ def test_a_preflight_for_a_method_or_header_not_allowed_says_which(
         "not one of accept, accept-language, authorization, content-language, content-type, "
         "idempotency-key, x-request-id"
     )
+    # An empty header name (a trailing comma, an empty list) is refused, and said so.
+    for listed in ("authorization,", "", " , "):
+        odd = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": listed}  # fmt: skip
+        said = refused_preflight(cors_client.options(SEND, headers=odd))["detail"]
+        assert said.startswith("CORS preflight refused: header '' is not one of accept, ")
     # Counted by its code, and told in the log with the request id it answered.
     metrics = cors_client.get("/metrics", headers=bearer(ADMIN)).text
-    assert 'emailq_rejections_total{error="cors_refused"} 1.0' in metrics
+    assert 'emailq_rejections_total{error="cors_refused"} 4.0' in metrics
     assert f"request_id': '{error['request_id']}'" in str(
         [r.__dict__ for r in caplog.records if r.getMessage() == error["detail"]]
     )

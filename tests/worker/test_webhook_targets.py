@@ -14,6 +14,7 @@ import httpcore
 import pytest
 
 from emailq.webhooks.targets import TargetRefused, check_url, refusal
+from worker.webhooks.dispatcher import without_query
 from worker.webhooks.http import DeliveryClient, GuardedBackend, retry_after
 
 
@@ -150,3 +151,12 @@ def test_retry_after_reads_seconds_and_dates() -> None:
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470) == 10
     assert retry_after("soon") is None
     assert retry_after(None) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [("https://hooks.example.com/in?token=s3cret#x", "https://hooks.example.com/in"),
+     ("http://127.0.0.1:8080/a/b", "http://127.0.0.1:8080/a/b")],
+)  # fmt: skip
+def test_an_attempt_keeps_the_url_without_a_token_its_query_may_hold(url: str, kept: str) -> None:
+    assert without_query(url) == kept

@@ -19,6 +19,7 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from emailq.errors import EventGroupLost, StoreUnavailable
 from emailq.models import Event
@@ -43,6 +44,13 @@ JITTER = 0.1  # up to 10% added to each wait, so retries of one outage do not ma
 def consumer_id() -> str:
     """This process's name in the consumer group: host, pid and a random part."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def without_query(url: str) -> str:
+    """``url`` as an attempt's log keeps it: no query or fragment, where a receiver may keep
+    a token that a change of url is meant to retire (the log outlives the change)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 class Dispatcher:
@@ -203,7 +211,7 @@ class Dispatcher:
             answer = await self.client.post(endpoint.url, headers, held.body)
         except TargetRefused as exc:
             entry = DeliveryAttempt(attempt=held.attempt, outcome="failed", error=str(exc),
-                                    url=endpoint.url)  # fmt: skip
+                                    url=without_query(endpoint.url))  # fmt: skip
             await self._finish(held, "failed", entry, reason=f"target refused: {exc}")
             return
         await self._judge(held, answer)
@@ -211,7 +219,8 @@ class Dispatcher:
     async def _judge(self, held: Claimed, answer: Answer) -> None:
         entry = DeliveryAttempt(attempt=held.attempt, outcome="succeeded",
                                 status_code=answer.status, error=answer.error,
-                                duration_ms=answer.duration_ms, url=held.endpoint.url)  # fmt: skip
+                                duration_ms=answer.duration_ms,
+                                url=without_query(held.endpoint.url))  # fmt: skip
         if answer.status is not None and 200 <= answer.status < 300:
             await self._finish(held, "succeeded", entry)
         elif answer.status == 410:

@@ -409,7 +409,7 @@
     state.events.unshift(event);
     state.events.length = Math.min(state.events.length, EVENTS_SHOWN);
     $("events").tBodies[0].replaceChildren(...state.events.map((e) => el("tr", { "data-type": e.type },
-      el("td", {}, new Date(e.time).toLocaleTimeString()), el("td", {}, e.type),
+      el("td", {}, when(new Date(e.time).toISOString())), el("td", {}, e.type),
       el("td", {}, taskLink(e.task_id)), el("td", {}, e.lane), el("td", { class: "num" }, e.attempt),
       el("td", { class: "num" }, e.code ?? ""), el("td", {}, e.reason))));
   }
