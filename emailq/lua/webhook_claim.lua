@@ -3,7 +3,8 @@
 -- is counted, and a fencing token is handed out that its finish must show.
 -- A delivery whose endpoint was deleted or disabled fails here, without an attempt.
 -- KEYS: due zset, endpoints hash. ARGV: delivery prefix, failed prefix, lease ms, count,
--- ttl (s). Returns {id, token, attempt, endpoint JSON, payload} per claimed delivery.
+-- ttl (s). Returns {id, token, attempt, endpoint JSON, payload, task id} per claimed
+-- delivery.
 local K_DUE, K_ENDPOINTS = KEYS[1], KEYS[2]
 local DELIVERY, FAILED = ARGV[1], ARGV[2]
 local LEASE, COUNT, TTL = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -21,7 +22,7 @@ end
 local rows = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DUE, '-inf', now, 'LIMIT', 0, COUNT)) do
   local key = DELIVERY .. id
-  local f = redis.call('HMGET', key, 'endpoint', 'status', 'payload')
+  local f = redis.call('HMGET', key, 'endpoint', 'status', 'payload', 'task_id')
   if not f[1] or f[2] ~= 'pending' then
     redis.call('ZREM', K_DUE, id)  -- gone (expired) or already final: a stale entry
   else
@@ -36,7 +37,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DUE, '-inf', now, 'LIMIT', 0, 
       local token = redis.call('HINCRBY', key, 'token', 1)
       local attempt = redis.call('HINCRBY', key, 'attempts', 1)
       redis.call('HSET', key, 'updated_at', now)
-      rows[#rows + 1] = {id, token, attempt, raw, f[3]}
+      rows[#rows + 1] = {id, token, attempt, raw, f[3], f[4] or ''}
     end
   end
 end

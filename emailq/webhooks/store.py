@@ -121,6 +121,7 @@ class Claimed:
     attempt: int
     endpoint: Endpoint
     body: bytes
+    task_id: str = ""  # the mail's, for the dispatcher's log lines
 
 
 class WebhookStore:
@@ -357,8 +358,9 @@ class WebhookStore:
         args = [*self._delivery_args(), lease_ms, count, self.ttl_seconds]
         rows = await self._run("claim", self._delivery_keys(), args)
         return [Claimed(id=str(i), token=str(token), attempt=int(attempt),
-                        endpoint=Endpoint.model_validate_json(raw), body=str(body).encode())
-                for i, token, attempt, raw, body in rows]  # fmt: skip
+                        endpoint=Endpoint.model_validate_json(raw), body=str(body).encode(),
+                        task_id=str(task_id))
+                for i, token, attempt, raw, body, task_id in rows]  # fmt: skip
 
     async def next_due_ms(self) -> int | None:
         """Milliseconds until the earliest due delivery (0 if one is due), None if none."""

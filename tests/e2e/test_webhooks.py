@@ -43,6 +43,11 @@ def webhooks_file(tmp_path: Path, url: str, secrets: list[str], **extra: Any) ->
     return path
 
 
+def log_lines(proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
+    """A process's JSON log lines so far (its other output left out)."""
+    return [json.loads(line) for line in read_log(proc).splitlines() if line.startswith("{")]
+
+
 def sent_events(receiver: Receiver) -> dict[str, list[dict[str, Any]]]:
     """Accepted email.sent payloads per webhook-id."""
     return {m: p for m, p in receiver.accepted().items() if p[0]["type"] == "email.sent"}
@@ -166,7 +171,7 @@ def test_the_admin_api_registers_lists_and_deletes_endpoints(
     with receiving([], lambda _m, _n: 200) as receiver:
         settings = make_settings(**FAST_WEBHOOKS)
         api = Api(procs.api(settings))
-        procs.dispatcher(settings)
+        dispatcher = procs.dispatcher(settings)
         procs.worker(settings)
         created = api.client.post(ADMIN, json={"url": receiver.url, "events": ["email.sent"]})
         assert created.status_code == 201, created.text
@@ -184,6 +189,10 @@ def test_the_admin_api_registers_lists_and_deletes_endpoints(
         data = json.loads(receiver.requests[0].body)["data"]
         assert data["task_id"] == task_id
         assert (data["metadata"], data["tags"]) == (None, None)  # a mail without labels
+        # The dispatcher's line for the attempt names the mail's task, as the others do.
+        wait_until(lambda: any(line.get("task_id") == task_id and "attempt 1" in line["event"]
+                               for line in log_lines(dispatcher)),
+                   what="the attempt's line")  # fmt: skip
         # A mail's own metadata and tags ride in its webhook, as the result shows them.
         labelled = api.client.post("/api/v1/email/received", json=mail(
             metadata={"order_id": "1042"}, tags=["receipt"]))  # fmt: skip

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from emailq.errors import EventGroupLost, StoreUnavailable
+from emailq.logs import bind, unbind
 from emailq.models import Event
 from emailq.settings import Settings
 from emailq.webhooks import signing
@@ -204,7 +205,15 @@ class Dispatcher:
         self.wake.set()  # a slot is free
 
     async def attempt(self, held: Claimed) -> None:
-        """One attempt of ``held``, and its outcome recorded."""
+        """One attempt of ``held``, and its outcome recorded; its lines name the mail's task
+        (the dispatcher runs each attempt as a task of its own, so the binding is its own)."""
+        token = bind(task_id=held.task_id or None)
+        try:
+            await self._attempt(held)
+        finally:
+            unbind(token)
+
+    async def _attempt(self, held: Claimed) -> None:
         endpoint = held.endpoint
         headers = signing.headers(endpoint.secrets, held.id, int(time.time()), held.body)
         try:
