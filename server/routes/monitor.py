@@ -61,6 +61,10 @@ class WorkerOut(BaseModel):
     worker_id: str = Field(description="the worker's id")
     last_heartbeat: str = Field(description="its last heartbeat, RFC 3339 UTC")
     heartbeat_age_seconds: float = Field(description="seconds since that heartbeat")
+    heartbeat_late: bool = Field(
+        default=False, description="two heartbeats missed (each comes every third of "
+        "JOB_LEASE_SECONDS): stalled, cut off from Redis, or dead and not yet taken for it"
+    )  # fmt: skip
     relay: WorkerRelay | None = Field(
         description="its circuit breaker over the relay; null until it has published one"
     )
@@ -115,9 +119,11 @@ async def throughput(
 async def workers(queue: QueueDep, settings: SettingsDep) -> Workers:
     """Live workers with their heartbeat age and relay circuit breaker."""
     found = await queue.workers(live_window_ms=_live_window_ms(settings))
+    late_after = 2 * settings.job_lease_seconds / 3  # heartbeats come every third of a lease
     return Workers(workers=[
         WorkerOut(worker_id=w.worker_id, last_heartbeat=iso(w.last_heartbeat) or "",
-                  heartbeat_age_seconds=w.heartbeat_age_seconds, relay=w.relay)
+                  heartbeat_age_seconds=w.heartbeat_age_seconds,
+                  heartbeat_late=w.heartbeat_age_seconds > late_after, relay=w.relay)
         for w in found
     ])  # fmt: skip
 

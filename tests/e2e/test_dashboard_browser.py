@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from emailq.queue import Keys
 from emailq.settings import Settings
 from tests.helpers.api import ADMIN, ALICE, API_KEYS, bearer, mail
 from tests.helpers.browser import chromium, click, lookup_until, screenshot, text_of, texts
@@ -125,7 +127,11 @@ def test_dashboard_shows_a_dead_letter_and_a_backlog_live_and_requeues_it(
 
 
 def test_read_only_dashboard_shows_no_actions_and_the_api_refuses_them(
-    browser: Any, procs: Procs, make_settings: Callable[..., Settings], smtp: SmtpServer
+    browser: Any,
+    procs: Procs,
+    make_settings: Callable[..., Settings],
+    smtp: SmtpServer,
+    store: redis.Redis,
 ) -> None:
     from selenium.webdriver.common.by import By
 
@@ -135,9 +141,16 @@ def test_read_only_dashboard_shows_no_actions_and_the_api_refuses_them(
     cancel = httpx.post(f"{base}/api/v1/admin/tasks/{task_id}/cancel", timeout=5)
     assert cancel.status_code == 403
 
+    # A worker whose heartbeats stopped a lease ago (stalled, or dead and not yet taken
+    # for it): listed, and marked late.
+    now_ms = int(store.time()[0]) * 1000
+    store.zadd(Keys().workers, {"host:9:stalled": now_ms - int(settings.job_lease_seconds * 1000)})
+
     browser.get(f"{base}/dashboard")
     wait_until(lambda: text_of(browser, "#live") == "live", what="the page, without a key")
     assert text_of(browser, "#mode") == "read-only"
+    stalled = '#workers tr[data-worker="host:9:stalled"] td:nth-child(2)'
+    wait_until(lambda: text_of(browser, stalled).endswith(" ago (late)"), what="a late worker")
     browser.find_element(By.ID, "lookup-id").send_keys(task_id)
     browser.find_element(By.CSS_SELECTOR, "#lookup-form button").click()
     wait_until(lambda: text_of(browser, "#task-status") == "pending", what="the task lookup")

@@ -167,6 +167,18 @@ def test_workers_lists_live_ones_with_heartbeat_age_and_relay(
     assert live["relay"]["error"] == "<b>down</b>"  # as text; the page shows it as text
 
 
+def test_a_worker_two_heartbeats_behind_is_marked_late(
+    client: TestClient, store: redis.Redis, settings: Settings
+) -> None:
+    lease_ms = int(settings.job_lease_seconds * 1000)
+    now_ms = int(store.time()[0]) * 1000  # whole seconds: up to a second behind Redis's now
+    store.zadd(KEYS.workers, {"host:4:beating": now_ms - lease_ms // 3 + 1000,
+                              "host:5:stalled": now_ms - lease_ms})  # fmt: skip
+    listed = client.get(f"{ADMIN}/workers").json()["workers"]
+    late = {w["worker_id"]: w["heartbeat_late"] for w in listed}
+    assert late == {"host:4:beating": False, "host:5:stalled": True}
+
+
 def test_a_worker_without_a_relay_state_is_listed_without_one(
     client: TestClient, store: redis.Redis
 ) -> None:

@@ -237,7 +237,8 @@
       const relayState = relay ? relay.state : "unknown";
       return el("tr", { "data-worker": worker.worker_id },
         el("td", { class: "mono" }, worker.worker_id),
-        el("td", { class: "num" }, age(worker.heartbeat_age_seconds) + " ago"),
+        el("td", { class: "num" + (worker.heartbeat_late ? " late" : "") },
+          age(worker.heartbeat_age_seconds) + " ago" + (worker.heartbeat_late ? " (late)" : "")),
         el("td", { class: "state-" + relayState }, relayText(relay)),
         el("td", { class: "num" }, relay && relay.send_rate ? relay.send_rate.toFixed(1) + "/s" : "-"),
         el("td", {}, relay && relay.error ? relay.error : ""));
