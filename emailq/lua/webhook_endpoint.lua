@@ -30,6 +30,7 @@ if OP == 'change' or OP == 'rotate' then
   if not raw then return 'missing' end
   local endpoint = cjson.decode(raw)
   if endpoint.source == 'file' then return 'file' end
+  endpoint.updated_at = now
   if OP == 'rotate' then
     endpoint.secrets = {ARGV[3], endpoint.secrets[1]}
   else

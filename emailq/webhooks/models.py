@@ -141,6 +141,7 @@ class Endpoint(EndpointSpec):
     id: str = Field(pattern=ENDPOINT_ID)
     source: Source = Source.API
     created_at: int = 0  # epoch ms (Redis time); events before it are not delivered to it
+    updated_at: int | None = None  # epoch ms of its last change or rotation through the API
     disabled_at: int | None = None  # set when it answered 410 Gone
     disabled_reason: str | None = None
 

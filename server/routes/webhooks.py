@@ -55,6 +55,7 @@ _ENDPOINT = {
     "description": "order mails",
     "source": "api",
     "created_at": "2025-01-31T09:00:00.000+00:00",
+    "updated_at": None,
     "disabled_at": None,
     "disabled_reason": None,
 }
@@ -82,6 +83,9 @@ class EndpointOut(BaseModel):
     description: str = Field(description="a note for people")
     source: Source = Field(description="file: WEBHOOKS_FILE; api: registered here")
     created_at: str | None = Field(description="when it was registered, RFC 3339 UTC")
+    updated_at: str | None = Field(
+        default=None, description="its last change or rotation here; null: none since"
+    )
     disabled_at: str | None = Field(description="when it answered 410 Gone; null: enabled")
     disabled_reason: str | None = Field(description="why it was disabled")
 
@@ -91,7 +95,8 @@ class EndpointOut(BaseModel):
         shown = endpoint.secrets if reveal else [mask(s) for s in endpoint.secrets]
         return cls(id=endpoint.id, url=endpoint.url, events=endpoint.events, secrets=shown,
                    description=endpoint.description, source=endpoint.source,
-                   created_at=iso(endpoint.created_at), disabled_at=iso(endpoint.disabled_at),
+                   created_at=iso(endpoint.created_at), updated_at=iso(endpoint.updated_at),
+                   disabled_at=iso(endpoint.disabled_at),
                    disabled_reason=endpoint.disabled_reason)  # fmt: skip
 
 

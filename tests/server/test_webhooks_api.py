@@ -134,12 +134,16 @@ def test_a_change_replaces_the_fields_given_and_keeps_the_rest(client: TestClien
     changed = client.patch(url, json={"events": ["email.failed", "email.failed"],
                                       "secrets": [fresh], "description": None})  # fmt: skip
     assert changed.status_code == 200, changed.text
-    expected = {**endpoint, "events": ["email.failed"], "secrets": [fresh]}
+    assert endpoint["updated_at"] is None
+    assert changed.json()["updated_at"] >= endpoint["created_at"]  # both RFC 3339 UTC
+    expected = {**endpoint, "events": ["email.failed"], "secrets": [fresh],
+                "updated_at": changed.json()["updated_at"]}  # fmt: skip
     assert changed.json() == expected  # null left the description as it was
     assert client.get(url).json() == expected
     moved = client.patch(url, json={"url": "https://elsewhere.example.com/h", "description": ""})
+    stamp = moved.json()["updated_at"]
     assert moved.json() == {**expected, "url": "https://elsewhere.example.com/h",
-                            "description": ""}  # fmt: skip
+                            "description": "", "updated_at": stamp}  # fmt: skip
 
 
 @pytest.mark.parametrize(
