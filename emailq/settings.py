@@ -492,6 +492,23 @@ class Settings(BaseSettings):
         adds a third to attachments, so twice that leaves room for either."""
         return 2 * self.max_body_bytes + 64 * 1024
 
+    # A worker's heartbeat (its lease renewal) comes every third of JOB_LEASE_SECONDS; these
+    # are the one place that says so, for the workers and for those who read heartbeats.
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often a worker renews its leases, which is its heartbeat."""
+        return self.job_lease_seconds / 3
+
+    @property
+    def live_window_ms(self) -> int:
+        """A worker heard from within this long is live: three leases, nine heartbeats."""
+        return int(3 * self.job_lease_seconds * 1000)
+
+    @property
+    def heartbeat_late_seconds(self) -> float:
+        """A heartbeat older than this is late: two missed."""
+        return 2 * self.heartbeat_seconds
+
     @property
     def max_batch_request_bytes(self) -> int:
         """Largest batch request body. Not 100 x ``max_request_bytes`` (200 MiB at the

@@ -97,7 +97,7 @@ async def heartbeat_age(settings: Settings, host: str) -> float | None:
 def check(settings: Settings) -> int:
     """Exit status of the liveness check: 0 when this host's worker heartbeats, else 1."""
     # The window `emailq stats` counts a worker as live in: three lease periods.
-    window = 3 * settings.job_lease_seconds
+    window = settings.live_window_ms / 1000
     host = socket.gethostname()
     try:
         age = asyncio.run(heartbeat_age(settings, host))
@@ -116,7 +116,7 @@ async def health(settings: Settings) -> int:
     """Print this host's workers' relay state; 0 if at least one is live and all send."""
     queue = Queue.from_settings(settings)
     try:
-        stats = await queue.stats(live_window_ms=int(3 * settings.job_lease_seconds * 1000))
+        stats = await queue.stats(live_window_ms=settings.live_window_ms)
     except StoreUnavailable as exc:
         sys.stdout.write(f"unhealthy: {exc}\n")
         return 1

@@ -560,7 +560,7 @@ class Worker:
     # -- leases -----------------------------------------------------------------------
 
     async def _renew_loop(self) -> None:
-        interval = self.settings.job_lease_seconds / 3
+        interval = self.settings.heartbeat_seconds
         while True:
             await asyncio.sleep(interval)
             try:

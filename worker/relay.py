@@ -147,7 +147,7 @@ class RelayGuard:
     async def run(self) -> None:
         """Publish the breaker state with each heartbeat and at each change; probe the
         relay while the breaker is open. Runs until cancelled."""
-        heartbeat = self.settings.job_lease_seconds / 3
+        heartbeat = self.settings.heartbeat_seconds
         while True:
             self._changed.clear()
             await self._publish()
@@ -196,7 +196,7 @@ class RelayGuard:
             "error": self.breaker.error,
             "send_rate": self.rate,
         }
-        ttl_ms = int(3 * self.settings.job_lease_seconds * 1000)
+        ttl_ms = self.settings.live_window_ms  # gone with the worker from the live list
         with contextlib.suppress(StoreUnavailable):  # the heartbeat's own retries report it
             await self.store.publish(self.worker_id, state, ttl_ms)
 

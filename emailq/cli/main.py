@@ -261,8 +261,7 @@ async def _session(
         read_timeout=settings.redis_timeout_seconds + 10,
         max_connections=4,
     )
-    # Heartbeats within the last three lease periods count as a live worker.
-    live_window_ms = int(3 * settings.job_lease_seconds * 1000)
+    live_window_ms = settings.live_window_ms
     try:
         limits = OperatorLimits(settings.max_body_bytes,
                                 sender_allow_list=settings.sender_allow_list,

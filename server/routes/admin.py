@@ -47,7 +47,7 @@ def _missing(task_id: uuid.UUID) -> HTTPException:
 async def stats(queue: QueueDep, settings: SettingsDep) -> QueueStats:
     """Depth per priority, scheduled, in flight, live workers, recent sent and failed counts."""
     # A worker heartbeats every third of a lease; three leases without one means it is gone.
-    return await queue.stats(live_window_ms=int(3 * settings.job_lease_seconds * 1000))
+    return await queue.stats(live_window_ms=settings.live_window_ms)
 
 
 def label_filter(request: Request, tag: list[str]) -> LabelFilter:

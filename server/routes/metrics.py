@@ -48,6 +48,6 @@ async def require_metrics_access(request: Request) -> None:
 async def metrics(request: Request) -> Response:
     """Prometheus text: this process's requests, and the queue's gauges read now."""
     # Live as in the stats: a heartbeat (every third of a lease) in the last three leases.
-    window_ms = int(3 * settings_of(request).job_lease_seconds * 1000)
+    window_ms = settings_of(request).live_window_ms
     body = await metrics_of(request).render(queue_of(request), live_window_ms=window_ms)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

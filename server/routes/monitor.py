@@ -91,11 +91,6 @@ class Permissions(BaseModel):
     read_only: bool = Field(description="DASHBOARD_READ_ONLY: requeue and cancel answer 403")
 
 
-def _live_window_ms(settings: SettingsDep) -> int:
-    # As /admin/stats counts them: a heartbeat every third of a lease, three leases of none.
-    return int(3 * settings.job_lease_seconds * 1000)
-
-
 @router.get("/throughput")
 async def throughput(
     queue: QueueDep,
@@ -118,8 +113,8 @@ async def throughput(
 @router.get("/workers")
 async def workers(queue: QueueDep, settings: SettingsDep) -> Workers:
     """Live workers with their heartbeat age and relay circuit breaker."""
-    found = await queue.workers(live_window_ms=_live_window_ms(settings))
-    late_after = 2 * settings.job_lease_seconds / 3  # heartbeats come every third of a lease
+    found = await queue.workers(live_window_ms=settings.live_window_ms)
+    late_after = settings.heartbeat_late_seconds
     return Workers(workers=[
         WorkerOut(worker_id=w.worker_id, last_heartbeat=iso(w.last_heartbeat) or "",
                   heartbeat_age_seconds=w.heartbeat_age_seconds,
